@@ -1,0 +1,27 @@
+"""uae_hf: train and evaluate unified multimodal models as auto-encoders (UAE) with the Hugging Face stack."""
+
+from .models.projector import UAEProjector
+from .pipelines.uae_reconstruction import (
+    CAPTION_INSTRUCTION,
+    NEGATIVE_PROMPT,
+    UAEReconstructionPipeline,
+    UAEReconstructionPipelineOutput,
+    caption_images,
+    encode_generate_prompts,
+    load_uae_pipeline,
+)
+from .tiny_models import build_tiny_models
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "CAPTION_INSTRUCTION",
+    "NEGATIVE_PROMPT",
+    "UAEProjector",
+    "UAEReconstructionPipeline",
+    "UAEReconstructionPipelineOutput",
+    "build_tiny_models",
+    "caption_images",
+    "encode_generate_prompts",
+    "load_uae_pipeline",
+]

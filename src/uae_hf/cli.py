@@ -1,0 +1,176 @@
+"""The `uae-hf` command line: a thin shell over the library."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def _load_image(path: Path):
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"uae-hf: cannot read image {path}: {error}") from error
+
+
+def reconstruct(
+    pipeline,
+    image_paths: list[Path],
+    output_dir: Path,
+    batch_size: int = 4,
+    seed: int = 0,
+    **generate_kwargs,
+) -> list[dict]:
+    """Round-trip each image through `pipeline`; write reconstructions, `captions.jsonl` and `grid.png`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .visualization import reconstruction_grid
+
+    if not image_paths:
+        raise SystemExit("uae-hf: no images given")
+    originals = [_load_image(path) for path in image_paths]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "reconstructions").mkdir(exist_ok=True)
+    pipeline.set_progress_bar_config(disable=True)
+    rows, reconstructions = [], []
+    with tqdm(total=len(originals), desc="reconstructing", unit="image") as progress:
+        for start in range(0, len(originals), batch_size):
+            batch = originals[start : start + batch_size]
+            # one generator per image, seeded by its index: results do not depend on the batch size
+            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+            output = pipeline(image=batch, generator=generators, **generate_kwargs)
+            for offset, (caption, image) in enumerate(zip(output.captions, output.images)):
+                path = image_paths[start + offset]
+                target = output_dir / "reconstructions" / f"{path.stem}.png"
+                image.save(target)
+                reconstructions.append(image)
+                rows.append({"image": str(path), "caption": caption, "reconstruction": str(target)})
+            progress.update(len(batch))
+    with open(output_dir / "captions.jsonl", "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    reconstruction_grid(originals, reconstructions, [row["caption"] for row in rows]).save(output_dir / "grid.png")
+    return rows
+
+
+def _generate_kwargs(args) -> dict:
+    kwargs = {
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "do_sample": args.temperature > 0,
+    }
+    if args.height:
+        kwargs["height"] = args.height
+    if args.width:
+        kwargs["width"] = args.width
+    if args.conditioning_mode:
+        kwargs["conditioning_mode"] = args.conditioning_mode
+    return kwargs
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser, steps: int, tokens: int) -> None:
+    parser.add_argument("--num-inference-steps", type=int, default=steps, help="decoder sampling steps")
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--height", type=int, default=None, help="output height (default: the decoder's native size)")
+    parser.add_argument("--width", type=int, default=None, help="output width (default: the decoder's native size)")
+    parser.add_argument("--max-new-tokens", type=int, default=tokens, help="caption length limit")
+    parser.add_argument("--temperature", type=float, default=0.7, help="caption sampling temperature (0: greedy)")
+    parser.add_argument(
+        "--conditioning-mode", choices=["embeddings", "text"], default=None, help="override the pipeline's mode"
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed of the first image (image i uses seed + i)")
+
+
+def _cmd_tiny_models(args) -> None:
+    from .tiny_models import build_tiny_models
+
+    out = build_tiny_models(args.output_dir, with_t5=not args.no_t5)
+    print(f"tiny twins written to {out}")
+
+
+def _cmd_reconstruct(args) -> None:
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(args.pipeline, trust_remote_code=True)
+    rows = reconstruct(
+        pipeline, [Path(p) for p in args.images], Path(args.output_dir), args.batch_size, args.seed,
+        **_generate_kwargs(args),
+    )
+    for row in rows:
+        print(f"{row['image']}: {row['caption']!r}")
+    print(f"wrote {len(rows)} reconstructions, captions.jsonl and grid.png to {args.output_dir}")
+
+
+def _cmd_demo(args) -> None:
+    """Offline default: build the twins, assemble a UAE pipeline from them, round-trip real photos."""
+    import PIL.Image
+
+    from .pipelines import load_uae_pipeline
+    from .tiny_models import build_tiny_models
+
+    try:
+        from skimage import data
+    except ImportError as error:
+        raise SystemExit("uae-hf demo needs scikit-image for its photos: pip install 'uae-hf[demo]'") from error
+
+    output_dir = Path(args.output_dir)
+    twins = output_dir / "tiny-models"
+    if not (twins / "decoder" / "model_index.json").exists():
+        build_tiny_models(twins)
+    pipeline = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector")
+    pipeline.save_pretrained(output_dir / "pipeline")
+    photo_dir = output_dir / "photos"
+    photo_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in DEMO_PHOTOS:
+        path = photo_dir / f"{name}.png"
+        PIL.Image.fromarray(getattr(data, name)()).save(path)
+        paths.append(path)
+    rows = reconstruct(pipeline, paths, output_dir, args.batch_size, args.seed, **_generate_kwargs(args))
+    for row in rows:
+        print(f"{Path(row['image']).name}: {row['caption']!r}")
+    print(f"pipeline saved to {output_dir / 'pipeline'}; reconstructions and grid.png in {output_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uae-hf", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("tiny-models", help="write the offline tiny twins of every model")
+    tiny.add_argument("output_dir", help="folder to write encoder/, decoder/, projector/, backbones/ into")
+    tiny.add_argument("--no-t5", action="store_true", help="build the decoder without its optional T5 encoder")
+    tiny.set_defaults(func=_cmd_tiny_models)
+
+    rec = commands.add_parser("reconstruct", help="image → caption → image with a saved UAE pipeline")
+    rec.add_argument("images", nargs="+", help="image files")
+    rec.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo (loaded with trust_remote_code)")
+    rec.add_argument("--output-dir", required=True, help="where to write reconstructions, captions.jsonl, grid.png")
+    _add_generation_arguments(rec, steps=40, tokens=512)
+    rec.set_defaults(func=_cmd_reconstruct)
+
+    demo = commands.add_parser("demo", help="offline demo on tiny twins and scikit-image photos")
+    demo.add_argument("--output-dir", default="outputs/demo", help="where to write models, photos and results")
+    _add_generation_arguments(demo, steps=10, tokens=48)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

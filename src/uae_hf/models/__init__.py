@@ -1,0 +1,1 @@
+from .projector import UAEProjector

@@ -1,0 +1,1 @@
+from .uae_reconstruction import UAEReconstructionPipeline, UAEReconstructionPipelineOutput, load_uae_pipeline

@@ -1,0 +1,12 @@
+from .loading import load_uae_pipeline
+from .pipeline_uae_reconstruction import (
+    CAPTION_INSTRUCTION,
+    NEGATIVE_PROMPT,
+    GenerateConditioning,
+    MaskedJointAttnProcessor,
+    UAEReconstructionPipeline,
+    UAEReconstructionPipelineOutput,
+    caption_images,
+    clip_pooled_embeds,
+    encode_generate_prompts,
+)

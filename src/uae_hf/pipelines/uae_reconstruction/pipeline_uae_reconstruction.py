@@ -1,0 +1,537 @@
+"""UAE reconstruction: image → caption (vision-language encoder) → image (SD3-family flow-matching decoder).
+
+This module imports only torch, transformers and diffusers, never `uae_hf`: `save_pretrained` writes this very file
+as the saved folder's `pipeline.py`, so `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)`
+works without `uae_hf` installed. It is also the one home of UAE captioning and "generate"-role conditioning.
+"""
+
+import inspect
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from transformers import (
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    PreTrainedModel,
+    ProcessorMixin,
+    SiglipImageProcessor,
+    SiglipVisionModel,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+CAPTION_INSTRUCTION = (
+    "You are an expert vision-language model. Your task is: Given an input image, generate a textual description of "
+    'the image. If there is text in the image, transcribe it inside double quotes "". Now, carefully analyze the '
+    "input image and output the full description."
+)
+NEGATIVE_PROMPT = "Generate a random, low quality, ugly, blur, bad and anime, cartoon image."
+GENERATE_ROLE = "generate"
+CONDITIONING_MODES = ("embeddings", "text")
+
+
+def caption_messages(instruction: str = CAPTION_INSTRUCTION) -> list[dict]:
+    """The chat conversation that asks the encoder to caption one image (instruction first, then the image)."""
+    return [{"role": "user", "content": [{"type": "text", "text": instruction}, {"type": "image"}]}]
+
+
+def to_rgb(image) -> PIL.Image.Image:
+    """Convert a PIL image in any mode (L, LA, P, RGBA, CMYK, I;16, ...) to 8-bit RGB; alpha is composited on white."""
+    if not isinstance(image, PIL.Image.Image):
+        raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = PIL.Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = PIL.Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+@torch.no_grad()
+def caption_images(
+    vlm,
+    processor,
+    images: list[PIL.Image.Image],
+    instruction: str = CAPTION_INSTRUCTION,
+    max_new_tokens: int = 512,
+    do_sample: bool = True,
+    temperature: float = 0.7,
+    top_p: float | None = None,
+    **generate_kwargs,
+) -> list[str]:
+    """Caption a batch of images with a chat vision-language model, in one left-padded `generate` call.
+
+    Args:
+        vlm: an image-text-to-text model (e.g. `Qwen2_5_VLForConditionalGeneration`, PEFT-wrapped or not).
+        processor: its processor (tokenizer + image processor + chat template).
+        images (`list[PIL.Image.Image]`): the images; any mode, converted to RGB.
+        instruction (`str`): the user turn's text; defaults to the UAE captioning instruction.
+        max_new_tokens (`int`, defaults to 512), do_sample (`bool`, defaults to `True`),
+        temperature (`float`, defaults to 0.7), top_p (`float`, *optional*): sampling settings of the paper.
+
+    Returns:
+        `list[str]`: one caption per image, special tokens removed and whitespace stripped.
+    """
+    prompt = processor.apply_chat_template(caption_messages(instruction), add_generation_prompt=True, tokenize=False)
+    inputs = processor(
+        text=[prompt] * len(images),
+        images=[to_rgb(image) for image in images],
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    ).to(vlm.device)
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    output_ids = vlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling, **generate_kwargs)
+    new_tokens = output_ids[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+@dataclass
+class GenerateConditioning:
+    """UAE-native conditioning for a batch of captions.
+
+    Attributes:
+        prompt_embeds (`torch.Tensor` of shape `(batch, max_length, joint_attention_dim)`)
+        negative_prompt_embeds (`torch.Tensor` of the same shape)
+        lengths (`torch.LongTensor` of shape `(batch,)`): item i's own length (its [negative, positive] pair padded
+            together); positions at or beyond it are batch padding and must be masked out of the decoder's attention.
+    """
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    lengths: torch.LongTensor
+
+    def text_mask(self) -> torch.BoolTensor:
+        """`(batch, max_length)` mask, `True` where a text token belongs to its item."""
+        positions = torch.arange(self.prompt_embeds.shape[1], device=self.lengths.device)
+        return positions[None, :] < self.lengths[:, None]
+
+
+def generate_prompt_ids(tokenizer, captions: list[str]) -> list[list[int]]:
+    """Token ids of each caption wrapped as a `"generate"`-role chat message with the assistant header appended."""
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": GENERATE_ROLE, "content": [{"type": "text", "text": caption}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for caption in captions
+    ]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def encode_generate_prompts(
+    vlm, tokenizer, projector, captions: list[str], negative_prompt: str = NEGATIVE_PROMPT
+) -> GenerateConditioning:
+    """Captions → LLM last hidden state of every token → projector: the decoder's `prompt_embeds` (UAE-native).
+
+    As in the released model, each caption is right-padded together with the negative prompt to their common length
+    (pad token `<|endoftext|>`), the LLM sees an attention mask and mask-derived position ids, and every position
+    (pads of the pair included) is projected. One forward pass serves the whole batch: extra padding up to the
+    batch's longest item cannot change earlier positions (causal attention), so item i's first `lengths[i]` rows
+    equal what it gets alone. Gradients flow if enabled (cold start trains through this).
+    """
+    if len(captions) == 0:
+        raise ValueError("`captions` is empty: pass at least one caption")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    negative_ids, *caption_ids = generate_prompt_ids(tokenizer, [negative_prompt, *captions])
+    lengths = torch.tensor([max(len(negative_ids), len(ids)) for ids in caption_ids])
+    sequences = [negative_ids, *caption_ids]
+    max_length = int(lengths.max())
+    input_ids = torch.full((len(sequences), max_length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+    device = vlm.device
+    hidden_states = vlm.get_decoder()(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        use_cache=False,
+    ).last_hidden_state
+    projector_dtype = next(projector.parameters()).dtype
+    embeds = projector(hidden_states.to(projector.device, projector_dtype))
+    negative = embeds[:1].expand(len(captions), -1, -1)
+    return GenerateConditioning(embeds[1:], negative, lengths.to(embeds.device))
+
+
+@torch.no_grad()
+def clip_pooled_embeds(text_encoders, tokenizers, prompt: str = "") -> torch.Tensor:
+    """SD3's pooled text embedding of `prompt` from its CLIP-L and CLIP-G encoders (concatenated), shape `(1, P)`."""
+    pooled = []
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers):
+        ids = tokenizer(
+            [prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        pooled.append(text_encoder(ids.to(text_encoder.device)).text_embeds)
+    return torch.cat(pooled, dim=-1)
+
+
+class MaskedJointAttnProcessor:
+    """SD3 joint attention (as diffusers' `JointAttnProcessor2_0`) that can hide padded text tokens.
+
+    `encoder_attention_mask` (`(batch, text_length)` bool, `True` = keep) removes each item's batch padding from the
+    keys, so an item decoded in a batch attends to exactly the text tokens it has alone. A mask with fewer rows than
+    the batch is tiled (classifier-free guidance stacks [negative; positive] items that share their lengths).
+    Without a mask it computes exactly what `JointAttnProcessor2_0` computes.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, encoder_attention_mask=None):
+        batch_size = hidden_states.shape[0]
+        num_image_tokens = hidden_states.shape[1]
+
+        def heads(x):
+            return x.view(batch_size, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        mask = None
+        if encoder_hidden_states is not None:
+            text_query = heads(attn.add_q_proj(encoder_hidden_states))
+            text_key = heads(attn.add_k_proj(encoder_hidden_states))
+            text_value = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                text_query = attn.norm_added_q(text_query)
+            if attn.norm_added_k is not None:
+                text_key = attn.norm_added_k(text_key)
+            query = torch.cat([query, text_query], dim=2)
+            key = torch.cat([key, text_key], dim=2)
+            value = torch.cat([value, text_value], dim=2)
+            if encoder_attention_mask is not None:
+                text_mask = encoder_attention_mask.to(device=query.device, dtype=torch.bool)
+                text_mask = text_mask.repeat(batch_size // text_mask.shape[0], 1)
+                image_mask = text_mask.new_ones(batch_size, num_image_tokens)
+                mask = torch.cat([image_mask, text_mask], dim=1)[:, None, None, :]
+
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * out.shape[-1]).to(query.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        out, text_out = out[:, :num_image_tokens], out[:, num_image_tokens:]
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        return attn.to_out[1](attn.to_out[0](out)), text_out
+
+
+@dataclass
+class UAEReconstructionPipelineOutput(BaseOutput):
+    """Output of [`UAEReconstructionPipeline`].
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`): the reconstructions, item-major
+            (`num_images_per_prompt` consecutive images per caption).
+        captions (`list[str]`): the caption each reconstruction was drawn from (one per input).
+        truncated (`list[bool]`, *optional*): text mode only, whether a decoder text encoder cut the caption.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    captions: list[str]
+    truncated: list[bool] | None = None
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from diffusers import DiffusionPipeline
+        >>> from PIL import Image
+
+        >>> pipe = DiffusionPipeline.from_pretrained("path/to/uae-pipeline", trust_remote_code=True)
+        >>> out = pipe(image=Image.open("photo.jpg"), generator=torch.Generator().manual_seed(0))
+        >>> out.captions[0], out.images[0]
+        ```
+"""
+
+
+class UAEReconstructionPipeline(StableDiffusion3Pipeline):
+    r"""Image → caption → image with a vision-language encoder and an SD3-family decoder (the UAE round trip).
+
+    Components are SD3's own (`transformer`, `vae`, `scheduler`, CLIP-L/G `text_encoder(_2)`/`tokenizer(_2)`, optional
+    T5 `text_encoder_3`/`tokenizer_3`) plus the encoder `vlm`, its `processor` and the `projector`.
+
+    Args:
+        conditioning_mode (`str`, defaults to `"embeddings"`): `"embeddings"` conditions the decoder on the encoder
+            LLM's hidden states of the caption through the projector (UAE-native); `"text"` uses the caption as an
+            ordinary SD3 prompt through the decoder's own text encoders.
+    """
+
+    model_cpu_offload_seq = "vlm->text_encoder->text_encoder_2->text_encoder_3->projector->transformer->vae"
+    _optional_components = ["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor", "projector"]
+
+    def __init__(
+        self,
+        transformer: SD3Transformer2DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer_2: CLIPTokenizer,
+        vlm: PreTrainedModel,
+        processor: ProcessorMixin,
+        projector: ModelMixin = None,
+        text_encoder_3: T5EncoderModel = None,
+        tokenizer_3: T5TokenizerFast = None,
+        image_encoder: SiglipVisionModel = None,
+        feature_extractor: SiglipImageProcessor = None,
+        conditioning_mode: str = "embeddings",
+    ):
+        super().__init__(
+            transformer=transformer,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self.register_modules(vlm=vlm, processor=processor, projector=projector)
+        self._check_conditioning_mode(conditioning_mode)
+        self.register_to_config(conditioning_mode=conditioning_mode)
+        if projector is not None and transformer is not None:
+            width, expected = projector.config.out_features, transformer.config.joint_attention_dim
+            if width != expected:
+                raise ValueError(
+                    f"projector output width ({width}) != transformer.config.joint_attention_dim ({expected}): "
+                    "the projector was trained for another decoder"
+                )
+        if transformer is not None:
+            transformer.set_attn_processor(MaskedJointAttnProcessor())
+        self._pooled_cache = None
+
+    def _check_conditioning_mode(self, mode):
+        if mode not in CONDITIONING_MODES:
+            raise ValueError(f"conditioning_mode={mode!r} is not one of {CONDITIONING_MODES}")
+        if mode == "embeddings" and self.projector is None:
+            raise ValueError('conditioning_mode="embeddings" needs a `projector`; pass one or use "text"')
+
+    def uae_pooled_prompt_embeds(self) -> torch.Tensor:
+        """The constant pooled embedding (CLIP-L/G of the empty prompt), computed once per pipeline."""
+        if self._pooled_cache is None:
+            text_encoders = [self.text_encoder, self.text_encoder_2]
+            self._pooled_cache = clip_pooled_embeds(text_encoders, [self.tokenizer, self.tokenizer_2]).cpu()
+        return self._pooled_cache
+
+    @staticmethod
+    def _as_image_list(image) -> list[PIL.Image.Image]:
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if len(images) == 0:
+            raise ValueError("`image` is an empty list: pass at least one image")
+        converted = []
+        for index, item in enumerate(images):
+            if isinstance(item, np.ndarray) and item.ndim in (2, 3):
+                array = item if item.dtype == np.uint8 else np.clip(item * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                item = PIL.Image.fromarray(array)
+            if not isinstance(item, PIL.Image.Image):
+                raise TypeError(
+                    f"`image[{index}]` is a {type(item).__name__}; pass PIL images or HxW(xC) numpy arrays"
+                )
+            converted.append(to_rgb(item))
+        return converted
+
+    def caption(
+        self,
+        image,
+        instruction: str = CAPTION_INSTRUCTION,
+        max_new_tokens: int = 512,
+        do_sample: bool = True,
+        temperature: float = 0.7,
+        top_p: float | None = None,
+        **generate_kwargs,
+    ) -> list[str]:
+        """Caption one image or a list of images in one batch (see [`caption_images`] for the arguments)."""
+        images = self._as_image_list(image)
+        return caption_images(
+            self.vlm, self.processor, images, instruction, max_new_tokens, do_sample, temperature, top_p,
+            **generate_kwargs,
+        )
+
+    def caption_truncation(self, captions: list[str], max_sequence_length: int = 256) -> list[bool]:
+        """Whether each caption is longer than a decoder text encoder reads (CLIP: 77 tokens; T5: `max_sequence_length`)."""
+        limits = [(self.tokenizer, self.tokenizer.model_max_length), (self.tokenizer_2, self.tokenizer_2.model_max_length)]
+        if self.tokenizer_3 is not None:
+            limits.append((self.tokenizer_3, max_sequence_length))
+        lengths = [[len(ids) for ids in tokenizer(captions)["input_ids"]] for tokenizer, _ in limits]
+        return [any(per_tokenizer[i] > limit for per_tokenizer, (_, limit) in zip(lengths, limits)) for i in range(len(captions))]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        captions: str | list[str],
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 40,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        conditioning_mode: str | None = None,
+        max_sequence_length: int = 256,
+        return_dict: bool = True,
+    ):
+        """Draw images from captions (the decoder half of the round trip), all captions in one batch.
+
+        Args:
+            captions (`str` or `list[str]`): the captions.
+            height, width (`int`, *optional*): output size; defaults to the decoder's native size (1024 for SD3.5).
+            num_inference_steps (`int`, defaults to 40), guidance_scale (`float`, defaults to 5.0): the paper's values.
+            negative_prompt (`str`, *optional*): defaults to the UAE negative prompt in embeddings mode and to SD3's
+                empty prompt in text mode.
+            num_images_per_prompt (`int`, defaults to 1): images per caption.
+            generator (`torch.Generator` or a list of one per image, *optional*): for reproducible noise.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            conditioning_mode (`str`, *optional*): overrides the pipeline's mode for this call.
+            max_sequence_length (`int`, defaults to 256): T5 length in text mode.
+
+        Returns:
+            [`UAEReconstructionPipelineOutput`] (or a tuple `(images, captions)` if `return_dict=False`).
+        """
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        if len(captions) == 0:
+            raise ValueError("`captions` is empty: pass at least one caption")
+        if not all(isinstance(caption, str) for caption in captions):
+            raise TypeError("`captions` must be a string or a list of strings")
+        mode = conditioning_mode or self.config.conditioning_mode
+        self._check_conditioning_mode(mode)
+        common = dict(
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            return_dict=False,
+        )
+        truncated = None
+        if mode == "text":
+            truncated = self.caption_truncation(captions, max_sequence_length)
+            images = StableDiffusion3Pipeline.__call__(
+                self,
+                prompt=captions,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=max_sequence_length,
+                **common,
+            )[0]
+        else:
+            conditioning = encode_generate_prompts(
+                self.vlm, self.processor.tokenizer, self.projector, captions, negative_prompt or NEGATIVE_PROMPT
+            )
+            dtype = self.transformer.dtype
+            repeat = num_images_per_prompt
+            prompt_embeds = conditioning.prompt_embeds.to(dtype).repeat_interleave(repeat, dim=0)
+            negative_embeds = conditioning.negative_prompt_embeds.to(dtype).repeat_interleave(repeat, dim=0)
+            pooled = self.uae_pooled_prompt_embeds().to(prompt_embeds.device, dtype).expand(len(prompt_embeds), -1)
+            lengths = conditioning.lengths
+            attention_kwargs = None
+            if bool((lengths != lengths.max()).any()):
+                attention_kwargs = {"encoder_attention_mask": conditioning.text_mask().repeat_interleave(repeat, dim=0)}
+            images = StableDiffusion3Pipeline.__call__(
+                self,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=pooled,
+                joint_attention_kwargs=attention_kwargs,
+                num_images_per_prompt=1,
+                **common,
+            )[0]
+        if not return_dict:
+            return images, captions
+        return UAEReconstructionPipelineOutput(images=images, captions=captions, truncated=truncated)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image=None,
+        captions: list[str] | None = None,
+        instruction: str = CAPTION_INSTRUCTION,
+        max_new_tokens: int = 512,
+        do_sample: bool = True,
+        temperature: float = 0.7,
+        top_p: float | None = None,
+        **generate_kwargs,
+    ):
+        """Reconstruct images: caption each with the encoder, then redraw it with the decoder.
+
+        Args:
+            image (`PIL.Image.Image`, `np.ndarray` or a list of them): the originals (any mode; converted to RGB).
+            captions (`list[str]`, *optional*): skip captioning and use these (one per image when images are given).
+            instruction, max_new_tokens, do_sample, temperature, top_p: caption sampling (paper: 0.7, 512 tokens).
+            **generate_kwargs: passed to [`~UAEReconstructionPipeline.generate`] (`height`, `width`,
+                `num_inference_steps`, `guidance_scale`, `num_images_per_prompt`, `generator`, `output_type`, ...).
+
+        Examples:
+        """
+        if image is None and captions is None:
+            raise ValueError("pass `image` (to caption and reconstruct) or `captions` (to skip captioning)")
+        if captions is None:
+            captions = self.caption(image, instruction, max_new_tokens, do_sample, temperature, top_p)
+        else:
+            captions = [captions] if isinstance(captions, str) else list(captions)
+            if image is not None and len(captions) != len(self._as_image_list(image)):
+                raise ValueError(
+                    f"`captions` has {len(captions)} entries but `image` has {len(self._as_image_list(image))}: "
+                    "pass one caption per image"
+                )
+        return self.generate(captions, **generate_kwargs)
+
+    __call__.__doc__ += EXAMPLE_DOC_STRING
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save as a self-loading folder: components, this file as `pipeline.py`, the projector's code beside it.
+
+        The folder reloads with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, without
+        `uae_hf` installed.
+        """
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        super().save_pretrained(save_directory, **kwargs)
+        save_directory = Path(save_directory)
+        shutil.copyfile(inspect.getfile(UAEReconstructionPipeline), save_directory / "pipeline.py")
+        index_path = save_directory / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = ["pipeline", type(self).__name__]
+        if self.projector is not None:
+            source = Path(inspect.getfile(type(self.projector)))
+            shutil.copyfile(source, save_directory / "projector" / source.name)
+            index["projector"] = [source.stem, type(self.projector).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_id = kwargs.pop("repo_id", save_directory.name)
+            token = kwargs.pop("token", None)
+            repo_id = create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None), token=token).repo_id
+            self._upload_folder(
+                save_directory, repo_id, token=token, commit_message=kwargs.pop("commit_message", None),
+                create_pr=kwargs.pop("create_pr", False),
+            )

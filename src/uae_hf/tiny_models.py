@@ -1,0 +1,408 @@
+"""Offline tiny twins of the real architectures, saved in the standard `save_pretrained` layouts.
+
+Every twin uses the same model, tokenizer and processor classes as its real counterpart, so loading a twin by path
+runs the code path a Hub checkpoint runs. Weights are random but seeded: building twice gives the same bytes.
+
+Layout written by [`build_tiny_models`]:
+
+    OUT_DIR/encoder                Qwen2.5-VL-Instruct twin (model, tokenizer + chat template, processors)
+    OUT_DIR/decoder                StableDiffusion3Pipeline twin (MMDiT with qk-norm + dual attention, VAE,
+                                   CLIP-L/G with projection, optional T5)
+    OUT_DIR/projector              UAEProjector: encoder hidden size → decoder joint_attention_dim
+    OUT_DIR/backbones/{clip,dinov2,dinov3,longclip,siglip}
+"""
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from tokenizers import pre_tokenizers
+from transformers import (
+    BitImageProcessor,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    Dinov2Config,
+    Dinov2Model,
+    DINOv3ViTConfig,
+    DINOv3ViTImageProcessor,
+    DINOv3ViTModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from .models.projector import UAEProjector
+
+SEED = 0
+
+# Text the twins' tokenizers learn their merges from: the UAE prompts and the kind of captions the round trip sees.
+_CORPUS = [
+    "You are an expert vision-language model. Your task is: Given an input image, generate a textual description "
+    'of the image. If there is text in the image, transcribe it inside double quotes "". Now, carefully analyze '
+    "the input image and output the full description.",
+    "Generate a random, low quality, ugly, blur, bad and anime, cartoon image.",
+    "You are a helpful assistant.",
+    "A photograph of an astronaut in a white suit standing in front of an American flag, with a space shuttle model.",
+    "A close-up of a grey cat with green eyes sitting on a wooden floor next to a red ball of yarn.",
+    "A black and white photo of a man holding a camera on a tripod in a grassy field under a cloudy sky.",
+    "Several gold coins arranged in rows on a dark background; each coin shows a face and small letters.",
+    "A small red circle at the top left of a white image, a large blue square in the center, a green triangle.",
+    "The scene is lit from the right; shadows fall to the left. The colours are warm: orange, yellow and brown.",
+    "Text in the image reads \"OPEN 24 HOURS\" in bold capital letters above a glass door.",
+    "A rocket launching at night, bright flames and smoke below it, stars in the sky, 1 2 3 4 5 6 7 8 9 0.",
+    "A bowl of fruit on a table: apples, bananas, grapes and an orange, with a knife and a plate beside it.",
+]
+
+# Qwen2.5 special tokens, in the order the real vocabulary appends them after its BPE tokens.
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Same message format as Qwen2.5-VL-Instruct's template: a default system turn, `<|im_start|>ROLE\n...<|im_end|>`
+# for any role (UAE's "generate" role included), vision placeholders for images and videos.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+ENCODER_HIDDEN_SIZE = 64
+DECODER_JOINT_ATTENTION_DIM = 64
+
+
+def _train_bpe(num_merges: int, lowercase: bool = False, end_of_word_suffix: str = ""):
+    """Byte-level BPE vocabulary and merges learned from `_CORPUS`.
+
+    A plain greedy learner with ties broken by the pair itself, so the result never depends on hash order.
+    """
+    splitter = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = Counter(
+        word.replace("Ġ", "") if end_of_word_suffix else word  # CLIP-style: words carry no leading-space marker
+        for line in _CORPUS
+        for word, _ in splitter.pre_tokenize_str(line.lower() if lowercase else line)
+    )
+    words.pop("", None)
+    segmented = {word: [*word[:-1], word[-1] + end_of_word_suffix] for word in words}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    word_ends = [char + end_of_word_suffix for char in alphabet] if end_of_word_suffix else []
+    vocab = {symbol: index for index, symbol in enumerate(alphabet + word_ends)}
+    merges = []
+    for _ in range(num_merges):
+        pairs = Counter()
+        for word, symbols in segmented.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += words[word]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for word, symbols in segmented.items():
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            segmented[word] = merged
+    return vocab, merges
+
+
+def build_qwen_tokenizer() -> Qwen2Tokenizer:
+    vocab, merges = _train_bpe(num_merges=300)
+    for token in QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, errors="replace")
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    tokenizer.model_max_length = 32768
+    return tokenizer
+
+
+def build_tiny_encoder(path: str | Path) -> None:
+    """Qwen2.5-VL-Instruct twin: same classes as `Qwen/Qwen2.5-VL-3B-Instruct`, tied embeddings, M-RoPE."""
+    tokenizer = build_qwen_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=ENCODER_HIDDEN_SIZE,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            out_hidden_size=ENCODER_HIDDEN_SIZE,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(SEED)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.bos_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+
+    # The paper's captioning resolution bounds (min_pixels=3136, max_pixels=65536).
+    image_processor = Qwen2VLImageProcessor(size={"shortest_edge": 3136, "longest_edge": 65536})
+    video_processor = Qwen2VLVideoProcessor()
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+
+
+def _clip_tokenizer(model_max_length: int) -> CLIPTokenizer:
+    vocab, merges = _train_bpe(num_merges=200, lowercase=True, end_of_word_suffix="</w>")
+    for token in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+def _t5_tokenizer() -> T5Tokenizer:
+    """Unigram vocabulary: every corpus word as a piece, plus single characters so any text encodes."""
+    words = sorted({word for line in _CORPUS for word in line.split()})
+    chars = sorted({char for line in _CORPUS for char in line if not char.isspace()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{word}", -5.0) for word in words]
+    pieces += [(char, -10.0) for char in chars] + [(f"▁{char}", -10.0) for char in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int) -> CLIPTextModelWithProjection:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(SEED)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def build_tiny_decoder(path: str | Path, with_t5: bool = True) -> None:
+    """SD3.5 twin: MMDiT (qk RMS-norm, dual attention in the first block), 16-channel VAE, CLIP-L/G (+ T5)."""
+    tokenizer, tokenizer_2 = _clip_tokenizer(77), _clip_tokenizer(77)
+    text_encoder = _clip_text_encoder(tokenizer, hidden_size=32, projection_dim=32)  # CLIP-L stand-in
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, hidden_size=32, projection_dim=32)  # CLIP-G stand-in
+    tokenizer_3 = text_encoder_3 = None
+    if with_t5:
+        tokenizer_3 = _t5_tokenizer()
+        torch.manual_seed(SEED)
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_3),
+                d_model=DECODER_JOINT_ATTENTION_DIM,
+                d_kv=16,
+                d_ff=128,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                decoder_start_token_id=0,
+            )
+        ).eval()
+    torch.manual_seed(SEED)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=DECODER_JOINT_ATTENTION_DIM,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # CLIP-L + CLIP-G projections
+        out_channels=16,
+        pos_embed_max_size=32,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(path)
+
+
+def build_tiny_projector(path: str | Path) -> None:
+    torch.manual_seed(SEED)
+    UAEProjector(ENCODER_HIDDEN_SIZE, 4 * ENCODER_HIDDEN_SIZE, DECODER_JOINT_ATTENTION_DIM).save_pretrained(path)
+
+
+_CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+_IMAGENET_MEAN, _IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+_TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _build_clip_backbone(path: Path, text_positions: int) -> None:
+    tokenizer = _clip_tokenizer(text_positions)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=text_positions,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **_TINY_VIT,
+        ),
+        vision_config=dict(image_size=224, patch_size=32, **_TINY_VIT),
+        projection_dim=16,
+    )
+    torch.manual_seed(SEED)
+    CLIPModel(config).eval().save_pretrained(path)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        image_mean=_CLIP_MEAN,
+        image_std=_CLIP_STD,
+        resample=3,
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+
+
+def build_tiny_backbones(path: str | Path) -> None:
+    """Image-embedding backbones with the real classes and preprocessing (CLIP, DINOv2, DINOv3, LongCLIP, SigLIP)."""
+    path = Path(path)
+    _build_clip_backbone(path / "clip", text_positions=77)
+    _build_clip_backbone(path / "longclip", text_positions=248)  # LongCLIP: CLIP layout, 248 text positions
+
+    torch.manual_seed(SEED)
+    Dinov2Model(Dinov2Config(image_size=224, patch_size=14, mlp_ratio=2, **_without_intermediate())).eval().save_pretrained(
+        path / "dinov2"
+    )
+    BitImageProcessor(
+        size={"shortest_edge": 256},
+        crop_size={"height": 224, "width": 224},
+        do_center_crop=True,
+        resample=3,
+        image_mean=_IMAGENET_MEAN,
+        image_std=_IMAGENET_STD,
+    ).save_pretrained(path / "dinov2")
+
+    torch.manual_seed(SEED)
+    DINOv3ViTModel(DINOv3ViTConfig(image_size=224, patch_size=16, num_register_tokens=4, **_TINY_VIT)).eval().save_pretrained(
+        path / "dinov3"
+    )
+    DINOv3ViTImageProcessor(
+        size={"height": 224, "width": 224}, image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD
+    ).save_pretrained(path / "dinov3")
+
+    torch.manual_seed(SEED)
+    siglip = SiglipConfig(
+        text_config=dict(
+            vocab_size=256, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, **_TINY_VIT
+        ),
+        vision_config=dict(image_size=224, patch_size=16, **_TINY_VIT),
+    )
+    SiglipModel(siglip).eval().save_pretrained(path / "siglip")
+    SiglipImageProcessor(size={"height": 224, "width": 224}).save_pretrained(path / "siglip")
+
+
+def _without_intermediate() -> dict:
+    return {key: value for key, value in _TINY_VIT.items() if key != "intermediate_size"}
+
+
+def build_tiny_models(out_dir: str | Path, with_t5: bool = True) -> Path:
+    """Write every twin under `out_dir` (see the module docstring for the layout) and return it."""
+    out_dir = Path(out_dir)
+    build_tiny_encoder(out_dir / "encoder")
+    build_tiny_decoder(out_dir / "decoder", with_t5=with_t5)
+    build_tiny_projector(out_dir / "projector")
+    build_tiny_backbones(out_dir / "backbones")
+    return out_dir

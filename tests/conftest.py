@@ -1,0 +1,81 @@
+import os
+
+# Offline before any Hugging Face library is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_EVALUATE_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import socket  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+# Prepended to scripts run in fresh interpreters: the same network block as the test session.
+BLOCK_NETWORK = """
+import socket
+def _blocked(*args, **kwargs):
+    raise RuntimeError("network access attempted in an offline test")
+socket.socket.connect = _blocked
+socket.socket.connect_ex = _blocked
+socket.create_connection = _blocked
+"""
+
+
+@pytest.fixture(autouse=True, scope="session")
+def block_network():
+    """Any socket connection in the test session fails loudly."""
+
+    def blocked(*args, **kwargs):
+        raise RuntimeError("network access attempted in an offline test")
+
+    saved = socket.socket.connect, socket.socket.connect_ex, socket.create_connection
+    socket.socket.connect = socket.socket.connect_ex = socket.create_connection = blocked
+    yield
+    socket.socket.connect, socket.socket.connect_ex, socket.create_connection = saved
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from uae_hf import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_dir):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir / "encoder").eval()
+    return vlm, AutoProcessor.from_pretrained(tiny_dir / "encoder")
+
+
+@pytest.fixture(scope="session")
+def projector(tiny_dir):
+    from uae_hf import UAEProjector
+
+    return UAEProjector.from_pretrained(tiny_dir / "projector")
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_dir):
+    from uae_hf import load_uae_pipeline
+
+    pipeline = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photographs bundled with scikit-image, downsized for speed."""
+    import PIL.Image
+    from skimage import data
+
+    return [
+        PIL.Image.fromarray(getattr(data, name)()).convert("RGB").resize((96, 96))
+        for name in ("astronaut", "coffee", "chelsea")
+    ]

@@ -1,0 +1,83 @@
+import subprocess
+import sys
+
+from conftest import BLOCK_NETWORK
+
+from uae_hf import build_tiny_models
+
+
+def _files(root):
+    return {path.relative_to(root): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_twins_are_byte_identical_across_builds(tiny_dir, tmp_path):
+    again = _files(build_tiny_models(tmp_path / "again"))
+    first = _files(tiny_dir)
+    assert again.keys() == first.keys()
+    weights = [name for name in first if name.suffix == ".safetensors"]
+    assert len(weights) == 12  # encoder, 5 decoder models (CLIP-L/G, T5, MMDiT, VAE), projector, 5 backbones
+    assert [name for name in first if first[name] != again[name]] == []
+
+
+def test_twins_are_small(tiny_dir):
+    total = sum(len(data) for data in _files(tiny_dir).values())
+    assert total < 10 * 2**20
+
+
+RELOAD_SCRIPT = BLOCK_NETWORK + """
+import sys
+from pathlib import Path
+import torch
+from diffusers import StableDiffusion3Pipeline
+from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer, CLIPModel, DINOv3ViTModel
+from transformers import Dinov2Model, Qwen2_5_VLForConditionalGeneration, SiglipModel
+
+root = Path(sys.argv[1])
+vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "encoder")
+processor = AutoProcessor.from_pretrained(root / "encoder")
+assert type(processor).__name__ == "Qwen2_5_VLProcessor", type(processor)
+assert type(processor.video_processor).__name__ == "Qwen2VLVideoProcessor"
+assert processor.image_processor.size == {"shortest_edge": 3136, "longest_edge": 65536}, processor.image_processor.size
+tokenizer = AutoTokenizer.from_pretrained(root / "encoder")
+specials = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|endoftext|>")
+ids = [tokenizer(token, add_special_tokens=False).input_ids for token in specials]
+assert all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(specials), ids
+assert vlm.config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+pipe = StableDiffusion3Pipeline.from_pretrained(root / "decoder")
+assert pipe.text_encoder_3 is not None and pipe.transformer.config.qk_norm == "rms_norm"
+assert list(pipe.transformer.config.dual_attention_layers) == [0]
+image = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images
+assert image.shape == (1, 64, 64, 3)
+
+from diffusers import ModelMixin
+import json
+assert json.loads((root / "projector" / "config.json").read_text())["_class_name"] == "UAEProjector"
+
+expected = {"clip": CLIPModel, "longclip": CLIPModel, "dinov2": Dinov2Model, "dinov3": DINOv3ViTModel,
+            "siglip": SiglipModel}
+for name, cls in expected.items():
+    model = AutoModel.from_pretrained(root / "backbones" / name)
+    assert isinstance(model, cls), (name, type(model))
+    AutoImageProcessor.from_pretrained(root / "backbones" / name)
+assert CLIPModel.from_pretrained(root / "backbones" / "longclip").config.text_config.max_position_embeddings == 248
+print("RELOADED")
+"""
+
+
+def test_every_twin_reloads_in_a_fresh_offline_process(tiny_dir):
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD_SCRIPT, str(tiny_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RELOADED" in result.stdout
+
+
+def test_decoder_can_be_built_without_t5(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from uae_hf.tiny_models import build_tiny_decoder
+
+    build_tiny_decoder(tmp_path / "decoder", with_t5=False)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "decoder", text_encoder_3=None, tokenizer_3=None)
+    assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
