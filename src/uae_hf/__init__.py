@@ -1,5 +1,6 @@
 """uae_hf: train and evaluate unified multimodal models as auto-encoders (UAE) with the Hugging Face stack."""
 
+from .hub import pipeline_model_card
 from .models.projector import UAEProjector
 from .pipelines.uae_reconstruction import (
     CAPTION_INSTRUCTION,
@@ -24,4 +25,5 @@ __all__ = [
     "caption_images",
     "encode_generate_prompts",
     "load_uae_pipeline",
+    "pipeline_model_card",
 ]

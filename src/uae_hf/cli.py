@@ -9,20 +9,27 @@ from pathlib import Path
 DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
-def _load_image(path: Path):
+def load_images(paths: list[Path]) -> list:
+    """Open every image up front, so a bad file stops the run before any model loads."""
     import PIL.Image
 
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"uae-hf: cannot read image {path}: {error}") from error
+    if not paths:
+        raise SystemExit("uae-hf: no images given")
+    images = []
+    for path in paths:
+        try:
+            with PIL.Image.open(path) as image:
+                image.load()
+                images.append(image.copy())
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"uae-hf: cannot read image {path}: {error}") from error
+    return images
 
 
 def reconstruct(
     pipeline,
     image_paths: list[Path],
+    originals: list,
     output_dir: Path,
     batch_size: int = 4,
     seed: int = 0,
@@ -34,9 +41,6 @@ def reconstruct(
 
     from .visualization import reconstruction_grid
 
-    if not image_paths:
-        raise SystemExit("uae-hf: no images given")
-    originals = [_load_image(path) for path in image_paths]
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "reconstructions").mkdir(exist_ok=True)
     pipeline.set_progress_bar_config(disable=True)
@@ -102,10 +106,11 @@ def _cmd_tiny_models(args) -> None:
 def _cmd_reconstruct(args) -> None:
     from diffusers import DiffusionPipeline
 
+    paths = [Path(p) for p in args.images]
+    originals = load_images(paths)
     pipeline = DiffusionPipeline.from_pretrained(args.pipeline, trust_remote_code=True)
     rows = reconstruct(
-        pipeline, [Path(p) for p in args.images], Path(args.output_dir), args.batch_size, args.seed,
-        **_generate_kwargs(args),
+        pipeline, paths, originals, Path(args.output_dir), args.batch_size, args.seed, **_generate_kwargs(args)
     )
     for row in rows:
         print(f"{row['image']}: {row['caption']!r}")
@@ -137,7 +142,9 @@ def _cmd_demo(args) -> None:
         path = photo_dir / f"{name}.png"
         PIL.Image.fromarray(getattr(data, name)()).save(path)
         paths.append(path)
-    rows = reconstruct(pipeline, paths, output_dir, args.batch_size, args.seed, **_generate_kwargs(args))
+    rows = reconstruct(
+        pipeline, paths, load_images(paths), output_dir, args.batch_size, args.seed, **_generate_kwargs(args)
+    )
     for row in rows:
         print(f"{Path(row['image']).name}: {row['caption']!r}")
     print(f"pipeline saved to {output_dir / 'pipeline'}; reconstructions and grid.png in {output_dir}")

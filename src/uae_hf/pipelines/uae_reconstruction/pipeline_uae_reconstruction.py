@@ -162,12 +162,15 @@ def encode_generate_prompts(
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
     device = vlm.device
-    hidden_states = vlm.get_decoder()(
+    # The top-level forward (not the inner decoder) so offload hooks and PEFT wrappers apply; logits of one position.
+    hidden_states = vlm(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         position_ids=position_ids.to(device),
+        output_hidden_states=True,
+        logits_to_keep=1,
         use_cache=False,
-    ).last_hidden_state
+    ).hidden_states[-1]
     projector_dtype = next(projector.parameters()).dtype
     embeds = projector(hidden_states.to(projector.device, projector_dtype))
     negative = embeds[:1].expand(len(captions), -1, -1)
@@ -234,6 +237,11 @@ class MaskedJointAttnProcessor:
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
         return attn.to_out[1](attn.to_out[0](out)), text_out
+
+
+def _is_adapter_layer(module: torch.nn.Module) -> bool:
+    """A PEFT adapter wrapper (e.g. a LoRA `Linear`) around a base layer."""
+    return hasattr(module, "base_layer") and hasattr(module, "get_base_layer")
 
 
 @dataclass
@@ -507,13 +515,61 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
 
     __call__.__doc__ += EXAMPLE_DOC_STRING
 
-    def save_pretrained(self, save_directory, **kwargs):
+    def load_encoder_adapter(self, adapter_path: str, adapter_name: str = "default", **kwargs) -> None:
+        """Attach a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`) to the encoder and
+        make it active. Captioning and embeddings-mode conditioning then run through it."""
+        self.vlm.load_adapter(adapter_path, adapter_name=adapter_name, **kwargs)
+        self.vlm.set_adapter(adapter_name)
+
+    def disable_encoder_adapters(self) -> None:
+        """Run the encoder's base weights (adapters stay loaded)."""
+        self.vlm.disable_adapters()
+
+    def enable_encoder_adapters(self) -> None:
+        self.vlm.enable_adapters()
+
+    def unload_encoder_adapter(self, adapter_name: str = "default") -> None:
+        """Remove an adapter from the encoder; after the last one, the plain layers are put back."""
+        self.vlm.delete_adapter(adapter_name)
+        if not getattr(self.vlm, "peft_config", None):
+            for name, module in list(self.vlm.named_modules()):
+                if _is_adapter_layer(module):
+                    parent, _, child = name.rpartition(".")
+                    setattr(self.vlm.get_submodule(parent), child, module.get_base_layer())
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
+        """diffusers' SD3 LoRA loading, failing loudly when nothing reaches the decoder transformer.
+
+        A PEFT-format folder (`adapter_model.safetensors`) is not a diffusers LoRA file: diffusers would load nothing
+        from it without a word.
+        """
+        before = set(self.get_list_adapters().get("transformer", []))
+        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        if set(self.get_list_adapters().get("transformer", [])) == before:
+            raise ValueError(
+                f"no LoRA weights for the decoder transformer were found in {pretrained_model_name_or_path_or_dict!r} "
+                f"(weight_name={kwargs.get('weight_name')!r}); pass a diffusers LoRA file such as "
+                "`pytorch_lora_weights.safetensors` written by `save_lora_weights`, not a PEFT adapter folder"
+            )
+
+    def save_pretrained(self, save_directory, model_card: str | None = None, **kwargs):
         """Save as a self-loading folder: components, this file as `pipeline.py`, the projector's code beside it.
 
         The folder reloads with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, without
-        `uae_hf` installed.
+        `uae_hf` installed. `model_card` (Markdown with a YAML header), if given, is written as `README.md`.
         """
-        push_to_hub = kwargs.pop("push_to_hub", False)
+        if any(_is_adapter_layer(module) for module in self.vlm.modules()):
+            raise ValueError(
+                "the encoder has PEFT adapters loaded; saving would write the adapter in place of the model. Save the "
+                "adapter itself (`pipe.vlm.save_pretrained(dir)`), or merge it first, then unload it"
+            )
+        if any(_is_adapter_layer(module) for module in self.transformer.modules()):
+            raise ValueError(
+                "the decoder transformer has LoRA layers loaded; save them with `save_lora_weights`, or "
+                "`fuse_lora()` then `unload_lora_weights()` to save merged weights"
+            )
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError("use `push_to_hub(repo_id, model_card=...)` to upload a UAE pipeline")
         super().save_pretrained(save_directory, **kwargs)
         save_directory = Path(save_directory)
         shutil.copyfile(inspect.getfile(UAEReconstructionPipeline), save_directory / "pipeline.py")
@@ -525,13 +581,30 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
             shutil.copyfile(source, save_directory / "projector" / source.name)
             index["projector"] = [source.stem, type(self.projector).__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if push_to_hub:
-            from huggingface_hub import create_repo
+        if model_card is not None:
+            (save_directory / "README.md").write_text(model_card)
 
-            repo_id = kwargs.pop("repo_id", save_directory.name)
-            token = kwargs.pop("token", None)
-            repo_id = create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None), token=token).repo_id
-            self._upload_folder(
-                save_directory, repo_id, token=token, commit_message=kwargs.pop("commit_message", None),
-                create_pr=kwargs.pop("create_pr", False),
+    def push_to_hub(
+        self,
+        repo_id: str,
+        model_card: str | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Upload the self-loading folder (see `save_pretrained`) to the Hub and return the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, model_card=model_card)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload UAEReconstructionPipeline",
+                create_pr=create_pr,
             )

@@ -1,0 +1,76 @@
+"""Round-trip throughput of UAEReconstructionPipeline on the tiny twins: batch 1 vs batch 8, side by side.
+
+    python benchmarks/reconstruction_throughput.py [--images 16] [--steps 10] [--max-new-tokens 32]
+
+Prints images/s for each batch size and their ratio. Both use the same images, seeds and settings in one process.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+from skimage import data  # noqa: E402
+
+from uae_hf import build_tiny_models, load_uae_pipeline  # noqa: E402
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "immunohistochemistry", "hubble_deep_field")
+
+
+def images_per_second(pipe, images, batch_size, repeats, **kwargs) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for first in range(0, len(images), batch_size):
+            batch = images[first : first + batch_size]
+            generators = [torch.Generator().manual_seed(first + i) for i in range(len(batch))]
+            torch.manual_seed(0)
+            pipe(image=batch, generator=generators, **kwargs)
+        best = min(best, time.perf_counter() - start)
+    return len(images) / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting; the best is kept")
+    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    photos = [PIL.Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
+    images = [photos[i % len(photos)] for i in range(args.images)]
+    kwargs = dict(num_inference_steps=args.steps, max_new_tokens=args.max_new_tokens, output_type="np")
+    with tempfile.TemporaryDirectory() as folder:
+        twins = build_tiny_models(folder)
+        pipe = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector")
+    pipe.set_progress_bar_config(disable=True)
+    images_per_second(pipe, images[:2], 2, 1, **kwargs)  # warm-up
+    single = images_per_second(pipe, images, 1, args.repeats, **kwargs)
+    batched = images_per_second(pipe, images, 8, args.repeats, **kwargs)
+    figures = {
+        "images": args.images,
+        "steps": args.steps,
+        "max_new_tokens": args.max_new_tokens,
+        "threads": torch.get_num_threads(),
+        "batch_1_images_per_s": round(single, 3),
+        "batch_8_images_per_s": round(batched, 3),
+        "batch_8_over_batch_1": round(batched / single, 2),
+    }
+    print(f"{'setting':<12}{'images/s':>10}")
+    print(f"{'batch 1':<12}{single:>10.2f}")
+    print(f"{'batch 8':<12}{batched:>10.2f}")
+    print(f"ratio batch 8 / batch 1: {batched / single:.2f}x")
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(figures, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

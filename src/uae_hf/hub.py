@@ -1,0 +1,59 @@
+"""Model cards for what uae_hf saves and pushes."""
+
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+MODEL_CARDS = Path(__file__).parent / "model_cards"
+
+_MODE_DESCRIPTIONS = {
+    "embeddings": "the encoder LLM's hidden states of the caption, through the projector, are the decoder's "
+    "`prompt_embeds`",
+    "text": "the caption is an ordinary prompt for the decoder's own text encoders",
+}
+
+
+def _source(module) -> str:
+    return getattr(module.config, "_name_or_path", None) or "unknown"
+
+
+def pipeline_model_card(pipe, repo_id: str, unified_bench: dict[str, float] | None = None) -> str:
+    """Render the model card of a `UAEReconstructionPipeline` (base models, tags, usage, Unified-Bench scores).
+
+    Args:
+        pipe: the pipeline to describe.
+        repo_id (`str`): where it will live (used in the loading snippet).
+        unified_bench (`dict[str, float]`, *optional*): scores ×100 by backbone (and `overall`), rendered as a table.
+    """
+    encoder, decoder = _source(pipe.vlm), _source(pipe.transformer)
+    mode = pipe.config.conditioning_mode
+    base_models = [name for name in (encoder, decoder) if name != "unknown" and not Path(name).exists()]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="image-to-image",
+        license="other",
+        base_model=base_models or None,
+        tags=["uae", "uae_hf", "unified-multimodal", "image-to-text", "text-to-image", "sd3"],
+    )
+    transformer_config = pipe.transformer.config
+    projector = None
+    if pipe.projector is not None:
+        config = pipe.projector.config
+        projector = f"{config.in_features} → {config.hidden_features} → {config.out_features}, GELU"
+    adapters = getattr(pipe.vlm, "peft_config", None) or {}
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(MODEL_CARDS / "uae_reconstruction_pipeline.md"),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        encoder=encoder,
+        decoder=decoder,
+        conditioning_mode=mode,
+        conditioning_description=_MODE_DESCRIPTIONS[mode],
+        decoder_details=f"MMDiT, {transformer_config.num_layers} layers, joint_attention_dim "
+        f"{transformer_config.joint_attention_dim}",
+        projector=projector,
+        encoder_adapter=", ".join(adapters) or None,
+        unified_bench=unified_bench,
+    )
+    return str(card)

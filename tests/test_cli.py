@@ -1,0 +1,51 @@
+import json
+import subprocess
+import sys
+
+import PIL.Image
+import pytest
+
+from uae_hf.cli import main
+
+
+def test_tiny_models_command(tmp_path, capsys):
+    main(["tiny-models", str(tmp_path / "twins"), "--no-t5"])
+    assert (tmp_path / "twins" / "decoder" / "model_index.json").exists()
+    assert not (tmp_path / "twins" / "decoder" / "text_encoder_3").exists()
+    assert "tiny twins written" in capsys.readouterr().out
+
+
+def test_reconstruct_writes_images_captions_and_grid(pipe, photos, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipeline")
+    paths = []
+    for index, photo in enumerate(photos):
+        paths.append(tmp_path / f"photo{index}.png")
+        photo.save(paths[-1])
+    out = tmp_path / "out"
+    main(["reconstruct", *map(str, paths), "--pipeline", str(tmp_path / "pipeline"), "--output-dir", str(out),
+          "--num-inference-steps", "2", "--max-new-tokens", "6", "--batch-size", "2"])
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [row["image"] for row in rows] == list(map(str, paths))
+    for row in rows:
+        assert PIL.Image.open(row["reconstruction"]).size == (64, 64)
+    grid = PIL.Image.open(out / "grid.png")
+    assert grid.width == 512 and grid.height > 3 * 256
+
+
+def test_reconstruct_names_an_unreadable_file(pipe, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(SystemExit, match="broken.png"):
+        main(["reconstruct", str(bad), "--pipeline", "unused", "--output-dir", str(tmp_path / "out")])
+
+
+@pytest.mark.slow
+def test_demo_runs_from_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "uae_hf.cli", "demo", "--output-dir", str(tmp_path / "demo"), "--num-inference-steps",
+         "2"], capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("grid.png", "captions.jsonl", "pipeline/pipeline.py", "reconstructions/astronaut.png"):
+        assert (tmp_path / "demo" / name).exists(), name
+    assert "astronaut.png:" in result.stdout
