@@ -1,6 +1,7 @@
 """uae_hf: train and evaluate unified multimodal models as auto-encoders (UAE) with the Hugging Face stack."""
 
 from .hub import pipeline_model_card
+from .metrics import install_evaluate_hook, metric_path
 from .models.projector import UAEProjector
 from .pipelines.uae_reconstruction import (
     CAPTION_INSTRUCTION,
@@ -11,11 +12,20 @@ from .pipelines.uae_reconstruction import (
     encode_generate_prompts,
     load_uae_pipeline,
 )
+from .rewards.similarity import BACKBONES, PAPER_BACKBONES, ImageEmbedder, ImageSimilarity, register_backbone
 from .tiny_models import build_tiny_models
+
+install_evaluate_hook()
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BACKBONES",
+    "PAPER_BACKBONES",
+    "ImageEmbedder",
+    "ImageSimilarity",
+    "metric_path",
+    "register_backbone",
     "CAPTION_INSTRUCTION",
     "NEGATIVE_PROMPT",
     "UAEProjector",

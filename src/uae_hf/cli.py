@@ -150,6 +150,44 @@ def _cmd_demo(args) -> None:
     print(f"pipeline saved to {output_dir / 'pipeline'}; reconstructions and grid.png in {output_dir}")
 
 
+def _cmd_bench(args) -> None:
+    from .metrics.round_trip_bench import references_from_dataset, references_from_folder, run_bench
+
+    if bool(args.images_dir) == bool(args.dataset):
+        raise SystemExit("uae-hf bench: pass exactly one of --images-dir or --dataset")
+    if bool(args.pipeline) == bool(args.reconstructions):
+        raise SystemExit("uae-hf bench: pass --pipeline (round trip) or --reconstructions (score only), not both")
+    try:
+        checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    except ValueError:
+        raise SystemExit("uae-hf bench: --checkpoint takes BACKBONE=PATH_OR_ID") from None
+    try:
+        if args.images_dir:
+            references = references_from_folder(args.images_dir)
+        else:
+            references = references_from_dataset(args.dataset, args.split, args.image_column)
+    except ValueError as error:
+        raise SystemExit(f"uae-hf bench: {error}") from error
+    references = references[: args.limit] if args.limit else references
+    pipeline = None
+    call_kwargs = {}
+    if args.pipeline:
+        from diffusers import DiffusionPipeline
+
+        pipeline = DiffusionPipeline.from_pretrained(args.pipeline, trust_remote_code=True)
+        if args.device != "cpu":
+            pipeline.to(args.device)
+        call_kwargs = _generate_kwargs(args)
+    report = run_bench(
+        references, args.output_dir, pipeline=pipeline, reconstructions_dir=args.reconstructions,
+        config_name=args.backbones, checkpoints=checkpoints, device=args.device, dtype=args.dtype,
+        batch_size=args.batch_size, seed=args.seed, **call_kwargs,
+    )
+    print(Path(args.output_dir, "scores.md").read_text())
+    if report["skipped"]:
+        print(f"skipped {len(report['skipped'])} image(s): see scores.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uae-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--output-dir", required=True, help="where to write reconstructions, captions.jsonl, grid.png")
     _add_generation_arguments(rec, steps=40, tokens=512)
     rec.set_defaults(func=_cmd_reconstruct)
+
+    bench = commands.add_parser("bench", help="Unified-Bench: round trip a set of images, then score and report")
+    source = bench.add_argument_group("reference images (one of)")
+    source.add_argument("--images-dir", help="a folder of reference images")
+    source.add_argument("--dataset", help="a datasets id or local folder with an image column")
+    bench.add_argument("--split", default="test", help="dataset split")
+    bench.add_argument("--image-column", default="image", help="dataset image column")
+    bench.add_argument("--pipeline", help="pipeline folder or Hub repo to round-trip with")
+    bench.add_argument("--reconstructions", help="score this folder of reconstructions instead (names match the "
+                       "references, optionally with a recon_ prefix)")
+    bench.add_argument("--output-dir", required=True, help="where reconstructions and reports go (resumable)")
+    bench.add_argument("--backbones", default="default", help='"default" (the paper\'s four) or e.g. "clip+dinov2"')
+    bench.add_argument("--checkpoint", action="append", default=[], metavar="BACKBONE=PATH",
+                       help="replace a backbone's checkpoint (repeatable)")
+    bench.add_argument("--device", default="cpu", help="device for the pipeline and the backbones")
+    bench.add_argument("--dtype", default="float32", help="backbone dtype (bfloat16/float16 on GPU)")
+    bench.add_argument("--limit", type=int, default=None, help="only the first N references")
+    _add_generation_arguments(bench, steps=40, tokens=512)
+    bench.set_defaults(func=_cmd_bench)
 
     demo = commands.add_parser("demo", help="offline demo on tiny twins and scikit-image photos")
     demo.add_argument("--output-dir", default="outputs/demo", help="where to write models, photos and results")

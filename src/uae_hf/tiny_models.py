@@ -341,7 +341,7 @@ def _build_clip_backbone(path: Path, text_positions: int) -> None:
             pad_token_id=tokenizer.pad_token_id,
             **_TINY_VIT,
         ),
-        vision_config=dict(image_size=224, patch_size=32, **_TINY_VIT),
+        vision_config=dict(image_size=224, patch_size=32, projection_dim=16, **_TINY_VIT),
         projection_dim=16,
     )
     torch.manual_seed(SEED)

@@ -1,0 +1,112 @@
+"""Unified-Bench: how well a unified model's image → caption → image round trip preserves the image."""
+
+import datasets
+import evaluate
+import torch
+
+from uae_hf.images import load_images
+from uae_hf.rewards.similarity import BACKBONES, PAPER_BACKBONES, ImageSimilarity
+
+_CITATION = """\
+@article{uae2025,
+  title   = {Can Understanding and Generation Truly Benefit Together -- or Just Coexist?},
+  journal = {arXiv preprint arXiv:2509.09666},
+  year    = {2025}
+}
+"""
+
+_DESCRIPTION = """\
+Unified-Bench scores a unified multimodal model as an auto-encoder: the model captions each reference image with its
+own image-to-text half and redraws it from that caption with its own text-to-image half. Each (reconstruction,
+reference) pair is scored by the cosine similarity of L2-normalised global image embeddings under four backbones
+(CLIP ViT-L/14, DINOv2-L, DINOv3 ViT-L/16, LongCLIP-L). A backbone's score is its mean over images; `overall` is
+the mean of the backbone scores and `unified_bench` is `overall` x 100, the number reported in the paper.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (`list`): reconstructions, as PIL images, file paths, HxWxC numpy arrays or CxHxW tensors in [0, 1].
+    references (`list`): the original images, in the same order and forms.
+    return_per_image (`bool`, defaults to `False`): also return `per_image`, one dict of backbone cosines per pair.
+
+Load-time keyword arguments (`evaluate.load("unified_bench", config_name, **kwargs)`):
+    config_name: `"default"` (the paper's four backbones) or backbones joined by `+`, e.g. `"clip+dinov2"`; choices:
+        clip, dinov2, dinov3, longclip, siglip.
+    checkpoints (`dict[str, str]`): backbone -> Hub id or local folder, replacing the default checkpoint.
+    device (`str`, defaults to `"cpu"`), dtype (`str` or `torch.dtype`, defaults to float32), batch_size (`int`).
+
+Returns:
+    One mean cosine per backbone, `overall` (mean of those) and `unified_bench` (`overall` x 100); `per_image` on
+    request.
+
+Examples:
+    >>> import uae_hf, evaluate
+    >>> bench = evaluate.load("unified_bench", "clip", checkpoints={"clip": "tiny-models/backbones/clip"})
+    >>> results = bench.compute(predictions=[image], references=[image])
+    >>> round(results["clip"], 4), round(results["unified_bench"], 2)
+    (1.0, 100.0)
+"""
+
+
+def backbones_of(config_name: str) -> tuple[str, ...]:
+    """`"default"` → the paper's four backbones; `"clip+dinov2"` → ("clip", "dinov2")."""
+    if config_name in (None, "default"):
+        return PAPER_BACKBONES
+    names = tuple(config_name.split("+"))
+    unknown = [name for name in names if name not in BACKBONES]
+    if unknown:
+        raise ValueError(
+            f"unknown backbone(s) {unknown} in config_name {config_name!r}; choose from {sorted(BACKBONES)}, "
+            "joined with '+', or 'default'"
+        )
+    return names
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class UnifiedBench(evaluate.Metric):
+    def __init__(self, *args, checkpoints=None, device="cpu", dtype=torch.float32, batch_size=32, **kwargs):
+        self.checkpoints = dict(checkpoints or {})
+        self.device = device
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.batch_size = batch_size
+        super().__init__(*args, **kwargs)
+        self.backbones = backbones_of(self.config_name)
+
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features({"predictions": datasets.Image(), "references": datasets.Image()}),
+            reference_urls=["https://arxiv.org/abs/2509.09666"],
+        )
+
+    def _download_and_prepare(self, dl_manager):
+        self.similarity = ImageSimilarity(
+            self.backbones, self.checkpoints, device=self.device, dtype=self.dtype, batch_size=self.batch_size
+        )
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add reconstruction/reference pairs (PIL images, paths, arrays or tensors), checked and converted to RGB."""
+        if predictions is not None and references is not None and len(predictions) != len(references):
+            raise ValueError(
+                f"got {len(predictions)} predictions and {len(references)} references; pass one reconstruction "
+                "per reference, in the same order"
+            )
+        if predictions is not None:
+            predictions = load_images(predictions, "predictions")
+        if references is not None:
+            references = load_images(references, "references")
+        return super().add_batch(predictions=predictions, references=references, **kwargs)
+
+    def _compute(self, predictions, references, return_per_image=False):
+        predictions = [image.convert("RGB") for image in predictions]
+        scores = self.similarity.scores(predictions, [image.convert("RGB") for image in references])
+        results = {name: float(values.mean()) for name, values in scores.items()}
+        results["overall"] = sum(results[name] for name in scores) / len(scores)
+        results["unified_bench"] = 100.0 * results["overall"]
+        if return_per_image:
+            results["per_image"] = [
+                {name: float(values[index]) for name, values in scores.items()} for index in range(len(predictions))
+            ]
+        return results

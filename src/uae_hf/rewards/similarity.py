@@ -1,0 +1,207 @@
+"""The similarity core: image-embedding backbones, a reference-embedding cache, cosine similarity.
+
+One piece of code serves the trainers' reconstruction reward and the Unified-Bench metric, so training curves and
+benchmark numbers are comparable by construction.
+"""
+
+import contextlib
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import PIL.Image
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    CLIPImageProcessor,
+    CLIPVisionModelWithProjection,
+    SiglipVisionModel,
+)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """An image-embedding backbone of the registry.
+
+    Args:
+        name (`str`): registry key, also the metric's result key.
+        checkpoint (`str`): default Hub id.
+        load (`Callable[[str, torch.dtype], torch.nn.Module]`): builds the model from a checkpoint.
+        output (`str`): the model output holding the global embedding (`"image_embeds"`, `"pooler_output"`).
+        paper (`bool`): one of Unified-Bench's four backbones.
+    """
+
+    name: str
+    checkpoint: str
+    load: Callable[[str, torch.dtype], torch.nn.Module]
+    output: str
+    paper: bool = False
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Loading a vision tower from a full CLIP/SigLIP checkpoint lists every unused text weight; hide that report."""
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def _clip_vision(checkpoint: str, dtype: torch.dtype) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(checkpoint)
+    if hasattr(config, "vision_config"):  # a full CLIPModel checkpoint: keep its projection width
+        vision = config.vision_config
+        vision.projection_dim = config.projection_dim
+        config = vision
+    with _quiet_transformers():
+        return CLIPVisionModelWithProjection.from_pretrained(checkpoint, config=config, dtype=dtype)
+
+
+def _siglip_vision(checkpoint: str, dtype: torch.dtype) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(checkpoint)
+    with _quiet_transformers():
+        return SiglipVisionModel.from_pretrained(checkpoint, config=getattr(config, "vision_config", config), dtype=dtype)
+
+
+def _auto(checkpoint: str, dtype: torch.dtype) -> torch.nn.Module:
+    return AutoModel.from_pretrained(checkpoint, dtype=dtype)
+
+
+BACKBONES: dict[str, Backbone] = {}
+
+
+def register_backbone(backbone: Backbone) -> None:
+    """Add a backbone to the registry (the metric's config names and the reward's `backbones` can then use it)."""
+    BACKBONES[backbone.name] = backbone
+
+
+for _backbone in (
+    Backbone("clip", "openai/clip-vit-large-patch14", _clip_vision, "image_embeds", paper=True),
+    Backbone("dinov2", "facebook/dinov2-large", _auto, "pooler_output", paper=True),
+    Backbone("dinov3", "facebook/dinov3-vitl16-pretrain-lvd1689m", _auto, "pooler_output", paper=True),
+    Backbone("longclip", "zer0int/LongCLIP-L-Diffusers", _clip_vision, "image_embeds", paper=True),
+    Backbone("siglip", "google/siglip-so400m-patch14-384", _siglip_vision, "pooler_output"),
+):
+    register_backbone(_backbone)
+
+PAPER_BACKBONES = tuple(name for name, backbone in BACKBONES.items() if backbone.paper)
+
+
+def _image_key(image: PIL.Image.Image) -> str:
+    digest = hashlib.blake2b(image.tobytes(), digest_size=20)
+    digest.update(f"{image.mode}{image.size}".encode())
+    return digest.hexdigest()
+
+
+class ImageEmbedder:
+    """L2-normalised global embeddings of one backbone, batched, with a cache for reference images.
+
+    Preprocessing is the checkpoint's own image processor (CLIP: resize 224 + center crop, bicubic; DINOv2: resize
+    256 / crop 224, bicubic; ...); a CLIP-format checkpoint without one (LongCLIP conversions) gets CLIP's.
+
+    Args:
+        backbone (`str`): a registry name (see `BACKBONES`).
+        checkpoint (`str`, *optional*): Hub id or folder; defaults to the backbone's real checkpoint.
+        device (`str` or `torch.device`, defaults to `"cpu"`), dtype (`torch.dtype`, defaults to `torch.float32`):
+            fp16/bf16 on GPU halve the cost; embeddings are returned in float32 either way.
+    """
+
+    def __init__(self, backbone: str, checkpoint: str | None = None, device="cpu", dtype: torch.dtype = torch.float32):
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
+        self.backbone = BACKBONES[backbone]
+        self.checkpoint = str(checkpoint or self.backbone.checkpoint)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = self.backbone.load(self.checkpoint, dtype).to(self.device).eval().requires_grad_(False)
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(self.checkpoint)
+        except (OSError, ValueError):
+            if self.backbone.load is not _clip_vision:
+                raise
+            self.processor = CLIPImageProcessor()
+        self._reference_cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def embed(self, images: list[PIL.Image.Image], batch_size: int = 32) -> torch.Tensor:
+        """`(len(images), dim)` float32 embeddings on the CPU, L2-normalised."""
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            pixels = self.processor(images=images[start : start + batch_size], return_tensors="pt")["pixel_values"]
+            output = self.model(pixel_values=pixels.to(self.device, self.dtype))
+            chunks.append(F.normalize(getattr(output, self.backbone.output).float(), dim=-1).cpu())
+        return torch.cat(chunks)
+
+    def embed_references(self, images: list[PIL.Image.Image], batch_size: int = 32) -> torch.Tensor:
+        """Like `embed`, but each distinct image (by content) is embedded once per embedder, then served from cache."""
+        keys = [_image_key(image) for image in images]
+        missing = {key: image for key, image in zip(keys, images) if key not in self._reference_cache}
+        if missing:
+            for key, embedding in zip(missing, self.embed(list(missing.values()), batch_size)):
+                self._reference_cache[key] = embedding
+        return torch.stack([self._reference_cache[key] for key in keys])
+
+    @property
+    def cached_references(self) -> int:
+        return len(self._reference_cache)
+
+
+_EMBEDDERS: dict[tuple, ImageEmbedder] = {}
+
+
+def get_embedder(backbone: str, checkpoint: str | None = None, device="cpu", dtype=torch.float32) -> ImageEmbedder:
+    """The process-wide embedder for this backbone, checkpoint, device and dtype (loaded once, cache shared)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
+    key = (backbone, str(checkpoint or BACKBONES[backbone].checkpoint), str(torch.device(device)), dtype)
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = ImageEmbedder(backbone, checkpoint, device, dtype)
+    return _EMBEDDERS[key]
+
+
+class ImageSimilarity:
+    """Cosine similarity of predictions to references under one or more backbones.
+
+    Args:
+        backbones (`tuple[str, ...]`, defaults to the paper's four): registry names.
+        checkpoints (`dict[str, str]`, *optional*): backbone → Hub id or folder, overriding the defaults.
+        device, dtype: where and how the backbones run.
+        batch_size (`int`, defaults to 32): images per backbone forward pass.
+    """
+
+    def __init__(
+        self,
+        backbones=PAPER_BACKBONES,
+        checkpoints: dict[str, str] | None = None,
+        device="cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 32,
+    ):
+        backbones = tuple(backbones)
+        if not backbones:
+            raise ValueError("pass at least one backbone")
+        checkpoints = dict(checkpoints or {})
+        unknown = sorted(set(backbones) - set(BACKBONES)) + sorted(set(checkpoints) - set(backbones))
+        if unknown:
+            raise ValueError(f"unknown or unused backbone(s) {unknown}; choose from {sorted(BACKBONES)}")
+        self.batch_size = batch_size
+        self.embedders = {name: get_embedder(name, checkpoints.get(name), device, dtype) for name in backbones}
+
+    def scores(self, predictions: list[PIL.Image.Image], references: list[PIL.Image.Image]) -> dict[str, torch.Tensor]:
+        """Per-backbone `(N,)` cosines between `predictions[i]` and `references[i]`; references go through the cache."""
+        if len(predictions) != len(references):
+            raise ValueError(f"got {len(predictions)} predictions and {len(references)} references; pass one per pair")
+        if len(predictions) == 0:
+            raise ValueError("no images to score: pass at least one prediction/reference pair")
+        result = {}
+        for name, embedder in self.embedders.items():
+            predicted = embedder.embed(predictions, self.batch_size)
+            reference = embedder.embed_references(references, self.batch_size)
+            result[name] = (predicted * reference).sum(-1)
+        return result
