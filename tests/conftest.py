@@ -79,3 +79,8 @@ def photos():
         PIL.Image.fromarray(getattr(data, name)()).convert("RGB").resize((96, 96))
         for name in ("astronaut", "coffee", "chelsea")
     ]
+
+
+@pytest.fixture(scope="session")
+def backbone_checkpoints(tiny_dir):
+    return {name: str(tiny_dir / "backbones" / name) for name in ("clip", "dinov2", "dinov3", "longclip", "siglip")}

@@ -1,0 +1,117 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import pytest
+import torch
+from conftest import BLOCK_NETWORK
+
+import uae_hf
+from uae_hf.metrics import METRICS_DIR
+
+
+@pytest.fixture(scope="module")
+def bench(backbone_checkpoints):
+    checkpoints = {name: backbone_checkpoints[name] for name in uae_hf.PAPER_BACKBONES}
+    return evaluate.load("unified_bench", checkpoints=checkpoints)
+
+
+def test_results_follow_the_paper_protocol(bench, photos):
+    results = bench.compute(predictions=photos, references=photos[::-1], return_per_image=True)
+    backbones = ["clip", "dinov2", "dinov3", "longclip"]
+    assert list(results) == [*backbones, "overall", "unified_bench", "per_image"]
+    assert results["overall"] == pytest.approx(np.mean([results[name] for name in backbones]))
+    assert results["unified_bench"] == pytest.approx(100 * results["overall"])
+    assert len(results["per_image"]) == len(photos)
+    assert results["per_image"][1]["clip"] == pytest.approx(1.0, abs=1e-5)  # the middle photo is its own reverse
+    for name in backbones:
+        assert results[name] == pytest.approx(np.mean([row[name] for row in results["per_image"]]))
+
+
+def test_paths_arrays_and_tensors_are_accepted(bench, photos, tmp_path):
+    path = tmp_path / "photo.png"
+    photos[0].save(path)
+    array = np.array(photos[0])
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+    results = bench.compute(predictions=[str(path), array, tensor], references=[photos[0]] * 3)
+    assert results["unified_bench"] == pytest.approx(100.0, abs=1e-3)
+
+
+def test_config_name_picks_backbones(backbone_checkpoints, photos):
+    two = evaluate.load("unified_bench", "clip+siglip", checkpoints={k: backbone_checkpoints[k] for k in ("clip", "siglip")})
+    results = two.compute(predictions=photos[:2], references=photos[1:3])
+    assert set(results) == {"clip", "siglip", "overall", "unified_bench"}
+    with pytest.raises(ValueError, match="choose from"):
+        evaluate.load("unified_bench", "clip+nope")
+
+
+def test_bad_inputs_get_clear_errors(bench, photos, tmp_path):
+    with pytest.raises(ValueError, match="one reconstruction per reference"):
+        bench.compute(predictions=photos[:2], references=photos[:1])
+    with pytest.raises(ValueError, match="empty"):
+        bench.compute(predictions=[], references=[])
+    truncated = tmp_path / "truncated.jpg"
+    photos[0].save(tmp_path / "full.jpg")
+    truncated.write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated.jpg"):
+        bench.compute(predictions=[str(truncated)], references=[photos[0]])
+
+
+FRESH_PROCESS = BLOCK_NETWORK + """
+import sys
+import numpy as np
+import PIL.Image
+mode, clip = sys.argv[1], sys.argv[2]
+image = PIL.Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3))
+import evaluate
+if mode == "bare-name":
+    import uae_hf
+    path = "unified_bench"
+else:
+    path = mode
+bench = evaluate.load(path, "clip", checkpoints={"clip": clip})
+print("RESULT", type(bench).__name__, bench.compute(predictions=[image], references=[image]))
+"""
+
+
+@pytest.mark.parametrize("how", ["bare-name", "path"])
+def test_loads_offline_from_an_empty_directory(how, backbone_checkpoints, tmp_path):
+    mode = "bare-name" if how == "bare-name" else uae_hf.metric_path("unified_bench")
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, mode, backbone_checkpoints["clip"]],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RESULT UnifiedBench" in result.stdout and "'unified_bench': 100.0" in result.stdout.replace("99.99999", "100.0")
+
+
+def test_a_local_unified_bench_folder_takes_precedence(tmp_path, monkeypatch):
+    local = tmp_path / "unified_bench"
+    local.mkdir()
+    (local / "unified_bench.py").write_text(
+        "import datasets\n"
+        "import evaluate\n"
+        "class LocalBench(evaluate.Metric):\n"
+        "    def _info(self):\n"
+        "        return evaluate.MetricInfo(description='', citation='', inputs_description='',\n"
+        "            features=datasets.Features({'predictions': datasets.Value('int32'),\n"
+        "                                        'references': datasets.Value('int32')}))\n"
+        "    def _compute(self, predictions, references):\n"
+        "        return {'local': 1}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.load("unified_bench").compute(predictions=[1], references=[1]) == {"local": 1}
+
+
+def test_folder_is_ready_for_an_evaluate_space():
+    folder = Path(uae_hf.metric_path("unified_bench"))
+    assert folder == METRICS_DIR / "unified_bench"
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "app_file: app.py" in card
+    assert "| UAE | 86.09 |" in card and "Values from Popular Papers" in card
+    assert "evaluate.load" in (folder / "app.py").read_text()
+    assert "uae-hf" in (folder / "requirements.txt").read_text()
+    with pytest.raises(ValueError, match="available"):
+        uae_hf.metric_path("bleu")
