@@ -12,8 +12,10 @@ from .pipelines.uae_reconstruction import (
     encode_generate_prompts,
     load_uae_pipeline,
 )
+from .rewards.reconstruction import ReconstructionReward
 from .rewards.similarity import BACKBONES, PAPER_BACKBONES, ImageEmbedder, ImageSimilarity, register_backbone
 from .tiny_models import build_tiny_models
+from .trainer import UnifiedGRPOConfig, UnifiedGRPOTrainer
 
 install_evaluate_hook()
 
@@ -28,6 +30,9 @@ __all__ = [
     "register_backbone",
     "CAPTION_INSTRUCTION",
     "NEGATIVE_PROMPT",
+    "ReconstructionReward",
+    "UnifiedGRPOConfig",
+    "UnifiedGRPOTrainer",
     "UAEProjector",
     "UAEReconstructionPipeline",
     "UAEReconstructionPipelineOutput",

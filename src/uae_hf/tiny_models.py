@@ -153,7 +153,9 @@ def build_qwen_tokenizer() -> Qwen2Tokenizer:
     vocab, merges = _train_bpe(num_merges=300)
     for token in QWEN_SPECIAL_TOKENS:
         vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, errors="replace")
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, errors="replace", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
     tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
     tokenizer.model_max_length = 32768

@@ -286,7 +286,9 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
     """
 
     model_cpu_offload_seq = "vlm->text_encoder->text_encoder_2->text_encoder_3->projector->transformer->vae"
-    _optional_components = ["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor", "projector"]
+    _optional_components = [
+        "text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor", "vlm", "processor", "projector"
+    ]
 
     def __init__(
         self,
@@ -297,8 +299,8 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
         tokenizer: CLIPTokenizer,
         text_encoder_2: CLIPTextModelWithProjection,
         tokenizer_2: CLIPTokenizer,
-        vlm: PreTrainedModel,
-        processor: ProcessorMixin,
+        vlm: PreTrainedModel = None,
+        processor: ProcessorMixin = None,
         projector: ModelMixin = None,
         text_encoder_3: T5EncoderModel = None,
         tokenizer_3: T5TokenizerFast = None,
@@ -336,8 +338,11 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
     def _check_conditioning_mode(self, mode):
         if mode not in CONDITIONING_MODES:
             raise ValueError(f"conditioning_mode={mode!r} is not one of {CONDITIONING_MODES}")
-        if mode == "embeddings" and self.projector is None:
-            raise ValueError('conditioning_mode="embeddings" needs a `projector`; pass one or use "text"')
+        if mode == "embeddings" and (self.projector is None or self.vlm is None or self.processor is None):
+            raise ValueError(
+                'conditioning_mode="embeddings" needs the encoder `vlm`, its `processor` and a `projector`; pass them '
+                'or use conditioning_mode="text"'
+            )
 
     def uae_pooled_prompt_embeds(self) -> torch.Tensor:
         """The constant pooled embedding (CLIP-L/G of the empty prompt), computed once per pipeline."""
@@ -375,6 +380,8 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
     ) -> list[str]:
         """Caption one image or a list of images in one batch (see [`caption_images`] for the arguments)."""
         images = self._as_image_list(image)
+        if self.vlm is None or self.processor is None:
+            raise ValueError("this pipeline has no encoder (`vlm` and `processor`): pass `captions=` to skip captioning")
         return caption_images(
             self.vlm, self.processor, images, instruction, max_new_tokens, do_sample, temperature, top_p,
             **generate_kwargs,
@@ -558,7 +565,7 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
         The folder reloads with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, without
         `uae_hf` installed. `model_card` (Markdown with a YAML header), if given, is written as `README.md`.
         """
-        if any(_is_adapter_layer(module) for module in self.vlm.modules()):
+        if self.vlm is not None and any(_is_adapter_layer(module) for module in self.vlm.modules()):
             raise ValueError(
                 "the encoder has PEFT adapters loaded; saving would write the adapter in place of the model. Save the "
                 "adapter itself (`pipe.vlm.save_pretrained(dir)`), or merge it first, then unload it"

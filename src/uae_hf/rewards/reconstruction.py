@@ -1,0 +1,159 @@
+"""The reconstruction reward: caption → decoder reconstruction → similarity to the original image.
+
+A plain callable in TRL's reward-function form (it holds the decoder and backbones, it is not an `nn.Module`, so
+TRL does not mistake it for a sequence-classification reward model).
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ..images import load_image
+from .similarity import ImageSimilarity
+
+
+@dataclass
+class ReconstructionBatch:
+    """What the last reward call saw, for logging grids: originals, captions and one reconstruction each."""
+
+    originals: list[PIL.Image.Image]
+    captions: list[str]
+    reconstructions: list[PIL.Image.Image | None]
+    rewards: list[float]
+    step: int
+
+
+def completion_text(completion) -> str:
+    """The caption text of a TRL completion (plain string, or conversational `[{"role", "content"}]`)."""
+    if isinstance(completion, str):
+        return completion.strip()
+    content = completion[-1]["content"]
+    if isinstance(content, str):
+        return content.strip()
+    return "".join(block.get("text") or "" for block in content).strip()
+
+
+class ReconstructionReward:
+    """Reward = weighted cosine similarity of the original image and the decoder's reconstruction from the caption.
+
+    Args:
+        decoder (`UAEReconstructionPipeline`): the frozen decoder; its `generate` draws the reconstructions.
+        similarity (`ImageSimilarity`): the rewarded backbones (the Unified-Bench core: same numbers as the metric).
+        weights (`dict[str, float]`, *optional*): per-backbone weights; equal by default.
+        heldout (`ImageSimilarity`, *optional*): backbones that are logged but never rewarded (reward hacking shows
+            as rewarded similarity rising while held-out similarity does not).
+        reconstructions_per_caption (`int`, defaults to 1): M decodes per caption, averaged (lower-variance reward).
+        batch_size (`int`, defaults to 8): captions per decoder call.
+        seed (`int`, defaults to 0): noise seed. Within one step all captions share the noise of their m-th decode
+            (common random numbers: a group's advantages compare captions, not noise draws).
+        fixed_noise (`bool`, defaults to `False`): reuse the same noise at every step, which makes the reward a
+            deterministic function of (caption, image); by default the noise changes from step to step.
+        **generate_kwargs: decoder settings (`height`, `width`, `num_inference_steps`, `guidance_scale`,
+            `conditioning_mode`).
+    """
+
+    __name__ = "reconstruction"
+
+    def __init__(
+        self,
+        decoder,
+        similarity: ImageSimilarity,
+        weights: dict[str, float] | None = None,
+        heldout: ImageSimilarity | None = None,
+        reconstructions_per_caption: int = 1,
+        batch_size: int = 8,
+        seed: int = 0,
+        fixed_noise: bool = False,
+        **generate_kwargs,
+    ):
+        if reconstructions_per_caption < 1:
+            raise ValueError(f"reconstructions_per_caption must be >= 1, got {reconstructions_per_caption}")
+        weights = dict(weights or {name: 1.0 for name in similarity.embedders})
+        if set(weights) != set(similarity.embedders):
+            raise ValueError(f"weights are for {sorted(weights)} but the rewarded backbones are {sorted(similarity.embedders)}")
+        total = sum(weights.values())
+        if total <= 0:
+            raise ValueError(f"backbone weights must sum to a positive number, got {weights}")
+        self.decoder = decoder
+        self.similarity = similarity
+        self.weights = {name: weight / total for name, weight in weights.items()}
+        self.heldout = heldout
+        self.reconstructions_per_caption = reconstructions_per_caption
+        self.batch_size = batch_size
+        self.seed = seed
+        self.fixed_noise = fixed_noise
+        self.generate_kwargs = generate_kwargs
+        self.last_batch: ReconstructionBatch | None = None
+
+    def _generators(self, count: int, step: int) -> list[torch.Generator]:
+        """Item-major generators: caption i's m-th decode uses the step's m-th noise."""
+        m = self.reconstructions_per_caption
+        step = 0 if self.fixed_noise else step
+        return [torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + j % m) for j in range(count * m)]
+
+    @torch.inference_mode()
+    def reconstruct(self, captions: list[str], step: int = 0) -> list[PIL.Image.Image | None]:
+        """`len(captions) * M` reconstructions, item-major; `None` where the decoder produced non-finite pixels."""
+        images = []
+        for start in range(0, len(captions), self.batch_size):
+            chunk = captions[start : start + self.batch_size]
+            arrays = self.decoder.generate(
+                chunk,
+                num_images_per_prompt=self.reconstructions_per_caption,
+                generator=self._generators(len(chunk), step),
+                output_type="np",
+                **self.generate_kwargs,
+            ).images
+            for array in arrays:
+                finite = np.isfinite(array).all()
+                images.append(PIL.Image.fromarray((array * 255).round().astype("uint8")) if finite else None)
+        return images
+
+    def __call__(self, prompts, completions, completion_ids=None, image=None, images=None, trainer_state=None,
+                 log_metric=None, **kwargs) -> list[float]:
+        originals = image if image is not None else [row[0] if isinstance(row, list) else row for row in images or []]
+        if len(originals) != len(completions):
+            raise ValueError(
+                f"the reconstruction reward needs the original image of every completion: got {len(originals)} "
+                f"images for {len(completions)} completions (is the dataset's 'image' column present?)"
+            )
+        originals = [load_image(item, f"image[{index}]") for index, item in enumerate(originals)]
+        captions = [completion_text(completion) for completion in completions]
+        step = trainer_state.global_step if trainer_state is not None else 0
+        m = self.reconstructions_per_caption
+        reconstructions = self.reconstruct(captions, step)
+
+        valid = [index for index, item in enumerate(reconstructions) if item is not None]
+        per_decode = torch.full((len(reconstructions),), float("nan"))
+        metrics = {}
+        if valid:
+            references = [originals[index // m] for index in valid]
+            predictions = [reconstructions[index] for index in valid]
+            scores = self.similarity.scores(predictions, references)
+            per_decode[valid] = sum(self.weights[name] * values for name, values in scores.items())
+            metrics = {f"reconstruction/{name}": float(values.mean()) for name, values in scores.items()}
+            if self.heldout is not None:
+                heldout = self.heldout.scores(predictions, references)
+                metrics |= {f"reconstruction/heldout_{name}": float(values.mean()) for name, values in heldout.items()}
+        # a caption with any failed decode gets NaN: TRL then gives it no advantage
+        rewards = per_decode.view(len(captions), m).mean(dim=1)
+
+        if log_metric is not None:
+            metrics["reconstruction/nan_count"] = float(torch.isnan(rewards).sum())
+            words = [len(caption.split()) for caption in captions]
+            tokens = [len(ids) for ids in completion_ids] if completion_ids is not None else words
+            for unit, values in (("tokens", tokens), ("words", words)):
+                metrics |= {f"caption_{unit}/mean": float(np.mean(values)), f"caption_{unit}/min": float(min(values)),
+                            f"caption_{unit}/max": float(max(values))}
+            mode = self.generate_kwargs.get("conditioning_mode") or self.decoder.config.conditioning_mode
+            if mode == "text":
+                metrics["reconstruction/truncated_rate"] = float(np.mean(self.decoder.caption_truncation(captions)))
+            for name, value in metrics.items():
+                log_metric(name, value)
+        self.last_batch = ReconstructionBatch(
+            originals, captions, reconstructions[::m], [float(r) for r in rewards], step
+        )
+        return [float(reward) if not math.isnan(reward) else None for reward in rewards.tolist()]

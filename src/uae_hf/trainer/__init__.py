@@ -1,0 +1,2 @@
+from .unified_grpo_config import UnifiedGRPOConfig
+from .unified_grpo_trainer import UnifiedGRPOTrainer

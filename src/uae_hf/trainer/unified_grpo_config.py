@@ -1,0 +1,107 @@
+"""Configuration of [`UnifiedGRPOTrainer`]."""
+
+import json
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+STAGES = ("understanding",)
+
+
+@dataclass
+class UnifiedGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`UnifiedGRPOTrainer`]: TRL's [`~trl.GRPOConfig`] plus the UAE stage, the decoder that
+    computes the reward, and the backbones that score it.
+
+    Parameters that control the stage:
+        stage (`str`, defaults to `"understanding"`): `"understanding"` trains the encoder with GRPO, the decoder
+            frozen as its reward ("Generation for Understanding").
+
+    Parameters that control the decoder (reward side):
+        decoder_height, decoder_width (`int`, defaults to 512): reconstruction size.
+        decoder_num_inference_steps (`int`, defaults to 10), decoder_guidance_scale (`float`, defaults to 5.0).
+        decoder_conditioning_mode (`str`, *optional*): `"embeddings"` or `"text"`; defaults to the decoder's mode.
+        decoder_text_encoder (`str`, defaults to `"frozen"`): in embeddings mode, whether the decoder's LLM text path
+            runs the frozen base weights (`"frozen"`: adapters disabled while decoding) or the current `"policy"`.
+        reconstructions_per_caption (`int`, defaults to 1): decodes per caption, averaged into one reward.
+        reward_batch_size (`int`, defaults to 8): captions per decoder call.
+        reward_fixed_noise (`bool`, defaults to `False`): decode with the same noise at every step (a deterministic
+            reward per caption and image); by default the noise changes per step and is shared within a step.
+
+    Parameters that control the reward:
+        reward_backbones (`list[str]`, defaults to `["clip"]`): rewarded backbones (the paper rewards CLIP).
+        reward_backbone_weights (`list[float]`, *optional*): one weight per rewarded backbone; equal by default.
+        heldout_backbones (`list[str]`, defaults to `[]`): logged, never rewarded (to see reward hacking).
+        backbone_checkpoints (`dict[str, str]` or JSON `str`, *optional*): backbone → Hub id or folder.
+        backbone_dtype (`str`, defaults to `"float32"`): backbone dtype (`"bfloat16"` on GPU).
+
+    Parameters that control logging:
+        log_reconstructions_steps (`int`, defaults to 50): every N steps, save a grid of originals, sampled captions
+            and reconstructions under `output_dir/reconstructions/` (and to wandb when it is active); 0 disables.
+        num_logged_reconstructions (`int`, defaults to 4): rows of that grid.
+    """
+
+    stage: str = field(
+        default="understanding",
+        metadata={"help": "UAE stage to train.", "choices": list(STAGES)},
+    )
+    decoder_height: int = field(default=512, metadata={"help": "Height of the reward reconstructions, in pixels."})
+    decoder_width: int = field(default=512, metadata={"help": "Width of the reward reconstructions, in pixels."})
+    decoder_num_inference_steps: int = field(default=10, metadata={"help": "Decoder sampling steps for the reward."})
+    decoder_guidance_scale: float = field(default=5.0, metadata={"help": "Decoder classifier-free guidance scale."})
+    decoder_conditioning_mode: str | None = field(
+        default=None,
+        metadata={"help": "Decoder conditioning: 'embeddings' (UAE-native) or 'text'; default: the decoder's own.",
+                  "choices": ["embeddings", "text", None]},
+    )
+    decoder_text_encoder: str = field(
+        default="frozen",
+        metadata={"help": "Embeddings mode: decode with the frozen base LLM ('frozen', adapters disabled) or with "
+                  "the current policy ('policy').", "choices": ["frozen", "policy"]},
+    )
+    reconstructions_per_caption: int = field(
+        default=1, metadata={"help": "Decodes per caption, averaged into one reward (lower variance)."}
+    )
+    reward_batch_size: int = field(default=8, metadata={"help": "Captions per decoder call in the reward."})
+    reward_fixed_noise: bool = field(
+        default=False,
+        metadata={"help": "Decode with the same noise at every step (deterministic reward per caption and image)."},
+    )
+    reward_backbones: list[str] = field(
+        default_factory=lambda: ["clip"], metadata={"help": "Backbones whose similarity is the reward."}
+    )
+    reward_backbone_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per rewarded backbone (default: equal)."}
+    )
+    heldout_backbones: list[str] = field(
+        default_factory=list, metadata={"help": "Backbones logged as held-out similarity, never rewarded."}
+    )
+    backbone_checkpoints: dict | str | None = field(
+        default=None,
+        metadata={"help": "Backbone -> Hub id or folder, as a mapping (YAML) or a JSON string (command line)."},
+    )
+    backbone_dtype: str = field(default="float32", metadata={"help": "Backbone dtype: float32, bfloat16, float16."})
+    log_reconstructions_steps: int = field(
+        default=50, metadata={"help": "Save a grid of originals, captions and reconstructions every N steps (0: off)."}
+    )
+    num_logged_reconstructions: int = field(default=4, metadata={"help": "Rows of the reconstruction grid."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r} is not one of {STAGES}")
+        if self.num_generations is None or self.num_generations < 2:
+            raise ValueError(
+                f"num_generations={self.num_generations}: GRPO compares captions within a group, so it needs at "
+                "least 2 generations per image"
+            )
+        if isinstance(self.backbone_checkpoints, str):
+            self.backbone_checkpoints = json.loads(self.backbone_checkpoints)
+        if self.reward_backbone_weights is not None and len(self.reward_backbone_weights) != len(self.reward_backbones):
+            raise ValueError(
+                f"reward_backbone_weights has {len(self.reward_backbone_weights)} entries for "
+                f"{len(self.reward_backbones)} reward_backbones; give one weight per backbone"
+            )
+        if self.reconstructions_per_caption < 1:
+            raise ValueError("reconstructions_per_caption must be at least 1")

@@ -1,0 +1,247 @@
+"""[`UnifiedGRPOTrainer`]: TRL's GRPO with the UAE decoder as the reward model."""
+
+import contextlib
+from pathlib import Path
+
+import datasets
+import PIL.Image
+import torch
+from diffusers import StableDiffusion3Pipeline
+from huggingface_hub import ModelCard, ModelCardData
+from peft import PeftModel
+from trl import GRPOTrainer
+
+from ..hub import MODEL_CARDS
+from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline, caption_messages
+from ..rewards.reconstruction import ReconstructionReward
+from ..rewards.similarity import ImageSimilarity
+from ..visualization import reconstruction_grid
+from .unified_grpo_config import UnifiedGRPOConfig
+
+
+def as_decoder(decoder) -> StableDiffusion3Pipeline:
+    """A UAE reconstruction pipeline (loaded from `uae_hf` or as remote code) or a plain SD3-family pipeline, which
+    then decodes in text mode."""
+    if isinstance(decoder, StableDiffusion3Pipeline) and hasattr(decoder, "generate"):
+        return decoder
+    if isinstance(decoder, StableDiffusion3Pipeline):
+        return UAEReconstructionPipeline.from_pipe(decoder, conditioning_mode="text")
+    raise TypeError(
+        f"decoder must be a UAEReconstructionPipeline or a diffusers StableDiffusion3Pipeline, got "
+        f"{type(decoder).__name__}"
+    )
+
+
+def with_caption_prompt(dataset, name: str):
+    """Check the dataset has images; give it the paper's captioning prompt when it has no `prompt` column."""
+    if dataset is None:
+        return None
+    columns = dataset.column_names
+    if columns is not None and "image" not in columns and "images" not in columns:
+        raise ValueError(
+            f"{name} has no 'image' (or 'images') column, but the reconstruction reward compares each caption's "
+            f"reconstruction with its image; columns: {columns}"
+        )
+    if columns is not None and "prompt" in columns:
+        return dataset
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.add_column("prompt", [caption_messages()] * len(dataset))
+    return dataset.map(lambda _: {"prompt": caption_messages()})
+
+
+class UnifiedGRPOTrainer(GRPOTrainer):
+    """GRPO on the encoder of a unified auto-encoder, with the decoder's reconstruction fidelity as the reward.
+
+    Args:
+        model (`str` or `PreTrainedModel`): the encoder VLM being trained (a Hub id, a folder or a loaded model).
+        decoder (`UAEReconstructionPipeline` or `StableDiffusion3Pipeline`): the frozen decoder. In embeddings mode
+            its `vlm` may be the very object passed as `model` (one copy in memory); with a PEFT adapter the decoder
+            then reads captions with the adapter disabled (see `decoder_text_encoder`).
+        args ([`UnifiedGRPOConfig`], *optional*): training, decoder and reward settings.
+        train_dataset, eval_dataset: datasets with an `image` (or `images`) column; without a `prompt` column the
+            UAE captioning prompt is added.
+        processing_class: the encoder's processor.
+        reward_funcs (`list[Callable]`, *optional*): extra TRL reward functions, added to the reconstruction reward.
+        peft_config (`peft.PeftConfig`, *optional*): train a LoRA adapter (the paper: r=32, alpha=64, all linear).
+        callbacks, optimizers: as in TRL.
+    """
+
+    _tag_names = ["trl", "grpo", "uae", "uae_hf"]
+    _name = "UnifiedGRPO"
+
+    def __init__(
+        self,
+        model,
+        decoder,
+        args: UnifiedGRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_funcs=None,
+        peft_config=None,
+        callbacks=None,
+        optimizers=(None, None),
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path or "encoder"
+            args = UnifiedGRPOConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-UnifiedGRPO")
+        if not isinstance(args, UnifiedGRPOConfig):
+            raise TypeError(f"args must be a UnifiedGRPOConfig, got {type(args).__name__}")
+        self.decoder = as_decoder(decoder)
+        self.decoder.set_progress_bar_config(disable=True)
+        train_dataset = with_caption_prompt(train_dataset, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {key: with_caption_prompt(value, f"eval_dataset[{key!r}]") for key, value in eval_dataset.items()}
+        else:
+            eval_dataset = with_caption_prompt(eval_dataset, "eval_dataset")
+
+        checkpoints = args.backbone_checkpoints or {}
+        backbone_kwargs = dict(device=args.device, dtype=getattr(torch, args.backbone_dtype))
+
+        def similarity(names):
+            return ImageSimilarity(names, {n: checkpoints[n] for n in names if n in checkpoints}, **backbone_kwargs)
+
+        weights = dict(zip(args.reward_backbones, args.reward_backbone_weights)) if args.reward_backbone_weights else None
+        self.reconstruction_reward = ReconstructionReward(
+            self.decoder,
+            similarity(args.reward_backbones),
+            weights=weights,
+            heldout=similarity(args.heldout_backbones) if args.heldout_backbones else None,
+            reconstructions_per_caption=args.reconstructions_per_caption,
+            batch_size=args.reward_batch_size,
+            seed=args.seed,
+            fixed_noise=args.reward_fixed_noise,
+            height=args.decoder_height,
+            width=args.decoder_width,
+            num_inference_steps=args.decoder_num_inference_steps,
+            guidance_scale=args.decoder_guidance_scale,
+            conditioning_mode=args.decoder_conditioning_mode,
+        )
+        super().__init__(
+            model=model,
+            reward_funcs=[self.reconstruction_reward, *(reward_funcs or [])],
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self._check_decoder_text_path()
+        policy = self._policy_base_model()
+        for component in self.decoder.components.values():
+            if isinstance(component, torch.nn.Module) and component is not policy:
+                component.requires_grad_(False).eval()
+        self.decoder.to(self.accelerator.device)
+        self._last_grid_step = -1
+
+    # ----------------------------------------------------------------------------------------------- decoder text path
+    def _policy_base_model(self):
+        policy = self.accelerator.unwrap_model(self.model)
+        return policy.get_base_model() if isinstance(policy, PeftModel) else policy
+
+    def _decoder_reads_embeddings(self) -> bool:
+        mode = self.args.decoder_conditioning_mode or self.decoder.config.conditioning_mode
+        return mode == "embeddings"
+
+    def _check_decoder_text_path(self) -> None:
+        if not self._decoder_reads_embeddings():
+            return
+        shared = self.decoder.vlm is self._policy_base_model()
+        peft = isinstance(self.accelerator.unwrap_model(self.model), PeftModel)
+        if self.args.decoder_text_encoder == "policy" and not shared:
+            raise ValueError(
+                'decoder_text_encoder="policy" decodes captions with the model being trained, so the decoder\'s `vlm` '
+                "must be that model: build the decoder with vlm=<the model you pass as `model`>"
+            )
+        if self.args.decoder_text_encoder == "frozen" and shared and not peft:
+            raise ValueError(
+                'decoder_text_encoder="frozen" with full fine-tuning of the very model the decoder reads captions '
+                "with: give the decoder its own frozen copy of the encoder, or train with a peft_config"
+            )
+
+    @contextlib.contextmanager
+    def _decoder_text_path(self):
+        """While the reward decodes: the frozen base LLM (adapters off) or the policy, in eval mode either way."""
+        policy = self.accelerator.unwrap_model(self.model)
+        shared = self._decoder_reads_embeddings() and self.decoder.vlm is self._policy_base_model()
+        disable = shared and self.args.decoder_text_encoder == "frozen"
+        vlm = self.decoder.vlm
+        was_training = vlm.training if vlm is not None else False
+        with policy.disable_adapter() if disable else contextlib.nullcontext():
+            if vlm is not None:
+                vlm.eval()
+            try:
+                yield
+            finally:
+                if vlm is not None:
+                    vlm.train(was_training)
+
+    # ----------------------------------------------------------------------------------------------- rewards and logs
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        with self._decoder_text_path():
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._maybe_save_reconstruction_grid()
+        return rewards
+
+    def _maybe_save_reconstruction_grid(self) -> None:
+        every = self.args.log_reconstructions_steps
+        step = self.state.global_step
+        batch = self.reconstruction_reward.last_batch
+        if not every or step % every or step == self._last_grid_step or batch is None:
+            return
+        if not self.accelerator.is_main_process:
+            return
+        self._last_grid_step = step
+        count = self.args.num_logged_reconstructions
+        blank = PIL.Image.new("RGB", (64, 64), "black")
+        grid = reconstruction_grid(
+            batch.originals[:count],
+            [image if image is not None else blank for image in batch.reconstructions[:count]],
+            [f"[reward {reward:.3f}] {caption}" for reward, caption in zip(batch.rewards[:count], batch.captions[:count])],
+        )
+        folder = Path(self.args.output_dir, "reconstructions")
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"step-{step:06d}.png")
+        if self.args.report_to and "wandb" in self.args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"reconstructions": wandb.Image(grid)}, step=step)
+
+    # ----------------------------------------------------------------------------------------------------- model card
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
+        """Write `output_dir/README.md` from `model_cards/unified_grpo_encoder.md`."""
+        if not self.is_world_process_zero():
+            return
+        base_model = self._policy_base_model().config._name_or_path or None
+        decoder_name = getattr(self.decoder.transformer.config, "_name_or_path", None)
+        latest = {}
+        for record in self.state.log_history:
+            latest.update({key: value for key, value in record.items() if isinstance(value, (int, float))})
+        args = self.args
+        card = ModelCard.from_template(
+            ModelCardData(
+                base_model=base_model if base_model and not Path(base_model).exists() else None,
+                library_name="peft" if isinstance(self.accelerator.unwrap_model(self.model), PeftModel) else "transformers",
+                tags=sorted(set(self._tag_names) | set([tags] if isinstance(tags, str) else tags or [])),
+                datasets=[dataset_name] if dataset_name else None,
+            ),
+            template_path=str(MODEL_CARDS / "unified_grpo_encoder.md"),
+            model_name=model_name or Path(args.output_dir).name,
+            base_model=base_model,
+            decoder=decoder_name,
+            stage=args.stage,
+            conditioning_mode=args.decoder_conditioning_mode or self.decoder.config.conditioning_mode,
+            reward_backbones=", ".join(args.reward_backbones),
+            heldout_backbones=", ".join(args.heldout_backbones) or "none",
+            decoder_settings=f"{args.decoder_width}x{args.decoder_height}, {args.decoder_num_inference_steps} steps, "
+            f"CFG {args.decoder_guidance_scale}, {args.reconstructions_per_caption} decode(s) per caption",
+            grpo_settings=f"{args.num_generations} generations, beta {args.beta}, lr {args.learning_rate}, "
+            f"{self.state.global_step} steps",
+            metrics={key: value for key, value in latest.items() if "reward" in key or "reconstruction" in key
+                     or key.startswith("caption_") or "unified_bench" in key},
+            hub_model_id=self.hub_model_id or model_name or Path(args.output_dir).name,
+        )
+        card.save(Path(args.output_dir, "README.md"))
