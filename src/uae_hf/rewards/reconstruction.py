@@ -88,7 +88,7 @@ class ReconstructionReward:
         self.generate_kwargs = generate_kwargs
         self.last_batch: ReconstructionBatch | None = None
 
-    def _generators(self, count: int, step: int) -> list[torch.Generator]:
+    def noise_generators(self, count: int, step: int) -> list[torch.Generator]:
         """Item-major generators: caption i's m-th decode uses the step's m-th noise."""
         m = self.reconstructions_per_caption
         step = 0 if self.fixed_noise else step
@@ -103,7 +103,7 @@ class ReconstructionReward:
             arrays = self.decoder.generate(
                 chunk,
                 num_images_per_prompt=self.reconstructions_per_caption,
-                generator=self._generators(len(chunk), step),
+                generator=self.noise_generators(len(chunk), step),
                 output_type="np",
                 **self.generate_kwargs,
             ).images

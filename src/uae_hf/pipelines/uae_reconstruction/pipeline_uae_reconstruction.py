@@ -335,6 +335,14 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
             transformer.set_attn_processor(MaskedJointAttnProcessor())
         self._pooled_cache = None
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' `from_pipe`, carrying the projector over too (its class is not known to this file's type hints,
+        so diffusers would otherwise drop it)."""
+        if "projector" not in kwargs and getattr(pipeline, "projector", None) is not None:
+            kwargs["projector"] = pipeline.projector
+        return super().from_pipe(pipeline, **kwargs)
+
     def _check_conditioning_mode(self, mode):
         if mode not in CONDITIONING_MODES:
             raise ValueError(f"conditioning_mode={mode!r} is not one of {CONDITIONING_MODES}")
