@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import PIL.Image
 import pytest
@@ -49,3 +50,32 @@ def test_demo_runs_from_nothing(tmp_path):
     for name in ("grid.png", "captions.jsonl", "pipeline/pipeline.py", "reconstructions/astronaut.png"):
         assert (tmp_path / "demo" / name).exists(), name
     assert "astronaut.png:" in result.stdout
+
+
+@pytest.mark.slow
+def test_train_runs_the_tiny_recipe_with_no_other_argument(tmp_path):
+    recipe = Path(__file__).parents[1] / "examples" / "recipes" / "understanding_tiny.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--max_steps", "3",
+         "--log_reconstructions_steps", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "outputs" / "understanding-tiny"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md", "reconstructions/step-000001.png"):
+        assert (out / name).exists(), name
+    assert (tmp_path / "outputs" / "tiny-models" / "decoder" / "model_index.json").exists()  # built on demand
+
+
+def test_real_size_recipe_parses():
+    from trl import ModelConfig, TrlParser
+
+    from uae_hf import UnifiedGRPOConfig
+    from uae_hf.trainer.train_script import UnifiedScriptArguments
+
+    recipe = Path(__file__).parents[1] / "examples" / "recipes" / "understanding_qwen2.5-vl-3b_sd3.5.yaml"
+    parser = TrlParser((UnifiedScriptArguments, UnifiedGRPOConfig, ModelConfig))
+    script, config, model = parser.parse_args_and_config(["--config", str(recipe), "--use_cpu", "true", "--bf16", "false"])
+    assert model.model_name_or_path == "Qwen/Qwen2.5-VL-3B-Instruct" and model.lora_r == 32 and model.lora_alpha == 64
+    assert config.reward_backbones == ["clip"] and config.heldout_backbones == ["dinov2"]
+    assert config.decoder_num_inference_steps == 10 and script.decoder == "path/to/uae-pipeline"

@@ -223,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(bench, steps=40, tokens=512)
     bench.set_defaults(func=_cmd_bench)
 
+    commands.add_parser(
+        "train", help="train a UAE stage: uae-hf train --config recipe.yaml [--any_config_field value ...]",
+        add_help=False,
+    )
+
     demo = commands.add_parser("demo", help="offline demo on tiny twins and scikit-image photos")
     demo.add_argument("--output-dir", default="outputs/demo", help="where to write models, photos and results")
     _add_generation_arguments(demo, steps=10, tokens=48)
@@ -232,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # TRL-style: every UnifiedGRPOConfig field from --config YAML or --flags
+        from .trainer.train_script import main as train_main
+
+        train_main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     args.func(args)
 

@@ -1,0 +1,108 @@
+"""`uae-hf train`: a thin shell over [`UnifiedGRPOTrainer`], configured TRL-style from YAML and flags."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from ..rewards.similarity import BACKBONES
+from ..sample_data import skimage_photos
+from .unified_grpo_config import UnifiedGRPOConfig
+from .unified_grpo_trainer import UnifiedGRPOTrainer
+
+TINY = "tiny"
+
+
+@dataclass
+class UnifiedScriptArguments:
+    """What to train on: the data and the decoder (the encoder is `model_name_or_path`)."""
+
+    dataset_name: str = field(
+        default="skimage",
+        metadata={"help": "'skimage' (built-in photos), a datasets Hub id, or a local dataset or image folder."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    image_size: int | None = field(default=None, metadata={"help": "Resize images to this square size (None: keep)."})
+    decoder: str = field(
+        default=TINY,
+        metadata={"help": "UAE pipeline folder or Hub repo (or a plain SD3 pipeline, text mode); 'tiny' for the "
+                  "offline twins."},
+    )
+    tiny_models_dir: str = field(
+        default="outputs/tiny-models", metadata={"help": "Where the offline twins are built (when 'tiny' is used)."}
+    )
+
+
+def _twins(script_args: UnifiedScriptArguments) -> Path:
+    from ..tiny_models import build_tiny_models
+
+    folder = Path(script_args.tiny_models_dir)
+    if not (folder / "decoder" / "model_index.json").exists():
+        build_tiny_models(folder)
+    return folder
+
+
+def _train_dataset(script_args: UnifiedScriptArguments) -> datasets.Dataset:
+    if script_args.dataset_name == "skimage":
+        return skimage_photos(script_args.image_size or 128)
+    if Path(script_args.dataset_name).is_dir() and not Path(script_args.dataset_name, "dataset_info.json").exists():
+        dataset = datasets.load_dataset("imagefolder", data_dir=script_args.dataset_name, split=script_args.dataset_train_split)
+    elif Path(script_args.dataset_name, "dataset_info.json").exists():
+        dataset = datasets.load_from_disk(script_args.dataset_name)
+    else:
+        dataset = datasets.load_dataset(
+            script_args.dataset_name, script_args.dataset_config, split=script_args.dataset_train_split
+        )
+    if script_args.image_column != "image":
+        if script_args.image_column not in dataset.column_names:
+            raise ValueError(f"dataset has no column {script_args.image_column!r}; columns: {dataset.column_names}")
+        dataset = dataset.rename_column(script_args.image_column, "image")
+    if script_args.image_size:
+        size = (script_args.image_size, script_args.image_size)
+        dataset = dataset.map(lambda row: {"image": row["image"].convert("RGB").resize(size)})
+    return dataset
+
+
+def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig, model_args: ModelConfig):
+    """Build encoder, decoder and data from the arguments, train, save (adapter + processor + model card)."""
+    from diffusers import DiffusionPipeline
+
+    from ..pipelines import load_uae_pipeline
+
+    uses_twins = TINY in (model_args.model_name_or_path, script_args.decoder)
+    twins = _twins(script_args) if uses_twins else None
+    encoder = str(twins / "encoder") if model_args.model_name_or_path == TINY else model_args.model_name_or_path
+    if script_args.decoder == TINY:
+        decoder = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector")
+    else:
+        decoder = DiffusionPipeline.from_pretrained(script_args.decoder, trust_remote_code=True)
+    if uses_twins and training_args.backbone_checkpoints is None:
+        training_args.backbone_checkpoints = {name: str(twins / "backbones" / name) for name in BACKBONES
+                                              if (twins / "backbones" / name).exists()}
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else model_args.dtype
+    model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=dtype)
+    trainer = UnifiedGRPOTrainer(
+        model=model,
+        decoder=decoder,
+        args=training_args,
+        train_dataset=_train_dataset(script_args),
+        processing_class=AutoProcessor.from_pretrained(encoder),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+    dataset_name = None if script_args.dataset_name == "skimage" else script_args.dataset_name
+    trainer.create_model_card(dataset_name=dataset_name)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)
+    return trainer
+
+
+def main(argv: list[str] | None = None):
+    parser = TrlParser((UnifiedScriptArguments, UnifiedGRPOConfig, ModelConfig), prog="uae-hf train")
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    return train(script_args, training_args, model_args)
