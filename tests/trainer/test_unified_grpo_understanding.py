@@ -33,7 +33,7 @@ def config(tmp_path, backbone_checkpoints, **overrides):
         max_completion_length=8, learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
         save_strategy="no", decoder_height=64, decoder_width=64, decoder_num_inference_steps=2,
         backbone_checkpoints={name: backbone_checkpoints[name] for name in ("clip", "dinov2")},
-        log_reconstructions_steps=0, lr_scheduler_type="constant",
+        log_reconstructions_steps=0, lr_scheduler_type="constant", bf16=False,
     )
     values.update(overrides)
     return UnifiedGRPOConfig(**values)

@@ -112,6 +112,23 @@ class ReconstructionReward:
                 images.append(PIL.Image.fromarray((array * 255).round().astype("uint8")) if finite else None)
         return images
 
+    def similarities(self, reconstructions: list, references: list[PIL.Image.Image]) -> tuple[torch.Tensor, dict]:
+        """Weighted cosine of each reconstruction to its reference (NaN where the reconstruction is `None`), and the
+        batch means per rewarded and held-out backbone."""
+        valid = [index for index, item in enumerate(reconstructions) if item is not None]
+        rewards = torch.full((len(reconstructions),), float("nan"))
+        metrics = {"reconstruction/nan_count": float(len(reconstructions) - len(valid))}
+        if valid:
+            predictions = [reconstructions[index] for index in valid]
+            targets = [references[index] for index in valid]
+            scores = self.similarity.scores(predictions, targets)
+            rewards[valid] = sum(self.weights[name] * values for name, values in scores.items())
+            metrics |= {f"reconstruction/{name}": float(values.mean()) for name, values in scores.items()}
+            if self.heldout is not None:
+                heldout = self.heldout.scores(predictions, targets)
+                metrics |= {f"reconstruction/heldout_{name}": float(values.mean()) for name, values in heldout.items()}
+        return rewards, metrics
+
     def __call__(self, prompts, completions, completion_ids=None, image=None, images=None, trainer_state=None,
                  log_metric=None, **kwargs) -> list[float]:
         originals = image if image is not None else [row[0] if isinstance(row, list) else row for row in images or []]
@@ -125,29 +142,12 @@ class ReconstructionReward:
         step = trainer_state.global_step if trainer_state is not None else 0
         m = self.reconstructions_per_caption
         reconstructions = self.reconstruct(captions, step)
-
-        valid = [index for index, item in enumerate(reconstructions) if item is not None]
-        per_decode = torch.full((len(reconstructions),), float("nan"))
-        metrics = {}
-        if valid:
-            references = [originals[index // m] for index in valid]
-            predictions = [reconstructions[index] for index in valid]
-            scores = self.similarity.scores(predictions, references)
-            per_decode[valid] = sum(self.weights[name] * values for name, values in scores.items())
-            metrics = {f"reconstruction/{name}": float(values.mean()) for name, values in scores.items()}
-            if self.heldout is not None:
-                heldout = self.heldout.scores(predictions, references)
-                metrics |= {f"reconstruction/heldout_{name}": float(values.mean()) for name, values in heldout.items()}
+        per_decode, metrics = self.similarities(reconstructions, [originals[i // m] for i in range(len(reconstructions))])
         # a caption with any failed decode gets NaN: TRL then gives it no advantage
         rewards = per_decode.view(len(captions), m).mean(dim=1)
-
         if log_metric is not None:
             metrics["reconstruction/nan_count"] = float(torch.isnan(rewards).sum())
-            words = [len(caption.split()) for caption in captions]
-            tokens = [len(ids) for ids in completion_ids] if completion_ids is not None else words
-            for unit, values in (("tokens", tokens), ("words", words)):
-                metrics |= {f"caption_{unit}/mean": float(np.mean(values)), f"caption_{unit}/min": float(min(values)),
-                            f"caption_{unit}/max": float(max(values))}
+            metrics |= caption_metrics(captions, completion_ids)
             mode = self.generate_kwargs.get("conditioning_mode") or self.decoder.config.conditioning_mode
             if mode == "text":
                 metrics["reconstruction/truncated_rate"] = float(np.mean(self.decoder.caption_truncation(captions)))
@@ -157,3 +157,16 @@ class ReconstructionReward:
             originals, captions, reconstructions[::m], [float(r) for r in rewards], step
         )
         return [float(reward) if not math.isnan(reward) else None for reward in rewards.tolist()]
+
+
+def caption_metrics(captions: list[str], completion_ids=None) -> dict[str, float]:
+    """Caption length in tokens (when ids are given) and words: mean, min, max (the "aha" curve)."""
+    words = [len(caption.split()) for caption in captions]
+    units = {"words": words}
+    if completion_ids is not None:
+        units["tokens"] = [len(ids) for ids in completion_ids]
+    metrics = {}
+    for unit, values in units.items():
+        metrics |= {f"caption_{unit}/mean": float(np.mean(values)), f"caption_{unit}/min": float(min(values)),
+                    f"caption_{unit}/max": float(max(values))}
+    return metrics

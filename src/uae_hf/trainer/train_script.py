@@ -85,13 +85,16 @@ def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig,
                                               if (twins / "backbones" / name).exists()}
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else model_args.dtype
     model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=dtype)
+    if training_args.stage == "generation" and decoder.vlm is not None and script_args.decoder == TINY:
+        model = decoder.vlm  # the decoder already holds this encoder: one copy
     trainer = UnifiedGRPOTrainer(
         model=model,
         decoder=decoder,
         args=training_args,
         train_dataset=_train_dataset(script_args),
         processing_class=AutoProcessor.from_pretrained(encoder),
-        peft_config=get_peft_config(model_args),
+        # stage "generation" trains the DiT: its LoRA comes from decoder_lora_r/alpha, not the encoder's LoRA flags
+        peft_config=get_peft_config(model_args) if training_args.stage == "understanding" else None,
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)

@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-STAGES = ("understanding",)
+STAGES = ("understanding", "generation")
+DIT_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                    "attn.add_v_proj", "attn.to_add_out"]
 
 
 @dataclass
@@ -16,7 +18,26 @@ class UnifiedGRPOConfig(GRPOConfig):
 
     Parameters that control the stage:
         stage (`str`, defaults to `"understanding"`): `"understanding"` trains the encoder with GRPO, the decoder
-            frozen as its reward ("Generation for Understanding").
+            frozen as its reward ("Generation for Understanding"); `"generation"` trains the decoder's DiT with
+            Flow-GRPO, the encoder frozen ("Understanding for Generation").
+
+    Parameters that control stage "generation" (Flow-GRPO on the decoder):
+        sde_method (`str`, defaults to `"sde"`): stochastic step, `"sde"` or `"cps"`.
+        sde_noise_level (`float`, defaults to 0.7): the step's noise level `a`.
+        timestep_fraction (`float`, defaults to 0.99): fraction of the sampling steps trained per update
+            (0.99 of 10 → 9), drawn at random each step from `timestep_window`.
+        timestep_window (`str`, *optional*): `"start:end"` step indices the trained steps are drawn from.
+        train_guidance (`bool`, defaults to `True`): classifier-free guidance (at `decoder_guidance_scale`) in
+            rollouts and updates; off samples and trains the conditional branch alone.
+        same_noise_in_group (`bool`, defaults to `False`): one initial noise for all G samples of an image.
+        flow_clip_range (`float`, defaults to 1e-4): ratio clipping ε (small: log-probs are per-element means).
+        advantage_clip (`float`, defaults to 5.0): advantages are clipped to ±this.
+        caption_do_sample (`bool`, defaults to `False`): sample the encoder's captions (at `temperature`) instead
+            of greedy decoding; `max_completion_length` bounds them.
+        decoder_full_finetune (`bool`, defaults to `False`): train every DiT weight instead of a LoRA.
+        decoder_lora_r (`int`, defaults to 32), decoder_lora_alpha (`int`, defaults to 64): the default DiT LoRA
+            (on the joint-attention projections) when no `peft_config` is given.
+        ema_decay (`float`, *optional*): keep an exponential moving average of the trained weights and save it.
 
     Parameters that control the decoder (reward side):
         decoder_height, decoder_width (`int`, defaults to 512): reconstruction size.
@@ -82,6 +103,34 @@ class UnifiedGRPOConfig(GRPOConfig):
         metadata={"help": "Backbone -> Hub id or folder, as a mapping (YAML) or a JSON string (command line)."},
     )
     backbone_dtype: str = field(default="float32", metadata={"help": "Backbone dtype: float32, bfloat16, float16."})
+    sde_method: str = field(default="sde", metadata={"help": "Stochastic step: 'sde' or 'cps'.",
+                                                     "choices": ["sde", "cps"]})
+    sde_noise_level: float = field(default=0.7, metadata={"help": "Noise level a of the stochastic step."})
+    timestep_fraction: float = field(
+        default=0.99, metadata={"help": "Fraction of the sampling steps trained per update (0.99 of 10 -> 9)."}
+    )
+    timestep_window: str | None = field(
+        default=None, metadata={"help": "'start:end' step indices the trained steps are drawn from (default: all)."}
+    )
+    train_guidance: bool = field(
+        default=True, metadata={"help": "Classifier-free guidance in stage-generation rollouts and updates."}
+    )
+    same_noise_in_group: bool = field(
+        default=False, metadata={"help": "One initial noise for all G samples of an image (stage generation)."}
+    )
+    flow_clip_range: float = field(default=1e-4, metadata={"help": "Flow-GRPO ratio clipping epsilon."})
+    advantage_clip: float = field(default=5.0, metadata={"help": "Clip advantages to +-this."})
+    caption_do_sample: bool = field(
+        default=False, metadata={"help": "Stage generation: sample the encoder's captions instead of greedy."}
+    )
+    decoder_full_finetune: bool = field(
+        default=False, metadata={"help": "Stage generation: train all DiT weights instead of a LoRA."}
+    )
+    decoder_lora_r: int = field(default=32, metadata={"help": "Rank of the default DiT LoRA."})
+    decoder_lora_alpha: int = field(default=64, metadata={"help": "Alpha of the default DiT LoRA."})
+    ema_decay: float | None = field(
+        default=None, metadata={"help": "Exponential moving average of the trained weights (saved when set)."}
+    )
     log_reconstructions_steps: int = field(
         default=50, metadata={"help": "Save a grid of originals, captions and reconstructions every N steps (0: off)."}
     )
@@ -105,3 +154,17 @@ class UnifiedGRPOConfig(GRPOConfig):
             )
         if self.reconstructions_per_caption < 1:
             raise ValueError("reconstructions_per_caption must be at least 1")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.timestep_window is not None:
+            start, _, end = self.timestep_window.partition(":")
+            if not (start.strip().isdigit() and end.strip().isdigit() and int(start) < int(end)):
+                raise ValueError(f"timestep_window must look like 'start:end' with start < end, got "
+                                 f"{self.timestep_window!r}")
+        if self.stage == "generation" and self.per_device_train_batch_size % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple of "
+                f"num_generations ({self.num_generations}): each device holds whole groups of reconstructions"
+            )
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")

@@ -32,16 +32,47 @@ def as_decoder(decoder) -> StableDiffusion3Pipeline:
     )
 
 
-def with_caption_prompt(dataset, name: str):
-    """Check the dataset has images; give it the paper's captioning prompt when it has no `prompt` column."""
-    if dataset is None:
-        return None
-    columns = dataset.column_names
+def build_reconstruction_reward(decoder, args: UnifiedGRPOConfig) -> ReconstructionReward:
+    """The reconstruction reward both stages use, from the config's decoder and backbone settings."""
+    checkpoints = args.backbone_checkpoints or {}
+    backbone_kwargs = dict(device=args.device, dtype=getattr(torch, args.backbone_dtype))
+
+    def similarity(names):
+        return ImageSimilarity(names, {n: checkpoints[n] for n in names if n in checkpoints}, **backbone_kwargs)
+
+    weights = dict(zip(args.reward_backbones, args.reward_backbone_weights)) if args.reward_backbone_weights else None
+    return ReconstructionReward(
+        decoder,
+        similarity(args.reward_backbones),
+        weights=weights,
+        heldout=similarity(args.heldout_backbones) if args.heldout_backbones else None,
+        reconstructions_per_caption=args.reconstructions_per_caption,
+        batch_size=args.reward_batch_size,
+        seed=args.seed,
+        fixed_noise=args.reward_fixed_noise,
+        height=args.decoder_height,
+        width=args.decoder_width,
+        num_inference_steps=args.decoder_num_inference_steps,
+        guidance_scale=args.decoder_guidance_scale,
+        conditioning_mode=args.decoder_conditioning_mode,
+    )
+
+
+def check_image_column(dataset, name: str) -> None:
+    columns = None if dataset is None else dataset.column_names
     if columns is not None and "image" not in columns and "images" not in columns:
         raise ValueError(
             f"{name} has no 'image' (or 'images') column, but the reconstruction reward compares each caption's "
             f"reconstruction with its image; columns: {columns}"
         )
+
+
+def with_caption_prompt(dataset, name: str):
+    """Check the dataset has images; give it the paper's captioning prompt when it has no `prompt` column."""
+    if dataset is None:
+        return None
+    check_image_column(dataset, name)
+    columns = dataset.column_names
     if columns is not None and "prompt" in columns:
         return dataset
     if isinstance(dataset, datasets.Dataset):
@@ -69,6 +100,14 @@ class UnifiedGRPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "grpo", "uae", "uae_hf"]
     _name = "UnifiedGRPO"
 
+    def __new__(cls, *args, **kwargs):
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if cls is UnifiedGRPOTrainer and getattr(config, "stage", None) == "generation":
+            from .flow_grpo_stage import FlowGRPOTrainer  # the stage's logic lives in its own module
+
+            cls = FlowGRPOTrainer
+        return super().__new__(cls)
+
     def __init__(
         self,
         model,
@@ -95,28 +134,7 @@ class UnifiedGRPOTrainer(GRPOTrainer):
         else:
             eval_dataset = with_caption_prompt(eval_dataset, "eval_dataset")
 
-        checkpoints = args.backbone_checkpoints or {}
-        backbone_kwargs = dict(device=args.device, dtype=getattr(torch, args.backbone_dtype))
-
-        def similarity(names):
-            return ImageSimilarity(names, {n: checkpoints[n] for n in names if n in checkpoints}, **backbone_kwargs)
-
-        weights = dict(zip(args.reward_backbones, args.reward_backbone_weights)) if args.reward_backbone_weights else None
-        self.reconstruction_reward = ReconstructionReward(
-            self.decoder,
-            similarity(args.reward_backbones),
-            weights=weights,
-            heldout=similarity(args.heldout_backbones) if args.heldout_backbones else None,
-            reconstructions_per_caption=args.reconstructions_per_caption,
-            batch_size=args.reward_batch_size,
-            seed=args.seed,
-            fixed_noise=args.reward_fixed_noise,
-            height=args.decoder_height,
-            width=args.decoder_width,
-            num_inference_steps=args.decoder_num_inference_steps,
-            guidance_scale=args.decoder_guidance_scale,
-            conditioning_mode=args.decoder_conditioning_mode,
-        )
+        self.reconstruction_reward = build_reconstruction_reward(self.decoder, args)
         super().__init__(
             model=model,
             reward_funcs=[self.reconstruction_reward, *(reward_funcs or [])],

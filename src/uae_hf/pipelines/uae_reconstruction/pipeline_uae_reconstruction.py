@@ -438,13 +438,10 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
             [`UAEReconstructionPipelineOutput`] (or a tuple `(images, captions)` if `return_dict=False`).
         """
         captions = [captions] if isinstance(captions, str) else list(captions)
-        if len(captions) == 0:
-            raise ValueError("`captions` is empty: pass at least one caption")
-        if not all(isinstance(caption, str) for caption in captions):
-            raise TypeError("`captions` must be a string or a list of strings")
         mode = conditioning_mode or self.config.conditioning_mode
-        self._check_conditioning_mode(mode)
-        common = dict(
+        conditioning = self.encode_captions(captions, mode, negative_prompt, num_images_per_prompt, max_sequence_length)
+        images = StableDiffusion3Pipeline.__call__(
+            self,
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
@@ -452,45 +449,71 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
             generator=generator,
             latents=latents,
             output_type=output_type,
+            num_images_per_prompt=1,
             return_dict=False,
-        )
-        truncated = None
-        if mode == "text":
-            truncated = self.caption_truncation(captions, max_sequence_length)
-            images = StableDiffusion3Pipeline.__call__(
-                self,
-                prompt=captions,
-                negative_prompt=negative_prompt,
-                num_images_per_prompt=num_images_per_prompt,
-                max_sequence_length=max_sequence_length,
-                **common,
-            )[0]
-        else:
-            conditioning = encode_generate_prompts(
-                self.vlm, self.processor.tokenizer, self.projector, captions, negative_prompt or NEGATIVE_PROMPT
-            )
-            dtype = self.transformer.dtype
-            repeat = num_images_per_prompt
-            prompt_embeds = conditioning.prompt_embeds.to(dtype).repeat_interleave(repeat, dim=0)
-            negative_embeds = conditioning.negative_prompt_embeds.to(dtype).repeat_interleave(repeat, dim=0)
-            pooled = self.uae_pooled_prompt_embeds().to(prompt_embeds.device, dtype).expand(len(prompt_embeds), -1)
-            lengths = conditioning.lengths
-            attention_kwargs = None
-            if bool((lengths != lengths.max()).any()):
-                attention_kwargs = {"encoder_attention_mask": conditioning.text_mask().repeat_interleave(repeat, dim=0)}
-            images = StableDiffusion3Pipeline.__call__(
-                self,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_embeds,
-                pooled_prompt_embeds=pooled,
-                negative_pooled_prompt_embeds=pooled,
-                joint_attention_kwargs=attention_kwargs,
-                num_images_per_prompt=1,
-                **common,
-            )[0]
+            **conditioning,
+        )[0]
+        truncated = self.caption_truncation(captions, max_sequence_length) if mode == "text" else None
         if not return_dict:
             return images, captions
         return UAEReconstructionPipelineOutput(images=images, captions=captions, truncated=truncated)
+
+    def encode_captions(
+        self,
+        captions: list[str],
+        conditioning_mode: str | None = None,
+        negative_prompt: str | None = None,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int = 256,
+    ) -> dict:
+        """The decoder's conditioning for captions (item-major, `num_images_per_prompt` rows per caption).
+
+        Returns the keyword arguments SD3's denoising takes: `prompt_embeds`, `negative_prompt_embeds`,
+        `pooled_prompt_embeds`, `negative_pooled_prompt_embeds` and `joint_attention_kwargs` (the text key mask when
+        captions of different lengths share the batch, else `None`). Gradients flow if enabled.
+        """
+        if len(captions) == 0:
+            raise ValueError("`captions` is empty: pass at least one caption")
+        if not all(isinstance(caption, str) for caption in captions):
+            raise TypeError("`captions` must be a string or a list of strings")
+        mode = conditioning_mode or self.config.conditioning_mode
+        self._check_conditioning_mode(mode)
+        repeat = num_images_per_prompt
+        if mode == "text":
+            embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
+                prompt=captions,
+                prompt_2=None,
+                prompt_3=None,
+                negative_prompt=negative_prompt,
+                do_classifier_free_guidance=True,
+                num_images_per_prompt=repeat,
+                max_sequence_length=max_sequence_length,
+            )
+            return dict(
+                prompt_embeds=embeds,
+                negative_prompt_embeds=negative_embeds,
+                pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled,
+                joint_attention_kwargs=None,
+            )
+        conditioning = encode_generate_prompts(
+            self.vlm, self.processor.tokenizer, self.projector, captions, negative_prompt or NEGATIVE_PROMPT
+        )
+        dtype = self.transformer.dtype
+        prompt_embeds = conditioning.prompt_embeds.to(dtype).repeat_interleave(repeat, dim=0)
+        negative_embeds = conditioning.negative_prompt_embeds.to(dtype).repeat_interleave(repeat, dim=0)
+        pooled = self.uae_pooled_prompt_embeds().to(prompt_embeds.device, dtype).expand(len(prompt_embeds), -1)
+        lengths = conditioning.lengths
+        attention_kwargs = None
+        if bool((lengths != lengths.max()).any()):
+            attention_kwargs = {"encoder_attention_mask": conditioning.text_mask().repeat_interleave(repeat, dim=0)}
+        return dict(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
+            pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=pooled,
+            joint_attention_kwargs=attention_kwargs,
+        )
 
     @torch.no_grad()
     def __call__(

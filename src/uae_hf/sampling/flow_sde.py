@@ -1,0 +1,228 @@
+"""Stochastic sampling with log-probabilities for rectified-flow decoders (Flow-GRPO, DESIGN.md §4).
+
+Convention (diffusers SD3): `x_σ = (1 - σ) x0 + σ ε`, velocity `v = ε - x0`, σ runs from 1 to 0, `dt = σ_next - σ`.
+With `noise_level = 0` both steps reduce to diffusers' deterministic Euler step.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+
+@dataclass
+class FlowStepOutput:
+    """One stochastic step.
+
+    Attributes:
+        prev_sample (`torch.Tensor`): the next latent `x_{σ_next}`.
+        log_prob (`torch.Tensor` of shape `(batch,)`): `log π(prev_sample | sample)`, averaged over latent elements.
+        mean (`torch.Tensor`): the Gaussian's mean.
+        std (`torch.Tensor`): the Gaussian's standard deviation (broadcastable to the latents).
+    """
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean over elements of `log N(x; mean, std²)`; zero where `std == 0` (a deterministic step)."""
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    log_prob = -((x.float() - mean.float()) ** 2) / (2 * safe**2) - torch.log(safe) - 0.5 * math.log(2 * math.pi)
+    log_prob = torch.where(std > 0, log_prob, torch.zeros_like(log_prob))
+    return log_prob.mean(dim=tuple(range(1, x.ndim)))
+
+
+def _noise(shape, generator, device, dtype, prev_sample):
+    if prev_sample is not None:
+        return None
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+def sde_step(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    noise_level: float = 0.7,
+    sigma_max: torch.Tensor | float | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    prev_sample: torch.Tensor | None = None,
+) -> FlowStepOutput:
+    """Euler–Maruyama step of the SDE with the flow ODE's marginals.
+
+    `std_t = a·sqrt(σ / (1 - σ))` (at σ = 1 the denominator uses `sigma_max`, the schedule's second sigma),
+    `mean = x (1 + std_t²/(2σ) dt) + v (1 + std_t² (1 - σ)/(2σ)) dt`, `x_next = mean + std_t sqrt(-dt) ε`.
+
+    Args:
+        velocity: the model's `v` at `sample`; sample: `x_σ`; sigma, sigma_next: the step's noise levels.
+        noise_level (`float`, defaults to 0.7): `a`; 0 gives the deterministic Euler step.
+        sigma_max: replaces σ in `1 - σ` when σ == 1 (required then).
+        generator: for the step's noise; prev_sample: score this given next latent instead of sampling one.
+    """
+    sample = sample.float()
+    velocity = velocity.float()
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=sample.device)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sample.device)
+    dt = sigma_next - sigma
+    if noise_level > 0:
+        denominator_sigma = sigma
+        if bool(sigma >= 1):
+            if sigma_max is None:
+                raise ValueError("sde_step at sigma = 1 needs sigma_max (the schedule's second sigma)")
+            denominator_sigma = torch.as_tensor(sigma_max, dtype=torch.float32, device=sample.device)
+        std_t = noise_level * torch.sqrt(sigma / (1 - denominator_sigma))
+    else:
+        std_t = torch.zeros((), dtype=torch.float32, device=sample.device)
+    mean = sample * (1 + std_t**2 / (2 * sigma) * dt) + velocity * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    std = std_t * torch.sqrt(-dt)
+    if prev_sample is None:
+        noise = _noise(sample.shape, generator, sample.device, sample.dtype, prev_sample)
+        prev_sample = mean + std * noise if noise_level > 0 else mean
+    return FlowStepOutput(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std)
+
+
+def cps_step(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    noise_level: float = 0.7,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    prev_sample: torch.Tensor | None = None,
+) -> FlowStepOutput:
+    """Coefficients-preserving step: `std = σ_next sin(aπ/2)`, `x0 = x - σv`, `x1 = x + (1 - σ)v`,
+    `mean = x0 (1 - σ_next) + x1 sqrt(σ_next² - std²)`, `x_next = mean + std ε`."""
+    sample = sample.float()
+    velocity = velocity.float()
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=sample.device)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sample.device)
+    std = sigma_next * math.sin(noise_level * math.pi / 2)
+    x0 = sample - sigma * velocity
+    x1 = sample + (1 - sigma) * velocity
+    mean = x0 * (1 - sigma_next) + x1 * torch.sqrt(sigma_next**2 - std**2)
+    if prev_sample is None:
+        noise = _noise(sample.shape, generator, sample.device, sample.dtype, prev_sample)
+        prev_sample = mean + std * noise if noise_level > 0 else mean
+    return FlowStepOutput(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std)
+
+
+STEPS = {"sde": sde_step, "cps": cps_step}
+
+
+def flow_step(method: str, velocity, sample, sigmas: torch.Tensor, index: int, noise_level: float, **kwargs):
+    """Step `index` of a schedule `sigmas` (length T + 1) with `method` (`"sde"` or `"cps"`)."""
+    if method not in STEPS:
+        raise ValueError(f"unknown sampling method {method!r}; choose from {sorted(STEPS)}")
+    if method == "sde":
+        kwargs["sigma_max"] = sigmas[1]
+    return STEPS[method](velocity, sample, sigmas[index], sigmas[index + 1], noise_level, **kwargs)
+
+
+def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict, guidance_scale: float):
+    """The decoder's velocity at `latents`, with classifier-free guidance when `guidance_scale > 1`.
+
+    `conditioning` is what `UAEReconstructionPipeline.encode_captions` returns.
+    """
+    guided = guidance_scale > 1
+    embeds, pooled = conditioning["prompt_embeds"], conditioning["pooled_prompt_embeds"]
+    model_input = latents
+    if guided:
+        embeds = torch.cat([conditioning["negative_prompt_embeds"], embeds])
+        pooled = torch.cat([conditioning["negative_pooled_prompt_embeds"], pooled])
+        model_input = torch.cat([latents, latents])
+    module = getattr(transformer, "module", transformer)  # a DistributedDataParallel wrapper holds the DiT
+    prediction = transformer(
+        hidden_states=model_input.to(module.dtype),
+        timestep=timestep.expand(model_input.shape[0]),
+        encoder_hidden_states=embeds,
+        pooled_projections=pooled,
+        joint_attention_kwargs=conditioning.get("joint_attention_kwargs"),
+        return_dict=False,
+    )[0]
+    if not guided:
+        return prediction
+    unconditional, conditional = prediction.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
+def schedule(pipe, num_inference_steps: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(timesteps, sigmas)` exactly as the SD3 pipeline sets them (shift, dynamic shifting included)."""
+    scheduler_kwargs = {}
+    if pipe.scheduler.config.get("use_dynamic_shifting", False):
+        patch = pipe.transformer.config.patch_size
+        image_seq_len = (height // pipe.vae_scale_factor // patch) * (width // pipe.vae_scale_factor // patch)
+        config = pipe.scheduler.config
+        scheduler_kwargs["mu"] = calculate_shift(
+            image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5), config.get("max_shift", 1.16),
+        )
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device, **scheduler_kwargs)
+    return timesteps, pipe.scheduler.sigmas.to(device)
+
+
+@dataclass
+class Trajectory:
+    """A batch of sampled trajectories.
+
+    Attributes:
+        latents (`torch.Tensor` of shape `(batch, T + 1, C, H, W)`): `x` before each step and the final sample.
+        log_probs (`torch.Tensor` of shape `(batch, T)`): log-prob of each step's sampled next latent.
+        timesteps (`torch.Tensor` of shape `(T,)`), sigmas (`torch.Tensor` of shape `(T + 1,)`): the schedule.
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+
+
+@torch.no_grad()
+def sample_trajectory(
+    pipe,
+    conditioning: dict,
+    latents: torch.Tensor,
+    num_inference_steps: int,
+    guidance_scale: float,
+    noise_level: float = 0.7,
+    method: str = "sde",
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    transformer=None,
+) -> Trajectory:
+    """Sample a batch from initial `latents` (already scaled noise, `pipe.prepare_latents`), recording every step.
+
+    Args:
+        pipe: the SD3-family pipeline (its scheduler's schedule and, unless `transformer` is given, its DiT).
+        conditioning: from `pipe.encode_captions` (embeddings or text mode).
+        latents: `(batch, C, H, W)` initial noise.
+        num_inference_steps, guidance_scale: as in the pipeline.
+        noise_level (`float`, defaults to 0.7), method (`"sde"` or `"cps"`): the stochastic step.
+        generator: one per sample (reproducible per item) or one for the batch.
+        transformer: the DiT to run, e.g. a training wrapper of `pipe.transformer`.
+    """
+    transformer = transformer if transformer is not None else pipe.transformer
+    height = latents.shape[-2] * pipe.vae_scale_factor
+    width = latents.shape[-1] * pipe.vae_scale_factor
+    timesteps, sigmas = schedule(pipe, num_inference_steps, height, width, latents.device)
+    states, log_probs = [latents.float()], []
+    x = latents.float()
+    for index, timestep in enumerate(timesteps):
+        v = velocity(transformer, x, timestep, conditioning, guidance_scale)
+        step = flow_step(method, v, x, sigmas, index, noise_level, generator=generator)
+        x = step.prev_sample
+        states.append(x)
+        log_probs.append(step.log_prob)
+    return Trajectory(torch.stack(states, dim=1), torch.stack(log_probs, dim=1), timesteps, sigmas)
+
+
+def decode_latents(pipe, latents: torch.Tensor, output_type: str = "np"):
+    """Final latents → images, as the SD3 pipeline decodes them."""
+    latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    with torch.no_grad():
+        images = pipe.vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type=output_type)

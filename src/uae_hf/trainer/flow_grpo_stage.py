@@ -1,0 +1,371 @@
+"""Stage "generation" of [`UnifiedGRPOTrainer`]: Flow-GRPO on the decoder's DiT, the encoder frozen.
+
+Per step and device: caption each image with the frozen encoder, draw G reconstructions per caption with the SDE
+sampler (recording latents and log-probs), score them with the same reconstruction reward as stage
+"understanding", turn rewards into per-group advantages, then take the clipped-ratio policy-gradient loss (+ KL
+to the adapter-disabled reference on the step means) on a subset of the sampling steps. The DiT is the Trainer's
+model, so accelerate wraps it (DDP all-reduces its gradients), gradient clipping sees it, checkpoints hold it.
+"""
+
+import contextlib
+import copy
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainerCallback
+
+from ..hub import MODEL_CARDS
+from ..images import load_image
+from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline, caption_images
+from ..rewards.reconstruction import ReconstructionBatch, caption_metrics
+from ..sampling.flow_sde import decode_latents, flow_step, sample_trajectory, velocity
+from .unified_grpo_config import DIT_LORA_TARGETS, UnifiedGRPOConfig
+from .unified_grpo_trainer import UnifiedGRPOTrainer, as_decoder, build_reconstruction_reward, check_image_column
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class _EMACallback(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._update_ema()
+
+
+class FlowGRPOTrainer(UnifiedGRPOTrainer):
+    """`UnifiedGRPOTrainer` for `stage="generation"` (created by `UnifiedGRPOTrainer(...)`; see its arguments).
+
+    `model` is the frozen encoder that writes the captions (a model, an id, or `None` for the decoder's own `vlm`);
+    `peft_config` is the DiT's LoRA (default: r=`decoder_lora_r`, alpha=`decoder_lora_alpha` on the joint-attention
+    projections, gaussian init), unless `decoder_full_finetune`.
+    """
+
+    _tag_names = ["uae", "uae_hf", "flow-grpo", "lora", "diffusers", "text-to-image"]
+    _name = "UnifiedGRPO (Flow-GRPO stage)"
+
+    def __init__(
+        self,
+        model,
+        decoder,
+        args: UnifiedGRPOConfig,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_funcs=None,
+        peft_config=None,
+        callbacks=None,
+        optimizers=(None, None),
+    ):
+        if reward_funcs:
+            raise ValueError('stage "generation" rewards reconstructions only; extra reward_funcs are for captions')
+        check_image_column(train_dataset, "train_dataset")
+        self.decoder = as_decoder(decoder)
+        self.decoder.set_progress_bar_config(disable=True)
+        if isinstance(model, str):
+            model = AutoModelForImageTextToText.from_pretrained(model)
+            processing_class = processing_class or AutoProcessor.from_pretrained(model.config._name_or_path)
+        self.encoder = model if model is not None else self.decoder.vlm
+        self.caption_processor = processing_class or self.decoder.processor
+        if self.encoder is None or self.caption_processor is None:
+            raise ValueError('stage "generation" captions each image: pass the encoder as `model` (and its '
+                             "processor), or a decoder with `vlm` and `processor`")
+        for component in [*self.decoder.components.values(), self.encoder]:
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False).eval()
+
+        dit = self.decoder.transformer
+        self.reference = None
+        if args.decoder_full_finetune:
+            dit.requires_grad_(True)
+            if args.beta > 0:
+                self.reference = copy.deepcopy(dit).requires_grad_(False).eval()
+        else:
+            lora = peft_config or LoraConfig(
+                r=args.decoder_lora_r, lora_alpha=args.decoder_lora_alpha, init_lora_weights="gaussian",
+                target_modules=DIT_LORA_TARGETS,
+            )
+            with torch.random.fork_rng():  # a seeded LoRA init that leaves the global RNG alone
+                torch.manual_seed(args.seed)
+                dit.add_adapter(lora)
+        if args.activation_checkpointing:  # diffusers' API, not transformers': enable it here, keep Trainer out
+            dit.enable_gradient_checkpointing()
+            args.activation_checkpointing = args.gradient_checkpointing = False
+        self.reconstruction_reward = build_reconstruction_reward(self.decoder, args)
+        Trainer.__init__(
+            self,
+            model=dit,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=list,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self._train_batch_size = args.per_device_train_batch_size // args.num_generations  # images per device
+        self.decoder.to(self.accelerator.device)
+        self.encoder.to(self.accelerator.device)
+        self._stage_metrics = defaultdict(list)
+        self._cached_rollout = None
+        self._last_grid_step = -1
+        self._ema = None
+        if args.ema_decay is not None:
+            self._ema = {name: p.detach().clone() for name, p in dit.named_parameters() if p.requires_grad}
+            self.add_callback(_EMACallback(self))
+
+    def train(self, *args, **kwargs):
+        """Trainer's loop; afterwards the DiT's forward is restored (accelerate wraps it for mixed precision), so the
+        pipeline computes exactly what the saved LoRA computes in a fresh pipeline."""
+        try:
+            return Trainer.train(self, *args, **kwargs)
+        finally:
+            self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+
+    # Trainer's own data loading (GRPO's repeats prompts per generation; here groups are drawn by the sampler).
+    def get_train_dataloader(self):
+        return Trainer.get_train_dataloader(self)
+
+    def _get_train_sampler(self, dataset=None):
+        return Trainer._get_train_sampler(self, dataset)
+
+    def _set_signature_columns_if_needed(self):
+        self._signature_columns = ["image", "images"]
+
+    # ------------------------------------------------------------------------------------------------------- rollout
+    def _seeds(self, count: int, salt: int, repeat: int = 1) -> list[torch.Generator]:
+        """`count * repeat` generators for this step and process; each seed serves `repeat` consecutive samples."""
+        base = (self.args.seed * 1_000_003 + self.state.global_step * 10_007 + self.accelerator.process_index * 101
+                + salt * 1_000_000_007) % 2**63
+        return [torch.Generator().manual_seed(base + index) for index in range(count) for _ in range(repeat)]
+
+    @torch.no_grad()
+    def _rollout(self, rows: list[dict]) -> dict:
+        args, decoder, group = self.args, self.decoder, self.args.num_generations
+        start = time.perf_counter()
+        originals = [load_image(row["image"] if "image" in row else row["images"][0], f"image[{index}]")
+                     for index, row in enumerate(rows)]
+        captions = caption_images(
+            self.encoder, self.caption_processor, originals, max_new_tokens=args.max_completion_length,
+            do_sample=args.caption_do_sample, temperature=args.temperature,
+        )
+        captions_g = [caption for caption in captions for _ in range(group)]
+        originals_g = [image for image in originals for _ in range(group)]
+        conditioning = decoder.encode_captions(captions_g, args.decoder_conditioning_mode)
+        if args.same_noise_in_group:
+            noise_seeds = self._seeds(len(originals), salt=1, repeat=group)
+        else:
+            noise_seeds = self._seeds(len(captions_g), salt=2)
+        scale = decoder.vae_scale_factor
+        latents = decoder.prepare_latents(
+            len(captions_g), decoder.transformer.config.in_channels, args.decoder_height, args.decoder_width,
+            torch.float32, self.accelerator.device, noise_seeds,
+        )
+        if latents.shape[-1] * scale != args.decoder_width or latents.shape[-2] * scale != args.decoder_height:
+            raise ValueError(f"decoder_height/width must be multiples of {scale * decoder.transformer.config.patch_size}")
+        trajectory = sample_trajectory(
+            decoder, conditioning, latents, args.decoder_num_inference_steps, self._guidance, args.sde_noise_level,
+            args.sde_method, generator=self._seeds(len(captions_g), salt=3),
+            transformer=self.accelerator.unwrap_model(self.model),
+        )
+        arrays = decode_latents(decoder, trajectory.latents[:, -1], "np")
+        rollout_time = time.perf_counter() - start
+
+        start = time.perf_counter()
+        reconstructions = [PIL.Image.fromarray((a * 255).round().astype("uint8")) if np.isfinite(a).all() else None
+                           for a in arrays]
+        rewards, metrics = self.reconstruction_reward.similarities(reconstructions, originals_g)
+        rewards = rewards.to(self.accelerator.device)
+        advantages = self._advantages(rewards)
+        reward_time = time.perf_counter() - start
+
+        everyone = self.accelerator.gather(rewards)
+        self._record(metrics | caption_metrics(captions) | {
+            "reward": float(torch.nanmean(everyone)),
+            "reward_std": float(everyone[~torch.isnan(everyone)].std()) if (~torch.isnan(everyone)).sum() > 1 else 0.0,
+            "advantages/abs_mean": float(advantages.abs().mean()),
+            "timing/rollout_s": rollout_time,
+            "timing/reward_s": reward_time,
+        })
+        self.reconstruction_reward.last_batch = ReconstructionBatch(
+            originals_g, captions_g, reconstructions, rewards.tolist(), self.state.global_step
+        )
+        return {"conditioning": conditioning, "trajectory": trajectory, "advantages": advantages}
+
+    @property
+    def _guidance(self) -> float:
+        return self.args.decoder_guidance_scale if self.args.train_guidance else 1.0
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Per-group baseline; std per group (`scale_rewards="group"`), over all processes (`"batch"`) or none."""
+        grouped = rewards.view(-1, self.args.num_generations)
+        mean = torch.nanmean(grouped, dim=1, keepdim=True)
+        centred = grouped - mean
+        if self.args.scale_rewards == "group":
+            std = torch.sqrt(torch.nanmean(centred**2, dim=1, keepdim=True))
+        elif self.args.scale_rewards == "batch":
+            everyone = self.accelerator.gather(rewards)
+            std = everyone[~torch.isnan(everyone)].std() if (~torch.isnan(everyone)).sum() > 1 else torch.tensor(1.0)
+        else:
+            std = torch.ones(())
+        advantages = (centred / (std + 1e-4)).nan_to_num(0.0).view(-1)
+        return advantages.clamp(-self.args.advantage_clip, self.args.advantage_clip)
+
+    def _trained_steps(self) -> list[int]:
+        total = self.args.decoder_num_inference_steps
+        start, end = 0, total
+        if self.args.timestep_window:
+            start, _, end = self.args.timestep_window.partition(":")
+            start, end = int(start), min(int(end), total)
+        candidates = torch.arange(start, end)
+        count = min(max(1, int(total * self.args.timestep_fraction)), len(candidates))
+        order = torch.randperm(len(candidates), generator=self._seeds(1, salt=4)[0])
+        return sorted(candidates[order[:count]].tolist())
+
+    # -------------------------------------------------------------------------------------------------------- update
+    @contextlib.contextmanager
+    def _reference(self):
+        """The KL reference: the DiT with its LoRA disabled (or the frozen copy when fully fine-tuned)."""
+        dit = self.accelerator.unwrap_model(self.model)
+        if self.reference is not None:
+            yield self.reference
+            return
+        dit.disable_adapters()
+        try:
+            yield dit
+        finally:
+            dit.enable_adapters()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        # a rollout serves `num_iterations` consecutive updates (the later ones off-policy: ratio != 1, clipped)
+        if self._cached_rollout is None or self._cached_rollout[1] == 0:
+            self._cached_rollout = [self._rollout(inputs), self.args.num_iterations]
+        rollout = self._cached_rollout[0]
+        self._cached_rollout[1] -= 1
+        start = time.perf_counter()
+        trajectory, conditioning, advantages = rollout["trajectory"], rollout["conditioning"], rollout["advantages"]
+        args, steps = self.args, self._trained_steps()
+        total_loss = torch.zeros((), device=self.accelerator.device)
+        for position, index in enumerate(steps):
+            last = position == len(steps) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            with sync:
+                sample, target = trajectory.latents[:, index], trajectory.latents[:, index + 1]
+                v = velocity(model, sample, trajectory.timesteps[index], conditioning, self._guidance)
+                step = flow_step(args.sde_method, v, sample, trajectory.sigmas, index, args.sde_noise_level,
+                                 prev_sample=target)
+                ratio = torch.exp(step.log_prob - trajectory.log_probs[:, index])
+                clipped = torch.clamp(ratio, 1 - args.flow_clip_range, 1 + args.flow_clip_range)
+                loss = torch.maximum(-advantages * ratio, -advantages * clipped).mean()
+                kl = torch.zeros((), device=loss.device)
+                if args.beta > 0 and bool(step.std > 0):
+                    with torch.no_grad(), self._reference() as reference:
+                        v_ref = velocity(reference, sample, trajectory.timesteps[index], conditioning, self._guidance)
+                        ref = flow_step(args.sde_method, v_ref, sample, trajectory.sigmas, index,
+                                        args.sde_noise_level, prev_sample=target)
+                    kl = ((step.mean - ref.mean) ** 2).mean(dim=tuple(range(1, sample.ndim))) / (2 * step.std**2)
+                    kl = kl.mean()
+                    loss = loss + args.beta * kl
+                self.accelerator.backward(loss / (len(steps) * args.gradient_accumulation_steps))
+            total_loss += loss.detach() / len(steps)
+            deviation = (ratio.detach() - 1).abs()
+            self._record({"ratio/mean": float(ratio.detach().mean()), "ratio/max_deviation": float(deviation.max()),
+                          "ratio/clip_fraction": float((deviation > args.flow_clip_range).float().mean()),
+                          "kl": float(kl.detach())})
+        self._record({"timing/update_s": time.perf_counter() - start, "trained_steps": float(len(steps))})
+        self._maybe_save_reconstruction_grid()
+        return total_loss
+
+    def _record(self, metrics: dict) -> None:
+        for name, value in metrics.items():
+            self._stage_metrics[name].append(value)
+
+    def log(self, logs: dict, start_time=None) -> None:
+        logs = {**logs, **{name: float(np.mean(values)) for name, values in self._stage_metrics.items()}}
+        self._stage_metrics.clear()
+        Trainer.log(self, logs, start_time)
+
+    # ----------------------------------------------------------------------------------------------------------- EMA
+    def _update_ema(self) -> None:
+        decay = self.args.ema_decay
+        with torch.no_grad():
+            for name, parameter in self.accelerator.unwrap_model(self.model).named_parameters():
+                if name in self._ema:
+                    self._ema[name].mul_(decay).add_(parameter.detach(), alpha=1 - decay)
+
+    # -------------------------------------------------------------------------------------------------- save / load
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The DiT LoRA as a diffusers LoRA file (with its adapter metadata, so `alpha` survives), or the full DiT."""
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dit = self.accelerator.unwrap_model(self.model)
+        weights = {name: p.detach() for name, p in dit.named_parameters()} | (self._ema or {})
+        if self.args.decoder_full_finetune:
+            dit.save_pretrained(output_dir / "transformer", state_dict=weights)
+        else:
+            layers = get_peft_model_state_dict(dit, state_dict=dict(dit.state_dict()) | weights)
+            UAEReconstructionPipeline.save_lora_weights(
+                output_dir, transformer_lora_layers=layers,
+                transformer_lora_adapter_metadata=dit.peft_config["default"].to_dict(),
+                weight_name=LORA_WEIGHT_NAME,
+            )
+        torch.save(self.args, output_dir / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        dit = self.accelerator.unwrap_model(model or self.model)
+        if self.args.decoder_full_finetune:
+            from diffusers import SD3Transformer2DModel
+
+            state = SD3Transformer2DModel.from_pretrained(Path(resume_from_checkpoint) / "transformer").state_dict()
+            dit.load_state_dict(state)
+            return
+        state = UAEReconstructionPipeline.lora_state_dict(resume_from_checkpoint, weight_name=LORA_WEIGHT_NAME)
+        state = state[0] if isinstance(state, tuple) else state
+        layers = {key.removeprefix("transformer."): value for key, value in state.items()}
+        set_peft_model_state_dict(dit, layers, adapter_name="default")
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
+        """A diffusers-style LoRA card: base decoder, tags, and loading with `UAEReconstructionPipeline`."""
+        if not self.is_world_process_zero():
+            return
+        args = self.args
+        base = getattr(self.decoder.transformer.config, "_name_or_path", None) or None
+        hub_id = self.hub_model_id or model_name or Path(args.output_dir).name
+        latest = {}
+        for record in self.state.log_history:
+            latest.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        card = ModelCard.from_template(
+            ModelCardData(
+                base_model=base if base and not Path(base).exists() else None,
+                library_name="diffusers",
+                license="other",
+                tags=sorted(set(self._tag_names) | set([tags] if isinstance(tags, str) else tags or [])),
+                datasets=[dataset_name] if dataset_name else None,
+                instance_prompt=None,
+            ),
+            template_path=str(MODEL_CARDS / "flow_grpo_decoder_lora.md"),
+            model_name=model_name or Path(args.output_dir).name,
+            base_model=base,
+            hub_model_id=hub_id,
+            weight_name=LORA_WEIGHT_NAME,
+            full_finetune=args.decoder_full_finetune,
+            settings={
+                "sampler": f"{args.sde_method}, noise level {args.sde_noise_level}, "
+                f"{args.decoder_num_inference_steps} steps, {args.decoder_width}x{args.decoder_height}",
+                "guidance in training": f"{self._guidance}",
+                "trained steps per update": f"{len(self._trained_steps())} (timestep_fraction {args.timestep_fraction})",
+                "group size": f"{args.num_generations}",
+                "KL beta": f"{args.beta}",
+                "reward": f"{', '.join(args.reward_backbones)} similarity to the original",
+                "steps": f"{self.state.global_step}",
+            },
+            metrics={k: v for k, v in latest.items() if k.startswith(("reward", "reconstruction/"))},
+        )
+        card.save(Path(args.output_dir, "README.md"))

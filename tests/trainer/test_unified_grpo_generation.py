@@ -1,0 +1,157 @@
+"""UnifiedGRPOTrainer, stage "generation": Flow-GRPO on the decoder's DiT, the encoder frozen."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer, load_uae_pipeline
+from uae_hf.sample_data import skimage_photos
+from uae_hf.trainer.flow_grpo_stage import LORA_WEIGHT_NAME, FlowGRPOTrainer
+
+HERE = Path(__file__).parent
+
+
+def config(tmp_path, tiny_dir, **overrides):
+    values = dict(
+        stage="generation", output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+        num_generations=4, max_completion_length=8, learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True,
+        seed=0, save_strategy="no", decoder_height=64, decoder_width=64, decoder_num_inference_steps=4,
+        decoder_guidance_scale=4.5, backbone_checkpoints={"clip": str(tiny_dir / "backbones" / "clip")},
+        lr_scheduler_type="constant", decoder_lora_r=8, decoder_lora_alpha=16, log_reconstructions_steps=0, bf16=False,
+    )
+    values.update(overrides)
+    return UnifiedGRPOConfig(**values)
+
+
+@pytest.fixture()
+def fresh_pipe(tiny_dir):
+    """Stage generation trains the pipeline's DiT in place: each test gets its own pipeline."""
+    pipe = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make(fresh_pipe, args, dataset=None):
+    return UnifiedGRPOTrainer(model=fresh_pipe.vlm, decoder=fresh_pipe, args=args,
+                              train_dataset=dataset if dataset is not None else skimage_photos(64),
+                              processing_class=fresh_pipe.processor)
+
+
+def test_stage_generation_is_flow_grpo_on_the_dit(fresh_pipe, tiny_dir, tmp_path):
+    trainer = make(fresh_pipe, config(tmp_path, tiny_dir, beta=0.04, num_iterations=2, max_steps=4))
+    assert isinstance(trainer, FlowGRPOTrainer) and isinstance(trainer, UnifiedGRPOTrainer)
+    assert trainer.model is fresh_pipe.transformer
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in name for name in trainable)
+    assert not any(p.requires_grad for p in fresh_pipe.vlm.parameters())
+    trainer.train()
+    logs = [record for record in trainer.state.log_history if "ratio/mean" in record]
+    first, second = logs[0], logs[1]
+    # first update on a fresh rollout: the recomputed log-probs match the sampled ones exactly
+    assert first["ratio/mean"] == 1.0 and first["ratio/max_deviation"] == 0.0 and first["kl"] == 0.0
+    # second update on the same rollout (num_iterations=2): off-policy, so ratios move and get clipped
+    assert second["ratio/max_deviation"] > 0 and second["ratio/clip_fraction"] > 0 and second["kl"] > 0
+    assert {"timing/rollout_s", "timing/reward_s", "timing/update_s", "reconstruction/clip"} <= set(first)
+    assert first["trained_steps"] == 3  # int(4 * 0.99)
+
+
+def test_timestep_window_restricts_the_trained_steps(fresh_pipe, tiny_dir, tmp_path):
+    trainer = make(fresh_pipe, config(tmp_path, tiny_dir, decoder_num_inference_steps=10, timestep_fraction=0.5,
+                                      timestep_window="2:6"))
+    steps = trainer._trained_steps()
+    assert len(steps) == 4 and all(2 <= step < 6 for step in steps)
+    trainer.args.timestep_window = None
+    assert len(trainer._trained_steps()) == 5
+
+
+@pytest.mark.slow
+def test_seeded_run_raises_the_reward_and_only_the_lora_changes(fresh_pipe, tiny_dir, tmp_path):
+    photo = skimage_photos(64).select([0])
+    base = {name: p.detach().clone() for name, p in fresh_pipe.transformer.named_parameters()}
+    args = config(tmp_path, tiny_dir, max_steps=40, per_device_train_batch_size=8, num_generations=8,
+                  decoder_num_inference_steps=6, same_noise_in_group=True, beta=0.0)
+    trainer = make(fresh_pipe, args, photo)
+    reference = photo[0]["image"]
+
+    def evaluate():  # deterministic samples, the same 16 noise seeds before and after training
+        images = fresh_pipe.generate([""] * 16, generator=[torch.Generator().manual_seed(100 + i) for i in range(16)],
+                                     height=64, width=64, num_inference_steps=6, guidance_scale=4.5).images
+        return trainer.reconstruction_reward.similarity.scores(images, [reference] * 16)["clip"]
+
+    before = evaluate()
+    trainer.train()
+    gain = evaluate() - before
+    assert gain.mean() > 2 * gain.std() / 4 > 0, gain  # paired over 16 seeds: mean gain > 2 standard errors
+    rewards = [record["reward"] for record in trainer.state.log_history if "reward" in record]
+    assert sum(rewards[-5:]) > sum(rewards[:5])
+    for name, parameter in fresh_pipe.transformer.named_parameters():
+        original = name.replace(".base_layer", "")
+        if "lora" not in name:
+            assert torch.equal(parameter, base[original]), name
+
+
+def test_saved_lora_reproduces_the_trained_decoder(fresh_pipe, tiny_dir, tmp_path):
+    trainer = make(fresh_pipe, config(tmp_path, tiny_dir, max_steps=3, learning_rate=5e-2))
+    trainer.train()
+    out = tmp_path / "lora"
+    trainer.save_model(str(out))
+    trainer.args.output_dir = str(out)
+    trainer.create_model_card()
+    assert (out / LORA_WEIGHT_NAME).exists()
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "load_lora_weights" in card and "flow-grpo" in card
+
+    def sample(pipe):
+        return pipe.generate(["a cup on a table"], generator=[torch.Generator().manual_seed(7)], height=64, width=64,
+                             num_inference_steps=4, output_type="np").images
+
+    trained = sample(fresh_pipe)
+    fresh = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector")
+    fresh.set_progress_bar_config(disable=True)
+    base = sample(fresh)
+    fresh.load_lora_weights(out, weight_name=LORA_WEIGHT_NAME)
+    assert fresh.transformer.peft_config["default_0"].lora_alpha == 16
+    assert (trained != base).any()
+    assert torch.equal(torch.from_numpy(sample(fresh)), torch.from_numpy(trained))
+
+
+def test_ema_weights_are_what_gets_saved(fresh_pipe, tiny_dir, tmp_path):
+    trainer = make(fresh_pipe, config(tmp_path, tiny_dir, max_steps=3, ema_decay=0.5, learning_rate=5e-2))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "ema"))
+    saved = load_file(tmp_path / "ema" / LORA_WEIGHT_NAME)
+    live = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
+    name = next(iter(live))
+    key = next(key for key in saved if name.replace(".default", "").split("transformer_blocks")[-1] in key)
+    assert torch.allclose(saved[key], trainer._ema[name]) and not torch.allclose(saved[key], live[name])
+
+
+def test_bad_configurations(fresh_pipe, tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="num_generations"):
+        config(tmp_path, tiny_dir, per_device_train_batch_size=6)
+    with pytest.raises(ValueError, match="timestep_window"):
+        config(tmp_path, tiny_dir, timestep_window="5:2")
+    with pytest.raises(ValueError, match="reward_funcs"):
+        UnifiedGRPOTrainer(model=fresh_pipe.vlm, decoder=fresh_pipe, args=config(tmp_path, tiny_dir),
+                           train_dataset=skimage_photos(32), reward_funcs=[lambda **kwargs: [0.0]])
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_decoder_weights(tiny_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         str(HERE / "two_process_generation.py"), str(tiny_dir), str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    initial = load_file(tmp_path / "initial0.safetensors")
+    assert any(not torch.equal(rank0[key], initial[key]) for key in rank0)  # they trained, together
