@@ -67,6 +67,18 @@ def test_train_runs_the_tiny_recipe_with_no_other_argument(tmp_path):
     assert (tmp_path / "outputs" / "tiny-models" / "decoder" / "model_index.json").exists()  # built on demand
 
 
+@pytest.mark.slow
+def test_train_runs_the_tiny_generation_recipe(tmp_path):
+    recipe = Path(__file__).parents[1] / "examples" / "recipes" / "generation_tiny.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--max_steps", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "outputs" / "generation-tiny"
+    assert (out / "pytorch_lora_weights.safetensors").exists() and "flow-grpo" in (out / "README.md").read_text()
+
+
 def test_real_size_recipe_parses():
     from trl import ModelConfig, TrlParser
 

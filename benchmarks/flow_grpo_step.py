@@ -1,0 +1,66 @@
+"""Stage "generation" (Flow-GRPO) step-time split on the tiny twins, and the update cost of timestep_fraction.
+
+    python benchmarks/flow_grpo_step.py [--steps 6] [--sampling-steps 10]
+
+Runs the trainer twice in one process, with timestep_fraction 1.0 and 0.5 (same data, seeds and settings), and
+prints the mean time per step of the rollout (captioning + SDE sampling + VAE decode), the reward (backbone
+scoring + advantages) and the update (recomputed log-probs, loss, backward), then update(0.5) / update(1.0).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer, build_tiny_models, load_uae_pipeline  # noqa: E402
+from uae_hf.sample_data import skimage_photos  # noqa: E402
+
+PARTS = ("timing/rollout_s", "timing/reward_s", "timing/update_s")
+
+
+def run(twins, fraction: float, steps: int, sampling_steps: int, output_dir: str) -> dict[str, float]:
+    pipe = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector")
+    args = UnifiedGRPOConfig(
+        stage="generation", output_dir=output_dir, max_steps=steps + 1, per_device_train_batch_size=8,
+        num_generations=4, max_completion_length=16, learning_rate=1e-3, logging_steps=1, report_to=[],
+        use_cpu=True, bf16=False, seed=0, save_strategy="no", decoder_height=64, decoder_width=64,
+        decoder_num_inference_steps=sampling_steps, decoder_guidance_scale=4.5, timestep_fraction=fraction,
+        backbone_checkpoints={"clip": str(twins / "backbones" / "clip")}, log_reconstructions_steps=0, beta=0.04,
+    )
+    trainer = UnifiedGRPOTrainer(model=pipe.vlm, decoder=pipe, args=args, train_dataset=skimage_photos(64),
+                                 processing_class=pipe.processor)
+    trainer.train()
+    records = [record for record in trainer.state.log_history if PARTS[0] in record][1:]  # skip the warm-up step
+    return {part: statistics.mean(record[part] for record in records) for part in PARTS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--sampling-steps", type=int, default=10)
+    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        twins = build_tiny_models(f"{folder}/twins")
+        full = run(twins, 1.0, args.steps, args.sampling_steps, f"{folder}/full")
+        half = run(twins, 0.5, args.steps, args.sampling_steps, f"{folder}/half")
+    print(f"{'part (s/step)':<18}{'fraction 1.0':>14}{'fraction 0.5':>14}")
+    for part in PARTS:
+        print(f"{part.split('/')[1][:-2]:<18}{full[part]:>14.3f}{half[part]:>14.3f}")
+    total_full, total_half = sum(full.values()), sum(half.values())
+    print(f"{'total':<18}{total_full:>14.3f}{total_half:>14.3f}")
+    ratio = half["timing/update_s"] / full["timing/update_s"]
+    print(f"update time, fraction 0.5 / 1.0: {ratio:.2f}  (step time: {total_half / total_full:.2f})")
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump({"fraction_1.0": full, "fraction_0.5": half, "update_ratio": ratio,
+                       "threads": torch.get_num_threads()}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
