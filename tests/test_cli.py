@@ -79,6 +79,31 @@ def test_train_runs_the_tiny_generation_recipe(tmp_path):
     assert (out / "pytorch_lora_weights.safetensors").exists() and "flow-grpo" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, saved", [("pretrain_tiny.yaml", "projector/config.json"),
+                                           ("cold_start_tiny.yaml", "encoder_adapter/adapter_config.json")])
+def test_train_runs_the_pretrain_and_cold_start_recipes(recipe, saved, tmp_path):
+    path = Path(__file__).parents[1] / "examples" / "recipes" / recipe
+    result = subprocess.run([sys.executable, "-m", "uae_hf.cli", "train", "--config", str(path), "--max_steps", "2"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = next((tmp_path / "outputs").glob("*-tiny"))
+    assert (out / saved).exists() and (out / "README.md").exists()
+
+
+@pytest.mark.parametrize("recipe", ["generation_sd3.5.yaml", "pretrain_sd3.5.yaml", "cold_start_sd3.5.yaml"])
+def test_other_real_size_recipes_parse(recipe):
+    from trl import ModelConfig, TrlParser
+
+    from uae_hf import UnifiedGRPOConfig
+    from uae_hf.trainer.train_script import UnifiedScriptArguments
+
+    path = Path(__file__).parents[1] / "examples" / "recipes" / recipe
+    parser = TrlParser((UnifiedScriptArguments, UnifiedGRPOConfig, ModelConfig))
+    _, config, _ = parser.parse_args_and_config(["--config", str(path), "--use_cpu", "true", "--bf16", "false"])
+    assert config.stage in ("generation", "pretrain", "cold_start")
+
+
 def test_real_size_recipe_parses():
     from trl import ModelConfig, TrlParser
 

@@ -1,6 +1,5 @@
 import json
 
-import PIL.Image
 import pytest
 
 from uae_hf.cli import main

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer, load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
-from uae_hf.trainer.flow_grpo_stage import LORA_WEIGHT_NAME, FlowGRPOTrainer
+from uae_hf.trainer.flow_grpo_stage import FlowGRPOTrainer
+from uae_hf.trainer.loop_stage import LORA_WEIGHT_NAME
 
 HERE = Path(__file__).parent
 

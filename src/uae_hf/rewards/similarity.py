@@ -138,6 +138,34 @@ class ImageEmbedder:
             chunks.append(F.normalize(getattr(output, self.backbone.output).float(), dim=-1).cpu())
         return torch.cat(chunks)
 
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Differentiable embedding of `(N, 3, H, W)` RGB tensors in [0, 1] (gradients flow to `pixels`).
+
+        Mirrors the image processor with tensor ops (antialiased bicubic resize, center crop, normalisation), so it
+        agrees closely, not bitwise, with `embed` on PIL images. Returns L2-normalised float32 rows.
+        """
+        processor = self.processor
+        x = pixels.float()
+        size = processor.size
+        height, width = x.shape[-2:]
+        if getattr(processor, "do_resize", True):
+            if "shortest_edge" in size:
+                scale = size["shortest_edge"] / min(height, width)
+                target = (round(height * scale), round(width * scale))
+            else:
+                target = (size["height"], size["width"])
+            x = F.interpolate(x, size=target, mode="bicubic", antialias=True, align_corners=False)
+        if getattr(processor, "do_center_crop", False) and processor.crop_size:
+            crop_h, crop_w = processor.crop_size["height"], processor.crop_size["width"]
+            top, left = (x.shape[-2] - crop_h) // 2, (x.shape[-1] - crop_w) // 2
+            x = x[..., top : top + crop_h, left : left + crop_w]
+        if getattr(processor, "do_normalize", True):
+            mean = torch.tensor(processor.image_mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(processor.image_std, device=x.device).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        output = self.model(pixel_values=x.to(self.device, self.dtype))
+        return F.normalize(getattr(output, self.backbone.output).float(), dim=-1)
+
     def embed_references(self, images: list[PIL.Image.Image], batch_size: int = 32) -> torch.Tensor:
         """Like `embed`, but each distinct image (by content) is embedded once per embedder, then served from cache."""
         keys = [_image_key(image) for image in images]

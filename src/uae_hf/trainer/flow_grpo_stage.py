@@ -10,26 +10,23 @@ model, so accelerate wraps it (DDP all-reduces its gradients), gradient clipping
 import contextlib
 import copy
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 from huggingface_hub import ModelCard, ModelCardData
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainerCallback
+from peft.utils import set_peft_model_state_dict
+from transformers import TrainerCallback
 
 from ..hub import MODEL_CARDS
 from ..images import load_image
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline, caption_images
 from ..rewards.reconstruction import ReconstructionBatch, caption_metrics
 from ..sampling.flow_sde import decode_latents, flow_step, sample_trajectory, velocity
-from .unified_grpo_config import DIT_LORA_TARGETS, UnifiedGRPOConfig
-from .unified_grpo_trainer import UnifiedGRPOTrainer, as_decoder, build_reconstruction_reward, check_image_column
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from .loop_stage import LORA_WEIGHT_NAME, TrainerLoopStage
+from .unified_grpo_config import UnifiedGRPOConfig
+from .unified_grpo_trainer import build_reconstruction_reward
 
 
 class _EMACallback(TrainerCallback):
@@ -40,7 +37,7 @@ class _EMACallback(TrainerCallback):
         self.trainer._update_ema()
 
 
-class FlowGRPOTrainer(UnifiedGRPOTrainer):
+class FlowGRPOTrainer(TrainerLoopStage):
     """`UnifiedGRPOTrainer` for `stage="generation"` (created by `UnifiedGRPOTrainer(...)`; see its arguments).
 
     `model` is the frozen encoder that writes the captions (a model, an id, or `None` for the decoder's own `vlm`);
@@ -64,23 +61,10 @@ class FlowGRPOTrainer(UnifiedGRPOTrainer):
         callbacks=None,
         optimizers=(None, None),
     ):
-        if reward_funcs:
-            raise ValueError('stage "generation" rewards reconstructions only; extra reward_funcs are for captions')
-        check_image_column(train_dataset, "train_dataset")
-        self.decoder = as_decoder(decoder)
-        self.decoder.set_progress_bar_config(disable=True)
-        if isinstance(model, str):
-            model = AutoModelForImageTextToText.from_pretrained(model)
-            processing_class = processing_class or AutoProcessor.from_pretrained(model.config._name_or_path)
-        self.encoder = model if model is not None else self.decoder.vlm
-        self.caption_processor = processing_class or self.decoder.processor
+        self._setup_parts(model, decoder, args, train_dataset, processing_class, reward_funcs)
         if self.encoder is None or self.caption_processor is None:
             raise ValueError('stage "generation" captions each image: pass the encoder as `model` (and its '
                              "processor), or a decoder with `vlm` and `processor`")
-        for component in [*self.decoder.components.values(), self.encoder]:
-            if isinstance(component, torch.nn.Module):
-                component.requires_grad_(False).eval()
-
         dit = self.decoder.transformer
         self.reference = None
         if args.decoder_full_finetune:
@@ -88,55 +72,16 @@ class FlowGRPOTrainer(UnifiedGRPOTrainer):
             if args.beta > 0:
                 self.reference = copy.deepcopy(dit).requires_grad_(False).eval()
         else:
-            lora = peft_config or LoraConfig(
-                r=args.decoder_lora_r, lora_alpha=args.decoder_lora_alpha, init_lora_weights="gaussian",
-                target_modules=DIT_LORA_TARGETS,
-            )
-            with torch.random.fork_rng():  # a seeded LoRA init that leaves the global RNG alone
-                torch.manual_seed(args.seed)
-                dit.add_adapter(lora)
-        if args.activation_checkpointing:  # diffusers' API, not transformers': enable it here, keep Trainer out
-            dit.enable_gradient_checkpointing()
-            args.activation_checkpointing = args.gradient_checkpointing = False
+            self.add_dit_lora(dit, args, peft_config)
         self.reconstruction_reward = build_reconstruction_reward(self.decoder, args)
-        Trainer.__init__(
-            self,
-            model=dit,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=list,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
-        self._train_batch_size = args.per_device_train_batch_size // args.num_generations  # images per device
-        self.decoder.to(self.accelerator.device)
-        self.encoder.to(self.accelerator.device)
-        self._stage_metrics = defaultdict(list)
+        self._init_trainer(dit, args, train_dataset, eval_dataset, callbacks, optimizers,
+                           images_per_device=args.per_device_train_batch_size // args.num_generations)
         self._cached_rollout = None
         self._last_grid_step = -1
         self._ema = None
         if args.ema_decay is not None:
             self._ema = {name: p.detach().clone() for name, p in dit.named_parameters() if p.requires_grad}
             self.add_callback(_EMACallback(self))
-
-    def train(self, *args, **kwargs):
-        """Trainer's loop; afterwards the DiT's forward is restored (accelerate wraps it for mixed precision), so the
-        pipeline computes exactly what the saved LoRA computes in a fresh pipeline."""
-        try:
-            return Trainer.train(self, *args, **kwargs)
-        finally:
-            self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
-
-    # Trainer's own data loading (GRPO's repeats prompts per generation; here groups are drawn by the sampler).
-    def get_train_dataloader(self):
-        return Trainer.get_train_dataloader(self)
-
-    def _get_train_sampler(self, dataset=None):
-        return Trainer._get_train_sampler(self, dataset)
-
-    def _set_signature_columns_if_needed(self):
-        self._signature_columns = ["image", "images"]
 
     # ------------------------------------------------------------------------------------------------------- rollout
     def _seeds(self, count: int, salt: int, repeat: int = 1) -> list[torch.Generator]:
@@ -283,15 +228,6 @@ class FlowGRPOTrainer(UnifiedGRPOTrainer):
         self._maybe_save_reconstruction_grid()
         return total_loss
 
-    def _record(self, metrics: dict) -> None:
-        for name, value in metrics.items():
-            self._stage_metrics[name].append(value)
-
-    def log(self, logs: dict, start_time=None) -> None:
-        logs = {**logs, **{name: float(np.mean(values)) for name, values in self._stage_metrics.items()}}
-        self._stage_metrics.clear()
-        Trainer.log(self, logs, start_time)
-
     # ----------------------------------------------------------------------------------------------------------- EMA
     def _update_ema(self) -> None:
         decay = self.args.ema_decay
@@ -310,12 +246,7 @@ class FlowGRPOTrainer(UnifiedGRPOTrainer):
         if self.args.decoder_full_finetune:
             dit.save_pretrained(output_dir / "transformer", state_dict=weights)
         else:
-            layers = get_peft_model_state_dict(dit, state_dict=dict(dit.state_dict()) | weights)
-            UAEReconstructionPipeline.save_lora_weights(
-                output_dir, transformer_lora_layers=layers,
-                transformer_lora_adapter_metadata=dit.peft_config["default"].to_dict(),
-                weight_name=LORA_WEIGHT_NAME,
-            )
+            self.save_dit_lora(dit, output_dir, weights)
         torch.save(self.args, output_dir / "training_args.bin")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

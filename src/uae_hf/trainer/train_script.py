@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig, TrlParser, get_peft_config
 
@@ -31,6 +32,11 @@ class UnifiedScriptArguments:
         default=TINY,
         metadata={"help": "UAE pipeline folder or Hub repo (or a plain SD3 pipeline, text mode); 'tiny' for the "
                   "offline twins."},
+    )
+    projector: str | None = field(
+        default=None,
+        metadata={"help": "With a plain SD3 `decoder`: a UAEProjector folder, or 'new' for a freshly initialised one "
+                  "sized from the encoder and the DiT (decoder pre-training from scratch)."},
     )
     tiny_models_dir: str = field(
         default="outputs/tiny-models", metadata={"help": "Where the offline twins are built (when 'tiny' is used)."}
@@ -67,6 +73,20 @@ def _train_dataset(script_args: UnifiedScriptArguments) -> datasets.Dataset:
     return dataset
 
 
+def _assemble_decoder(sd3: str, encoder: str, projector: str):
+    """A UAE pipeline from a plain SD3 pipeline, an encoder and a projector folder (or a new projector)."""
+    from ..models.projector import UAEProjector
+    from ..pipelines import UAEReconstructionPipeline, load_uae_pipeline
+
+    if projector != "new":
+        return load_uae_pipeline(sd3, encoder, projector)
+    pipe = load_uae_pipeline(sd3, encoder, None, conditioning_mode="text", load_t5=False)
+    hidden = pipe.vlm.config.get_text_config().hidden_size
+    torch.manual_seed(0)
+    fresh = UAEProjector(hidden, 4 * hidden, pipe.transformer.config.joint_attention_dim)
+    return UAEReconstructionPipeline.from_pipe(pipe, projector=fresh, conditioning_mode="embeddings")
+
+
 def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig, model_args: ModelConfig):
     """Build encoder, decoder and data from the arguments, train, save (adapter + processor + model card)."""
     from diffusers import DiffusionPipeline
@@ -78,15 +98,17 @@ def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig,
     encoder = str(twins / "encoder") if model_args.model_name_or_path == TINY else model_args.model_name_or_path
     if script_args.decoder == TINY:
         decoder = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector")
+    elif script_args.projector:
+        decoder = _assemble_decoder(script_args.decoder, encoder, script_args.projector)
     else:
         decoder = DiffusionPipeline.from_pretrained(script_args.decoder, trust_remote_code=True)
     if uses_twins and training_args.backbone_checkpoints is None:
         training_args.backbone_checkpoints = {name: str(twins / "backbones" / name) for name in BACKBONES
                                               if (twins / "backbones" / name).exists()}
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else model_args.dtype
-    model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=dtype)
-    if training_args.stage == "generation" and decoder.vlm is not None and script_args.decoder == TINY:
-        model = decoder.vlm  # the decoder already holds this encoder: one copy
+    if training_args.stage != "understanding" and decoder.vlm is not None:
+        model = decoder.vlm  # these stages read captions with the decoder's own (frozen) encoder: one copy
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=model_args.dtype)
     trainer = UnifiedGRPOTrainer(
         model=model,
         decoder=decoder,

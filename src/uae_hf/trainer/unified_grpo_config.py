@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-STAGES = ("understanding", "generation")
+STAGES = ("understanding", "generation", "pretrain", "cold_start")
+COLD_START_PARTS = ("projector", "llm_lora", "dit_lora")
 DIT_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                     "attn.add_v_proj", "attn.to_add_out"]
 
@@ -19,7 +20,24 @@ class UnifiedGRPOConfig(GRPOConfig):
     Parameters that control the stage:
         stage (`str`, defaults to `"understanding"`): `"understanding"` trains the encoder with GRPO, the decoder
             frozen as its reward ("Generation for Understanding"); `"generation"` trains the decoder's DiT with
-            Flow-GRPO, the encoder frozen ("Understanding for Generation").
+            Flow-GRPO, the encoder frozen ("Understanding for Generation"); `"pretrain"` trains projector + DiT with
+            the rectified-flow loss on (image, long caption) pairs through the LLM "generate" path, the LLM frozen;
+            `"cold_start"` trains the parts in `cold_start_trainable` with the semantic reconstruction loss
+            `1 - cos(E(x_hat), E(x))`, back-propagated through a short sampler.
+
+    Parameters that control stages "pretrain" and "cold_start":
+        caption_column (`str`, defaults to `"caption"`): the dataset's caption column (cold start without it
+            captions each image with the encoder, then teacher-forces that caption).
+        caption_dropout (`float`, defaults to 0.1): pretrain: probability of an empty caption (for CFG).
+        weighting_scheme (`str`, defaults to `"logit_normal"`): pretrain timestep sampling / loss weighting, as
+            diffusers' SD3 training offers (`logit_normal`, `mode`, `uniform`; `sigma_sqrt`, `cosmap`).
+        logit_mean (`float`, defaults to 0.0), logit_std (`float`, defaults to 1.0), mode_scale (`float`,
+            defaults to 1.29): parameters of those schemes.
+        pretrain_full_dit (`bool`, defaults to `False`): pretrain every DiT weight instead of a LoRA.
+        cold_start_trainable (`list[str]`, defaults to `["projector"]`): any of `projector`, `llm_lora`, `dit_lora`.
+        cold_start_checkpointing (`bool`, defaults to `True`): recompute each sampler step in the backward pass.
+        llm_lora_r (`int`, defaults to 32), llm_lora_alpha (`int`, defaults to 64): the LLM LoRA (all linear
+            layers of the language model) when `llm_lora` trains.
 
     Parameters that control stage "generation" (Flow-GRPO on the decoder):
         sde_method (`str`, defaults to `"sde"`): stochastic step, `"sde"` or `"cps"`.
@@ -48,7 +66,8 @@ class UnifiedGRPOConfig(GRPOConfig):
         reconstructions_per_caption (`int`, defaults to 1): decodes per caption, averaged into one reward.
         reward_batch_size (`int`, defaults to 8): captions per decoder call.
         reward_fixed_noise (`bool`, defaults to `False`): decode with the same noise at every step (a deterministic
-            reward per caption and image); by default the noise changes per step and is shared within a step.
+            reward per caption and image; in cold start, the same sampler noise); by default the noise changes per
+            step and is shared within a step.
 
     Parameters that control the reward:
         reward_backbones (`list[str]`, defaults to `["clip"]`): rewarded backbones (the paper rewards CLIP).
@@ -131,12 +150,37 @@ class UnifiedGRPOConfig(GRPOConfig):
     ema_decay: float | None = field(
         default=None, metadata={"help": "Exponential moving average of the trained weights (saved when set)."}
     )
+    caption_column: str = field(default="caption", metadata={"help": "Dataset column with the long captions."})
+    caption_dropout: float = field(default=0.1, metadata={"help": "Pretrain: probability of an empty caption."})
+    weighting_scheme: str = field(
+        default="logit_normal",
+        metadata={"help": "Pretrain timestep sampling and loss weighting.",
+                  "choices": ["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none"]},
+    )
+    logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit-normal timestep density."})
+    logit_std: float = field(default=1.0, metadata={"help": "Std of the logit-normal timestep density."})
+    mode_scale: float = field(default=1.29, metadata={"help": "Scale of the 'mode' timestep density."})
+    pretrain_full_dit: bool = field(default=False, metadata={"help": "Pretrain all DiT weights instead of a LoRA."})
+    cold_start_trainable: list[str] = field(
+        default_factory=lambda: ["projector"],
+        metadata={"help": "Cold start: parts that train, among projector, llm_lora, dit_lora."},
+    )
+    cold_start_checkpointing: bool = field(
+        default=True, metadata={"help": "Cold start: recompute each sampler step during the backward pass."}
+    )
+    llm_lora_r: int = field(default=32, metadata={"help": "Rank of the cold-start LLM LoRA."})
+    llm_lora_alpha: int = field(default=64, metadata={"help": "Alpha of the cold-start LLM LoRA."})
     log_reconstructions_steps: int = field(
         default=50, metadata={"help": "Save a grid of originals, captions and reconstructions every N steps (0: off)."}
     )
     num_logged_reconstructions: int = field(default=4, metadata={"help": "Rows of the reconstruction grid."})
 
     def __post_init__(self):
+        if self.stage in ("pretrain", "cold_start"):
+            # supervised stages draw no groups: satisfy GRPOConfig's group-size checks without affecting them
+            self.num_generations = max(2, self.per_device_train_batch_size)
+            if self.per_device_train_batch_size == 1:
+                self.steps_per_generation = 2
         super().__post_init__()
         if self.stage not in STAGES:
             raise ValueError(f"stage={self.stage!r} is not one of {STAGES}")
@@ -166,5 +210,11 @@ class UnifiedGRPOConfig(GRPOConfig):
                 f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple of "
                 f"num_generations ({self.num_generations}): each device holds whole groups of reconstructions"
             )
+        unknown = set(self.cold_start_trainable) - set(COLD_START_PARTS)
+        if unknown or not self.cold_start_trainable:
+            raise ValueError(f"cold_start_trainable must be a non-empty subset of {COLD_START_PARTS}, got "
+                             f"{self.cold_start_trainable}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")

@@ -32,6 +32,20 @@ def as_decoder(decoder) -> StableDiffusion3Pipeline:
     )
 
 
+def _stage_class(stage: str):
+    if stage == "generation":
+        from .flow_grpo_stage import FlowGRPOTrainer
+
+        return FlowGRPOTrainer
+    if stage == "pretrain":
+        from .decoder_pretraining_stage import DecoderPretrainingTrainer
+
+        return DecoderPretrainingTrainer
+    from .cold_start_stage import ColdStartTrainer
+
+    return ColdStartTrainer
+
+
 def build_reconstruction_reward(decoder, args: UnifiedGRPOConfig) -> ReconstructionReward:
     """The reconstruction reward both stages use, from the config's decoder and backbone settings."""
     checkpoints = args.backbone_checkpoints or {}
@@ -102,10 +116,9 @@ class UnifiedGRPOTrainer(GRPOTrainer):
 
     def __new__(cls, *args, **kwargs):
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
-        if cls is UnifiedGRPOTrainer and getattr(config, "stage", None) == "generation":
-            from .flow_grpo_stage import FlowGRPOTrainer  # the stage's logic lives in its own module
-
-            cls = FlowGRPOTrainer
+        stage = getattr(config, "stage", None)
+        if cls is UnifiedGRPOTrainer and stage != "understanding" and stage is not None:
+            cls = _stage_class(stage)  # each stage's logic lives in its own module
         return super().__new__(cls)
 
     def __init__(

@@ -1,0 +1,139 @@
+"""Common ground of the stages that run on transformers' `Trainer` loop instead of GRPO's rollout machinery
+("generation", "pretrain", "cold_start"): the decoder and encoder handles, data loading, metric logging, and
+handing the decoder back with its plain forward after training."""
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer
+
+from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline
+from .unified_grpo_config import DIT_LORA_TARGETS, UnifiedGRPOConfig
+from .unified_grpo_trainer import UnifiedGRPOTrainer, as_decoder, check_image_column
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class TrainerLoopStage(UnifiedGRPOTrainer):
+    """Base of the non-GRPO stages; subclasses build `model` (what trains) and define `training_step`/`compute_loss`."""
+
+    def _setup_parts(self, model, decoder, args: UnifiedGRPOConfig, train_dataset, processing_class, reward_funcs):
+        if reward_funcs:
+            raise ValueError(f'stage "{args.stage}" has its own objective; reward_funcs are for stage "understanding"')
+        check_image_column(train_dataset, "train_dataset")
+        self.decoder = as_decoder(decoder)
+        self.decoder.set_progress_bar_config(disable=True)
+        if isinstance(model, str):
+            processing_class = processing_class or AutoProcessor.from_pretrained(model)
+            model = AutoModelForImageTextToText.from_pretrained(model)
+        self.encoder = model if model is not None else self.decoder.vlm
+        self.caption_processor = processing_class or self.decoder.processor
+        for component in [*self.decoder.components.values(), self.encoder]:
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False).eval()
+        if args.activation_checkpointing:  # diffusers' API, not transformers': the stage enables it itself
+            self.decoder.transformer.enable_gradient_checkpointing()
+            args.activation_checkpointing = args.gradient_checkpointing = False
+        self._stage_metrics = defaultdict(list)
+
+    def _init_trainer(self, model, args, train_dataset, eval_dataset, callbacks, optimizers, images_per_device):
+        Trainer.__init__(self, model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         data_collator=list, callbacks=callbacks, optimizers=optimizers)
+        self._train_batch_size = images_per_device
+        self.decoder.to(self.accelerator.device)
+        if self.encoder is not None:
+            self.encoder.to(self.accelerator.device)
+
+    @staticmethod
+    def add_dit_lora(transformer, args: UnifiedGRPOConfig, peft_config=None) -> None:
+        """The DiT LoRA: `peft_config`, or r=`decoder_lora_r`/alpha=`decoder_lora_alpha` on the joint attention."""
+        lora = peft_config or LoraConfig(r=args.decoder_lora_r, lora_alpha=args.decoder_lora_alpha,
+                                         init_lora_weights="gaussian", target_modules=DIT_LORA_TARGETS)
+        with torch.random.fork_rng():  # a seeded init that leaves the global RNG alone
+            torch.manual_seed(args.seed)
+            transformer.add_adapter(lora)
+
+    @staticmethod
+    def save_dit_lora(transformer, output_dir: Path, weights: dict | None = None) -> None:
+        """The DiT LoRA as a diffusers LoRA file, with its adapter metadata so `alpha` survives."""
+        state = dict(transformer.state_dict()) | (weights or {})
+        UAEReconstructionPipeline.save_lora_weights(
+            output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer, state_dict=state),
+            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+            weight_name=LORA_WEIGHT_NAME,
+        )
+
+    def train(self, *args, **kwargs):
+        """Trainer's loop; afterwards the trained modules' forwards are restored (accelerate wraps them for mixed
+        precision), so the pipeline computes exactly what the saved weights compute in a fresh pipeline."""
+        try:
+            return Trainer.train(self, *args, **kwargs)
+        finally:
+            self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+
+    # Trainer's own data loading (GRPO's repeats prompts per generation).
+    def get_train_dataloader(self):
+        return Trainer.get_train_dataloader(self)
+
+    def _get_train_sampler(self, dataset=None):
+        return Trainer._get_train_sampler(self, dataset)
+
+    def _set_signature_columns_if_needed(self):
+        self._signature_columns = ["image", "images"]
+
+    _STAGE_DESCRIPTIONS = {
+        "pretrain": "rectified-flow pre-training of projector and DiT on long captions",
+        "cold_start": "semantic reconstruction loss through a short sampler",
+    }
+
+    def saved_files(self) -> list[tuple[str, str, str]]:
+        """(path, content, how to load) for each artefact `_save` writes."""
+        parts = set(self.args.cold_start_trainable) if self.args.stage == "cold_start" else {"projector", "dit_lora"}
+        if self.args.stage == "pretrain" and self.args.pretrain_full_dit:
+            parts = {"projector", "transformer"}
+        rows = {
+            "projector": ("projector/", "UAEProjector", "`UAEProjector.from_pretrained(...)` or `projector=` of a pipeline"),
+            "dit_lora": (LORA_WEIGHT_NAME, "DiT LoRA (diffusers format)",
+                         f'`pipe.load_lora_weights(..., weight_name="{LORA_WEIGHT_NAME}")`'),
+            "transformer": ("transformer/", "full SD3Transformer2DModel", "`SD3Transformer2DModel.from_pretrained`"),
+            "llm_lora": ("encoder_adapter/", "LLM LoRA (PEFT adapter)", "`pipe.load_encoder_adapter(...)`"),
+        }
+        return [rows[part] for part in ("projector", "transformer", "dit_lora", "llm_lora") if part in parts]
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
+        """Write `output_dir/README.md`: what was trained and how each saved file loads."""
+        if not self.is_world_process_zero():
+            return
+        from huggingface_hub import ModelCard, ModelCardData
+
+        from ..hub import MODEL_CARDS
+
+        latest = {}
+        for record in self.state.log_history:
+            latest.update({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"})
+        card = ModelCard.from_template(
+            ModelCardData(library_name="diffusers", license="other",
+                          tags=sorted(set(self._tag_names) | set([tags] if isinstance(tags, str) else tags or [])),
+                          datasets=[dataset_name] if dataset_name else None),
+            template_path=str(MODEL_CARDS / "uae_stage_weights.md"),
+            model_name=model_name or Path(self.args.output_dir).name,
+            stage=self.args.stage,
+            stage_description=self._STAGE_DESCRIPTIONS.get(self.args.stage, self.args.stage),
+            decoder=getattr(self.decoder.transformer.config, "_name_or_path", None) or "unknown",
+            files=self.saved_files(),
+            metrics=latest,
+        )
+        card.save(Path(self.args.output_dir, "README.md"))
+
+    def _record(self, metrics: dict) -> None:
+        for name, value in metrics.items():
+            self._stage_metrics[name].append(value)
+
+    def log(self, logs: dict, start_time=None) -> None:
+        logs = {**logs, **{name: float(np.mean(values)) for name, values in self._stage_metrics.items()}}
+        self._stage_metrics.clear()
+        Trainer.log(self, logs, start_time)
