@@ -12,12 +12,15 @@ from .pipelines.uae_reconstruction import (
     encode_generate_prompts,
     load_uae_pipeline,
 )
+from .release import ReleaseFormatError, load_uae_release
 from .rewards.reconstruction import ReconstructionReward
 from .rewards.similarity import BACKBONES, PAPER_BACKBONES, ImageEmbedder, ImageSimilarity, register_backbone
 from .tiny_models import build_tiny_models
 from .trainer import UnifiedGRPOConfig, UnifiedGRPOTrainer
 
 install_evaluate_hook()
+# Defined in uae_hf (not in the self-contained pipeline file): loading the release needs UAEProjector and checks.
+UAEReconstructionPipeline.from_uae_release = classmethod(lambda cls, *args, **kwargs: load_uae_release(*args, **kwargs))
 
 __version__ = "0.1.0.dev0"
 
@@ -31,6 +34,8 @@ __all__ = [
     "CAPTION_INSTRUCTION",
     "NEGATIVE_PROMPT",
     "ReconstructionReward",
+    "ReleaseFormatError",
+    "load_uae_release",
     "UnifiedGRPOConfig",
     "UnifiedGRPOTrainer",
     "UAEProjector",

@@ -117,6 +117,14 @@ def _cmd_reconstruct(args) -> None:
     print(f"wrote {len(rows)} reconstructions, captions.jsonl and grid.png to {args.output_dir}")
 
 
+def _cmd_convert_release(args) -> None:
+    from .release import load_uae_release
+
+    pipeline = load_uae_release(args.source)
+    pipeline.save_pretrained(args.destination)
+    print(f"converted {args.source} into a self-loading pipeline folder: {args.destination}")
+
+
 def _cmd_demo(args) -> None:
     """Offline default: build the twins, assemble a UAE pipeline from them, round-trip real photos."""
     import PIL.Image
@@ -222,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--limit", type=int, default=None, help="only the first N references")
     _add_generation_arguments(bench, steps=40, tokens=512)
     bench.set_defaults(func=_cmd_bench)
+
+    convert = commands.add_parser("convert-release", help="the released UAE model → a self-loading pipeline folder")
+    convert.add_argument("source", help="local copy of the release, or its Hub id (zhiyuanyan1/UAE)")
+    convert.add_argument("destination", help="folder to write (loads with DiffusionPipeline.from_pretrained)")
+    convert.set_defaults(func=_cmd_convert_release)
 
     commands.add_parser(
         "train", help="train a UAE stage: uae-hf train --config recipe.yaml [--any_config_field value ...]",
