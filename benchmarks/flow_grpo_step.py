@@ -39,27 +39,36 @@ def run(twins, fraction: float, steps: int, sampling_steps: int, output_dir: str
     return {part: statistics.mean(record[part] for record in records) for part in PARTS}
 
 
+def measure(steps: int = 6, sampling_steps: int = 10) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        twins = build_tiny_models(f"{folder}/twins")
+        full = run(twins, 1.0, steps, sampling_steps, f"{folder}/full")
+        half = run(twins, 0.5, steps, sampling_steps, f"{folder}/half")
+    return {"fraction_1.0": full, "fraction_0.5": half, "threads": torch.get_num_threads(),
+            "update_ratio": half["timing/update_s"] / full["timing/update_s"],
+            "step_ratio": sum(half.values()) / sum(full.values())}
+
+
+def report(figures: dict) -> None:
+    full, half = figures["fraction_1.0"], figures["fraction_0.5"]
+    print(f"{'part (s/step)':<18}{'fraction 1.0':>14}{'fraction 0.5':>14}")
+    for part in PARTS:
+        print(f"{part.split('/')[1][:-2]:<18}{full[part]:>14.3f}{half[part]:>14.3f}")
+    print(f"{'total':<18}{sum(full.values()):>14.3f}{sum(half.values()):>14.3f}")
+    print(f"update time, fraction 0.5 / 1.0: {figures['update_ratio']:.2f}  (step time: {figures['step_ratio']:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--sampling-steps", type=int, default=10)
     parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
-        twins = build_tiny_models(f"{folder}/twins")
-        full = run(twins, 1.0, args.steps, args.sampling_steps, f"{folder}/full")
-        half = run(twins, 0.5, args.steps, args.sampling_steps, f"{folder}/half")
-    print(f"{'part (s/step)':<18}{'fraction 1.0':>14}{'fraction 0.5':>14}")
-    for part in PARTS:
-        print(f"{part.split('/')[1][:-2]:<18}{full[part]:>14.3f}{half[part]:>14.3f}")
-    total_full, total_half = sum(full.values()), sum(half.values())
-    print(f"{'total':<18}{total_full:>14.3f}{total_half:>14.3f}")
-    ratio = half["timing/update_s"] / full["timing/update_s"]
-    print(f"update time, fraction 0.5 / 1.0: {ratio:.2f}  (step time: {total_half / total_full:.2f})")
+    figures = measure(args.steps, args.sampling_steps)
+    report(figures)
     if args.output:
         with open(args.output, "w") as handle:
-            json.dump({"fraction_1.0": full, "fraction_0.5": half, "update_ratio": ratio,
-                       "threads": torch.get_num_threads()}, handle, indent=2)
+            json.dump(figures, handle, indent=2)
 
 
 if __name__ == "__main__":

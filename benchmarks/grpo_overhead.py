@@ -95,21 +95,22 @@ def trainer_vs_stock(twins, pipe, similarity, steps: int, output_dir: str, round
     return {"stock_step_s": stock, "unified_step_s": unified, "ratio": unified / stock}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12, help="timed training steps per trainer and round")
-    parser.add_argument("--captions", type=int, default=32)
-    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
+def measure(steps: int = 12, captions: int = 32) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         twins = build_tiny_models(f"{folder}/twins")
         pipe = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector")
         pipe.set_progress_bar_config(disable=True)
         similarity = ImageSimilarity(("clip",), {"clip": str(twins / "backbones" / "clip")})
         photos = list(skimage_photos(64)["image"])
-        captions = [f"a photo number {i} of something {'very ' * (i % 5)}detailed" for i in range(args.captions)]
-        reward = reward_vs_decoding(pipe, similarity, photos, captions)
-        trainer = trainer_vs_stock(twins, pipe, similarity, args.steps, f"{folder}/runs")
+        texts = [f"a photo number {i} of something {'very ' * (i % 5)}detailed" for i in range(captions)]
+        reward = reward_vs_decoding(pipe, similarity, photos, texts)
+        trainer = trainer_vs_stock(twins, pipe, similarity, steps, f"{folder}/runs")
+    return {"reward_vs_decoding": reward, "trainer_vs_stock": trainer, "captions": captions, "steps": steps,
+            "threads": torch.get_num_threads()}
+
+
+def report(figures: dict) -> None:
+    reward, trainer = figures["reward_vs_decoding"], figures["trainer_vs_stock"]
     print(f"{'measure':<44}{'ours':>10}{'baseline':>10}{'ratio':>8}{'target':>8}")
     print(f"{'reward path vs decoder sampling (s)':<44}{reward['reward_s']:>10.3f}{reward['decode_s']:>10.3f}"
           f"{reward['ratio']:>8.3f}{'1.15':>8}")
@@ -117,10 +118,19 @@ def main() -> None:
           f"{reward['bookkeeping_s']:>10.3f}")
     print(f"{'UnifiedGRPOTrainer vs GRPOTrainer (s/step)':<44}{trainer['unified_step_s']:>10.3f}"
           f"{trainer['stock_step_s']:>10.3f}{trainer['ratio']:>8.3f}{'1.05':>8}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12, help="timed training steps per trainer and round")
+    parser.add_argument("--captions", type=int, default=32)
+    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    figures = measure(args.steps, args.captions)
+    report(figures)
     if args.output:
         with open(args.output, "w") as handle:
-            json.dump({"reward_vs_decoding": reward, "trainer_vs_stock": trainer, "captions": args.captions,
-                       "steps": args.steps, "threads": torch.get_num_threads()}, handle, indent=2)
+            json.dump(figures, handle, indent=2)
 
 
 if __name__ == "__main__":

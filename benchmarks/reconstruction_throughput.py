@@ -35,6 +35,28 @@ def images_per_second(pipe, images, batch_size, repeats, **kwargs) -> float:
     return len(images) / best
 
 
+def measure(images: int = 16, steps: int = 10, max_new_tokens: int = 32, repeats: int = 3) -> dict:
+    photos = [PIL.Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
+    batch = [photos[i % len(photos)] for i in range(images)]
+    kwargs = dict(num_inference_steps=steps, max_new_tokens=max_new_tokens, output_type="np")
+    with tempfile.TemporaryDirectory() as folder:
+        twins = build_tiny_models(folder)
+        pipe = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector")
+    pipe.set_progress_bar_config(disable=True)
+    images_per_second(pipe, batch[:2], 2, 1, **kwargs)  # warm-up
+    single = images_per_second(pipe, batch, 1, repeats, **kwargs)
+    batched = images_per_second(pipe, batch, 8, repeats, **kwargs)
+    return {"images": images, "steps": steps, "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
+            "batch_1_images_per_s": single, "batch_8_images_per_s": batched, "batch_8_over_batch_1": batched / single}
+
+
+def report(figures: dict) -> None:
+    print(f"{'setting':<12}{'images/s':>10}")
+    print(f"{'batch 1':<12}{figures['batch_1_images_per_s']:>10.2f}")
+    print(f"{'batch 8':<12}{figures['batch_8_images_per_s']:>10.2f}")
+    print(f"ratio batch 8 / batch 1: {figures['batch_8_over_batch_1']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16)
@@ -43,30 +65,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting; the best is kept")
     parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
-
-    photos = [PIL.Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
-    images = [photos[i % len(photos)] for i in range(args.images)]
-    kwargs = dict(num_inference_steps=args.steps, max_new_tokens=args.max_new_tokens, output_type="np")
-    with tempfile.TemporaryDirectory() as folder:
-        twins = build_tiny_models(folder)
-        pipe = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector")
-    pipe.set_progress_bar_config(disable=True)
-    images_per_second(pipe, images[:2], 2, 1, **kwargs)  # warm-up
-    single = images_per_second(pipe, images, 1, args.repeats, **kwargs)
-    batched = images_per_second(pipe, images, 8, args.repeats, **kwargs)
-    figures = {
-        "images": args.images,
-        "steps": args.steps,
-        "max_new_tokens": args.max_new_tokens,
-        "threads": torch.get_num_threads(),
-        "batch_1_images_per_s": round(single, 3),
-        "batch_8_images_per_s": round(batched, 3),
-        "batch_8_over_batch_1": round(batched / single, 2),
-    }
-    print(f"{'setting':<12}{'images/s':>10}")
-    print(f"{'batch 1':<12}{single:>10.2f}")
-    print(f"{'batch 8':<12}{batched:>10.2f}")
-    print(f"ratio batch 8 / batch 1: {batched / single:.2f}x")
+    figures = measure(args.images, args.steps, args.max_new_tokens, args.repeats)
+    report(figures)
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(figures, handle, indent=2)

@@ -48,21 +48,14 @@ def timed(function, repeats: int) -> tuple[float, object]:
     return best, result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
-
+def measure(pairs: int = 32, batch_size: int = 32, repeats: int = 3) -> dict:
     photos = [PIL.Image.fromarray(getattr(data, name)()).convert("RGB").resize((256, 256)) for name in PHOTOS]
-    references = [photos[i % len(photos)] for i in range(args.pairs)]
-    predictions = [photos[(i + 1) % len(photos)].rotate(5 * (i + 1)) for i in range(args.pairs)]
+    references = [photos[i % len(photos)] for i in range(pairs)]
+    predictions = [photos[(i + 1) % len(photos)].rotate(5 * (i + 1)) for i in range(pairs)]
     with tempfile.TemporaryDirectory() as folder:
         build_tiny_backbones(folder)
         checkpoints = {name: os.path.join(folder, name) for name in PAPER_BACKBONES}
-        similarity = ImageSimilarity(PAPER_BACKBONES, checkpoints, batch_size=args.batch_size)
+        similarity = ImageSimilarity(PAPER_BACKBONES, checkpoints, batch_size=batch_size)
 
     def batched_cold():
         for embedder in similarity.embedders.values():
@@ -70,28 +63,33 @@ def main() -> None:
         return similarity.scores(predictions, references)
 
     similarity.scores(predictions[:2], references[:2])  # warm-up
-    loop_s, loop_scores = timed(lambda: one_pair_at_a_time(similarity, predictions, references), args.repeats)
-    cold_s, cold_scores = timed(batched_cold, args.repeats)
-    warm_s, _ = timed(lambda: similarity.scores(predictions, references), args.repeats)
-    max_difference = max(
-        abs(a - b) for name in loop_scores for a, b in zip(loop_scores[name], cold_scores[name].tolist())
-    )
-    figures = {
-        "pairs": args.pairs,
-        "backbones": list(PAPER_BACKBONES),
-        "threads": torch.get_num_threads(),
-        "one_pair_at_a_time_pairs_per_s": round(args.pairs / loop_s, 2),
-        "batched_cold_cache_pairs_per_s": round(args.pairs / cold_s, 2),
-        "batched_warm_cache_pairs_per_s": round(args.pairs / warm_s, 2),
-        "cold_over_loop": round(loop_s / cold_s, 2),
-        "warm_over_loop": round(loop_s / warm_s, 2),
-        "max_score_difference": max_difference,
-    }
+    loop_s, loop_scores = timed(lambda: one_pair_at_a_time(similarity, predictions, references), repeats)
+    cold_s, cold_scores = timed(batched_cold, repeats)
+    warm_s, _ = timed(lambda: similarity.scores(predictions, references), repeats)
+    difference = max(abs(a - b) for name in loop_scores for a, b in zip(loop_scores[name], cold_scores[name].tolist()))
+    return {"pairs": pairs, "backbones": list(PAPER_BACKBONES), "threads": torch.get_num_threads(),
+            "loop_pairs_per_s": pairs / loop_s, "batched_cold_pairs_per_s": pairs / cold_s,
+            "batched_warm_pairs_per_s": pairs / warm_s, "cold_over_loop": loop_s / cold_s,
+            "warm_over_loop": loop_s / warm_s, "max_score_difference": difference}
+
+
+def report(figures: dict) -> None:
     print(f"{'scorer':<28}{'pairs/s':>10}{'vs loop':>10}")
-    print(f"{'one pair at a time':<28}{args.pairs / loop_s:>10.1f}{1.0:>9.2f}x")
-    print(f"{'batched, cold cache':<28}{args.pairs / cold_s:>10.1f}{loop_s / cold_s:>9.2f}x")
-    print(f"{'batched, warm cache':<28}{args.pairs / warm_s:>10.1f}{loop_s / warm_s:>9.2f}x")
-    print(f"largest per-pair score difference between the two: {max_difference:.2e}")
+    print(f"{'one pair at a time':<28}{figures['loop_pairs_per_s']:>10.1f}{1.0:>9.2f}x")
+    print(f"{'batched, cold cache':<28}{figures['batched_cold_pairs_per_s']:>10.1f}{figures['cold_over_loop']:>9.2f}x")
+    print(f"{'batched, warm cache':<28}{figures['batched_warm_pairs_per_s']:>10.1f}{figures['warm_over_loop']:>9.2f}x")
+    print(f"largest per-pair score difference between the two: {figures['max_score_difference']:.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    figures = measure(args.pairs, args.batch_size, args.repeats)
+    report(figures)
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(figures, handle, indent=2)

@@ -1,0 +1,100 @@
+"""Peak memory of one training step of every stage, and of a cold-start step with and without per-step
+checkpointing of the sampler (tiny twins, CPU).
+
+    python benchmarks/stage_memory.py [--size 256] [--steps 10] [--batch 4]
+
+Each measurement runs in its own fresh process: a thread samples the resident set size every millisecond during the
+step, and the figure is its maximum minus the resident size just before the step (what the step itself holds;
+the model loading before it does not count). The DiT's own per-block checkpointing is off everywhere, to isolate
+the sampler's per-step checkpointing.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import json, os, sys, threading, time
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer, load_uae_pipeline
+from uae_hf.sample_data import skimage_photos
+twins, stage, mode, size, steps, batch, out = sys.argv[1:8]
+size, steps, batch = int(size), int(steps), int(batch)
+pipe = load_uae_pipeline(f"{twins}/decoder", f"{twins}/encoder", f"{twins}/projector")
+args = UnifiedGRPOConfig(
+    stage=stage, output_dir=f"{out}/{stage}-{mode}", max_steps=1, per_device_train_batch_size=batch,
+    num_generations=batch, max_completion_length=16, report_to=[], use_cpu=True, bf16=False,
+    gradient_checkpointing=False, decoder_height=size, decoder_width=size, decoder_num_inference_steps=steps,
+    cold_start_checkpointing=(mode == "checkpointed"), cold_start_trainable=["projector", "llm_lora", "dit_lora"],
+    backbone_checkpoints={"clip": f"{twins}/backbones/clip"}, log_reconstructions_steps=0, save_strategy="no",
+    logging_steps=1,
+)
+model = pipe.vlm if stage != "understanding" else pipe.vlm.__class__.from_pretrained(f"{twins}/encoder")
+trainer = UnifiedGRPOTrainer(model=model, decoder=pipe, args=args, train_dataset=skimage_photos(size).select(range(batch)),
+                             processing_class=pipe.processor)
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * page
+before, peak, done = rss(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.001)
+sampler = threading.Thread(target=sample)
+sampler.start()
+trainer.train()
+done.set()
+sampler.join()
+print(json.dumps({"step_mb": (max(peak[0], rss()) - before) / 2**20}))
+"""
+
+RUNS = [("understanding", "plain"), ("generation", "plain"), ("pretrain", "plain"), ("cold_start", "plain"),
+        ("cold_start", "checkpointed")]
+
+
+def step_memory(twins, stage, mode, size, steps, batch, out) -> float:
+    result = subprocess.run([sys.executable, "-c", CHILD, twins, stage, mode, str(size), str(steps), str(batch), out],
+                            capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{stage}/{mode} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["step_mb"]
+
+
+def measure(size: int = 256, steps: int = 10, batch: int = 4) -> dict:
+    from uae_hf import build_tiny_models
+
+    with tempfile.TemporaryDirectory() as folder:
+        twins = str(build_tiny_models(f"{folder}/twins"))
+        step_mb = {f"{stage}/{mode}": step_memory(twins, stage, mode, size, steps, batch, folder)
+                   for stage, mode in RUNS}
+    return {"step_mb": step_mb, "size": size, "steps": steps, "batch": batch,
+            "cold_start_checkpointed_over_plain": step_mb["cold_start/checkpointed"] / step_mb["cold_start/plain"]}
+
+
+def report(figures: dict) -> None:
+    print(f"peak memory a step adds to the loaded models (RSS, {figures['size']} px, {figures['steps']} sampler "
+          f"steps, batch {figures['batch']}):")
+    for name, value in figures["step_mb"].items():
+        print(f"  {name:<26}{value:>8.0f} MB")
+    print(f"cold-start step memory, checkpointed / plain: {figures['cold_start_checkpointed_over_plain']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    figures = measure(args.size, args.steps, args.batch)
+    report(figures)
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(figures, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
