@@ -12,7 +12,6 @@ import torch
 from peft import LoraConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import Trainer
 
 from ..images import load_image
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_images, encode_generate_prompts
@@ -111,18 +110,6 @@ class ColdStartTrainer(TrainerLoopStage):
         self._init_trainer(model, args, train_dataset, eval_dataset, callbacks, optimizers,
                            images_per_device=args.per_device_train_batch_size)
 
-    def _prepare_inputs(self, inputs):
-        return inputs
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        return Trainer.training_step(self, model, inputs, num_items_in_batch)
-
-    def _generator(self) -> torch.Generator:
-        """This step's sampler noise; with `reward_fixed_noise` the same noise every step."""
-        step = 0 if self.args.reward_fixed_noise else self.state.global_step
-        seed = self.args.seed * 1_000_003 + step * 10_007 + self.accelerator.process_index
-        return torch.Generator().manual_seed(seed)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         images = [load_image(row["image"], f"image[{index}]") for index, row in enumerate(inputs)]
@@ -132,7 +119,7 @@ class ColdStartTrainer(TrainerLoopStage):
             captions = caption_images(self.encoder, self.caption_processor, images,
                                       max_new_tokens=args.max_completion_length, temperature=args.temperature)
         originals = pil_to_pixels(images, args.decoder_height, args.decoder_width).to(self.accelerator.device)
-        loss = model(originals, captions, self._generator())
+        loss = model(originals, captions, self._step_generator())
         self._record({"semantic_similarity": 1.0 - float(loss.detach())})
         return (loss, None) if return_outputs else loss
 

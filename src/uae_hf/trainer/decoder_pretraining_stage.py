@@ -13,7 +13,6 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from torch import nn
-from transformers import Trainer
 
 from ..images import load_image
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import encode_generate_prompts
@@ -93,19 +92,9 @@ class DecoderPretrainingTrainer(TrainerLoopStage):
         self._init_trainer(model, args, train_dataset, eval_dataset, callbacks, optimizers,
                            images_per_device=args.per_device_train_batch_size)
 
-    def _prepare_inputs(self, inputs):
-        return inputs
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        return Trainer.training_step(self, model, inputs, num_items_in_batch)
-
-    def _generator(self) -> torch.Generator:
-        seed = self.args.seed * 1_000_003 + self.state.global_step * 10_007 + self.accelerator.process_index
-        return torch.Generator().manual_seed(seed)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args, decoder = self.args, self.decoder
-        generator = self._generator()
+        generator = self._step_generator()
         images = [load_image(row["image"], f"image[{index}]") for index, row in enumerate(inputs)]
         pixels = decoder.image_processor.preprocess(images, height=args.decoder_height, width=args.decoder_width)
         drop = torch.rand(len(inputs), generator=generator) < args.caption_dropout

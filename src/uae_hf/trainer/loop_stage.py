@@ -75,7 +75,18 @@ class TrainerLoopStage(UnifiedGRPOTrainer):
         finally:
             self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
 
-    # Trainer's own data loading (GRPO's repeats prompts per generation).
+    # Trainer's own step (GRPO's buffers generations) and data loading (GRPO's repeats prompts per generation).
+    def _prepare_inputs(self, inputs):
+        return inputs
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return Trainer.training_step(self, model, inputs, num_items_in_batch)
+
+    def _step_generator(self) -> torch.Generator:
+        """This step's and process's random stream; with `reward_fixed_noise`, the same one at every step."""
+        step = 0 if self.args.reward_fixed_noise else self.state.global_step
+        return torch.Generator().manual_seed(self.args.seed * 1_000_003 + step * 10_007 + self.accelerator.process_index)
+
     def get_train_dataloader(self):
         return Trainer.get_train_dataloader(self)
 
