@@ -10,6 +10,7 @@ from .pipelines.uae_reconstruction import (
     UAEReconstructionPipelineOutput,
     caption_images,
     encode_generate_prompts,
+    load_saved_pipeline,
     load_uae_pipeline,
 )
 from .release import ReleaseFormatError, load_uae_release
@@ -44,6 +45,7 @@ __all__ = [
     "build_tiny_models",
     "caption_images",
     "encode_generate_prompts",
+    "load_saved_pipeline",
     "load_uae_pipeline",
     "pipeline_model_card",
 ]

@@ -94,6 +94,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, steps: int, token
     )
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the first image (image i uses seed + i)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the pipeline folder's own code (by default a UAE pipeline is rebuilt from uae_hf's "
+                        "classes and no code from the folder or repo runs)")
 
 
 def _cmd_tiny_models(args) -> None:
@@ -104,11 +107,11 @@ def _cmd_tiny_models(args) -> None:
 
 
 def _cmd_reconstruct(args) -> None:
-    from diffusers import DiffusionPipeline
+    from .pipelines import load_saved_pipeline
 
     paths = [Path(p) for p in args.images]
     originals = load_images(paths)
-    pipeline = DiffusionPipeline.from_pretrained(args.pipeline, trust_remote_code=True)
+    pipeline = load_saved_pipeline(args.pipeline, trust_remote_code=args.trust_remote_code)
     rows = reconstruct(
         pipeline, paths, originals, Path(args.output_dir), args.batch_size, args.seed, **_generate_kwargs(args)
     )
@@ -180,9 +183,9 @@ def _cmd_bench(args) -> None:
     pipeline = None
     call_kwargs = {}
     if args.pipeline:
-        from diffusers import DiffusionPipeline
+        from .pipelines import load_saved_pipeline
 
-        pipeline = DiffusionPipeline.from_pretrained(args.pipeline, trust_remote_code=True)
+        pipeline = load_saved_pipeline(args.pipeline, trust_remote_code=args.trust_remote_code)
         if args.device != "cpu":
             pipeline.to(args.device)
         call_kwargs = _generate_kwargs(args)
@@ -207,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rec = commands.add_parser("reconstruct", help="image → caption → image with a saved UAE pipeline")
     rec.add_argument("images", nargs="+", help="image files")
-    rec.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo (loaded with trust_remote_code)")
+    rec.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo")
     rec.add_argument("--output-dir", required=True, help="where to write reconstructions, captions.jsonl, grid.png")
     _add_generation_arguments(rec, steps=40, tokens=512)
     rec.set_defaults(func=_cmd_reconstruct)

@@ -315,3 +315,19 @@ def test_projector_width_must_match_the_decoder(pipe):
 def test_embeddings_mode_needs_a_projector(pipe):
     with pytest.raises(ValueError, match="projector"):
         UAEReconstructionPipeline.from_pipe(pipe, projector=None)
+
+
+def test_saved_folder_loads_without_running_its_code(pipe, tmp_path):
+    """The default loader rebuilds a saved UAE pipeline from uae_hf's classes: no code from the folder runs."""
+    from uae_hf.models.projector import UAEProjector
+    from uae_hf.pipelines import load_saved_pipeline
+
+    pipe.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "pipeline.py").write_text("raise RuntimeError('remote code ran')\n")
+    (tmp_path / "saved" / "projector" / "projector.py").write_text("raise RuntimeError('remote code ran')\n")
+    loaded = load_saved_pipeline(tmp_path / "saved")
+    assert type(loaded) is UAEReconstructionPipeline and type(loaded.projector) is UAEProjector
+    expected = pipe.generate(["a cat"], generator=generators(1), **FAST).images
+    np.testing.assert_array_equal(loaded.generate(["a cat"], generator=generators(1), **FAST).images, expected)
+    with pytest.raises(RuntimeError, match="remote code ran"):
+        load_saved_pipeline(tmp_path / "saved", trust_remote_code=True)

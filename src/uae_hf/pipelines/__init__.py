@@ -1,1 +1,1 @@
-from .uae_reconstruction import UAEReconstructionPipeline, UAEReconstructionPipelineOutput, load_uae_pipeline
+from .uae_reconstruction import UAEReconstructionPipeline, UAEReconstructionPipelineOutput, load_saved_pipeline, load_uae_pipeline

@@ -89,9 +89,7 @@ def _assemble_decoder(sd3: str, encoder: str, projector: str):
 
 def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig, model_args: ModelConfig):
     """Build encoder, decoder and data from the arguments, train, save (adapter + processor + model card)."""
-    from diffusers import DiffusionPipeline
-
-    from ..pipelines import load_uae_pipeline
+    from ..pipelines import load_saved_pipeline, load_uae_pipeline
 
     uses_twins = TINY in (model_args.model_name_or_path, script_args.decoder)
     twins = _twins(script_args) if uses_twins else None
@@ -101,7 +99,8 @@ def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig,
     elif script_args.projector:
         decoder = _assemble_decoder(script_args.decoder, encoder, script_args.projector)
     else:
-        decoder = DiffusionPipeline.from_pretrained(script_args.decoder, trust_remote_code=True)
+        # the config's trust_remote_code (default off) also governs the decoder folder's own code
+        decoder = load_saved_pipeline(script_args.decoder, trust_remote_code=training_args.trust_remote_code)
     if uses_twins and training_args.backbone_checkpoints is None:
         training_args.backbone_checkpoints = {name: str(twins / "backbones" / name) for name in BACKBONES
                                               if (twins / "backbones" / name).exists()}

@@ -1,4 +1,4 @@
-from .loading import load_uae_pipeline
+from .loading import load_saved_pipeline, load_uae_pipeline
 from .pipeline_uae_reconstruction import (
     CAPTION_INSTRUCTION,
     NEGATIVE_PROMPT,
