@@ -268,6 +268,16 @@ def test_encoder_adapter_changes_outputs_and_disables_exactly(pipe, photos, tmp_
         pipe.unload_encoder_adapter()
     np.testing.assert_array_equal(pipe.generate(CAPTIONS[:1], generator=generators(1), **FAST).images, base_images)
     assert not any("lora" in key or "base_layer" in key for key in pipe.vlm.state_dict())
+    # saving after the unload writes the base model under the same key names as a model never given an adapter
+    from safetensors import safe_open
+
+    pipe.vlm.save_pretrained(tmp_path / "after_unload")
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "encoder").save_pretrained(tmp_path / "never")
+    keys = []
+    for folder in ("after_unload", "never"):
+        with safe_open(str(tmp_path / folder / "model.safetensors"), "pt") as handle:
+            keys.append(set(handle.keys()))
+    assert keys[0] == keys[1]
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16"])

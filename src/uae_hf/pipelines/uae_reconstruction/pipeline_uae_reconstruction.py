@@ -239,6 +239,9 @@ class MaskedJointAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out)), text_out
 
 
+_NOT_SET = object()
+
+
 def _is_adapter_layer(module: torch.nn.Module) -> bool:
     """A PEFT adapter wrapper (e.g. a LoRA `Linear`) around a base layer."""
     return hasattr(module, "base_layer") and hasattr(module, "get_base_layer")
@@ -556,6 +559,10 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
     def load_encoder_adapter(self, adapter_path: str, adapter_name: str = "default", **kwargs) -> None:
         """Attach a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`) to the encoder and
         make it active. Captioning and embeddings-mode conditioning then run through it."""
+        if not getattr(self.vlm, "peft_config", None):
+            # transformers installs checkpoint key renamings for the adapter that would also rename the base
+            # weights when saving later: keep what was there to restore it when the last adapter goes
+            self._vlm_weight_conversions = vars(self.vlm).get("_weight_conversions", _NOT_SET)
         self.vlm.load_adapter(adapter_path, adapter_name=adapter_name, **kwargs)
         self.vlm.set_adapter(adapter_name)
 
@@ -574,6 +581,13 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
                 if _is_adapter_layer(module):
                     parent, _, child = name.rpartition(".")
                     setattr(self.vlm.get_submodule(parent), child, module.get_base_layer())
+            self.vlm._hf_peft_config_loaded = False
+            vars(self.vlm).pop("peft_config", None)
+            saved = getattr(self, "_vlm_weight_conversions", _NOT_SET)
+            if saved is _NOT_SET:
+                vars(self.vlm).pop("_weight_conversions", None)
+            else:
+                self.vlm._weight_conversions = saved
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
         """diffusers' SD3 LoRA loading, failing loudly when nothing reaches the decoder transformer.
