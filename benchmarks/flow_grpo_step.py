@@ -7,8 +7,6 @@ prints the mean time per step of the rollout (captioning + SDE sampling + VAE de
 scoring + advantages) and the update (recomputed log-probs, loss, backward), then update(0.5) / update(1.0).
 """
 
-import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -17,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+import benchmark_cli  # noqa: E402  (a sibling module: benchmarks run as scripts)
 from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer, build_tiny_models, load_uae_pipeline  # noqa: E402
 from uae_hf.sample_data import skimage_photos  # noqa: E402
 
@@ -58,18 +57,5 @@ def report(figures: dict) -> None:
     print(f"update time, fraction 0.5 / 1.0: {figures['update_ratio']:.2f}  (step time: {figures['step_ratio']:.2f})")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--sampling-steps", type=int, default=10)
-    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
-    figures = measure(args.steps, args.sampling_steps)
-    report(figures)
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(figures, handle, indent=2)
-
-
 if __name__ == "__main__":
-    main()
+    benchmark_cli.run(__doc__, measure, report, dict(steps=6, sampling_steps=10))

@@ -17,6 +17,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import torch  # noqa: E402
@@ -47,7 +48,7 @@ SD35 = {
 }
 SD3_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-               latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+               latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
                use_quant_conv=False, use_post_quant_conv=False)
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
@@ -62,8 +63,7 @@ REDUCE = dict(num_hidden_layers=2, num_layers=2, depth=2, hidden_size=64, interm
 
 
 def _sized(config: dict, reduced: bool) -> dict:
-    return {key: (REDUCE[key] if reduced and key in REDUCE else value) for key, value in config.items()} | (
-        {k: v for k, v in REDUCE.items() if k == "norm_num_groups" and "block_out_channels" in config} if reduced else {})
+    return {key: (REDUCE[key] if reduced and key in REDUCE else value) for key, value in config.items()}
 
 
 def build(decoder: str, reduced: bool, twins, device, dtype) -> UAEReconstructionPipeline:
@@ -169,7 +169,7 @@ def main() -> None:
         flops = dit_flops(pipe.transformer, args.batch, args.resolution, args.resolution, text_tokens, args.steps, True)
         figures["dit_sampling_mfu"] = None if device.type == "cpu" else flops / seconds / (args.peak_tflops * 1e12)
 
-        data = __import__("datasets").Dataset.from_dict({"image": images}).cast_column("image", __import__("datasets").Image())
+        data = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
         for stage in ("understanding", "generation"):
             timer = StepTimer()
             config = UnifiedGRPOConfig(

@@ -9,8 +9,6 @@
    settings: median step time over interleaved rounds.                         target <= 1.05
 """
 
-import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -22,6 +20,7 @@ import torch  # noqa: E402
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, TrainerCallback  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
+import benchmark_cli  # noqa: E402  (a sibling module: benchmarks run as scripts)
 from uae_hf import ImageSimilarity, ReconstructionReward, UnifiedGRPOConfig, UnifiedGRPOTrainer  # noqa: E402
 from uae_hf import build_tiny_models, load_uae_pipeline  # noqa: E402
 from uae_hf.pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_messages  # noqa: E402
@@ -120,18 +119,5 @@ def report(figures: dict) -> None:
           f"{trainer['stock_step_s']:>10.3f}{trainer['ratio']:>8.3f}{'1.05':>8}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12, help="timed training steps per trainer and round")
-    parser.add_argument("--captions", type=int, default=32)
-    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
-    figures = measure(args.steps, args.captions)
-    report(figures)
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(figures, handle, indent=2)
-
-
 if __name__ == "__main__":
-    main()
+    benchmark_cli.run(__doc__, measure, report, dict(steps=12, captions=32))

@@ -5,8 +5,6 @@
 Prints images/s for each batch size and their ratio. Both use the same images, seeds and settings in one process.
 """
 
-import argparse
-import json
 import os
 import tempfile
 import time
@@ -17,6 +15,7 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 from skimage import data  # noqa: E402
 
+import benchmark_cli  # noqa: E402  (a sibling module: benchmarks run as scripts)
 from uae_hf import build_tiny_models, load_uae_pipeline  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "immunohistochemistry", "hubble_deep_field")
@@ -57,20 +56,5 @@ def report(figures: dict) -> None:
     print(f"ratio batch 8 / batch 1: {figures['batch_8_over_batch_1']:.2f}x")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting; the best is kept")
-    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
-    figures = measure(args.images, args.steps, args.max_new_tokens, args.repeats)
-    report(figures)
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(figures, handle, indent=2)
-
-
 if __name__ == "__main__":
-    main()
+    benchmark_cli.run(__doc__, measure, report, dict(images=16, steps=10, max_new_tokens=32, repeats=3))

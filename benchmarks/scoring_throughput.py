@@ -7,8 +7,6 @@ process. The loop embeds both images of every pair separately, as the official s
 and serves references from the cache (cold: first pass; warm: a reference scored again, as in training rewards).
 """
 
-import argparse
-import json
 import os
 import tempfile
 import time
@@ -20,6 +18,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from skimage import data  # noqa: E402
 
+import benchmark_cli  # noqa: E402  (a sibling module: benchmarks run as scripts)
 from uae_hf import PAPER_BACKBONES, ImageSimilarity  # noqa: E402
 from uae_hf.tiny_models import build_tiny_backbones  # noqa: E402
 
@@ -81,19 +80,5 @@ def report(figures: dict) -> None:
     print(f"largest per-pair score difference between the two: {figures['max_score_difference']:.2e}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
-    figures = measure(args.pairs, args.batch_size, args.repeats)
-    report(figures)
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(figures, handle, indent=2)
-
-
 if __name__ == "__main__":
-    main()
+    benchmark_cli.run(__doc__, measure, report, dict(pairs=32, batch_size=32, repeats=3))

@@ -9,11 +9,12 @@ the model loading before it does not count). The DiT's own per-block checkpointi
 the sampler's per-step checkpointing.
 """
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
+
+import benchmark_cli  # a sibling module: benchmarks run as scripts
 
 CHILD = r"""
 import json, os, sys, threading, time
@@ -82,19 +83,5 @@ def report(figures: dict) -> None:
     print(f"cold-start step memory, checkpointed / plain: {figures['cold_start_checkpointed_over_plain']:.2f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
-    figures = measure(args.size, args.steps, args.batch)
-    report(figures)
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(figures, handle, indent=2)
-
-
 if __name__ == "__main__":
-    main()
+    benchmark_cli.run(__doc__, measure, report, dict(size=256, steps=10, batch=4))

@@ -38,12 +38,6 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return log_prob.mean(dim=tuple(range(1, x.ndim)))
 
 
-def _noise(shape, generator, device, dtype, prev_sample):
-    if prev_sample is not None:
-        return None
-    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-
-
 def sde_step(
     velocity: torch.Tensor,
     sample: torch.Tensor,
@@ -82,7 +76,7 @@ def sde_step(
     mean = sample * (1 + std_t**2 / (2 * sigma) * dt) + velocity * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
     std = std_t * torch.sqrt(-dt)
     if prev_sample is None:
-        noise = _noise(sample.shape, generator, sample.device, sample.dtype, prev_sample)
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev_sample = mean + std * noise if noise_level > 0 else mean
     return FlowStepOutput(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std)
 
@@ -107,7 +101,7 @@ def cps_step(
     x1 = sample + (1 - sigma) * velocity
     mean = x0 * (1 - sigma_next) + x1 * torch.sqrt(sigma_next**2 - std**2)
     if prev_sample is None:
-        noise = _noise(sample.shape, generator, sample.device, sample.dtype, prev_sample)
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev_sample = mean + std * noise if noise_level > 0 else mean
     return FlowStepOutput(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std)
 

@@ -8,6 +8,7 @@ the projector, an LLM LoRA, a DiT LoRA. Captions of different lengths share a ba
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig
 from torch import nn
@@ -18,12 +19,11 @@ from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_i
 from ..sampling.flow_sde import schedule, velocity
 from .loop_stage import TrainerLoopStage
 from .unified_grpo_config import UnifiedGRPOConfig
+from .unified_grpo_trainer import build_reconstruction_reward
 
 
 def pil_to_pixels(images, height: int, width: int) -> torch.Tensor:
     """`(N, 3, H, W)` float tensors in [0, 1], resized to `height`×`width`."""
-    import numpy as np
-
     arrays = [np.asarray(image.resize((width, height)), dtype=np.float32) / 255.0 for image in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
@@ -86,8 +86,6 @@ class ColdStartTrainer(TrainerLoopStage):
 
     def __init__(self, model, decoder, args: UnifiedGRPOConfig, train_dataset=None, eval_dataset=None,
                  processing_class=None, reward_funcs=None, peft_config=None, callbacks=None, optimizers=(None, None)):
-        from .unified_grpo_trainer import build_reconstruction_reward
-
         self._setup_parts(model, decoder, args, train_dataset, processing_class, reward_funcs)
         decoder = self.decoder
         if decoder.projector is None or decoder.vlm is None:
@@ -123,11 +121,9 @@ class ColdStartTrainer(TrainerLoopStage):
         self._record({"semantic_similarity": 1.0 - float(loss.detach())})
         return (loss, None) if return_outputs else loss
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+    def save_parts(self, output_dir: Path) -> None:
         """The trained parts, each in the layout its loader reads: `projector/`, the DiT LoRA (diffusers file),
         `encoder_adapter/` (a PEFT adapter folder for `pipe.load_encoder_adapter`)."""
-        output_dir = Path(output_dir or self.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
         parts = set(self.args.cold_start_trainable)
         if "projector" in parts:
             self.decoder.projector.save_pretrained(output_dir / "projector")
@@ -136,4 +132,3 @@ class ColdStartTrainer(TrainerLoopStage):
         if "llm_lora" in parts:
             self.decoder.vlm.save_pretrained(output_dir / "encoder_adapter")
             self.decoder.processor.save_pretrained(output_dir / "encoder_adapter")
-        torch.save(self.args, output_dir / "training_args.bin")

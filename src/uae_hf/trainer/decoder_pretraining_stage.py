@@ -103,13 +103,10 @@ class DecoderPretrainingTrainer(TrainerLoopStage):
         self._record({"caption_dropout_rate": float(drop.float().mean())})
         return (loss, None) if return_outputs else loss
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+    def save_parts(self, output_dir: Path) -> None:
         """`projector/` (a UAEProjector folder) and the DiT LoRA (diffusers file) or `transformer/` (full)."""
-        output_dir = Path(output_dir or self.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
         self.decoder.projector.save_pretrained(output_dir / "projector")
         if self.args.pretrain_full_dit:
             self.decoder.transformer.save_pretrained(output_dir / "transformer")
         else:
             self.save_dit_lora(self.decoder.transformer, output_dir)
-        torch.save(self.args, output_dir / "training_args.bin")

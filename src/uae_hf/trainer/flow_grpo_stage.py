@@ -127,10 +127,10 @@ class FlowGRPOTrainer(TrainerLoopStage):
                            for a in arrays]
         rewards, metrics = self.reconstruction_reward.similarities(reconstructions, originals_g)
         rewards = rewards.to(self.accelerator.device)
-        advantages = self._advantages(rewards)
+        everyone = self.accelerator.gather(rewards)  # every process's rewards, once per step
+        advantages = self._advantages(rewards, everyone)
         reward_time = time.perf_counter() - start
 
-        everyone = self.accelerator.gather(rewards)
         self._record(metrics | caption_metrics(captions) | {
             "reward": float(torch.nanmean(everyone)),
             "reward_std": float(everyone[~torch.isnan(everyone)].std()) if (~torch.isnan(everyone)).sum() > 1 else 0.0,
@@ -147,7 +147,7 @@ class FlowGRPOTrainer(TrainerLoopStage):
     def _guidance(self) -> float:
         return self.args.decoder_guidance_scale if self.args.train_guidance else 1.0
 
-    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+    def _advantages(self, rewards: torch.Tensor, everyone: torch.Tensor) -> torch.Tensor:
         """Per-group baseline; std per group (`scale_rewards="group"`), over all processes (`"batch"`) or none."""
         grouped = rewards.view(-1, self.args.num_generations)
         mean = torch.nanmean(grouped, dim=1, keepdim=True)
@@ -155,7 +155,6 @@ class FlowGRPOTrainer(TrainerLoopStage):
         if self.args.scale_rewards == "group":
             std = torch.sqrt(torch.nanmean(centred**2, dim=1, keepdim=True))
         elif self.args.scale_rewards == "batch":
-            everyone = self.accelerator.gather(rewards)
             std = everyone[~torch.isnan(everyone)].std() if (~torch.isnan(everyone)).sum() > 1 else torch.tensor(1.0)
         else:
             std = torch.ones(())
@@ -237,17 +236,14 @@ class FlowGRPOTrainer(TrainerLoopStage):
                     self._ema[name].mul_(decay).add_(parameter.detach(), alpha=1 - decay)
 
     # -------------------------------------------------------------------------------------------------- save / load
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+    def save_parts(self, output_dir: Path) -> None:
         """The DiT LoRA as a diffusers LoRA file (with its adapter metadata, so `alpha` survives), or the full DiT."""
-        output_dir = Path(output_dir or self.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
         dit = self.accelerator.unwrap_model(self.model)
         weights = {name: p.detach() for name, p in dit.named_parameters()} | (self._ema or {})
         if self.args.decoder_full_finetune:
             dit.save_pretrained(output_dir / "transformer", state_dict=weights)
         else:
             self.save_dit_lora(dit, output_dir, weights)
-        torch.save(self.args, output_dir / "training_args.bin")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         dit = self.accelerator.unwrap_model(model or self.model)

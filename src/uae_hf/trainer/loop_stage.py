@@ -67,6 +67,17 @@ class TrainerLoopStage(UnifiedGRPOTrainer):
             weight_name=LORA_WEIGHT_NAME,
         )
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """What `save_parts` writes, plus the training arguments, as `Trainer` saves them."""
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.save_parts(output_dir)
+        torch.save(self.args, output_dir / "training_args.bin")
+
+    def save_parts(self, output_dir: Path) -> None:
+        """Write the trained parts, each in the layout its loader reads (defined by each stage)."""
+        raise NotImplementedError
+
     def train(self, *args, **kwargs):
         """Trainer's loop; afterwards the trained modules' forwards are restored (accelerate wraps them for mixed
         precision), so the pipeline computes exactly what the saved weights compute in a fresh pipeline."""
