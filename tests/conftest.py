@@ -60,13 +60,23 @@ def projector(tiny_dir):
     return UAEProjector.from_pretrained(tiny_dir / "projector")
 
 
-@pytest.fixture(scope="session")
-def pipe(tiny_dir):
+def _load_pipe(tiny_dir):
     from uae_hf import load_uae_pipeline
 
     pipeline = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector")
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_dir):
+    return _load_pipe(tiny_dir)
+
+
+@pytest.fixture()
+def fresh_pipe(tiny_dir):
+    """A pipeline of the test's own, for tests that train its parts in place."""
+    return _load_pipe(tiny_dir)
 
 
 @pytest.fixture(scope="session")

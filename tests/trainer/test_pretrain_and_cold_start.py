@@ -25,13 +25,6 @@ def config(tmp_path, tiny_dir, stage, **overrides):
     return UnifiedGRPOConfig(**values)
 
 
-@pytest.fixture()
-def fresh_pipe(tiny_dir):
-    pipe = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def photos4():
     return skimage_photos(64).select(range(4))

@@ -29,14 +29,6 @@ def config(tmp_path, tiny_dir, **overrides):
     return UnifiedGRPOConfig(**values)
 
 
-@pytest.fixture()
-def fresh_pipe(tiny_dir):
-    """Stage generation trains the pipeline's DiT in place: each test gets its own pipeline."""
-    pipe = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def make(fresh_pipe, args, dataset=None):
     return UnifiedGRPOTrainer(model=fresh_pipe.vlm, decoder=fresh_pipe, args=args,
                               train_dataset=dataset if dataset is not None else skimage_photos(64),
