@@ -17,6 +17,7 @@ from .release import ReleaseFormatError, load_uae_release
 from .rewards.reconstruction import ReconstructionReward
 from .rewards.similarity import BACKBONES, PAPER_BACKBONES, ImageEmbedder, ImageSimilarity, register_backbone
 from .tiny_models import build_tiny_models
+from .toy_world import ToyWorldVisionModel, toy_world_dataset  # also registers the "toyworld" backbone
 from .trainer import UnifiedGRPOConfig, UnifiedGRPOTrainer
 
 install_evaluate_hook()
@@ -43,6 +44,8 @@ __all__ = [
     "UAEReconstructionPipeline",
     "UAEReconstructionPipelineOutput",
     "build_tiny_models",
+    "ToyWorldVisionModel",
+    "toy_world_dataset",
     "caption_images",
     "encode_generate_prompts",
     "load_saved_pipeline",

@@ -6,9 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-
-
 def load_images(paths: list[Path]) -> list:
     """Open every image up front, so a bad file stops the run before any model loads."""
     import PIL.Image
@@ -129,36 +126,14 @@ def _cmd_convert_release(args) -> None:
 
 
 def _cmd_demo(args) -> None:
-    """Offline default: build the twins, assemble a UAE pipeline from them, round-trip real photos."""
-    import PIL.Image
+    """The UAE recipe from nothing on the toy world (see `uae_hf.toy_world.demo`)."""
+    from .toy_world.demo import demo_config_from_args, run_demo
 
-    from .pipelines import load_uae_pipeline
-    from .tiny_models import build_tiny_models
-
-    try:
-        from skimage import data
-    except ImportError as error:
-        raise SystemExit("uae-hf demo needs scikit-image for its photos: pip install 'uae-hf[demo]'") from error
-
-    output_dir = Path(args.output_dir)
-    twins = output_dir / "tiny-models"
-    if not (twins / "decoder" / "model_index.json").exists():
-        build_tiny_models(twins)
-    pipeline = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector")
-    pipeline.save_pretrained(output_dir / "pipeline")
-    photo_dir = output_dir / "photos"
-    photo_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in DEMO_PHOTOS:
-        path = photo_dir / f"{name}.png"
-        PIL.Image.fromarray(getattr(data, name)()).save(path)
-        paths.append(path)
-    rows = reconstruct(
-        pipeline, paths, load_images(paths), output_dir, args.batch_size, args.seed, **_generate_kwargs(args)
-    )
-    for row in rows:
-        print(f"{Path(row['image']).name}: {row['caption']!r}")
-    print(f"pipeline saved to {output_dir / 'pipeline'}; reconstructions and grid.png in {output_dir}")
+    config = demo_config_from_args(args)
+    results = run_demo(config)
+    out = Path(config.output_dir)
+    print((out / "report.md").read_text().split("## Plots")[0])
+    print(f"report: {out / 'report.md'}; pipeline: {out / 'pipeline'} ({results['timings_s']['total'] / 60:.1f} min)")
 
 
 def _cmd_bench(args) -> None:
@@ -244,9 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
-    demo = commands.add_parser("demo", help="offline demo on tiny twins and scikit-image photos")
-    demo.add_argument("--output-dir", default="outputs/demo", help="where to write models, photos and results")
-    _add_generation_arguments(demo, steps=10, tokens=48)
+    demo = commands.add_parser(
+        "demo", help="the whole UAE recipe from nothing on a built-in toy world, with a report (offline, CPU)"
+    )
+    demo.add_argument("--output-dir", default="outputs/demo", help="where models, stages and the report go")
+    demo.add_argument("--quick", action="store_true", help="the same path with tiny budgets (a couple of minutes)")
+    for name, help_text in [("seed", "seed of the world, models and stages"),
+                            ("pretrain_steps", "decoder pre-training steps"),
+                            ("understanding_steps", "stage 2 (GRPO) steps"),
+                            ("generation_steps", "stage 3 (Flow-GRPO) steps")]:
+        demo.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None, help=help_text)
     demo.set_defaults(func=_cmd_demo)
     return parser
 

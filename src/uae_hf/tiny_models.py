@@ -109,15 +109,15 @@ ENCODER_HIDDEN_SIZE = 64
 DECODER_JOINT_ATTENTION_DIM = 64
 
 
-def _train_bpe(num_merges: int, lowercase: bool = False, end_of_word_suffix: str = ""):
-    """Byte-level BPE vocabulary and merges learned from `_CORPUS`.
+def _train_bpe(num_merges: int, lowercase: bool = False, end_of_word_suffix: str = "", corpus=_CORPUS):
+    """Byte-level BPE vocabulary and merges learned from `corpus`.
 
     A plain greedy learner with ties broken by the pair itself, so the result never depends on hash order.
     """
     splitter = pre_tokenizers.ByteLevel(add_prefix_space=False)
     words = Counter(
         word.replace("Ġ", "") if end_of_word_suffix else word  # CLIP-style: words carry no leading-space marker
-        for line in _CORPUS
+        for line in corpus
         for word, _ in splitter.pre_tokenize_str(line.lower() if lowercase else line)
     )
     words.pop("", None)
@@ -149,8 +149,8 @@ def _train_bpe(num_merges: int, lowercase: bool = False, end_of_word_suffix: str
     return vocab, merges
 
 
-def build_qwen_tokenizer() -> Qwen2Tokenizer:
-    vocab, merges = _train_bpe(num_merges=300)
+def build_qwen_tokenizer(corpus=_CORPUS, num_merges: int = 300) -> Qwen2Tokenizer:
+    vocab, merges = _train_bpe(num_merges=num_merges, corpus=corpus)
     for token in QWEN_SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     tokenizer = Qwen2Tokenizer(
@@ -162,37 +162,49 @@ def build_qwen_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
-def build_tiny_encoder(path: str | Path) -> None:
-    """Qwen2.5-VL-Instruct twin: same classes as `Qwen/Qwen2.5-VL-3B-Instruct`, tied embeddings, M-RoPE."""
-    tokenizer = build_qwen_tokenizer()
+def build_tiny_encoder(
+    path: str | Path,
+    corpus=_CORPUS,
+    num_merges: int = 300,
+    text_config: dict | None = None,
+    vision_config: dict | None = None,
+    pixel_bounds: tuple[int, int] = (3136, 65536),
+) -> None:
+    """Qwen2.5-VL-Instruct twin: same classes as `Qwen/Qwen2.5-VL-3B-Instruct`, tied embeddings, M-RoPE.
+
+    `text_config` / `vision_config` override the twin's sizes, `corpus` is what its BPE merges are learned from and
+    `pixel_bounds` are the image processor's (min_pixels, max_pixels)."""
+    tokenizer = build_qwen_tokenizer(corpus, num_merges)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=ENCODER_HIDDEN_SIZE,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    ) | (text_config or {})
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        out_hidden_size=text["hidden_size"],
+        fullatt_block_indexes=[1],
+    ) | (vision_config or {})
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=ENCODER_HIDDEN_SIZE,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True,
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            out_hidden_size=ENCODER_HIDDEN_SIZE,
-            fullatt_block_indexes=[1],
-        ),
+        text_config=text,
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -206,8 +218,13 @@ def build_tiny_encoder(path: str | Path) -> None:
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(path)
 
-    # The paper's captioning resolution bounds (min_pixels=3136, max_pixels=65536).
-    image_processor = Qwen2VLImageProcessor(size={"shortest_edge": 3136, "longest_edge": 65536})
+    # By default the paper's captioning resolution bounds (min_pixels=3136, max_pixels=65536).
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": pixel_bounds[0], "longest_edge": pixel_bounds[1]},
+        patch_size=vision["patch_size"],
+        merge_size=vision["spatial_merge_size"],
+        temporal_patch_size=vision["temporal_patch_size"],
+    )
     video_processor = Qwen2VLVideoProcessor()
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
@@ -255,8 +272,13 @@ def _clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, projection_di
     return CLIPTextModelWithProjection(config).eval()
 
 
-def build_tiny_decoder(path: str | Path, with_t5: bool = True) -> None:
-    """SD3.5 twin: MMDiT (qk RMS-norm, dual attention in the first block), 16-channel VAE, CLIP-L/G (+ T5)."""
+def build_tiny_decoder(
+    path: str | Path, with_t5: bool = True, transformer_config: dict | None = None, vae: AutoencoderKL | None = None
+) -> None:
+    """SD3.5 twin: MMDiT (qk RMS-norm, dual attention in the first block), 16-channel VAE, CLIP-L/G (+ T5).
+
+    `transformer_config` overrides the MMDiT's sizes; `vae` replaces the random 16-channel VAE (e.g. a trained one).
+    """
     tokenizer, tokenizer_2 = _clip_tokenizer(77), _clip_tokenizer(77)
     text_encoder = _clip_text_encoder(tokenizer, hidden_size=32, projection_dim=32)  # CLIP-L stand-in
     text_encoder_2 = _clip_text_encoder(tokenizer_2, hidden_size=32, projection_dim=32)  # CLIP-G stand-in
@@ -278,22 +300,25 @@ def build_tiny_decoder(path: str | Path, with_t5: bool = True) -> None:
         ).eval()
     torch.manual_seed(SEED)
     transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=16,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=DECODER_JOINT_ATTENTION_DIM,
-        caption_projection_dim=32,
-        pooled_projection_dim=64,  # CLIP-L + CLIP-G projections
-        out_channels=16,
-        pos_embed_max_size=32,
-        dual_attention_layers=(0,),
-        qk_norm="rms_norm",
+        **dict(
+            sample_size=16,
+            patch_size=2,
+            in_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=DECODER_JOINT_ATTENTION_DIM,
+            caption_projection_dim=32,
+            pooled_projection_dim=64,  # CLIP-L + CLIP-G projections
+            out_channels=16,
+            pos_embed_max_size=32,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
+        | (transformer_config or {})
     ).eval()
     torch.manual_seed(SEED)
-    vae = AutoencoderKL(
+    vae = vae or AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -322,9 +347,11 @@ def build_tiny_decoder(path: str | Path, with_t5: bool = True) -> None:
     pipe.save_pretrained(path)
 
 
-def build_tiny_projector(path: str | Path) -> None:
+def build_tiny_projector(
+    path: str | Path, encoder_hidden_size: int = ENCODER_HIDDEN_SIZE, joint_attention_dim: int = DECODER_JOINT_ATTENTION_DIM
+) -> None:
     torch.manual_seed(SEED)
-    UAEProjector(ENCODER_HIDDEN_SIZE, 4 * ENCODER_HIDDEN_SIZE, DECODER_JOINT_ATTENTION_DIM).save_pretrained(path)
+    UAEProjector(encoder_hidden_size, 4 * encoder_hidden_size, joint_attention_dim).save_pretrained(path)
 
 
 _CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
