@@ -41,18 +41,6 @@ def test_reconstruct_names_an_unreadable_file(pipe, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_from_nothing(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "uae_hf.cli", "demo", "--output-dir", str(tmp_path / "demo"), "--num-inference-steps",
-         "2"], capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("grid.png", "captions.jsonl", "pipeline/pipeline.py", "reconstructions/astronaut.png"):
-        assert (tmp_path / "demo" / name).exists(), name
-    assert "astronaut.png:" in result.stdout
-
-
-@pytest.mark.slow
 def test_train_runs_the_tiny_recipe_with_no_other_argument(tmp_path):
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / "understanding_tiny.yaml"
     result = subprocess.run(

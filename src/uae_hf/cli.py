@@ -91,9 +91,20 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, steps: int, token
     )
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the first image (image i uses seed + i)")
+    parser.add_argument("--encoder-adapter", default=None, metavar="DIR",
+                        help="a PEFT adapter folder to load on the encoder (e.g. a stage-2 output)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the pipeline folder's own code (by default a UAE pipeline is rebuilt from uae_hf's "
                         "classes and no code from the folder or repo runs)")
+
+
+def _load_pipeline(args):
+    from .pipelines import load_saved_pipeline
+
+    pipeline = load_saved_pipeline(args.pipeline, trust_remote_code=args.trust_remote_code)
+    if args.encoder_adapter:
+        pipeline.load_encoder_adapter(args.encoder_adapter)
+    return pipeline
 
 
 def _cmd_tiny_models(args) -> None:
@@ -104,11 +115,9 @@ def _cmd_tiny_models(args) -> None:
 
 
 def _cmd_reconstruct(args) -> None:
-    from .pipelines import load_saved_pipeline
-
     paths = [Path(p) for p in args.images]
     originals = load_images(paths)
-    pipeline = load_saved_pipeline(args.pipeline, trust_remote_code=args.trust_remote_code)
+    pipeline = _load_pipeline(args)
     rows = reconstruct(
         pipeline, paths, originals, Path(args.output_dir), args.batch_size, args.seed, **_generate_kwargs(args)
     )
@@ -127,6 +136,10 @@ def _cmd_convert_release(args) -> None:
 
 def _cmd_demo(args) -> None:
     """The UAE recipe from nothing on the toy world (see `uae_hf.toy_world.demo`)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise SystemExit("uae-hf demo draws its report's plots with matplotlib: pip install 'uae-hf[demo]'") from error
     from .toy_world.demo import demo_config_from_args, run_demo
 
     config = demo_config_from_args(args)
@@ -158,9 +171,7 @@ def _cmd_bench(args) -> None:
     pipeline = None
     call_kwargs = {}
     if args.pipeline:
-        from .pipelines import load_saved_pipeline
-
-        pipeline = load_saved_pipeline(args.pipeline, trust_remote_code=args.trust_remote_code)
+        pipeline = _load_pipeline(args)
         if args.device != "cpu":
             pipeline.to(args.device)
         call_kwargs = _generate_kwargs(args)

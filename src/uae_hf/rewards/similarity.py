@@ -117,6 +117,9 @@ class ImageEmbedder:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
         self.backbone = BACKBONES[backbone]
         self.checkpoint = str(checkpoint or self.backbone.checkpoint)
+        if not self.checkpoint:
+            raise ValueError(f"backbone {backbone!r} has no default checkpoint: pass its folder, e.g. "
+                             f"checkpoints={{{backbone!r}: 'path/to/{backbone}'}}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = self.backbone.load(self.checkpoint, dtype).to(self.device).eval().requires_grad_(False)

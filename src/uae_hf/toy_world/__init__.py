@@ -9,3 +9,18 @@ from .backbone import (
     train_toy_backbone,
 )
 from .world import ATTRIBUTES, DETAIL_LEVELS, ToyScene, scene_at, toy_world_dataset, toy_world_stream
+
+__all__ = [
+    "ATTRIBUTES",
+    "DETAIL_LEVELS",
+    "ToyScene",
+    "ToyWorldVisionConfig",
+    "ToyWorldVisionModel",
+    "attribute_accuracy",
+    "predict_attributes",
+    "scene_at",
+    "toy_image_processor",
+    "toy_world_dataset",
+    "toy_world_stream",
+    "train_toy_backbone",
+]

@@ -14,14 +14,17 @@ import datasets
 import evaluate
 import numpy as np
 import torch
-from peft import LoraConfig
+from diffusers import SD3Transformer2DModel
+from peft import LoraConfig, PeftModel
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, AutoModelForImageTextToText
 from trl import SFTConfig, SFTTrainer
 
+from ..models.projector import UAEProjector
 from ..pipelines.uae_reconstruction.loading import load_uae_pipeline
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_messages
 from ..trainer import UnifiedGRPOConfig, UnifiedGRPOTrainer
+from ..trainer.loop_stage import LORA_WEIGHT_NAME
 from ..visualization import reconstruction_grid
 from .backbone import ToyWorldVisionModel, attribute_accuracy, predict_attributes, train_toy_backbone
 from .models import build_toy_world_models
@@ -36,6 +39,7 @@ STAGE_TITLES = {
     "understanding": "stage 2: GRPO on the encoder",
     "generation": "stage 3: Flow-GRPO on the decoder",
 }
+STAGE_RECORD = "demo_stage.json"  # a finished stage: its held-out scores, training curves and time
 LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -49,6 +53,7 @@ class ToyDemoConfig:
     eval_rows: int = field(default=128, metadata={"help": "Held-out scenes scored after every stage."})
     backbone_steps: int = field(default=1000, metadata={"help": "Training steps of the toy backbone."})
     vae_steps: int = field(default=400, metadata={"help": "Training steps of the toy VAE."})
+    vision_steps: int = field(default=600, metadata={"help": "Pre-training steps of the encoder's vision tower."})
     sft_steps: int = field(default=400, metadata={"help": "Encoder SFT steps (batch 32)."})
     sft_level_weights: tuple[float, ...] = field(
         default=(0.7, 0.1, 0.1, 0.1), metadata={"help": f"SFT caption mix over {DETAIL_LEVELS}."}
@@ -64,7 +69,7 @@ class ToyDemoConfig:
     @classmethod
     def quick(cls, **overrides) -> "ToyDemoConfig":
         """The same path with tiny budgets (a couple of minutes): for CI and a first look."""
-        budgets = dict(train_rows=512, eval_rows=16, backbone_steps=60, vae_steps=30, sft_steps=20, pretrain_steps=30,
+        budgets = dict(train_rows=512, eval_rows=16, backbone_steps=60, vae_steps=30, vision_steps=20, sft_steps=20, pretrain_steps=30,
                        cold_start_steps=2, understanding_steps=3, generation_steps=2)
         return cls(**(budgets | overrides))
 
@@ -130,129 +135,196 @@ def _history(trainer, *keys: str) -> dict[str, list[float]]:
 
 def _common_args(config: ToyDemoConfig, output_dir: Path, **kwargs) -> dict:
     return dict(output_dir=str(output_dir), seed=config.seed, bf16=False, report_to=[], save_strategy="no",
+                activation_checkpointing=False,
                 logging_steps=1, use_cpu=not torch.cuda.is_available(), disable_tqdm=False, **kwargs)
 
 
-def _uae_args(config: ToyDemoConfig, output_dir: Path, backbone_dir: Path, **kwargs) -> UnifiedGRPOConfig:
-    return UnifiedGRPOConfig(
-        **_common_args(config, output_dir, **kwargs),
-        decoder_height=IMAGE_SIZE, decoder_width=IMAGE_SIZE,
-        decoder_num_inference_steps=config.num_inference_steps, decoder_guidance_scale=config.guidance_scale,
-        reward_backbones=["toyworld"], backbone_checkpoints={"toyworld": str(backbone_dir)},
-        max_completion_length=config.max_caption_tokens,
-    )
+class ToyWorldDemo:
+    """Runs the recipe stage by stage. Each stage saves its weights and scores under `stages/NAME/`; running again
+    in the same folder reloads finished stages instead of training them again (delete a stage folder to redo it
+    and every later stage)."""
+
+    def __init__(self, config: ToyDemoConfig):
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.stages_dir = self.out / "stages"
+        self.backbone_dir = self.out / "models" / "toyworld-backbone"
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.results: dict = {"config": asdict(config), "stages": {}, "curves": {}, "timings_s": {}}
+
+    # ------------------------------------------------------------------------------------------------------ plumbing
+    def _build(self) -> None:
+        config, models = self.config, self.out / "models"
+        self.train = toy_world_dataset(config.train_rows, "train", config.seed)
+        held_out = toy_world_dataset(config.eval_rows, "test", config.seed)
+        if not (self.backbone_dir / "model.safetensors").exists():
+            train_toy_backbone(self.backbone_dir, steps=config.backbone_steps, seed=config.seed)
+        if not (models / "projector" / "config.json").exists():
+            build_toy_world_models(models, vae_steps=config.vae_steps, vision_steps=config.vision_steps, seed=config.seed)
+        self.pipeline = load_uae_pipeline(models / "decoder", models / "encoder", models / "projector").to(self.device)
+        # the decoder reads captions with the LLM's base weights; encoder adapters only change the captions written
+        self.pipeline.register_to_config(conditioning_with_encoder_adapters=False)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.score = HeldOutScorer(held_out, self.backbone_dir, config)
+
+    def _args(self, stage: str, **kwargs) -> UnifiedGRPOConfig:
+        config = self.config
+        return UnifiedGRPOConfig(
+            **_common_args(config, self.stages_dir / stage, **kwargs), stage=stage,
+            decoder_height=IMAGE_SIZE, decoder_width=IMAGE_SIZE,
+            decoder_num_inference_steps=config.num_inference_steps, decoder_guidance_scale=config.guidance_scale,
+            reward_backbones=["toyworld"], backbone_checkpoints={"toyworld": str(self.backbone_dir)},
+            max_completion_length=config.max_caption_tokens,
+        )
+
+    def _finish(self, stage: str, seconds: float, curves: dict) -> None:
+        scores = self.score(self.pipeline)
+        grid = reconstruction_grid(self.score.images[:16], scores.pop("reconstructions")[:16], scores["captions"][:16])
+        grid.save(self.out / f"reconstructions_{STAGES.index(stage) + 1}_{stage}.png")
+        record = {"scores": scores, "curves": curves, "seconds": seconds}
+        (self.stages_dir / stage).mkdir(parents=True, exist_ok=True)
+        (self.stages_dir / stage / STAGE_RECORD).write_text(json.dumps(record, indent=1))
+        self._keep(stage, record)
+
+    def _keep(self, stage: str, record: dict) -> None:
+        self.results["stages"][stage] = record["scores"]
+        self.results["curves"][stage] = record["curves"]
+        self.results["timings_s"][stage] = record["seconds"]
+        scores = record["scores"]
+        tqdm.write(f"[{stage}] Unified-Bench {scores['unified_bench']:.2f}, attribute accuracy "
+                   f"{scores['attribute_accuracy']['mean']:.3f}, caption words {scores['caption']['words']:.2f}")
+
+    # -------------------------------------------------------------------------------------------------------- stages
+    def sft(self) -> dict:
+        """TRL's SFTTrainer on an encoder LoRA (its own copies of the embeddings, head and final norm; vision tower
+        frozen), mostly on terse captions. The base LLM stays as built: it is what the decoder reads captions with."""
+        config, vlm = self.config, self.pipeline.vlm
+        vlm.requires_grad_(False)
+        vlm.add_adapter(LoraConfig(r=32, lora_alpha=32, target_modules=LLM_LORA_TARGETS, init_lora_weights="gaussian",
+                                   modules_to_save=["embed_tokens", "lm_head", "language_model.norm"]))
+        trainer = SFTTrainer(
+            model=vlm,
+            args=SFTConfig(**_common_args(config, self.stages_dir / "sft", max_steps=config.sft_steps,
+                                          per_device_train_batch_size=32, learning_rate=3e-3,
+                                          lr_scheduler_type="cosine", warmup_steps=min(20, config.sft_steps // 10),
+                                          max_length=None)),
+            train_dataset=sft_dataset(self.train, config.sft_level_weights, config.seed),
+            processing_class=self.pipeline.processor,
+        )
+        trainer.train()
+        trainer.save_model()
+        vlm.eval()
+        return _history(trainer, "loss")
+
+    def load_sft(self) -> None:
+        self.pipeline.load_encoder_adapter(str(self.stages_dir / "sft"))
+
+    def pretrain(self) -> dict:
+        """Projector + every DiT weight, rectified flow on detailed captions through the frozen encoder."""
+        config = self.config
+        trainer = UnifiedGRPOTrainer(None, self.pipeline, train_dataset=self.train, args=self._args(
+            "pretrain", pretrain_full_dit=True, max_steps=config.pretrain_steps, per_device_train_batch_size=32,
+            learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=min(20, config.pretrain_steps // 10),
+            adam_beta2=0.99, weight_decay=0.0, caption_column="caption"))
+        trainer.train()
+        trainer.save_model()
+        return _history(trainer, "loss")
+
+    def load_pretrain(self) -> None:
+        folder = self.stages_dir / "pretrain"
+        self.pipeline.transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer").to(self.device)
+        self._load_projector(folder)
+
+    def cold_start(self) -> dict:
+        """The projector learns from the semantic reconstruction loss through a short sampler."""
+        trainer = UnifiedGRPOTrainer(None, self.pipeline, train_dataset=self.train, args=self._args(
+            "cold_start", max_steps=self.config.cold_start_steps, per_device_train_batch_size=8, learning_rate=1e-4,
+            caption_column="caption", cold_start_trainable=["projector"]))
+        trainer.train()
+        trainer.save_model()
+        return _history(trainer, "loss")
+
+    def load_cold_start(self) -> None:
+        self._load_projector(self.stages_dir / "cold_start")
+
+    def _load_projector(self, folder: Path) -> None:
+        self.pipeline.projector = UAEProjector.from_pretrained(folder / "projector").to(self.device)
+
+    def understanding(self) -> dict:
+        """Stage 2: GRPO on the SFT adapter; the decoder, reading captions with the base LLM, is the reward."""
+        config = self.config
+        self.pipeline.unload_encoder_adapter()
+        policy = PeftModel.from_pretrained(self.pipeline.vlm, self.stages_dir / "sft", is_trainable=True)
+        trainer = UnifiedGRPOTrainer(
+            policy, self.pipeline, train_dataset=self.train.select_columns(["image"]),
+            processing_class=self.pipeline.processor,
+            args=self._args("understanding", max_steps=config.understanding_steps, per_device_train_batch_size=64,
+                            num_generations=8, learning_rate=1e-3, temperature=1.0, beta=0.0,
+                            decoder_text_encoder="frozen", reward_batch_size=64,
+                            log_reconstructions_steps=max(1, config.understanding_steps // 4)),
+        )
+        trainer.train()
+        trainer.save_model()
+        self.pipeline.vlm = trainer.accelerator.unwrap_model(trainer.model).unload().eval()
+        self.load_understanding()
+        return _history(trainer, "reward", "completions/mean_length", "caption_words/mean")
+
+    def load_understanding(self) -> None:
+        if getattr(self.pipeline.vlm, "_hf_peft_config_loaded", False):  # resuming: the SFT adapter is loaded
+            self.pipeline.unload_encoder_adapter()
+        self.pipeline.load_encoder_adapter(str(self.stages_dir / "understanding"))
+
+    def generation(self) -> dict:
+        """Stage 3: Flow-GRPO on a DiT LoRA; captions from the frozen stage-2 encoder."""
+        config = self.config
+        trainer = UnifiedGRPOTrainer(
+            self.pipeline.vlm, self.pipeline, train_dataset=self.train.select_columns(["image"]),
+            processing_class=self.pipeline.processor,
+            args=self._args("generation", max_steps=config.generation_steps, per_device_train_batch_size=64,
+                            num_generations=8, learning_rate=1e-3, decoder_lora_r=16, decoder_lora_alpha=32,
+                            timestep_fraction=0.5, beta=0.0, same_noise_in_group=True,
+                            log_reconstructions_steps=max(1, config.generation_steps // 4)),
+        )
+        trainer.train()
+        trainer.save_model()
+        self._fuse_dit_lora()
+        return _history(trainer, "reward", "caption_words/mean")
+
+    def load_generation(self) -> None:
+        self.pipeline.load_lora_weights(self.stages_dir / "generation", weight_name=LORA_WEIGHT_NAME)
+        self._fuse_dit_lora()
+
+    def _fuse_dit_lora(self) -> None:
+        self.pipeline.fuse_lora()
+        self.pipeline.unload_lora_weights()
+
+    # ----------------------------------------------------------------------------------------------------------- run
+    def run(self) -> dict:
+        """Build (or reload) the models, run (or reload) every stage, save the final pipeline, write the report."""
+        torch.set_flush_denormal(True)  # tiny models on CPU slow down several-fold on denormal floats otherwise
+        self.out.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        self._build()
+        self.results["timings_s"]["build"] = time.perf_counter() - started
+        for stage in STAGES:
+            record_path = self.stages_dir / stage / STAGE_RECORD
+            if record_path.exists():
+                getattr(self, f"load_{stage}")()
+                self._keep(stage, json.loads(record_path.read_text()))
+                continue
+            stage_start = time.perf_counter()
+            curves = getattr(self, stage)()
+            self._finish(stage, time.perf_counter() - stage_start, curves)
+        self.pipeline.unload_encoder_adapter()  # saved on its own: stages/understanding
+        self.pipeline.save_pretrained(self.out / "pipeline")
+        self.results["timings_s"]["total"] = time.perf_counter() - started
+        write_report(self.results, self.out, STAGE_TITLES)
+        return self.results
 
 
 def run_demo(config: ToyDemoConfig) -> dict:
     """Build everything, run the five stages, score after each, write the report; returns the results."""
-    torch.set_flush_denormal(True)  # tiny models on CPU slow down several-fold on denormal floats otherwise
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    train = toy_world_dataset(config.train_rows, "train", config.seed)
-    held_out = toy_world_dataset(config.eval_rows, "test", config.seed)
-    backbone_dir = out / "models" / "toyworld-backbone"
-    train_toy_backbone(backbone_dir, steps=config.backbone_steps, seed=config.seed)
-    build_toy_world_models(out / "models", vae_steps=config.vae_steps, seed=config.seed)
-    timings["build"] = time.perf_counter() - started
-
-    pipeline = load_uae_pipeline(out / "models" / "decoder", out / "models" / "encoder", out / "models" / "projector")
-    pipeline.to(device)
-    pipeline.set_progress_bar_config(disable=True)
-    encoder = pipeline.vlm
-    score = HeldOutScorer(held_out, backbone_dir, config)
-    stages_dir = out / "stages"
-    results: dict = {"config": asdict(config), "stages": {}, "curves": {}}
-
-    def finish(stage: str, stage_start: float, curves: dict | None = None) -> None:
-        timings[stage] = time.perf_counter() - stage_start
-        scores = score(pipeline)
-        grid = reconstruction_grid(score.images[:16], scores.pop("reconstructions")[:16], scores["captions"][:16])
-        grid.save(out / f"reconstructions_{STAGES.index(stage) + 1}_{stage}.png")
-        results["stages"][stage] = scores
-        results["curves"][stage] = curves or {}
-        tqdm.write(f"[{stage}] Unified-Bench {scores['unified_bench']:.2f}, attribute accuracy "
-                   f"{scores['attribute_accuracy']['mean']:.3f}, caption words {scores['caption']['words']:.2f}")
-
-    # 1. encoder SFT: full fine-tuning of the from-scratch VLM, mostly on terse captions
-    stage_start = time.perf_counter()
-    sft = SFTTrainer(
-        model=encoder,
-        args=SFTConfig(**_common_args(config, stages_dir / "sft", max_steps=config.sft_steps,
-                                      per_device_train_batch_size=32, learning_rate=1e-3, lr_scheduler_type="cosine",
-                                      warmup_steps=min(20, config.sft_steps // 10), max_length=None)),
-        train_dataset=sft_dataset(train, config.sft_level_weights, config.seed),
-        processing_class=pipeline.processor,
-    )
-    sft.train()
-    encoder.eval()
-    finish("sft", stage_start, _history(sft, "loss"))
-
-    # 2. decoder pre-training: projector + every DiT weight, on detailed captions through the frozen encoder
-    stage_start = time.perf_counter()
-    pretrain = UnifiedGRPOTrainer(
-        None, pipeline, train_dataset=train,
-        args=_uae_args(config, stages_dir / "pretrain", backbone_dir, stage="pretrain", pretrain_full_dit=True,
-                       max_steps=config.pretrain_steps, per_device_train_batch_size=32, learning_rate=2e-3,
-                       lr_scheduler_type="cosine", warmup_steps=min(20, config.pretrain_steps // 10), adam_beta2=0.99,
-                       weight_decay=0.0, caption_column="caption"),
-    )
-    pretrain.train()
-    finish("pretrain", stage_start, _history(pretrain, "loss"))
-
-    # 3. cold start: the projector learns from the semantic reconstruction loss through a short sampler
-    stage_start = time.perf_counter()
-    cold_start = UnifiedGRPOTrainer(
-        None, pipeline, train_dataset=train,
-        args=_uae_args(config, stages_dir / "cold_start", backbone_dir, stage="cold_start",
-                       max_steps=config.cold_start_steps, per_device_train_batch_size=8, learning_rate=1e-4,
-                       caption_column="caption", cold_start_trainable=["projector"]),
-    )
-    cold_start.train()
-    cold_start.save_model()
-    finish("cold_start", stage_start, _history(cold_start, "loss"))
-
-    # 4. stage 2: GRPO on an encoder LoRA, the decoder (reading captions through the policy) as the reward
-    stage_start = time.perf_counter()
-    understanding = UnifiedGRPOTrainer(
-        encoder, pipeline, train_dataset=train.select_columns(["image"]), processing_class=pipeline.processor,
-        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=LLM_LORA_TARGETS, init_lora_weights="gaussian"),
-        args=_uae_args(config, stages_dir / "understanding", backbone_dir, stage="understanding",
-                       max_steps=config.understanding_steps, per_device_train_batch_size=64, num_generations=8,
-                       learning_rate=1e-3, temperature=1.0, beta=0.02, decoder_text_encoder="policy",
-                       reward_batch_size=64, log_reconstructions_steps=max(1, config.understanding_steps // 4)),
-    )
-    understanding.train()
-    understanding.save_model()
-    encoder = understanding.accelerator.unwrap_model(understanding.model).merge_and_unload()
-    pipeline.vlm = encoder
-    finish("understanding", stage_start,
-           _history(understanding, "reward", "completions/mean_length", "caption_words/mean"))
-
-    # 5. stage 3: Flow-GRPO on a DiT LoRA, captions from the frozen stage-2 encoder
-    stage_start = time.perf_counter()
-    generation = UnifiedGRPOTrainer(
-        encoder, pipeline, train_dataset=train.select_columns(["image"]), processing_class=pipeline.processor,
-        args=_uae_args(config, stages_dir / "generation", backbone_dir, stage="generation",
-                       max_steps=config.generation_steps, per_device_train_batch_size=64, num_generations=8,
-                       learning_rate=1e-3, decoder_lora_r=16, decoder_lora_alpha=32, timestep_fraction=0.5,
-                       beta=0.0, same_noise_in_group=True,
-                       log_reconstructions_steps=max(1, config.generation_steps // 4)),
-    )
-    generation.train()
-    generation.save_model()
-    pipeline.fuse_lora()
-    pipeline.unload_lora_weights()
-    finish("generation", stage_start, _history(generation, "reward", "caption_words/mean"))
-
-    pipeline.save_pretrained(out / "pipeline")
-    timings["total"] = time.perf_counter() - started
-    results["timings_s"] = timings
-    write_report(results, out, STAGE_TITLES)
-    return results
+    return ToyWorldDemo(config).run()
 
 
 def demo_config_from_args(args) -> ToyDemoConfig:

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import CAPTION_INSTRUCTION, NEGATIVE_PROMPT
 from ..tiny_models import build_tiny_decoder, build_tiny_encoder, build_tiny_projector
-from .world import DETAIL_LEVELS, IMAGE_SIZE, scene_at
+from .world import ATTRIBUTES, DETAIL_LEVELS, IMAGE_SIZE, scene_at
 
 ENCODER_TEXT = dict(
     hidden_size=128,
@@ -94,8 +95,43 @@ def train_toy_vae(steps: int = 400, batch_size: int = 32, learning_rate: float =
     return vae
 
 
-def build_toy_world_models(out_dir, vae_steps: int = 400, seed: int = 0) -> Path:
-    """Write `encoder/`, `decoder/` (with the trained VAE) and `projector/` for the toy world under `out_dir`."""
+def pretrain_toy_vision(
+    vlm, processor, steps: int = 600, batch_size: int = 64, learning_rate: float = 2e-3, seed: int = 0
+) -> float:
+    """Pre-train the encoder's vision tower to read every attribute (linear heads on its merged tokens, dropped
+    afterwards): the stand-in for the pretrained vision encoder every real VLM starts from. Returns the heads'
+    accuracy on the last batch."""
+    visual = vlm.model.visual
+    torch.manual_seed(seed)
+    probe = None
+    optimizer = schedule = None
+    accuracy = 0.0
+    visual.train()
+    for step in tqdm(range(steps), desc="toy vision tower", unit="step"):
+        scenes = [scene_at(seed + 17, step * batch_size + i) for i in range(batch_size)]
+        inputs = processor.image_processor(images=[scene.render() for scene in scenes], return_tensors="pt")
+        tokens = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+        features = tokens.reshape(batch_size, -1)
+        if probe is None:
+            probe = torch.nn.ModuleDict({name: torch.nn.Linear(features.shape[1], len(values))
+                                         for name, values in ATTRIBUTES.items()})
+            optimizer = torch.optim.AdamW([*visual.parameters(), *probe.parameters()], lr=learning_rate)
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
+        labels = {name: torch.tensor([scene.labels()[name] for scene in scenes]) for name in ATTRIBUTES}
+        logits = {name: head(features) for name, head in probe.items()}
+        loss = sum(F.cross_entropy(logits[name], labels[name]) for name in ATTRIBUTES)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        accuracy = float(np.mean([(logits[n].argmax(-1) == labels[n]).float().mean() for n in ATTRIBUTES]))
+    visual.eval()
+    return accuracy
+
+
+def build_toy_world_models(out_dir, vae_steps: int = 400, vision_steps: int = 600, seed: int = 0) -> Path:
+    """Write `encoder/` (vision tower pre-trained), `decoder/` (with the trained VAE) and `projector/` for the toy
+    world under `out_dir`."""
     out_dir = Path(out_dir)
     build_tiny_encoder(
         out_dir / "encoder",
@@ -105,6 +141,9 @@ def build_toy_world_models(out_dir, vae_steps: int = 400, seed: int = 0) -> Path
         vision_config=ENCODER_VISION,
         pixel_bounds=(IMAGE_SIZE * IMAGE_SIZE, 4 * IMAGE_SIZE * IMAGE_SIZE),
     )
+    vlm = AutoModelForImageTextToText.from_pretrained(out_dir / "encoder")
+    pretrain_toy_vision(vlm, AutoProcessor.from_pretrained(out_dir / "encoder"), steps=vision_steps, seed=seed)
+    vlm.save_pretrained(out_dir / "encoder")
     build_tiny_decoder(
         out_dir / "decoder", with_t5=False, transformer_config=DECODER_TRANSFORMER, vae=train_toy_vae(vae_steps, seed=seed)
     )

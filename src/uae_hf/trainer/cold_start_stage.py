@@ -40,7 +40,10 @@ class ColdStartModel(nn.Module):
     def reconstruct(self, captions: list[str], generator: torch.Generator) -> torch.Tensor:
         """Captions → images in [0, 1], differentiable w.r.t. every trainable part."""
         decoder, args = self.helpers["decoder"], self.args
-        conditioning = encode_generate_prompts(self.vlm, decoder.processor.tokenizer, self.projector, captions)
+        conditioning = encode_generate_prompts(
+            self.vlm, decoder.processor.tokenizer, self.projector, captions,
+            with_adapters=decoder.config.get("conditioning_with_encoder_adapters", True),
+        )
         pooled = decoder.uae_pooled_prompt_embeds().to(conditioning.prompt_embeds.device).expand(len(captions), -1)
         mask = conditioning.text_mask()
         shape = (len(captions), self.transformer.config.in_channels,

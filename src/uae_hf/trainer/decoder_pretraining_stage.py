@@ -41,7 +41,10 @@ class DecoderPretrainingModel(nn.Module):
         decoder, args = self.helpers["decoder"], self.args
         latents = self.latents(pixels, generator)
         batch = latents.shape[0]
-        conditioning = encode_generate_prompts(decoder.vlm, decoder.processor.tokenizer, self.projector, captions)
+        conditioning = encode_generate_prompts(
+            decoder.vlm, decoder.processor.tokenizer, self.projector, captions,
+            with_adapters=decoder.config.get("conditioning_with_encoder_adapters", True),
+        )
         mask = conditioning.text_mask()
         pooled = decoder.uae_pooled_prompt_embeds().to(latents.device, latents.dtype).expand(batch, -1)
         density = compute_density_for_timestep_sampling(

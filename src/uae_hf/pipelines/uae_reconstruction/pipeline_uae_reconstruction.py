@@ -5,6 +5,7 @@ as the saved folder's `pipeline.py`, so `DiffusionPipeline.from_pretrained(folde
 works without `uae_hf` installed. It is also the one home of UAE captioning and "generate"-role conditioning.
 """
 
+import contextlib
 import inspect
 import json
 import shutil
@@ -134,8 +135,28 @@ def generate_prompt_ids(tokenizer, captions: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run `model` on its base weights: every PEFT adapter layer (LoRA, modules_to_save copies) is switched off,
+    then put back as it was. A no-op for a model without adapters."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "disable_adapters", None), bool)]
+    was_disabled = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, disabled in zip(layers, was_disabled):
+            layer.enable_adapters(not disabled)
+
+
 def encode_generate_prompts(
-    vlm, tokenizer, projector, captions: list[str], negative_prompt: str = NEGATIVE_PROMPT
+    vlm,
+    tokenizer,
+    projector,
+    captions: list[str],
+    negative_prompt: str = NEGATIVE_PROMPT,
+    with_adapters: bool = True,
 ) -> GenerateConditioning:
     """Captions → LLM last hidden state of every token → projector: the decoder's `prompt_embeds` (UAE-native).
 
@@ -143,7 +164,8 @@ def encode_generate_prompts(
     (pad token `<|endoftext|>`), the LLM sees an attention mask and mask-derived position ids, and every position
     (pads of the pair included) is projected. One forward pass serves the whole batch: extra padding up to the
     batch's longest item cannot change earlier positions (causal attention), so item i's first `lengths[i]` rows
-    equal what it gets alone. Gradients flow if enabled (cold start trains through this).
+    equal what it gets alone. Gradients flow if enabled (cold start trains through this). `with_adapters=False`
+    reads the captions with the LLM's base weights (any encoder adapter then only changes the captions written).
     """
     if len(captions) == 0:
         raise ValueError("`captions` is empty: pass at least one caption")
@@ -163,14 +185,15 @@ def encode_generate_prompts(
 
     device = vlm.device
     # The top-level forward (not the inner decoder) so offload hooks and PEFT wrappers apply; logits of one position.
-    hidden_states = vlm(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device),
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    ).hidden_states[-1]
+    with contextlib.nullcontext() if with_adapters else adapters_disabled(vlm):
+        hidden_states = vlm(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        ).hidden_states[-1]
     projector_dtype = next(projector.parameters()).dtype
     embeds = projector(hidden_states.to(projector.device, projector_dtype))
     negative = embeds[:1].expand(len(captions), -1, -1)
@@ -243,8 +266,14 @@ _NOT_SET = object()
 
 
 def _is_adapter_layer(module: torch.nn.Module) -> bool:
-    """A PEFT adapter wrapper (e.g. a LoRA `Linear`) around a base layer."""
-    return hasattr(module, "base_layer") and hasattr(module, "get_base_layer")
+    """A PEFT wrapper around a base layer: an adapter layer (e.g. a LoRA `Linear`) or a `modules_to_save` copy."""
+    return (hasattr(module, "base_layer") and hasattr(module, "get_base_layer")) or (
+        hasattr(module, "original_module") and hasattr(module, "modules_to_save")
+    )
+
+
+def _plain_layer(module: torch.nn.Module) -> torch.nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module.original_module
 
 
 @dataclass
@@ -286,6 +315,9 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
         conditioning_mode (`str`, defaults to `"embeddings"`): `"embeddings"` conditions the decoder on the encoder
             LLM's hidden states of the caption through the projector (UAE-native); `"text"` uses the caption as an
             ordinary SD3 prompt through the decoder's own text encoders.
+        conditioning_with_encoder_adapters (`bool`, defaults to `True`): whether an adapter loaded on the encoder
+            also changes how the decoder reads captions. `False` reads them with the LLM's base weights, as a decoder
+            trained with the encoder adapter disabled (the trainer's `decoder_text_encoder="frozen"`) expects.
     """
 
     model_cpu_offload_seq = "vlm->text_encoder->text_encoder_2->text_encoder_3->projector->transformer->vae"
@@ -310,6 +342,7 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
         image_encoder: SiglipVisionModel = None,
         feature_extractor: SiglipImageProcessor = None,
         conditioning_mode: str = "embeddings",
+        conditioning_with_encoder_adapters: bool = True,
     ):
         super().__init__(
             transformer=transformer,
@@ -326,7 +359,9 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
         )
         self.register_modules(vlm=vlm, processor=processor, projector=projector)
         self._check_conditioning_mode(conditioning_mode)
-        self.register_to_config(conditioning_mode=conditioning_mode)
+        self.register_to_config(
+            conditioning_mode=conditioning_mode, conditioning_with_encoder_adapters=conditioning_with_encoder_adapters
+        )
         if projector is not None and transformer is not None:
             width, expected = projector.config.out_features, transformer.config.joint_attention_dim
             if width != expected:
@@ -500,7 +535,8 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
                 joint_attention_kwargs=None,
             )
         conditioning = encode_generate_prompts(
-            self.vlm, self.processor.tokenizer, self.projector, captions, negative_prompt or NEGATIVE_PROMPT
+            self.vlm, self.processor.tokenizer, self.projector, captions, negative_prompt or NEGATIVE_PROMPT,
+            with_adapters=self.config.get("conditioning_with_encoder_adapters", True),
         )
         dtype = self.transformer.dtype
         prompt_embeds = conditioning.prompt_embeds.to(dtype).repeat_interleave(repeat, dim=0)
@@ -580,7 +616,7 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
             for name, module in list(self.vlm.named_modules()):
                 if _is_adapter_layer(module):
                     parent, _, child = name.rpartition(".")
-                    setattr(self.vlm.get_submodule(parent), child, module.get_base_layer())
+                    setattr(self.vlm.get_submodule(parent), child, _plain_layer(module))
             self.vlm._hf_peft_config_loaded = False
             vars(self.vlm).pop("peft_config", None)
             saved = getattr(self, "_vlm_weight_conversions", _NOT_SET)

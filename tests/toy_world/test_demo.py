@@ -1,0 +1,52 @@
+import json
+import subprocess
+import sys
+
+import PIL.Image
+import pytest
+
+from uae_hf.toy_world.demo import STAGES
+
+from conftest import BLOCK_NETWORK
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_writes_every_artefact(tmp_path):
+    out = tmp_path / "demo"
+    script = BLOCK_NETWORK + f"from uae_hf.cli import main; main(['demo', '--quick', '--output-dir', {str(out)!r}])"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| 5. stage 3: Flow-GRPO on the decoder |" in result.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["stages"]) == list(STAGES)
+    for stage, scores in results["stages"].items():
+        assert 0 < scores["unified_bench"] <= 100 and 0 <= scores["attribute_accuracy"]["mean"] <= 1, stage
+        assert len(scores["captions"]) == results["config"]["eval_rows"]
+    curves = results["curves"]
+    assert len(curves["understanding"]["reward"]) == results["config"]["understanding_steps"]
+    assert len(curves["understanding"]["completions/mean_length"]) == results["config"]["understanding_steps"]
+    assert len(curves["generation"]["reward"]) == results["config"]["generation_steps"]
+    assert len(curves["pretrain"]["loss"]) == results["config"]["pretrain_steps"]
+
+    report = (out / "report.md").read_text()
+    for name in ("reward_per_step.png", "caption_length_per_step.png", "scores_per_stage.png", "losses.png",
+                 *(f"reconstructions_{i + 1}_{stage}.png" for i, stage in enumerate(STAGES))):
+        assert PIL.Image.open(out / name).width > 100, name
+        assert f"]({name})" in report, name
+    for name in ("models/toyworld-backbone/model.safetensors", "models/encoder/model.safetensors",
+                 "stages/understanding/adapter_model.safetensors", "stages/understanding/README.md",
+                 "stages/generation/pytorch_lora_weights.safetensors", "stages/generation/README.md",
+                 "stages/cold_start/projector/config.json", "pipeline/model_index.json"):
+        assert (out / name).exists(), name
+
+    image = tmp_path / "scene.png"
+    PIL.Image.open(out / "reconstructions_1_sft.png").crop((0, 0, 32, 32)).save(image)
+    reconstruct = BLOCK_NETWORK + (
+        "from uae_hf.cli import main; main(['reconstruct', " + repr(str(image)) + ", '--pipeline', "
+        + repr(str(out / "pipeline")) + ", '--output-dir', " + repr(str(tmp_path / "rec"))
+        + ", '--height', '32', '--width', '32', '--num-inference-steps', '4', '--temperature', '0'])"
+    )
+    result = subprocess.run([sys.executable, "-c", reconstruct], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert PIL.Image.open(tmp_path / "rec" / "reconstructions" / "scene.png").size == (32, 32)

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from uae_hf.toy_world import ATTRIBUTES, DETAIL_LEVELS, scene_at, toy_world_dataset, toy_world_stream
+from uae_hf.toy_world.world import caption_accuracy, parse_caption
+
+
+def test_scenes_are_a_pure_function_of_seed_and_index():
+    first = [np.asarray(scene_at(3, i).render()) for i in range(5)]
+    again = [np.asarray(scene_at(3, i).render()) for i in range(5)]
+    other = [np.asarray(scene_at(4, i).render()) for i in range(5)]
+    assert all((a == b).all() for a, b in zip(first, again))
+    assert not all((a == b).all() for a, b in zip(first, other))
+
+
+def test_dataset_has_images_captions_at_every_level_and_class_labels():
+    dataset = toy_world_dataset(6, "test", seed=1)
+    assert dataset.column_names == ["image", "caption_terse", "caption_colour", "caption_size", "caption",
+                                    *ATTRIBUTES]
+    row = dataset[0]
+    assert row["image"].size == (32, 32) and row["image"].mode == "RGB"
+    truth = {name: dataset.features[name].int2str(row[name]) for name in ATTRIBUTES}
+    assert parse_caption(row["caption"]) == truth  # the full caption states every attribute, correctly
+    assert parse_caption(row["caption_terse"]) == {name: truth["shape"] if name == "shape" else None for name in ATTRIBUTES}
+    assert row["caption_colour"] == f"a {truth['colour']} {truth['shape']}"
+    assert len(set(DETAIL_LEVELS)) == 4
+
+
+def test_splits_are_disjoint_streams_and_the_stream_matches_the_dataset():
+    train, test = toy_world_dataset(20, "train"), toy_world_dataset(20, "test")
+    train_pixels = {np.asarray(image).tobytes() for image in train["image"]}
+    assert not train_pixels & {np.asarray(image).tobytes() for image in test["image"]}
+    streamed = list(toy_world_stream("test").take(3))
+    for index, row in enumerate(streamed):
+        assert row["caption"] == test[index]["caption"]
+        assert np.array_equal(np.asarray(row["image"]), np.asarray(test[index]["image"]))
+
+
+def test_every_attribute_value_appears_in_a_modest_sample():
+    dataset = toy_world_dataset(400, "train")
+    for name, values in ATTRIBUTES.items():
+        assert set(dataset[name]) == set(range(len(values))), name
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        toy_world_dataset(2, "dev")
+    with pytest.raises(ValueError, match="num_rows"):
+        toy_world_dataset(0)
+    with pytest.raises(ValueError, match="unknown detail level"):
+        scene_at(0, 0).caption("verbose")
+
+
+def test_caption_accuracy_counts_stated_and_correct_attributes():
+    truth = {"shape": ["circle", "square"], "colour": ["red", "blue"], "size": ["large", "small"],
+             "position": ["top left", "center"], "background": ["grey", "white"]}
+    captions = ["a large red circle at the top left on a grey background", "a red square"]
+    result = caption_accuracy(captions, truth)
+    assert result["recall"] == pytest.approx(6 / 10)  # 5 right + square right (red is wrong)
+    assert result["precision"] == pytest.approx(6 / 7)
+    assert result["attributes_stated"] == pytest.approx(3.5)
+    assert parse_caption("a small blue triangle at the top on a white background")["position"] == "top"
