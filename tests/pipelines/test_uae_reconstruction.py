@@ -159,7 +159,7 @@ def test_pipeline_module_imports_only_torch_transformers_diffusers():
     tree = ast.parse(inspect.getsource(module))
     roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
-    assert roots <= {"torch", "transformers", "diffusers", "huggingface_hub", "numpy", "PIL", "inspect", "json",
+    assert roots <= {"torch", "transformers", "diffusers", "huggingface_hub", "numpy", "PIL", "contextlib", "inspect", "json",
                      "shutil", "dataclasses", "pathlib", "tempfile"}, roots
     assert not any(isinstance(node, ast.ImportFrom) and node.level > 0 for node in ast.walk(tree))
 
@@ -278,6 +278,43 @@ def test_encoder_adapter_changes_outputs_and_disables_exactly(pipe, photos, tmp_
         with safe_open(str(tmp_path / folder / "model.safetensors"), "pt") as handle:
             keys.append(set(handle.keys()))
     assert keys[0] == keys[1]
+
+
+def test_adapter_can_change_captions_only(pipe, photos, tmp_path):
+    """With conditioning_with_encoder_adapters=False the decoder reads captions with the base LLM, even through an
+    adapter that carries its own embeddings and head (modules_to_save); unloading removes those copies too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from uae_hf.tiny_models import build_tiny_encoder
+
+    build_tiny_encoder(tmp_path / "encoder")
+    torch.manual_seed(3)
+    donor = get_peft_model(
+        Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "encoder"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                   modules_to_save=["embed_tokens", "lm_head"]),
+    )
+    with torch.no_grad():
+        donor.base_model.model.model.language_model.embed_tokens.modules_to_save["default"].weight.mul_(3.0)
+    donor.save_pretrained(tmp_path / "adapter")
+
+    greedy = dict(max_new_tokens=8, do_sample=False, no_repeat_ngram_size=1)
+    base_images = pipe.generate(CAPTIONS[:1], generator=generators(1), **FAST).images
+    base_captions = pipe.caption(photos, **greedy)
+    pipe.load_encoder_adapter(tmp_path / "adapter")
+    try:
+        pipe.register_to_config(conditioning_with_encoder_adapters=False)
+        np.testing.assert_array_equal(pipe.generate(CAPTIONS[:1], generator=generators(1), **FAST).images, base_images)
+        assert pipe.caption(photos, **greedy) != base_captions  # the adapter still writes the captions
+        pipe.register_to_config(conditioning_with_encoder_adapters=True)
+        adapted = pipe.generate(CAPTIONS[:1], generator=generators(1), **FAST).images
+        assert np.abs(adapted - base_images).max() > 1e-4
+    finally:
+        pipe.register_to_config(conditioning_with_encoder_adapters=True)
+        pipe.unload_encoder_adapter()
+    assert not any("modules_to_save" in key or "original_module" in key for key in pipe.vlm.state_dict())
+    assert pipe.caption(photos, **greedy) == base_captions
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16"])

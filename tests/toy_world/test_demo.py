@@ -45,8 +45,17 @@ def test_quick_demo_runs_every_stage_and_writes_every_artefact(tmp_path):
     reconstruct = BLOCK_NETWORK + (
         "from uae_hf.cli import main; main(['reconstruct', " + repr(str(image)) + ", '--pipeline', "
         + repr(str(out / "pipeline")) + ", '--output-dir', " + repr(str(tmp_path / "rec"))
-        + ", '--height', '32', '--width', '32', '--num-inference-steps', '4', '--temperature', '0'])"
+        + ", '--height', '32', '--width', '32', '--num-inference-steps', '4', '--temperature', '0', "
+        + "'--encoder-adapter', " + repr(str(out / "stages" / "understanding")) + "])"
     )
     result = subprocess.run([sys.executable, "-c", reconstruct], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert PIL.Image.open(tmp_path / "rec" / "reconstructions" / "scene.png").size == (32, 32)
+
+    # a second run in the same folder reloads every finished stage instead of training it again
+    first = results["stages"]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    assert again["stages"] == first
+    assert again["timings_s"]["total"] < results["timings_s"]["total"]

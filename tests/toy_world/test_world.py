@@ -60,3 +60,29 @@ def test_caption_accuracy_counts_stated_and_correct_attributes():
     assert result["precision"] == pytest.approx(6 / 7)
     assert result["attributes_stated"] == pytest.approx(3.5)
     assert parse_caption("a small blue triangle at the top on a white background")["position"] == "top"
+
+
+def test_demo_config_rejects_budgets_that_cannot_run():
+    from uae_hf.toy_world.demo import ToyDemoConfig
+
+    with pytest.raises(ValueError, match="pretrain_steps"):
+        ToyDemoConfig(pretrain_steps=0)
+    with pytest.raises(ValueError, match="at least 64"):
+        ToyDemoConfig.quick(train_rows=10)
+    with pytest.raises(ValueError, match="sft_level_weights"):
+        ToyDemoConfig(sft_level_weights=(1.0, 0.0))
+    assert ToyDemoConfig.quick(seed=3).seed == 3 and ToyDemoConfig.quick().pretrain_steps == 30
+
+
+def test_sft_rows_are_prompt_completion_conversations_mostly_terse():
+    from uae_hf.toy_world.demo import sft_dataset
+
+    train = toy_world_dataset(200)
+    rows = sft_dataset(train, (0.7, 0.1, 0.1, 0.1), seed=0)
+    assert rows.column_names == ["images", "prompt", "completion"]
+    completions = [row["completion"][0]["content"][0]["text"] for row in rows]
+    terse = sum(text == train[i]["caption_terse"] for i, text in enumerate(completions))
+    assert 0.6 < terse / len(rows) < 0.8
+    assert all(text in {train[i][c] for c in ("caption_terse", "caption_colour", "caption_size", "caption")}
+               for i, text in enumerate(completions))
+    assert rows[0]["prompt"][0]["role"] == "user" and rows[0]["images"][0].size == (32, 32)

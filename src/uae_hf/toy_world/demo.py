@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..models.projector import UAEProjector
 from ..pipelines.uae_reconstruction.loading import load_uae_pipeline
-from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_messages
+from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import MaskedJointAttnProcessor, caption_messages
 from ..trainer import UnifiedGRPOConfig, UnifiedGRPOTrainer
 from ..trainer.loop_stage import LORA_WEIGHT_NAME
 from ..visualization import reconstruction_grid
@@ -69,9 +69,21 @@ class ToyDemoConfig:
     @classmethod
     def quick(cls, **overrides) -> "ToyDemoConfig":
         """The same path with tiny budgets (a couple of minutes): for CI and a first look."""
-        budgets = dict(train_rows=512, eval_rows=16, backbone_steps=60, vae_steps=30, vision_steps=20, sft_steps=20, pretrain_steps=30,
-                       cold_start_steps=2, understanding_steps=3, generation_steps=2)
+        budgets = dict(train_rows=512, eval_rows=16, backbone_steps=60, vae_steps=30, vision_steps=20, sft_steps=20,
+                       pretrain_steps=30, cold_start_steps=2, understanding_steps=3, generation_steps=2)
         return cls(**(budgets | overrides))
+
+    def __post_init__(self):
+        too_small = {f.name: getattr(self, f.name) for f in fields(self)
+                     if f.name.endswith(("_steps", "_rows")) and getattr(self, f.name) < 1}
+        if too_small:
+            raise ValueError(f"every step and row count must be at least 1, got {too_small}")
+        if self.train_rows < 64:
+            raise ValueError(f"train_rows={self.train_rows}: the RL stages draw 8 images per step, pass at least 64")
+        weights = self.sft_level_weights
+        if len(weights) != len(DETAIL_LEVELS) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"sft_level_weights={weights}: pass {len(DETAIL_LEVELS)} non-negative weights, one per "
+                             f"level of {DETAIL_LEVELS}, with a positive sum")
 
 
 class HeldOutScorer:
@@ -135,8 +147,8 @@ def _history(trainer, *keys: str) -> dict[str, list[float]]:
 
 def _common_args(config: ToyDemoConfig, output_dir: Path, **kwargs) -> dict:
     return dict(output_dir=str(output_dir), seed=config.seed, bf16=False, report_to=[], save_strategy="no",
-                activation_checkpointing=False,
-                logging_steps=1, use_cpu=not torch.cuda.is_available(), disable_tqdm=False, **kwargs)
+                activation_checkpointing=False, logging_steps=1, use_cpu=not torch.cuda.is_available(),
+                disable_tqdm=False, **kwargs)
 
 
 class ToyWorldDemo:
@@ -232,7 +244,9 @@ class ToyWorldDemo:
 
     def load_pretrain(self) -> None:
         folder = self.stages_dir / "pretrain"
-        self.pipeline.transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer").to(self.device)
+        transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer").to(self.device)
+        transformer.set_attn_processor(MaskedJointAttnProcessor())  # as the pipeline gives its own transformer
+        self.pipeline.transformer = transformer
         self._load_projector(folder)
 
     def cold_start(self) -> dict:
@@ -265,7 +279,8 @@ class ToyWorldDemo:
         )
         trainer.train()
         trainer.save_model()
-        self.pipeline.vlm = trainer.accelerator.unwrap_model(trainer.model).unload().eval()
+        # PEFT's unload() would keep the trained embedding/head copies as the base: reload the untouched base instead
+        self._load_base_encoder()
         self.load_understanding()
         return _history(trainer, "reward", "completions/mean_length", "caption_words/mean")
 
@@ -273,6 +288,10 @@ class ToyWorldDemo:
         if getattr(self.pipeline.vlm, "_hf_peft_config_loaded", False):  # resuming: the SFT adapter is loaded
             self.pipeline.unload_encoder_adapter()
         self.pipeline.load_encoder_adapter(str(self.stages_dir / "understanding"))
+
+    def _load_base_encoder(self) -> None:
+        base = AutoModelForImageTextToText.from_pretrained(self.out / "models" / "encoder")
+        self.pipeline.vlm = base.to(self.device).eval()
 
     def generation(self) -> dict:
         """Stage 3: Flow-GRPO on a DiT LoRA; captions from the frozen stage-2 encoder."""
