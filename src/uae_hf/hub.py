@@ -13,8 +13,19 @@ _MODE_DESCRIPTIONS = {
 }
 
 
+LOCAL_CHECKPOINT = "a local checkpoint"
+
+
+def hub_id_of(module) -> str | None:
+    """The Hub id a module was loaded from; `None` for a local folder (cards never carry a user's paths)."""
+    name = getattr(getattr(module, "config", None), "_name_or_path", None)
+    if not name or Path(name).is_absolute() or Path(name).exists() or name.startswith((".", "~")):
+        return None
+    return str(name)
+
+
 def _source(module) -> str:
-    return getattr(module.config, "_name_or_path", None) or "unknown"
+    return hub_id_of(module) or LOCAL_CHECKPOINT
 
 
 def pipeline_model_card(pipe, repo_id: str, unified_bench: dict[str, float] | None = None) -> str:
@@ -27,7 +38,7 @@ def pipeline_model_card(pipe, repo_id: str, unified_bench: dict[str, float] | No
     """
     encoder, decoder = _source(pipe.vlm), _source(pipe.transformer)
     mode = pipe.config.conditioning_mode
-    base_models = [name for name in (encoder, decoder) if name != "unknown" and not Path(name).exists()]
+    base_models = [name for name in (encoder, decoder) if name != LOCAL_CHECKPOINT]
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="image-to-image",

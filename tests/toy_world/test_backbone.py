@@ -18,7 +18,7 @@ from uae_hf.toy_world import (
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy-backbone")
-    train_toy_backbone(path, steps=250, seed=0)
+    train_toy_backbone(path, steps=400, seed=0)
     return path
 
 
@@ -34,8 +34,8 @@ def test_backbone_reads_attributes_of_held_out_scenes(backbone_dir, held_out):
     model = ToyWorldVisionModel.from_pretrained(backbone_dir)
     accuracy = attribute_accuracy(predict_attributes(model, toy_image_processor(), images), truth)
     # chance: shape 1/3, colour 1/6, size 1/2, position 1/9, background 1/2
-    assert accuracy["colour"] > 0.8 and accuracy["position"] > 0.8 and accuracy["background"] > 0.95
-    assert accuracy["size"] > 0.8 and accuracy["shape"] > 0.45
+    assert accuracy["colour"] > 0.85 and accuracy["position"] > 0.9 and accuracy["background"] > 0.95
+    assert accuracy["size"] > 0.9 and accuracy["shape"] > 0.45
     assert accuracy["mean"] == pytest.approx(sum(accuracy[name] for name in ATTRIBUTES) / len(ATTRIBUTES))
 
 

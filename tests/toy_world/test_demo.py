@@ -37,8 +37,12 @@ def test_quick_demo_runs_every_stage_and_writes_every_artefact(tmp_path):
     for name in ("models/toyworld-backbone/model.safetensors", "models/encoder/model.safetensors",
                  "stages/understanding/adapter_model.safetensors", "stages/understanding/README.md",
                  "stages/generation/pytorch_lora_weights.safetensors", "stages/generation/README.md",
+                 "stages/sft/adapter_model.safetensors", "stages/sft/README.md", "stages/pretrain/README.md",
                  "stages/cold_start/projector/config.json", "pipeline/model_index.json"):
         assert (out / name).exists(), name
+
+    for card in (out / "stages").glob("*/README.md"):  # model cards never carry the user's local paths
+        assert str(tmp_path) not in card.read_text(), card
 
     image = tmp_path / "scene.png"
     PIL.Image.open(out / "reconstructions_1_sft.png").crop((0, 0, 32, 32)).save(image)

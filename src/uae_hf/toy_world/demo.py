@@ -141,6 +141,13 @@ def sft_dataset(train: datasets.Dataset, weights, seed: int) -> datasets.Dataset
     })
 
 
+def _save(trainer) -> None:
+    """The stage's weights in their loaders' layouts, with a model card."""
+    trainer.save_model()
+    trainer.create_model_card(model_name=f"uae-toy-world-{Path(trainer.args.output_dir).name}",
+                              dataset_name="uae_hf.toy_world")
+
+
 def _history(trainer, *keys: str) -> dict[str, list[float]]:
     return {key: [record[key] for record in trainer.state.log_history if key in record] for key in keys}
 
@@ -224,7 +231,7 @@ class ToyWorldDemo:
             processing_class=self.pipeline.processor,
         )
         trainer.train()
-        trainer.save_model()
+        _save(trainer)
         vlm.eval()
         return _history(trainer, "loss")
 
@@ -239,7 +246,7 @@ class ToyWorldDemo:
             learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=min(20, config.pretrain_steps // 10),
             adam_beta2=0.99, weight_decay=0.0, caption_column="caption"))
         trainer.train()
-        trainer.save_model()
+        _save(trainer)
         return _history(trainer, "loss")
 
     def load_pretrain(self) -> None:
@@ -255,7 +262,7 @@ class ToyWorldDemo:
             "cold_start", max_steps=self.config.cold_start_steps, per_device_train_batch_size=8, learning_rate=1e-4,
             caption_column="caption", cold_start_trainable=["projector"]))
         trainer.train()
-        trainer.save_model()
+        _save(trainer)
         return _history(trainer, "loss")
 
     def load_cold_start(self) -> None:
@@ -278,7 +285,7 @@ class ToyWorldDemo:
                             log_reconstructions_steps=max(1, config.understanding_steps // 4)),
         )
         trainer.train()
-        trainer.save_model()
+        _save(trainer)
         # PEFT's unload() would keep the trained embedding/head copies as the base: reload the untouched base instead
         self._load_base_encoder()
         self.load_understanding()
@@ -305,7 +312,7 @@ class ToyWorldDemo:
                             log_reconstructions_steps=max(1, config.generation_steps // 4)),
         )
         trainer.train()
-        trainer.save_model()
+        _save(trainer)
         self._fuse_dit_lora()
         return _history(trainer, "reward", "caption_words/mean")
 

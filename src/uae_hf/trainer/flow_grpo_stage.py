@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft.utils import set_peft_model_state_dict
 from transformers import TrainerCallback
 
-from ..hub import MODEL_CARDS
+from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of
 from ..images import load_image
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline, caption_images
 from ..rewards.reconstruction import ReconstructionBatch, caption_metrics
@@ -263,14 +263,14 @@ class FlowGRPOTrainer(TrainerLoopStage):
         if not self.is_world_process_zero():
             return
         args = self.args
-        base = getattr(self.decoder.transformer.config, "_name_or_path", None) or None
+        base = hub_id_of(self.decoder.transformer)
         hub_id = self.hub_model_id or model_name or Path(args.output_dir).name
         latest = {}
         for record in self.state.log_history:
             latest.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
         card = ModelCard.from_template(
             ModelCardData(
-                base_model=base if base and not Path(base).exists() else None,
+                base_model=base,
                 library_name="diffusers",
                 license="other",
                 tags=sorted(set(self._tag_names) | set([tags] if isinstance(tags, str) else tags or [])),

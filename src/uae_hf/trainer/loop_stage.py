@@ -132,7 +132,7 @@ class TrainerLoopStage(UnifiedGRPOTrainer):
             return
         from huggingface_hub import ModelCard, ModelCardData
 
-        from ..hub import MODEL_CARDS
+        from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of
 
         latest = {}
         for record in self.state.log_history:
@@ -145,7 +145,7 @@ class TrainerLoopStage(UnifiedGRPOTrainer):
             model_name=model_name or Path(self.args.output_dir).name,
             stage=self.args.stage,
             stage_description=self._STAGE_DESCRIPTIONS.get(self.args.stage, self.args.stage),
-            decoder=getattr(self.decoder.transformer.config, "_name_or_path", None) or "unknown",
+            decoder=hub_id_of(self.decoder.transformer) or LOCAL_CHECKPOINT,
             files=self.saved_files(),
             metrics=latest,
         )

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 from trl import GRPOTrainer
 
-from ..hub import MODEL_CARDS
+from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline, caption_messages
 from ..rewards.reconstruction import ReconstructionReward
 from ..rewards.similarity import ImageSimilarity
@@ -246,22 +246,23 @@ class UnifiedGRPOTrainer(GRPOTrainer):
         """Write `output_dir/README.md` from `model_cards/unified_grpo_encoder.md`."""
         if not self.is_world_process_zero():
             return
-        base_model = self._policy_base_model().config._name_or_path or None
-        decoder_name = getattr(self.decoder.transformer.config, "_name_or_path", None)
+        base_model = hub_id_of(self._policy_base_model())
+        decoder_name = hub_id_of(self.decoder.transformer) or LOCAL_CHECKPOINT
         latest = {}
         for record in self.state.log_history:
             latest.update({key: value for key, value in record.items() if isinstance(value, (int, float))})
         args = self.args
         card = ModelCard.from_template(
             ModelCardData(
-                base_model=base_model if base_model and not Path(base_model).exists() else None,
+                base_model=base_model,
                 library_name="peft" if isinstance(self.accelerator.unwrap_model(self.model), PeftModel) else "transformers",
                 tags=sorted(set(self._tag_names) | set([tags] if isinstance(tags, str) else tags or [])),
                 datasets=[dataset_name] if dataset_name else None,
             ),
             template_path=str(MODEL_CARDS / "unified_grpo_encoder.md"),
             model_name=model_name or Path(args.output_dir).name,
-            base_model=base_model,
+            base_model=base_model or LOCAL_CHECKPOINT,
+            base_model_path=base_model or "path/to/base-encoder",
             decoder=decoder_name,
             stage=args.stage,
             conditioning_mode=args.decoder_conditioning_mode or self.decoder.config.conditioning_mode,
