@@ -51,6 +51,9 @@ def test_stage_generation_is_flow_grpo_on_the_dit(fresh_pipe, tiny_dir, tmp_path
     assert second["ratio/max_deviation"] > 0 and second["ratio/clip_fraction"] > 0 and second["kl"] > 0
     assert {"timing/rollout_s", "timing/reward_s", "timing/update_s", "reconstruction/clip"} <= set(first)
     assert first["trained_steps"] == 3  # int(4 * 0.99)
+    # the built-in health checks saw an on-policy first update and rewards that vary within groups
+    assert first["ratio/first_update_max_deviation"] == 0.0 and "ratio/first_update_max_deviation" not in second
+    assert first["reward/groups_without_variation"] == 0.0 and not trainer.health.warned
 
 
 def test_timestep_window_restricts_the_trained_steps(fresh_pipe, tiny_dir, tmp_path):

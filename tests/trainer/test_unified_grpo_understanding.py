@@ -169,6 +169,7 @@ def test_text_mode_with_a_plain_sd3_decoder_and_extra_rewards(tiny_dir, pipe, pr
     last = [record for record in trainer.state.log_history if "reward" in record][-1]
     assert "rewards/short_caption/mean" in last and "rewards/reconstruction/mean" in last
     assert "reconstruction/truncated_rate" in last
+    assert 0.0 <= last["reward/groups_without_variation"] <= 1.0
 
 
 def test_bad_input_fails_at_construction(tiny_dir, pipe, processor, backbone_checkpoints, tmp_path):

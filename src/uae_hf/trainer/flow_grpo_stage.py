@@ -24,6 +24,7 @@ from ..images import load_image
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline, caption_images
 from ..rewards.reconstruction import ReconstructionBatch, caption_metrics
 from ..sampling.flow_sde import decode_latents, flow_step, sample_trajectory, velocity
+from .health import HealthWarnings, groups_without_variation
 from .loop_stage import LORA_WEIGHT_NAME, TrainerLoopStage
 from .unified_grpo_config import UnifiedGRPOConfig
 from .unified_grpo_trainer import build_reconstruction_reward
@@ -77,6 +78,7 @@ class FlowGRPOTrainer(TrainerLoopStage):
         self._init_trainer(dit, args, train_dataset, eval_dataset, callbacks, optimizers,
                            images_per_device=args.per_device_train_batch_size // args.num_generations)
         self._cached_rollout = None
+        self.health = HealthWarnings()
         self._last_grid_step = -1
         self._ema = None
         if args.ema_decay is not None:
@@ -130,11 +132,14 @@ class FlowGRPOTrainer(TrainerLoopStage):
         everyone = self.accelerator.gather(rewards)  # every process's rewards, once per step
         advantages = self._advantages(rewards, everyone)
         reward_time = time.perf_counter() - start
+        stalled = groups_without_variation(everyone, self.args.num_generations)
+        self.health.check_group_variation(stalled, self.state.global_step)
 
         self._record(metrics | caption_metrics(captions) | {
             "reward": float(torch.nanmean(everyone)),
             "reward_std": float(everyone[~torch.isnan(everyone)].std()) if (~torch.isnan(everyone)).sum() > 1 else 0.0,
             "advantages/abs_mean": float(advantages.abs().mean()),
+            "reward/groups_without_variation": stalled,
             "timing/rollout_s": rollout_time,
             "timing/reward_s": reward_time,
         })
@@ -189,7 +194,8 @@ class FlowGRPOTrainer(TrainerLoopStage):
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         # a rollout serves `num_iterations` consecutive updates (the later ones off-policy: ratio != 1, clipped)
-        if self._cached_rollout is None or self._cached_rollout[1] == 0:
+        fresh = self._cached_rollout is None or self._cached_rollout[1] == 0
+        if fresh:
             self._cached_rollout = [self._rollout(inputs), self.args.num_iterations]
         rollout = self._cached_rollout[0]
         self._cached_rollout[1] -= 1
@@ -220,6 +226,9 @@ class FlowGRPOTrainer(TrainerLoopStage):
                 self.accelerator.backward(loss / (len(steps) * args.gradient_accumulation_steps))
             total_loss += loss.detach() / len(steps)
             deviation = (ratio.detach() - 1).abs()
+            if fresh and position == 0:
+                self._record({"ratio/first_update_max_deviation": float(deviation.max())})
+                self.health.check_on_policy(float(deviation.max()), self.state.global_step)
             self._record({"ratio/mean": float(ratio.detach().mean()), "ratio/max_deviation": float(deviation.max()),
                           "ratio/clip_fraction": float((deviation > args.flow_clip_range).float().mean()),
                           "kl": float(kl.detach())})

@@ -16,6 +16,7 @@ from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAERecons
 from ..rewards.reconstruction import ReconstructionReward
 from ..rewards.similarity import ImageSimilarity
 from ..visualization import reconstruction_grid
+from .health import HealthWarnings, groups_without_variation
 from .unified_grpo_config import UnifiedGRPOConfig
 
 
@@ -166,6 +167,7 @@ class UnifiedGRPOTrainer(GRPOTrainer):
                 component.requires_grad_(False).eval()
         self.decoder.to(self.accelerator.device)
         self._last_grid_step = -1
+        self.health = HealthWarnings()
 
     # ----------------------------------------------------------------------------------------------- decoder text path
     def _policy_base_model(self):
@@ -213,6 +215,12 @@ class UnifiedGRPOTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         with self._decoder_text_path():
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # TRL logs frac_reward_zero_std for the summed reward; warn when the reconstruction reward itself stalls
+        mode = "train" if self.model.training else "eval"
+        group = self.num_generations if mode == "train" else getattr(self, "num_generations_eval", None) or self.num_generations
+        stalled = groups_without_variation(rewards[:, 0], group)
+        self._metrics[mode]["reward/groups_without_variation"].append(stalled)
+        self.health.check_group_variation(stalled, self.state.global_step)
         self._maybe_save_reconstruction_grid()
         return rewards
 
