@@ -13,6 +13,7 @@ from uae_hf.toy_world import (
     toy_world_dataset,
     train_toy_backbone,
 )
+from uae_hf.toy_world.world import ground_truth
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,7 @@ def backbone_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def held_out():
     dataset = toy_world_dataset(200, "test")
-    truth = {name: [dataset.features[name].int2str(v) for v in dataset[name]] for name in ATTRIBUTES}
-    return list(dataset["image"]), truth
+    return list(dataset["image"]), ground_truth(dataset)
 
 
 def test_backbone_reads_attributes_of_held_out_scenes(backbone_dir, held_out):

@@ -17,19 +17,29 @@ import torch
 from diffusers import SD3Transformer2DModel
 from peft import LoraConfig, PeftModel
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText
 from trl import SFTConfig, SFTTrainer
 
 from ..models.projector import UAEProjector
 from ..pipelines.uae_reconstruction.loading import load_uae_pipeline
-from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import MaskedJointAttnProcessor, caption_messages
+from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import (
+    MaskedJointAttnProcessor,
+    caption_messages,
+)
+from ..rewards.similarity import get_embedder
 from ..trainer import UnifiedGRPOConfig, UnifiedGRPOTrainer
 from ..trainer.loop_stage import LORA_WEIGHT_NAME
 from ..visualization import reconstruction_grid
-from .backbone import ToyWorldVisionModel, attribute_accuracy, predict_attributes, train_toy_backbone
+from .backbone import attribute_accuracy, predict_attributes, train_toy_backbone
 from .models import build_toy_world_models
 from .report import write_report
-from .world import ATTRIBUTES, DETAIL_LEVELS, IMAGE_SIZE, caption_accuracy, toy_world_dataset
+from .world import (
+    DETAIL_LEVELS,
+    IMAGE_SIZE,
+    caption_accuracy,
+    ground_truth,
+    toy_world_dataset,
+)
 
 STAGES = ("sft", "pretrain", "cold_start", "understanding", "generation")
 STAGE_TITLES = {
@@ -92,10 +102,10 @@ class HeldOutScorer:
 
     def __init__(self, eval_dataset: datasets.Dataset, backbone_dir: Path, config: ToyDemoConfig):
         self.images = list(eval_dataset["image"])
-        self.truth = {name: [eval_dataset.features[name].int2str(v) for v in eval_dataset[name]] for name in ATTRIBUTES}
+        self.truth = ground_truth(eval_dataset)
         self.bench = evaluate.load("unified_bench", "toyworld", checkpoints={"toyworld": str(backbone_dir)})
-        self.backbone = ToyWorldVisionModel.from_pretrained(backbone_dir).eval()
-        self.processor = AutoImageProcessor.from_pretrained(backbone_dir)
+        embedder = get_embedder("toyworld", str(backbone_dir))  # the very model the metric scores with: loaded once
+        self.backbone, self.processor = embedder.model, embedder.processor
         self.config = config
 
     @torch.no_grad()

@@ -101,10 +101,13 @@ def pretrain_toy_vision(
     """Pre-train the encoder's vision tower to read every attribute (linear heads on its merged tokens, dropped
     afterwards): the stand-in for the pretrained vision encoder every real VLM starts from. Returns the heads'
     accuracy on the last batch."""
-    visual = vlm.model.visual
+    visual, vision = vlm.model.visual, vlm.config.vision_config
     torch.manual_seed(seed)
-    probe = None
-    optimizer = schedule = None
+    tokens_per_image = (IMAGE_SIZE // (vision.patch_size * vision.spatial_merge_size)) ** 2
+    probe = torch.nn.ModuleDict({name: torch.nn.Linear(tokens_per_image * vision.out_hidden_size, len(values))
+                                 for name, values in ATTRIBUTES.items()})
+    optimizer = torch.optim.AdamW([*visual.parameters(), *probe.parameters()], lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
     accuracy = 0.0
     visual.train()
     for step in tqdm(range(steps), desc="toy vision tower", unit="step"):
@@ -112,11 +115,6 @@ def pretrain_toy_vision(
         inputs = processor.image_processor(images=[scene.render() for scene in scenes], return_tensors="pt")
         tokens = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
         features = tokens.reshape(batch_size, -1)
-        if probe is None:
-            probe = torch.nn.ModuleDict({name: torch.nn.Linear(features.shape[1], len(values))
-                                         for name, values in ATTRIBUTES.items()})
-            optimizer = torch.optim.AdamW([*visual.parameters(), *probe.parameters()], lr=learning_rate)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
         labels = {name: torch.tensor([scene.labels()[name] for scene in scenes]) for name in ATTRIBUTES}
         logits = {name: head(features) for name, head in probe.items()}
         loss = sum(F.cross_entropy(logits[name], labels[name]) for name in ATTRIBUTES)

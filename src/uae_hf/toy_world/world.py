@@ -157,6 +157,11 @@ def toy_world_stream(split: str = "train", seed: int = 0, image_size: int = IMAG
     )
 
 
+def ground_truth(dataset: datasets.Dataset) -> dict[str, list[str]]:
+    """Attribute → value name per row, from a toy-world dataset's `ClassLabel` columns."""
+    return {name: [dataset.features[name].int2str(value) for value in dataset[name]] for name in ATTRIBUTES}
+
+
 def parse_caption(caption: str) -> dict[str, str | None]:
     """The attributes a caption states (`None` where it says nothing), read back with the world's vocabulary."""
     text = f" {' '.join(caption.lower().replace(',', ' ').split())} "
