@@ -1,6 +1,10 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
+
+import pytest
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -16,3 +20,39 @@ def test_round_trip_example_runs_on_the_twins(tiny_dir, photos, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "rec-0.png").exists() and "→" in result.stdout
+
+
+ACCELERATE_CONFIGS = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+                      "deepspeed_zero3": "DEEPSPEED"}
+
+
+@pytest.mark.parametrize("name", list(ACCELERATE_CONFIGS))
+def test_accelerate_config_loads_as_accelerate_launch_reads_it(name, encoder, pipe):
+    """Each config goes through `accelerate launch`'s own parsing into the plugin the processes would build."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = EXAMPLES / "accelerate" / f"{name}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    args, config, _ = _validate_launch_command(args)
+    assert config.distributed_type.value == ACCELERATE_CONFIGS[name] and config.mixed_precision == "bf16"
+    if name == "multi_gpu":
+        assert args.multi_gpu and args.num_processes > 1
+    if args.use_fsdp:
+        with mock.patch("accelerate.utils.launch.is_port_in_use", return_value=False):  # a probe of localhost
+            env = prepare_multi_gpu_env(args)
+        with mock.patch.dict(os.environ, env):
+            plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2
+        # every layer class it wraps exists in the encoder (Qwen2.5-VL) or the DiT (SD3) of our models
+        classes = {type(module).__name__ for model in (encoder[0], pipe.transformer) for module in model.modules()}
+        assert set(plugin.transformer_cls_names_to_wrap) <= classes
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join([*config.deepspeed_config, "mixed_precision"])
+        with mock.patch("accelerate.utils.launch.is_port_in_use", return_value=False):
+            env = prepare_deepspeed_cmd_env(args)[1]
+        with mock.patch.dict(os.environ, env):
+            plugin = DeepSpeedPlugin()
+        assert plugin.zero_stage == int(name[-1])
+        assert plugin.deepspeed_config["zero_optimization"]["stage"] == int(name[-1])

@@ -16,12 +16,11 @@ import numpy as np
 import PIL.Image
 import torch
 from huggingface_hub import ModelCard, ModelCardData
-from peft.utils import set_peft_model_state_dict
 from transformers import TrainerCallback
 
 from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of
 from ..images import load_image
-from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline, caption_images
+from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_images
 from ..rewards.reconstruction import ReconstructionBatch, caption_metrics
 from ..sampling.flow_sde import decode_latents, flow_step, sample_trajectory, velocity
 from .health import HealthWarnings, groups_without_variation
@@ -63,6 +62,13 @@ class FlowGRPOTrainer(TrainerLoopStage):
         optimizers=(None, None),
     ):
         self._setup_parts(model, decoder, args, train_dataset, processing_class, reward_funcs)
+        if args.num_iterations > 1 and args.save_strategy == "steps" and args.save_steps >= 1 and (
+                int(args.save_steps) * args.gradient_accumulation_steps) % args.num_iterations:
+            raise ValueError(
+                f"save_steps ({args.save_steps}) × gradient_accumulation_steps ({args.gradient_accumulation_steps}) "
+                f"must be a multiple of num_iterations ({args.num_iterations}): a checkpoint in the middle of a "
+                "rollout's updates could not be resumed exactly"
+            )
         if self.encoder is None or self.caption_processor is None:
             raise ValueError('stage "generation" captions each image: pass the encoder as `model` (and its '
                              "processor), or a decoder with `vlm` and `processor`")
@@ -80,7 +86,6 @@ class FlowGRPOTrainer(TrainerLoopStage):
         self._cached_rollout = None
         self.health = HealthWarnings()
         self._last_grid_step = -1
-        self._ema = None
         if args.ema_decay is not None:
             self._ema = {name: p.detach().clone() for name, p in dit.named_parameters() if p.requires_grad}
             self.add_callback(_EMACallback(self))
@@ -253,19 +258,6 @@ class FlowGRPOTrainer(TrainerLoopStage):
             dit.save_pretrained(output_dir / "transformer", state_dict=weights)
         else:
             self.save_dit_lora(dit, output_dir, weights)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        dit = self.accelerator.unwrap_model(model or self.model)
-        if self.args.decoder_full_finetune:
-            from diffusers import SD3Transformer2DModel
-
-            state = SD3Transformer2DModel.from_pretrained(Path(resume_from_checkpoint) / "transformer").state_dict()
-            dit.load_state_dict(state)
-            return
-        state = UAEReconstructionPipeline.lora_state_dict(resume_from_checkpoint, weight_name=LORA_WEIGHT_NAME)
-        state = state[0] if isinstance(state, tuple) else state
-        layers = {key.removeprefix("transformer."): value for key, value in state.items()}
-        set_peft_model_state_dict(dit, layers, adapter_name="default")
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
         """A diffusers-style LoRA card: base decoder, tags, and loading with `UAEReconstructionPipeline`."""

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer
 
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline
@@ -16,10 +18,13 @@ from .unified_grpo_config import DIT_LORA_TARGETS, UnifiedGRPOConfig
 from .unified_grpo_trainer import UnifiedGRPOTrainer, as_decoder, check_image_column
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+RESUME_STATE_NAME = "resume_state.safetensors"
 
 
 class TrainerLoopStage(UnifiedGRPOTrainer):
     """Base of the non-GRPO stages; subclasses build `model` (what trains) and define `training_step`/`compute_loss`."""
+
+    _ema: dict[str, torch.Tensor] | None = None  # EMA of the trained weights (stage "generation")
 
     def _setup_parts(self, model, decoder, args: UnifiedGRPOConfig, train_dataset, processing_class, reward_funcs):
         if reward_funcs:
@@ -74,6 +79,35 @@ class TrainerLoopStage(UnifiedGRPOTrainer):
         self.save_parts(output_dir)
         torch.save(self.args, output_dir / "training_args.bin")
 
+    def _save_resume_state(self, folder: Path) -> None:
+        """The trained weights as they are (the saved parts may hold their EMA instead) and the EMA, exactly."""
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        state = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+        state |= {f"ema.{name}": value.contiguous() for name, value in (self._ema or {}).items()}
+        save_file(state, folder / RESUME_STATE_NAME)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        path = Path(resume_from_checkpoint) / RESUME_STATE_NAME
+        if not path.is_file():
+            raise ValueError(f"{resume_from_checkpoint} has no {RESUME_STATE_NAME}: resume from a checkpoint-N folder "
+                             f'that stage "{self.args.stage}" wrote during training')
+        state = load_file(path)
+        parameters = dict(self.accelerator.unwrap_model(model or self.model).named_parameters())
+        trained = {name for name, p in parameters.items() if p.requires_grad}
+        saved = {name for name in state if not name.startswith("ema.")}
+        if saved != trained:
+            raise ValueError(
+                f"{path} does not match this run's trained weights (missing: {sorted(trained - saved)[:3]}, "
+                f"unexpected: {sorted(saved - trained)[:3]}): resume with the stage settings of the original run"
+            )
+        with torch.no_grad():
+            for name in trained:
+                parameters[name].copy_(state[name])
+            for name, value in (self._ema or {}).items():
+                value.copy_(state[f"ema.{name}"])
+
     def save_parts(self, output_dir: Path) -> None:
         """Write the trained parts, each in the layout its loader reads (defined by each stage)."""
         raise NotImplementedError
@@ -86,7 +120,14 @@ class TrainerLoopStage(UnifiedGRPOTrainer):
         finally:
             self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
 
-    # Trainer's own step (GRPO's buffers generations) and data loading (GRPO's repeats prompts per generation).
+    # Trainer's own step (GRPO's buffers generations), data loading (GRPO's repeats prompts per generation) and
+    # checkpoints (GRPO's add the state of its own rollout machinery).
+    def _write_checkpoint(self, model, trial) -> None:
+        Trainer._save_checkpoint(self, model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        Trainer._load_optimizer_and_scheduler(self, checkpoint)
+
     def _prepare_inputs(self, inputs):
         return inputs
 
@@ -156,6 +197,10 @@ class TrainerLoopStage(UnifiedGRPOTrainer):
             self._stage_metrics[name].append(value)
 
     def log(self, logs: dict, start_time=None) -> None:
-        logs = {**logs, **{name: float(np.mean(values)) for name, values in self._stage_metrics.items()}}
+        """Log the stage's metrics averaged over the logging window and over all processes."""
+        local = {name: float(np.mean(values)) for name, values in self._stage_metrics.items()}
         self._stage_metrics.clear()
-        Trainer.log(self, logs, start_time)
+        everyone = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
+        names = sorted(set().union(*everyone))
+        metrics = {name: float(np.mean([values[name] for values in everyone if name in values])) for name in names}
+        Trainer.log(self, {**logs, **metrics}, start_time)

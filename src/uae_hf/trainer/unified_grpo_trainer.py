@@ -16,6 +16,7 @@ from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAERecons
 from ..rewards.reconstruction import ReconstructionReward
 from ..rewards.similarity import ImageSimilarity
 from ..visualization import reconstruction_grid
+from .checkpointing import AtomicCheckpoints
 from .health import HealthWarnings, groups_without_variation
 from .unified_grpo_config import UnifiedGRPOConfig
 
@@ -95,7 +96,7 @@ def with_caption_prompt(dataset, name: str):
     return dataset.map(lambda _: {"prompt": caption_messages()})
 
 
-class UnifiedGRPOTrainer(GRPOTrainer):
+class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     """GRPO on the encoder of a unified auto-encoder, with the decoder's reconstruction fidelity as the reward.
 
     Args:
