@@ -79,6 +79,24 @@ def test_train_runs_the_pretrain_and_cold_start_recipes(recipe, saved, tmp_path)
     assert (out / saved).exists() and (out / "README.md").exists()
 
 
+@pytest.mark.slow
+def test_train_resumes_from_the_last_checkpoint(tmp_path):
+    recipe = Path(__file__).parents[1] / "examples" / "recipes" / "cold_start_tiny.yaml"
+
+    def train(*flags):
+        result = subprocess.run([sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--logging_steps",
+                                 "1", "--save_strategy", "steps", "--save_steps", "1", *flags],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    train("--max_steps", "2")
+    resumed = train("--max_steps", "3", "--resume_from_checkpoint", "true")
+    out = tmp_path / "outputs" / "cold-start-tiny"
+    assert [path.name for path in sorted(out.glob("*checkpoint-*"))] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert resumed.count("'loss'") == 1  # only step 3 ran
+
+
 @pytest.mark.parametrize("recipe", ["generation_sd3.5.yaml", "pretrain_sd3.5.yaml", "cold_start_sd3.5.yaml"])
 def test_other_real_size_recipes_parse(recipe):
     from trl import ModelConfig, TrlParser

@@ -19,10 +19,13 @@ def test_each_problem_is_warned_about_once(caplog):
     with caplog.at_level(logging.WARNING):
         health.check_group_variation(0.25, step=1)
         health.check_on_policy(5e-5, step=1)
+        health.check_finite_rewards(torch.tensor([0.5, 0.25]), step=1)
         assert not caplog.records and not health.warned
         health.check_group_variation(0.75, step=2)
         health.check_group_variation(1.0, step=3)
         health.check_on_policy(3e-2, step=3)
+        health.check_finite_rewards(torch.tensor([0.5, float("nan"), float("nan")]), step=4)
+        health.check_finite_rewards(torch.tensor([float("nan")]), step=5)
     messages = [record.getMessage() for record in caplog.records]
-    assert len(messages) == 2 and health.warned == {"reward_variation", "on_policy"}
-    assert "75% of the groups" in messages[0] and "3.00e-02" in messages[1]
+    assert len(messages) == 3 and health.warned == {"reward_variation", "on_policy", "non_finite_rewards"}
+    assert "75% of the groups" in messages[0] and "3.00e-02" in messages[1] and "2 of 3" in messages[2]

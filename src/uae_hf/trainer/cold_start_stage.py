@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..images import load_image
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_images, encode_generate_prompts
 from ..sampling.flow_sde import schedule, velocity
-from .loop_stage import TrainerLoopStage
+from .loop_stage import TrainerLoopStage, dataset_captions
 from .unified_grpo_config import UnifiedGRPOConfig
 from .unified_grpo_trainer import build_reconstruction_reward
 
@@ -114,11 +114,13 @@ class ColdStartTrainer(TrainerLoopStage):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         images = [load_image(row["image"], f"image[{index}]") for index, row in enumerate(inputs)]
-        if all(row.get(args.caption_column) for row in inputs):
-            captions = [row[args.caption_column] for row in inputs]
-        else:  # the encoder writes the captions, which are then teacher-forced
-            captions = caption_images(self.encoder, self.caption_processor, images,
-                                      max_new_tokens=args.max_completion_length, temperature=args.temperature)
+        captions = dataset_captions(inputs, args.caption_column)
+        missing = [index for index, caption in enumerate(captions) if caption is None]
+        if missing:  # the encoder writes the missing captions, which are then teacher-forced
+            written = caption_images(self.encoder, self.caption_processor, [images[index] for index in missing],
+                                     max_new_tokens=args.max_completion_length, temperature=args.temperature)
+            for index, caption in zip(missing, written):
+                captions[index] = caption
         originals = pil_to_pixels(images, args.decoder_height, args.decoder_width).to(self.accelerator.device)
         loss = model(originals, captions, self._step_generator())
         self._record({"semantic_similarity": 1.0 - float(loss.detach())})

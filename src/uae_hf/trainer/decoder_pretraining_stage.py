@@ -16,7 +16,7 @@ from torch import nn
 
 from ..images import load_image
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import encode_generate_prompts
-from .loop_stage import TrainerLoopStage
+from .loop_stage import TrainerLoopStage, dataset_captions
 from .unified_grpo_config import UnifiedGRPOConfig
 
 
@@ -101,7 +101,13 @@ class DecoderPretrainingTrainer(TrainerLoopStage):
         images = [load_image(row["image"], f"image[{index}]") for index, row in enumerate(inputs)]
         pixels = decoder.image_processor.preprocess(images, height=args.decoder_height, width=args.decoder_width)
         drop = torch.rand(len(inputs), generator=generator) < args.caption_dropout
-        captions = ["" if dropped else row[args.caption_column] for row, dropped in zip(inputs, drop.tolist())]
+        captions = dataset_captions(inputs, args.caption_column)
+        if None in captions:
+            raise ValueError(
+                f"{args.caption_column!r} is empty or missing in {captions.count(None)} of {len(captions)} rows of this "
+                "batch; pre-training needs a caption per image (filter such rows out, or caption them first)"
+            )
+        captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
         loss = model(pixels.to(self.accelerator.device), captions, generator)
         self._record({"caption_dropout_rate": float(drop.float().mean())})
         return (loss, None) if return_outputs else loss

@@ -139,6 +139,7 @@ class FlowGRPOTrainer(TrainerLoopStage):
         reward_time = time.perf_counter() - start
         stalled = groups_without_variation(everyone, self.args.num_generations)
         self.health.check_group_variation(stalled, self.state.global_step)
+        self.health.check_finite_rewards(everyone, self.state.global_step)
 
         self._record(metrics | caption_metrics(captions) | {
             "reward": float(torch.nanmean(everyone)),

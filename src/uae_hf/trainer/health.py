@@ -37,6 +37,16 @@ class HealthWarnings:
                 "samples per group (num_generations), or stop using a fixed noise for every sample of a group."
             )
 
+    def check_finite_rewards(self, rewards: torch.Tensor, step: int) -> None:
+        missing = int((~torch.isfinite(rewards)).sum())
+        if missing and "non_finite_rewards" not in self.warned:
+            self.warned.add("non_finite_rewards")
+            logger.warning(
+                f"step {step}: {missing} of {rewards.numel()} reconstruction rewards are NaN (the decoder produced "
+                "non-finite pixels, or a reward function returned None/NaN); those samples get zero advantage. "
+                "Check the decoder's dtype (fp16 overflows; use bf16 or fp32) and `reconstruction/nan_count`."
+            )
+
     def check_on_policy(self, max_deviation: float, step: int) -> None:
         if max_deviation > ON_POLICY_TOLERANCE and "on_policy" not in self.warned:
             self.warned.add("on_policy")

@@ -21,6 +21,17 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RESUME_STATE_NAME = "resume_state.safetensors"
 
 
+def dataset_captions(rows: list[dict], column: str) -> list[str | None]:
+    """Each row's caption from `column`; `None` where it is missing, empty or only whitespace."""
+    captions = []
+    for row in rows:
+        value = row.get(column)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{column!r} holds a {type(value).__name__} ({str(value)[:60]!r}); captions must be strings")
+        captions.append(value if value and value.strip() else None)
+    return captions
+
+
 class TrainerLoopStage(UnifiedGRPOTrainer):
     """Base of the non-GRPO stages; subclasses build `model` (what trains) and define `training_step`/`compute_loss`."""
 

@@ -117,7 +117,8 @@ def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig,
         # stage "generation" trains the DiT: its LoRA comes from decoder_lora_r/alpha, not the encoder's LoRA flags
         peft_config=get_peft_config(model_args) if training_args.stage == "understanding" else None,
     )
-    trainer.train()
+    resume = training_args.resume_from_checkpoint  # a checkpoint folder, or "true" for the output_dir's last one
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     trainer.save_model(training_args.output_dir)
     dataset_name = None if script_args.dataset_name == "skimage" else script_args.dataset_name
     trainer.create_model_card(dataset_name=dataset_name)

@@ -26,8 +26,8 @@ class UnifiedGRPOConfig(GRPOConfig):
             `1 - cos(E(x_hat), E(x))`, back-propagated through a short sampler.
 
     Parameters that control stages "pretrain" and "cold_start":
-        caption_column (`str`, defaults to `"caption"`): the dataset's caption column (cold start without it
-            captions each image with the encoder, then teacher-forces that caption).
+        caption_column (`str`, defaults to `"caption"`): the dataset's caption column (cold start captions
+            each image it lacks a non-empty caption for with the encoder, then teacher-forces that caption).
         caption_dropout (`float`, defaults to 0.1): pretrain: probability of an empty caption (for CFG).
         weighting_scheme (`str`, defaults to `"logit_normal"`): pretrain timestep sampling / loss weighting, as
             diffusers' SD3 training offers (`logit_normal`, `mode`, `uniform`; `sigma_sqrt`, `cosmap`).
@@ -174,6 +174,10 @@ class UnifiedGRPOConfig(GRPOConfig):
         default=50, metadata={"help": "Save a grid of originals, captions and reconstructions every N steps (0: off)."}
     )
     num_logged_reconstructions: int = field(default=4, metadata={"help": "Rows of the reconstruction grid."})
+
+    def __getstate__(self):
+        """Pickled copies (`training_args.bin`, saved beside the weights and pushed with them) hold no Hub token."""
+        return {**self.__dict__, "hub_token": None}
 
     def __post_init__(self):
         if self.stage in ("pretrain", "cold_start"):

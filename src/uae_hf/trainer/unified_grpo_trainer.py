@@ -222,6 +222,7 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         stalled = groups_without_variation(rewards[:, 0], group)
         self._metrics[mode]["reward/groups_without_variation"].append(stalled)
         self.health.check_group_variation(stalled, self.state.global_step)
+        self.health.check_finite_rewards(rewards[:, 0], self.state.global_step)
         self._maybe_save_reconstruction_grid()
         return rewards
 
