@@ -18,7 +18,7 @@ def load_images(paths: list[Path]) -> list:
             with PIL.Image.open(path) as image:
                 image.load()
                 images.append(image.copy())
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
             raise SystemExit(f"uae-hf: cannot read image {path}: {error}") from error
     return images
 

@@ -1,48 +1,65 @@
-"""Turn what users hand us (PIL images, paths, arrays, tensors) into RGB PIL images, with errors that say where."""
+"""Turn what users hand us (PIL images, files, bytes, arrays, tensors) into RGB images, with errors that say where."""
 
+import io
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
-from .pipelines.uae_reconstruction.pipeline_uae_reconstruction import to_rgb
+from .pipelines.uae_reconstruction.pipeline_uae_reconstruction import array_to_image, to_rgb
+
+
+def _open(source, where: str) -> PIL.Image.Image:
+    name = f"image bytes ({len(source)} bytes)" if isinstance(source, bytes) else f"image file {str(source)!r}"
+    image = None
+    try:
+        image = PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image.load()
+        return image
+    except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as error:
+        if image is not None:
+            image.close()
+        bomb = isinstance(error, PIL.Image.DecompressionBombError)
+        hint = " If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS." if bomb else ""
+        raise ValueError(f"{where}: cannot read {name}: {error}{hint}") from error
 
 
 def load_image(item, where: str = "image") -> PIL.Image.Image:
-    """One image as 8-bit RGB.
+    """One image as 8-bit RGB (PIL modes and array ranges as `to_rgb` and `array_to_image` describe).
 
     Args:
-        item: a `PIL.Image.Image`, a file path, an `HxW(xC)` numpy array (uint8, or float in [0, 1]) or a `CxHxW`
-            torch tensor in [0, 1].
+        item: a `PIL.Image.Image`; a file path, encoded bytes or a `{"bytes": ..., "path": ...}` dict (what
+            `datasets.Image(decode=False)` gives); an `HxW(xC)` numpy array (uint8, uint16, or float in [0, 1]); or a
+            `CxHxW` torch tensor (uint8 or float in [0, 1]).
         where (`str`): how to name the item in an error (e.g. `"references[3]"`).
     """
-    if isinstance(item, (str, Path)):
-        try:
-            with PIL.Image.open(item) as image:
-                image.load()
-                return to_rgb(image)
-        except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-            raise ValueError(f"{where}: cannot read image file {str(item)!r}: {error}") from error
+    if isinstance(item, dict) and {"bytes", "path"} & set(item):
+        item = item.get("bytes") or item.get("path")
+    if isinstance(item, (str, Path, bytes)):
+        with _open(item, where) as image:
+            return to_rgb(image, where)
     if isinstance(item, torch.Tensor):
-        if item.ndim != 3:
-            raise ValueError(f"{where}: expected a CxHxW tensor, got shape {tuple(item.shape)}")
-        item = item.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy()
+        if item.ndim != 3 or not 1 <= item.shape[0] <= 4:
+            raise ValueError(f"{where}: expected a CxHxW tensor with 1 to 4 channels, got shape {tuple(item.shape)}")
+        item = item.detach().cpu()
+        item = (item.float() if item.is_floating_point() else item).permute(1, 2, 0).numpy()
     if isinstance(item, np.ndarray):
-        if item.ndim not in (2, 3):
-            raise ValueError(f"{where}: expected an HxW or HxWxC array, got shape {item.shape}")
-        if item.dtype != np.uint8:
-            item = np.clip(np.asarray(item, dtype=np.float64) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return to_rgb(PIL.Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[-1] == 1 else item))
+        item = array_to_image(item, where)
     if isinstance(item, PIL.Image.Image):
-        return to_rgb(item)
+        return to_rgb(item, where)
     raise TypeError(
-        f"{where}: expected a PIL image, a file path, a numpy array or a CxHxW tensor, got {type(item).__name__}"
+        f"{where}: expected a PIL image, a file path, image bytes, a numpy array or a CxHxW tensor, "
+        f"got {type(item).__name__}"
     )
 
 
 def load_images(items, name: str = "images") -> list[PIL.Image.Image]:
-    """`load_image` over a list; an empty list is an error."""
+    """`load_image` over a list (or an `N`-image array or tensor); an empty list or a lone image is an error."""
+    if isinstance(items, (str, Path, bytes, dict, PIL.Image.Image)) or (
+        isinstance(items, (np.ndarray, torch.Tensor)) and items.ndim != 4
+    ):
+        raise TypeError(f"`{name}` must be a list of images, got a single {type(items).__name__}: wrap it in a list")
     if items is None or len(items) == 0:
         raise ValueError(f"`{name}` is empty: pass at least one image")
     return [load_image(item, f"{name}[{index}]") for index, item in enumerate(items)]

@@ -1,5 +1,5 @@
 """Every stage on two CPU processes (gloo): weights stay identical across processes, rewards are gathered, logged
-metrics are means over all processes."""
+metrics are means over all processes, checkpoints hold every process's part."""
 
 import json
 import os
@@ -44,6 +44,9 @@ def test_two_processes_train_one_model(stage, port, tiny_dir, tmp_path):
     records = launch(stage, tiny_dir, tmp_path / stage, port)
     assert [record["world_size"] for record in records] == [2, 2]
     assert_identical_trained_weights(tmp_path / stage)
+    run = tmp_path / stage / "run"  # one checkpoint, complete with both processes' RNG states, renamed into place
+    assert sorted(path.name for path in run.iterdir() if "checkpoint" in path.name) == ["checkpoint-3"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {path.name for path in (run / "checkpoint-3").iterdir()}
     logs = step_logs(records)
     assert len(logs) == 3
     for step, logged in enumerate(logs):

@@ -25,8 +25,10 @@ the mean of the backbone scores and `unified_bench` is `overall` x 100, the numb
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions (`list`): reconstructions, as PIL images, file paths, HxWxC numpy arrays or CxHxW tensors in [0, 1].
-    references (`list`): the original images, in the same order and forms.
+    predictions (`list`): reconstructions, as PIL images (any mode), file paths, image bytes or `{"bytes", "path"}`
+        dicts, HxWxC numpy arrays (uint8, uint16 or float in [0, 1]) or CxHxW tensors (uint8 or float in [0, 1]).
+    references (`list`): the original images, in the same order and forms. NaN, out-of-range values, unreadable
+        files and mismatched lengths are errors naming the item (e.g. `references[3]`).
     return_per_image (`bool`, defaults to `False`): also return `per_image`, one dict of backbone cosines per pair.
 
 Load-time keyword arguments (`evaluate.load("unified_bench", config_name, **kwargs)`):
@@ -87,16 +89,18 @@ class UnifiedBench(evaluate.Metric):
         )
 
     def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add reconstruction/reference pairs (PIL images, paths, arrays or tensors), checked and converted to RGB."""
-        if predictions is not None and references is not None and len(predictions) != len(references):
+        """Add reconstruction/reference pairs (PIL images, paths, bytes, arrays or tensors), checked and made RGB."""
+        if (predictions is None) != (references is None):
+            missing = "references" if references is None else "predictions"
+            raise ValueError(f"`{missing}` is missing: pass `predictions=` and `references=` together, one pair each")
+        if predictions is not None and hasattr(predictions, "__len__") and hasattr(references, "__len__") and len(
+                predictions) != len(references):
             raise ValueError(
-                f"got {len(predictions)} predictions and {len(references)} references; pass one reconstruction "
-                "per reference, in the same order"
+                f"got {len(predictions)} predictions and {len(references)} references; pass one reconstruction per "
+                "reference, in the same order"
             )
         if predictions is not None:
-            predictions = load_images(predictions, "predictions")
-        if references is not None:
-            references = load_images(references, "references")
+            predictions, references = load_images(predictions, "predictions"), load_images(references, "references")
         return super().add_batch(predictions=predictions, references=references, **kwargs)
 
     def _compute(self, predictions, references, return_per_image=False):

@@ -45,16 +45,68 @@ def caption_messages(instruction: str = CAPTION_INSTRUCTION) -> list[dict]:
     return [{"role": "user", "content": [{"type": "text", "text": instruction}, {"type": "image"}]}]
 
 
-def to_rgb(image) -> PIL.Image.Image:
-    """Convert a PIL image in any mode (L, LA, P, RGBA, CMYK, I;16, ...) to 8-bit RGB; alpha is composited on white."""
+def _floats_to_uint8(array: np.ndarray, where: str, peak: float = 1.0) -> np.ndarray:
+    """Float pixels in [0, peak] → uint8; NaN, infinities and values outside the range are errors, never clipped."""
+    if not np.isfinite(array).all():
+        raise ValueError(f"{where}: the image contains NaN or infinite values")
+    low, high = float(array.min()), float(array.max())
+    if low < -0.5 * peak / 255 or high > peak * (1 + 0.5 / 255):  # within half an 8-bit step is rounding noise
+        hint = "; divide 0..255 data by 255, map [-1, 1] data with (x + 1) / 2" if peak == 1 else ""
+        raise ValueError(f"{where}: float pixel values must be in [0, {peak:g}], got [{low:.4g}, {high:.4g}]{hint}")
+    return np.clip(array.astype(np.float32) * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+
+
+def array_to_image(array: np.ndarray, where: str = "image") -> PIL.Image.Image:
+    """An `HxW` or `HxWxC` (C = 1 to 4) array as a PIL image, without guessing its range.
+
+    uint8 is taken as is, uint16 as 0..65535, other integers must hold 0..255, floats (and bools) must be finite and in
+    [0, 1]. Anything else is an error that names `where` (e.g. `"references[3]"`) and says how to fix it.
+    """
+    if array.ndim not in (2, 3) or (array.ndim == 3 and not 1 <= array.shape[-1] <= 4):
+        hint = "; for a CxHxW array pass array.transpose(1, 2, 0)" if array.ndim == 3 and array.shape[0] <= 4 else ""
+        raise ValueError(f"{where}: expected an HxW or HxWxC array with 1 to 4 channels, got shape {array.shape}{hint}")
+    if array.size == 0:
+        raise ValueError(f"{where}: the image is empty (shape {array.shape})")
+    if array.dtype.type in (np.bool_, np.uint16):  # `.type`: big-endian uint16 (PIL's I;16B) too
+        array = _floats_to_uint8(array.astype(np.float32), where, 65535.0 if array.dtype.type is np.uint16 else 1.0)
+    elif np.issubdtype(array.dtype, np.floating):
+        array = _floats_to_uint8(array, where)
+    elif np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{where}: {array.dtype} values span [{low}, {high}], outside 0..255; pass uint8 for 8-bit data or "
+                "uint16 (PIL mode I;16) for 16-bit data"
+            )
+        array = array.astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise TypeError(f"{where}: unsupported array dtype {array.dtype}; pass uint8, uint16 or float in [0, 1]")
+    return PIL.Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+
+
+def to_rgb(image, where: str = "image") -> PIL.Image.Image:
+    """Convert a PIL image in any mode to 8-bit RGB; transparent pixels are composited on white.
+
+    Modes I;16 (0..65535) and I (0..255) follow [`array_to_image`]; F holds 0..255 as `Image.convert("F")` makes it, so
+    an F image in [0, 1] is refused as ambiguous. CMYK and other colour spaces use PIL's conversion (no ICC profile).
+    NaN and out-of-range values are errors naming `where`.
+    """
     if not isinstance(image, PIL.Image.Image):
-        raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        image = PIL.Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
+        raise TypeError(f"{where}: expected a PIL.Image.Image, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"{where}: the image is empty ({image.width}x{image.height} pixels)")
+    if image.mode == "F":
+        array = np.asarray(image)
+        if 0 < array.max() <= 1:
+            raise ValueError(
+                f"{where}: float (mode F) image with values in [0, 1], but PIL's float images hold 0..255; pass the "
+                "array itself (float arrays are read as [0, 1]) or multiply it by 255"
+            )
+        image = PIL.Image.fromarray(_floats_to_uint8(array, where, 255.0))
+    elif image.mode.startswith("I"):
+        image = array_to_image(np.asarray(image), where)
+    if image.mode in ("RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert({"La": "LA"}.get(image.mode, "RGBA"))  # premultiplied La converts only to LA
     if image.mode in ("RGBA", "LA", "PA"):
         background = PIL.Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image, mask=image.getchannel("A"))
@@ -88,13 +140,22 @@ def caption_images(
         `list[str]`: one caption per image, special tokens removed and whitespace stripped.
     """
     prompt = processor.apply_chat_template(caption_messages(instruction), add_generation_prompt=True, tokenize=False)
-    inputs = processor(
-        text=[prompt] * len(images),
-        images=[to_rgb(image) for image in images],
-        padding=True,
-        padding_side="left",
-        return_tensors="pt",
-    ).to(vlm.device)
+    images = [to_rgb(image, f"image[{index}]") for index, image in enumerate(images)]
+    try:
+        inputs = processor(
+            text=[prompt] * len(images), images=images, padding=True, padding_side="left", return_tensors="pt"
+        )
+    except ValueError as error:  # e.g. Qwen2-VL refuses aspect ratios above 200: name the image
+        for index, image in enumerate(images):
+            try:
+                processor.image_processor(images=[image])
+            except ValueError:
+                raise ValueError(
+                    f"image[{index}] ({image.width}x{image.height} pixels): the encoder's image processor refuses it: "
+                    f"{error}. Crop or pad the image"
+                ) from error
+        raise
+    inputs = inputs.to(vlm.device)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     output_ids = vlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling, **generate_kwargs)
     new_tokens = output_ids[:, inputs["input_ids"].shape[1] :]
@@ -173,6 +234,13 @@ def encode_generate_prompts(
     if pad_id is None:
         pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     negative_ids, *caption_ids = generate_prompt_ids(tokenizer, [negative_prompt, *captions])
+    limit = getattr(vlm.config.get_text_config(), "max_position_embeddings", None)
+    for index, ids in enumerate(caption_ids):
+        if limit is not None and len(ids) > limit:
+            raise ValueError(
+                f"captions[{index}] is {len(ids)} tokens long in its chat template ({len(captions[index])} "
+                f"characters); the encoder LLM reads at most {limit} (max_position_embeddings): shorten it"
+            )
     lengths = torch.tensor([max(len(negative_ids), len(ids)) for ids in caption_ids])
     sequences = [negative_ids, *caption_ids]
     max_length = int(lengths.max())
@@ -369,6 +437,13 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
                     f"projector output width ({width}) != transformer.config.joint_attention_dim ({expected}): "
                     "the projector was trained for another decoder"
                 )
+        if projector is not None and vlm is not None:
+            width, expected = projector.config.in_features, vlm.config.get_text_config().hidden_size
+            if width != expected:
+                raise ValueError(
+                    f"projector input width ({width}) != the encoder LLM's hidden_size ({expected}): the projector "
+                    "was trained for another encoder"
+                )
         if transformer is not None:
             transformer.set_attn_processor(MaskedJointAttnProcessor())
         self._pooled_cache = None
@@ -404,14 +479,13 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
             raise ValueError("`image` is an empty list: pass at least one image")
         converted = []
         for index, item in enumerate(images):
-            if isinstance(item, np.ndarray) and item.ndim in (2, 3):
-                array = item if item.dtype == np.uint8 else np.clip(item * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                item = PIL.Image.fromarray(array)
+            if isinstance(item, np.ndarray):
+                item = array_to_image(item, f"image[{index}]")
             if not isinstance(item, PIL.Image.Image):
                 raise TypeError(
                     f"`image[{index}]` is a {type(item).__name__}; pass PIL images or HxW(xC) numpy arrays"
                 )
-            converted.append(to_rgb(item))
+            converted.append(to_rgb(item, f"image[{index}]"))
         return converted
 
     def caption(
@@ -512,8 +586,9 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
         """
         if len(captions) == 0:
             raise ValueError("`captions` is empty: pass at least one caption")
-        if not all(isinstance(caption, str) for caption in captions):
-            raise TypeError("`captions` must be a string or a list of strings")
+        for index, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise TypeError(f"captions[{index}] is a {type(caption).__name__}: pass a string or a list of strings")
         mode = conditioning_mode or self.config.conditioning_mode
         self._check_conditioning_mode(mode)
         repeat = num_images_per_prompt
@@ -569,8 +644,10 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
         """Reconstruct images: caption each with the encoder, then redraw it with the decoder.
 
         Args:
-            image (`PIL.Image.Image`, `np.ndarray` or a list of them): the originals (any mode; converted to RGB).
-            captions (`list[str]`, *optional*): skip captioning and use these (one per image when images are given).
+            image (`PIL.Image.Image`, `np.ndarray` or a list of them): the originals, converted to RGB by [`to_rgb`]
+                and [`array_to_image`] (any PIL mode; uint8, uint16 or [0, 1] float arrays).
+            captions (`list[str]`, *optional*): skip captioning and use these (one per image when images are given;
+                none may be blank).
             instruction, max_new_tokens, do_sample, temperature, top_p: caption sampling (paper: 0.7, 512 tokens).
             **generate_kwargs: passed to [`~UAEReconstructionPipeline.generate`] (`height`, `width`,
                 `num_inference_steps`, `guidance_scale`, `num_images_per_prompt`, `generator`, `output_type`, ...).
@@ -583,6 +660,12 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
             captions = self.caption(image, instruction, max_new_tokens, do_sample, temperature, top_p)
         else:
             captions = [captions] if isinstance(captions, str) else list(captions)
+            for index, caption in enumerate(captions):
+                if isinstance(caption, str) and not caption.strip():
+                    raise ValueError(
+                        f"captions[{index}] is empty or whitespace-only: the decoder draws from the caption alone; "
+                        "pass a description, or leave `captions` out to caption `image`"
+                    )
             if image is not None and len(captions) != len(self._as_image_list(image)):
                 raise ValueError(
                     f"`captions` has {len(captions)} entries but `image` has {len(self._as_image_list(image))}: "
