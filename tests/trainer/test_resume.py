@@ -94,3 +94,10 @@ def test_resuming_from_a_folder_without_resume_state_says_what_is_missing(tiny_d
     (tmp_path / "not-a-checkpoint" / "trainer_state.json").write_text("{}")
     with pytest.raises(ValueError, match=f"has no {RESUME_STATE_NAME}"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "not-a-checkpoint"))
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tiny_dir, tmp_path):
+    trainer = make_trainer("cold_start", tiny_dir, tmp_path / "run")
+    trainer.args.save_steps, trainer.args.save_total_limit = 1, 2
+    trainer.train()
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["checkpoint-3", "checkpoint-4"]

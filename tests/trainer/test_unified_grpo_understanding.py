@@ -184,6 +184,9 @@ def test_bad_input_fails_at_construction(tiny_dir, pipe, processor, backbone_che
         config(tmp_path, backbone_checkpoints, num_generations=1, per_device_train_batch_size=1)
     with pytest.raises(ValueError, match="stage"):
         config(tmp_path, backbone_checkpoints, stage="everything")
+    with pytest.raises(ValueError, match=r"multiple of 4 \(num_iterations × steps_per_generation\)"):
+        config(tmp_path, backbone_checkpoints, num_iterations=2, steps_per_generation=2, save_strategy="steps",
+               save_steps=1)
     with pytest.raises(ValueError, match="must be that model"):
         UnifiedGRPOTrainer(model=encoder_model(tiny_dir), decoder=pipe,
                            args=config(tmp_path, backbone_checkpoints, decoder_text_encoder="policy"),

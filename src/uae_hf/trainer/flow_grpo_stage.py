@@ -62,13 +62,6 @@ class FlowGRPOTrainer(TrainerLoopStage):
         optimizers=(None, None),
     ):
         self._setup_parts(model, decoder, args, train_dataset, processing_class, reward_funcs)
-        if args.num_iterations > 1 and args.save_strategy == "steps" and args.save_steps >= 1 and (
-                int(args.save_steps) * args.gradient_accumulation_steps) % args.num_iterations:
-            raise ValueError(
-                f"save_steps ({args.save_steps}) × gradient_accumulation_steps ({args.gradient_accumulation_steps}) "
-                f"must be a multiple of num_iterations ({args.num_iterations}): a checkpoint in the middle of a "
-                "rollout's updates could not be resumed exactly"
-            )
         if self.encoder is None or self.caption_processor is None:
             raise ValueError('stage "generation" captions each image: pass the encoder as `model` (and its '
                              "processor), or a decoder with `vlm` and `processor`")

@@ -222,3 +222,18 @@ class UnifiedGRPOConfig(GRPOConfig):
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        self._check_checkpoints_fall_between_rollouts()
+
+    def _check_checkpoints_fall_between_rollouts(self) -> None:
+        """A rollout (GRPO's generation batch, Flow-GRPO's samples) serves several micro-steps and is not saved, so
+        a checkpoint inside one could not be resumed exactly."""
+        if self.stage not in ("understanding", "generation") or self.save_strategy != "steps" or self.save_steps < 1:
+            return
+        period = self.num_iterations * (self.steps_per_generation if self.stage == "understanding" else 1)
+        if (int(self.save_steps) * self.gradient_accumulation_steps) % period:
+            raise ValueError(
+                f"save_steps ({self.save_steps}) × gradient_accumulation_steps ({self.gradient_accumulation_steps}) "
+                f"must be a multiple of {period} (num_iterations"
+                f"{' × steps_per_generation' if self.stage == 'understanding' else ''}): a checkpoint in the middle of "
+                "a rollout's updates could not be resumed exactly"
+            )
