@@ -39,7 +39,8 @@ def step_logs(records: list[dict]) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, port", [("understanding", 29533), ("generation", 29534), ("cold_start", 29535)])
+@pytest.mark.parametrize("stage, port", [("understanding", 29533), ("generation", 29534), ("cold_start", 29535),
+                                         ("pretrain", 29536)])
 def test_two_processes_train_one_model(stage, port, tiny_dir, tmp_path):
     records = launch(stage, tiny_dir, tmp_path / stage, port)
     assert [record["world_size"] for record in records] == [2, 2]
@@ -51,6 +52,8 @@ def test_two_processes_train_one_model(stage, port, tiny_dir, tmp_path):
     assert len(logs) == 3
     for step, logged in enumerate(logs):
         local = [record["local"][step] for record in records]
+        if stage == "pretrain":  # its one metric (the caption-dropout rate) may well agree on both processes
+            continue
         if stage != "cold_start":  # the logged reward is the mean over both processes' completions
             everyone = local[0]["rewards"] + local[1]["rewards"]
             assert logged["reward"] == pytest.approx(np.nanmean(everyone), abs=1e-5)

@@ -22,9 +22,9 @@ rank = int(os.environ["RANK"])
 pipe = load_uae_pipeline(f"{tiny_dir}/decoder", f"{tiny_dir}/encoder", f"{tiny_dir}/projector")
 common = dict(
     stage=stage, output_dir=f"{out}/run", max_steps=3, per_device_train_batch_size=4, num_generations=4,
-    max_completion_length=8, learning_rate=5e-2 if stage != "cold_start" else 1e-3, logging_steps=1, report_to=[],
-    use_cpu=True, seed=0, save_strategy="steps", save_steps=3, decoder_height=64, decoder_width=64, decoder_num_inference_steps=3,
-    ddp_backend="gloo", backbone_checkpoints={"clip": f"{tiny_dir}/backbones/clip"}, decoder_lora_r=4,
+    max_completion_length=8, learning_rate=5e-2 if stage in ("understanding", "generation") else 1e-3,
+    logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="steps", save_steps=3, decoder_height=64,
+    decoder_width=64, decoder_num_inference_steps=3, ddp_backend="gloo", backbone_checkpoints={"clip": f"{tiny_dir}/backbones/clip"}, decoder_lora_r=4,
     decoder_lora_alpha=8, llm_lora_r=4, llm_lora_alpha=8, log_reconstructions_steps=0, bf16=False,
     lr_scheduler_type="constant",
 )
@@ -54,7 +54,8 @@ class RecordLocal(TrainerCallback):
         self.steps = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        batch = trainer.reconstruction_reward.last_batch
+        reward = getattr(trainer, "reconstruction_reward", None)  # stage "pretrain" has none
+        batch = reward.last_batch if reward is not None else None
         stage_metrics = getattr(trainer, "_stage_metrics", {})
         self.steps.append({
             "rewards": [float(r) for r in batch.rewards] if batch is not None else [],
