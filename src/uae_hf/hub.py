@@ -24,7 +24,8 @@ def hub_id_of(module) -> str | None:
     return str(name)
 
 
-def _source(module) -> str:
+def model_source(module) -> str:
+    """How a card names where a module came from: its Hub id, or `LOCAL_CHECKPOINT`."""
     return hub_id_of(module) or LOCAL_CHECKPOINT
 
 
@@ -36,7 +37,7 @@ def pipeline_model_card(pipe, repo_id: str, unified_bench: dict[str, float] | No
         repo_id (`str`): where it will live (used in the loading snippet).
         unified_bench (`dict[str, float]`, *optional*): scores ×100 by backbone (and `overall`), rendered as a table.
     """
-    encoder, decoder = _source(pipe.vlm), _source(pipe.transformer)
+    encoder, decoder = model_source(pipe.vlm), model_source(pipe.transformer)
     mode = pipe.config.conditioning_mode
     base_models = [name for name in (encoder, decoder) if name != LOCAL_CHECKPOINT]
     card_data = ModelCardData(

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..images import load_image
-from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_images, encode_generate_prompts
+from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_images
 from ..sampling.flow_sde import schedule, velocity
 from .loop_stage import TrainerLoopStage, dataset_captions
 from .unified_grpo_config import UnifiedGRPOConfig
@@ -40,10 +40,7 @@ class ColdStartModel(nn.Module):
     def reconstruct(self, captions: list[str], generator: torch.Generator) -> torch.Tensor:
         """Captions → images in [0, 1], differentiable w.r.t. every trainable part."""
         decoder, args = self.helpers["decoder"], self.args
-        conditioning = encode_generate_prompts(
-            self.vlm, decoder.processor.tokenizer, self.projector, captions,
-            with_adapters=decoder.config.get("conditioning_with_encoder_adapters", True),
-        )
+        conditioning = decoder.generate_conditioning(captions)
         pooled = decoder.uae_pooled_prompt_embeds().to(conditioning.prompt_embeds.device).expand(len(captions), -1)
         mask = conditioning.text_mask()
         shape = (len(captions), self.transformer.config.in_channels,

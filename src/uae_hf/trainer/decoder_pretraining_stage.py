@@ -15,7 +15,6 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from torch import nn
 
 from ..images import load_image
-from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import encode_generate_prompts
 from .loop_stage import TrainerLoopStage, dataset_captions
 from .unified_grpo_config import UnifiedGRPOConfig
 
@@ -41,10 +40,7 @@ class DecoderPretrainingModel(nn.Module):
         decoder, args = self.helpers["decoder"], self.args
         latents = self.latents(pixels, generator)
         batch = latents.shape[0]
-        conditioning = encode_generate_prompts(
-            decoder.vlm, decoder.processor.tokenizer, self.projector, captions,
-            with_adapters=decoder.config.get("conditioning_with_encoder_adapters", True),
-        )
+        conditioning = decoder.generate_conditioning(captions)
         mask = conditioning.text_mask()
         pooled = decoder.uae_pooled_prompt_embeds().to(latents.device, latents.dtype).expand(batch, -1)
         density = compute_density_for_timestep_sampling(

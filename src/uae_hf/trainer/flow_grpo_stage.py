@@ -18,12 +18,12 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import TrainerCallback
 
-from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of
+from ..hub import MODEL_CARDS, hub_id_of
 from ..images import load_image
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_images
 from ..rewards.reconstruction import ReconstructionBatch, caption_metrics
 from ..sampling.flow_sde import decode_latents, flow_step, sample_trajectory, velocity
-from .health import HealthWarnings, groups_without_variation
+from .health import HealthWarnings
 from .loop_stage import LORA_WEIGHT_NAME, TrainerLoopStage
 from .unified_grpo_config import UnifiedGRPOConfig
 from .unified_grpo_trainer import build_reconstruction_reward
@@ -130,9 +130,7 @@ class FlowGRPOTrainer(TrainerLoopStage):
         everyone = self.accelerator.gather(rewards)  # every process's rewards, once per step
         advantages = self._advantages(rewards, everyone)
         reward_time = time.perf_counter() - start
-        stalled = groups_without_variation(everyone, self.args.num_generations)
-        self.health.check_group_variation(stalled, self.state.global_step)
-        self.health.check_finite_rewards(everyone, self.state.global_step)
+        stalled = self.health.check_rewards(everyone, self.args.num_generations, self.state.global_step)
 
         self._record(metrics | caption_metrics(captions) | {
             "reward": float(torch.nanmean(everyone)),
@@ -260,15 +258,13 @@ class FlowGRPOTrainer(TrainerLoopStage):
         args = self.args
         base = hub_id_of(self.decoder.transformer)
         hub_id = self.hub_model_id or model_name or Path(args.output_dir).name
-        latest = {}
-        for record in self.state.log_history:
-            latest.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        latest = self._latest_metrics()
         card = ModelCard.from_template(
             ModelCardData(
                 base_model=base,
                 library_name="diffusers",
                 license="other",
-                tags=sorted(set(self._tag_names) | set([tags] if isinstance(tags, str) else tags or [])),
+                tags=self._card_tags(tags),
                 datasets=[dataset_name] if dataset_name else None,
                 instance_prompt=None,
             ),

@@ -28,6 +28,13 @@ class HealthWarnings:
     def __init__(self):
         self.warned: set[str] = set()
 
+    def check_rewards(self, rewards: torch.Tensor, group_size: int, step: int) -> float:
+        """Both reward checks of an RL step (every process's rewards); returns the share of stalled groups to log."""
+        stalled = groups_without_variation(rewards, group_size)
+        self.check_group_variation(stalled, step)
+        self.check_finite_rewards(rewards, step)
+        return stalled
+
     def check_group_variation(self, share: float, step: int) -> None:
         if share >= STALLED_GROUP_SHARE and "reward_variation" not in self.warned:
             self.warned.add("reward_variation")

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from huggingface_hub import ModelCard, ModelCardData
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer
 
+from ..hub import MODEL_CARDS, model_source
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline
 from .unified_grpo_config import DIT_LORA_TARGETS, UnifiedGRPOConfig
 from .unified_grpo_trainer import UnifiedGRPOTrainer, as_decoder, check_image_column
@@ -182,24 +184,16 @@ class TrainerLoopStage(UnifiedGRPOTrainer):
         """Write `output_dir/README.md`: what was trained and how each saved file loads."""
         if not self.is_world_process_zero():
             return
-        from huggingface_hub import ModelCard, ModelCardData
-
-        from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of
-
-        latest = {}
-        for record in self.state.log_history:
-            latest.update({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"})
         card = ModelCard.from_template(
-            ModelCardData(library_name="diffusers", license="other",
-                          tags=sorted(set(self._tag_names) | set([tags] if isinstance(tags, str) else tags or [])),
+            ModelCardData(library_name="diffusers", license="other", tags=self._card_tags(tags),
                           datasets=[dataset_name] if dataset_name else None),
             template_path=str(MODEL_CARDS / "uae_stage_weights.md"),
             model_name=model_name or Path(self.args.output_dir).name,
             stage=self.args.stage,
             stage_description=self._STAGE_DESCRIPTIONS.get(self.args.stage, self.args.stage),
-            decoder=hub_id_of(self.decoder.transformer) or LOCAL_CHECKPOINT,
+            decoder=model_source(self.decoder.transformer),
             files=self.saved_files(),
-            metrics=latest,
+            metrics=self._latest_metrics(),
         )
         card.save(Path(self.args.output_dir, "README.md"))
 

@@ -11,13 +11,17 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 from trl import GRPOTrainer
 
-from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of
-from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline, caption_messages
+from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of, model_source
+from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import (
+    UAEReconstructionPipeline,
+    adapters_disabled,
+    caption_messages,
+)
 from ..rewards.reconstruction import ReconstructionReward
 from ..rewards.similarity import ImageSimilarity
 from ..visualization import reconstruction_grid
 from .checkpointing import AtomicCheckpoints
-from .health import HealthWarnings, groups_without_variation
+from .health import HealthWarnings
 from .unified_grpo_config import UnifiedGRPOConfig
 
 
@@ -203,7 +207,7 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         disable = shared and self.args.decoder_text_encoder == "frozen"
         vlm = self.decoder.vlm
         was_training = vlm.training if vlm is not None else False
-        with policy.disable_adapter() if disable else contextlib.nullcontext():
+        with adapters_disabled(policy) if disable else contextlib.nullcontext():
             if vlm is not None:
                 vlm.eval()
             try:
@@ -219,10 +223,8 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         # TRL logs frac_reward_zero_std for the summed reward; warn when the reconstruction reward itself stalls
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else getattr(self, "num_generations_eval", None) or self.num_generations
-        stalled = groups_without_variation(rewards[:, 0], group)
+        stalled = self.health.check_rewards(rewards[:, 0], group, self.state.global_step)
         self._metrics[mode]["reward/groups_without_variation"].append(stalled)
-        self.health.check_group_variation(stalled, self.state.global_step)
-        self.health.check_finite_rewards(rewards[:, 0], self.state.global_step)
         self._maybe_save_reconstruction_grid()
         return rewards
 
@@ -252,21 +254,29 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
                 wandb.log({"reconstructions": wandb.Image(grid)}, step=step)
 
     # ----------------------------------------------------------------------------------------------------- model card
+    def _latest_metrics(self) -> dict[str, float]:
+        """Each logged number's latest value (the epoch aside), for model cards."""
+        latest = {}
+        for record in self.state.log_history:
+            latest.update({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"})
+        return latest
+
+    def _card_tags(self, tags) -> list[str]:
+        return sorted(set(self._tag_names) | set([tags] if isinstance(tags, str) else tags or []))
+
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
         """Write `output_dir/README.md` from `model_cards/unified_grpo_encoder.md`."""
         if not self.is_world_process_zero():
             return
         base_model = hub_id_of(self._policy_base_model())
-        decoder_name = hub_id_of(self.decoder.transformer) or LOCAL_CHECKPOINT
-        latest = {}
-        for record in self.state.log_history:
-            latest.update({key: value for key, value in record.items() if isinstance(value, (int, float))})
+        decoder_name = model_source(self.decoder.transformer)
+        latest = self._latest_metrics()
         args = self.args
         card = ModelCard.from_template(
             ModelCardData(
                 base_model=base_model,
                 library_name="peft" if isinstance(self.accelerator.unwrap_model(self.model), PeftModel) else "transformers",
-                tags=sorted(set(self._tag_names) | set([tags] if isinstance(tags, str) else tags or [])),
+                tags=self._card_tags(tags),
                 datasets=[dataset_name] if dataset_name else None,
             ),
             template_path=str(MODEL_CARDS / "unified_grpo_encoder.md"),

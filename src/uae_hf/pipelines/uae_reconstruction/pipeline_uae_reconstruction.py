@@ -570,6 +570,14 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
             return images, captions
         return UAEReconstructionPipelineOutput(images=images, captions=captions, truncated=truncated)
 
+    def generate_conditioning(self, captions: list[str], negative_prompt: str | None = None) -> GenerateConditioning:
+        """[`encode_generate_prompts`] with this pipeline's `vlm`, tokenizer and `projector`, reading captions with or
+        without encoder adapters as `conditioning_with_encoder_adapters` says. Gradients flow if enabled."""
+        return encode_generate_prompts(
+            self.vlm, self.processor.tokenizer, self.projector, captions, negative_prompt or NEGATIVE_PROMPT,
+            with_adapters=self.config.get("conditioning_with_encoder_adapters", True),
+        )
+
     def encode_captions(
         self,
         captions: list[str],
@@ -609,10 +617,7 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
                 negative_pooled_prompt_embeds=negative_pooled,
                 joint_attention_kwargs=None,
             )
-        conditioning = encode_generate_prompts(
-            self.vlm, self.processor.tokenizer, self.projector, captions, negative_prompt or NEGATIVE_PROMPT,
-            with_adapters=self.config.get("conditioning_with_encoder_adapters", True),
-        )
+        conditioning = self.generate_conditioning(captions, negative_prompt)
         dtype = self.transformer.dtype
         prompt_embeds = conditioning.prompt_embeds.to(dtype).repeat_interleave(repeat, dim=0)
         negative_embeds = conditioning.negative_prompt_embeds.to(dtype).repeat_interleave(repeat, dim=0)
