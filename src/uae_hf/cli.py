@@ -89,6 +89,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, steps: int, token
     parser.add_argument(
         "--conditioning-mode", choices=["embeddings", "text"], default=None, help="override the pipeline's mode"
     )
+    _add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the first image (image i uses seed + i)")
     parser.add_argument("--encoder-adapter", default=None, metavar="DIR",
@@ -98,13 +99,40 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, steps: int, token
                         "classes and no code from the folder or repo runs)")
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    if device:
+        parser.add_argument("--device", default=None, help="where the models run (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="dtype of every model loaded; auto (default): bfloat16 on a GPU, else as stored on disk")
+
+
+def _device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _torch_dtype(args, device: str = "cpu"):
+    """The `--dtype` choice as a `torch.dtype`; `None` (each model as stored) for auto off the GPU."""
+    import torch
+
+    if args.dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else None
+    return getattr(torch, args.dtype)
+
+
 def _load_pipeline(args):
     from .pipelines import load_saved_pipeline
 
-    pipeline = load_saved_pipeline(args.pipeline, trust_remote_code=args.trust_remote_code)
+    device = _device(args)
+    pipeline = load_saved_pipeline(args.pipeline, trust_remote_code=args.trust_remote_code,
+                                   torch_dtype=_torch_dtype(args, device))
     if args.encoder_adapter:
         pipeline.load_encoder_adapter(args.encoder_adapter)
-    return pipeline
+    return pipeline.to(device)
 
 
 def _cmd_tiny_models(args) -> None:
@@ -129,7 +157,7 @@ def _cmd_reconstruct(args) -> None:
 def _cmd_convert_release(args) -> None:
     from .release import load_uae_release
 
-    pipeline = load_uae_release(args.source)
+    pipeline = load_uae_release(args.source, torch_dtype=_torch_dtype(args))
     pipeline.save_pretrained(args.destination)
     print(f"converted {args.source} into a self-loading pipeline folder: {args.destination}")
 
@@ -172,12 +200,10 @@ def _cmd_bench(args) -> None:
     call_kwargs = {}
     if args.pipeline:
         pipeline = _load_pipeline(args)
-        if args.device != "cpu":
-            pipeline.to(args.device)
         call_kwargs = _generate_kwargs(args)
     report = run_bench(
         references, args.output_dir, pipeline=pipeline, reconstructions_dir=args.reconstructions,
-        config_name=args.backbones, checkpoints=checkpoints, device=args.device, dtype=args.dtype,
+        config_name=args.backbones, checkpoints=checkpoints, device=_device(args), dtype=args.backbone_dtype,
         batch_size=args.batch_size, seed=args.seed, **call_kwargs,
     )
     print(Path(args.output_dir, "scores.md").read_text())
@@ -214,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backbones", default="default", help='"default" (the paper\'s four) or e.g. "clip+dinov2"')
     bench.add_argument("--checkpoint", action="append", default=[], metavar="BACKBONE=PATH",
                        help="replace a backbone's checkpoint (repeatable)")
-    bench.add_argument("--device", default="cpu", help="device for the pipeline and the backbones")
-    bench.add_argument("--dtype", default="float32", help="backbone dtype (bfloat16/float16 on GPU)")
+    bench.add_argument("--backbone-dtype", choices=DTYPES[1:], default="float32",
+                       help="dtype of the scoring backbones (float32, as the official scorer; --dtype sets the pipeline's)")
     bench.add_argument("--limit", type=int, default=None, help="only the first N references")
     _add_generation_arguments(bench, steps=40, tokens=512)
     bench.set_defaults(func=_cmd_bench)
@@ -223,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert-release", help="the released UAE model → a self-loading pipeline folder")
     convert.add_argument("source", help="local copy of the release, or its Hub id (zhiyuanyan1/UAE)")
     convert.add_argument("destination", help="folder to write (loads with DiffusionPipeline.from_pretrained)")
+    _add_model_arguments(convert, device=False)
     convert.set_defaults(func=_cmd_convert_release)
 
     commands.add_parser(

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from .models.projector import UAEProjector
+from .pipelines.uae_reconstruction.loading import component_dtypes, stored_dtype
 from .pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline
 from .rewards.similarity import _quiet_transformers
 
@@ -111,7 +112,7 @@ def _apply(model: torch.nn.Module, pairs: dict, scale: float, slot: str, module_
             target.weight.copy_(_merge(target.weight, lora_a, lora_b, scale))
 
 
-def _projector(tensors: dict, llm_hidden: int, joint_attention_dim: int) -> UAEProjector:
+def _projector(tensors: dict, llm_hidden: int, joint_attention_dim: int, dtype: torch.dtype | None) -> UAEProjector:
     keys = ["projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias"]
     missing = [key for key in keys if key not in tensors]
     if missing:
@@ -124,7 +125,7 @@ def _projector(tensors: dict, llm_hidden: int, joint_attention_dim: int) -> UAEP
         )
     projector = UAEProjector(first.shape[1], first.shape[0], second.shape[0])
     projector.load_state_dict({key: tensors[key] for key in keys})
-    return projector.eval()
+    return projector.to(dtype or first.dtype).eval()
 
 
 def load_uae_release(
@@ -140,17 +141,18 @@ def load_uae_release(
         path_or_repo: a local copy of the release or its Hub id (`"zhiyuanyan1/UAE"`).
         llm_lora_rank (`int`, defaults to 32), llm_lora_alpha (`int`, defaults to 64): the LLM LoRA settings of the
             release's code (the shards do not store alpha).
-        torch_dtype: dtype of the loaded models (merging happens in float32).
+        torch_dtype: dtype of every loaded model (`torch.bfloat16` on GPU); by default each keeps the dtype its weights
+            are stored in. Merging happens in float32.
         **download_kwargs: for `huggingface_hub.snapshot_download` when `path_or_repo` is a repo id.
 
     Raises:
         ReleaseFormatError: a slot, key or shape is not what the release has; the message names it.
     """
     folders = resolve_release(path_or_repo, **download_kwargs)
-    transformer = SD3Transformer2DModel.from_pretrained(folders["dit"], torch_dtype=torch_dtype)
-    sd3 = StableDiffusion3Pipeline.from_pretrained(
-        folders["SD3"], transformer=transformer, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch_dtype
-    )
+    transformer = SD3Transformer2DModel.from_pretrained(folders["dit"],
+                                                        dtype=torch_dtype or stored_dtype(folders["dit"]))
+    sd3 = StableDiffusion3Pipeline.from_pretrained(folders["SD3"], transformer=transformer, text_encoder_3=None,
+                                                   tokenizer_3=None, dtype=component_dtypes(folders["SD3"], torch_dtype))
     pooled = sd3.text_encoder.config.projection_dim + sd3.text_encoder_2.config.projection_dim
     if transformer.config.pooled_projection_dim != pooled:
         raise ReleaseFormatError(f"slot 'dit': pooled_projection_dim is {transformer.config.pooled_projection_dim}, "
@@ -159,7 +161,8 @@ def load_uae_release(
     with _quiet_transformers():  # the projector keys are not Qwen's: reported as unexpected, read separately below
         vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(folders["llm"], dtype=torch_dtype).eval()
     hidden = vlm.config.get_text_config().hidden_size
-    projector = _projector(_read_tensors(folders["llm"], "llm"), hidden, transformer.config.joint_attention_dim)
+    projector = _projector(_read_tensors(folders["llm"], "llm"), hidden, transformer.config.joint_attention_dim,
+                           torch_dtype)
 
     llm_tensors = _read_tensors(folders["llm_lora"], "llm_lora")
     visual = [key for key in llm_tensors if "lora_" in key and "visual" in key]

@@ -121,7 +121,9 @@ def flow_step(method: str, velocity, sample, sigmas: torch.Tensor, index: int, n
 def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict, guidance_scale: float):
     """The decoder's velocity at `latents`, with classifier-free guidance when `guidance_scale > 1`.
 
-    `conditioning` is what `UAEReconstructionPipeline.encode_captions` returns.
+    `conditioning` is what `UAEReconstructionPipeline.encode_captions` returns. `timestep` is one value or one per
+    item. Every input is cast to the DiT's dtype here, at the boundary (float32 latents or embeddings from a float32
+    projector beside a bf16 DiT), so no model is ever upcast; the prediction comes back in the DiT's dtype.
     """
     guided = guidance_scale > 1
     embeds, pooled = conditioning["prompt_embeds"], conditioning["pooled_prompt_embeds"]
@@ -130,12 +132,12 @@ def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, conditi
         embeds = torch.cat([conditioning["negative_prompt_embeds"], embeds])
         pooled = torch.cat([conditioning["negative_pooled_prompt_embeds"], pooled])
         model_input = torch.cat([latents, latents])
-    module = getattr(transformer, "module", transformer)  # a DistributedDataParallel wrapper holds the DiT
+    dtype = getattr(transformer, "module", transformer).dtype  # a DistributedDataParallel wrapper holds the DiT
     prediction = transformer(
-        hidden_states=model_input.to(module.dtype),
+        hidden_states=model_input.to(dtype),
         timestep=timestep.expand(model_input.shape[0]),
-        encoder_hidden_states=embeds,
-        pooled_projections=pooled,
+        encoder_hidden_states=embeds.to(dtype),
+        pooled_projections=pooled.to(dtype),
         joint_attention_kwargs=conditioning.get("joint_attention_kwargs"),
         return_dict=False,
     )[0]

@@ -15,6 +15,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from torch import nn
 
 from ..images import load_image
+from ..sampling.flow_sde import velocity
 from .loop_stage import TrainerLoopStage, dataset_captions
 from .unified_grpo_config import UnifiedGRPOConfig
 
@@ -42,7 +43,7 @@ class DecoderPretrainingModel(nn.Module):
         batch = latents.shape[0]
         conditioning = decoder.generate_conditioning(captions)
         mask = conditioning.text_mask()
-        pooled = decoder.uae_pooled_prompt_embeds().to(latents.device, latents.dtype).expand(batch, -1)
+        pooled = decoder.uae_pooled_prompt_embeds().to(latents.device).expand(batch, -1)
         density = compute_density_for_timestep_sampling(
             args.weighting_scheme, batch, args.logit_mean, args.logit_std, args.mode_scale, generator=generator
         )
@@ -51,14 +52,9 @@ class DecoderPretrainingModel(nn.Module):
         timesteps = schedule.timesteps[indices].to(latents.device)
         sigmas = schedule.sigmas[indices].to(latents.device, latents.dtype).view(batch, 1, 1, 1)
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        prediction = self.transformer(
-            hidden_states=(1 - sigmas) * latents + sigmas * noise,
-            timestep=timesteps,
-            encoder_hidden_states=conditioning.prompt_embeds,
-            pooled_projections=pooled,
-            joint_attention_kwargs={"encoder_attention_mask": mask} if not bool(mask.all()) else None,
-            return_dict=False,
-        )[0]
+        features = dict(prompt_embeds=conditioning.prompt_embeds, pooled_prompt_embeds=pooled,
+                        joint_attention_kwargs={"encoder_attention_mask": mask} if not bool(mask.all()) else None)
+        prediction = velocity(self.transformer, (1 - sigmas) * latents + sigmas * noise, timesteps, features, 1.0)
         weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
         per_sample = (weighting.float() * (prediction.float() - (noise - latents).float()) ** 2).flatten(1).mean(1)
         return per_sample.mean()

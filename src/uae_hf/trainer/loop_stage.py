@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from diffusers.training_utils import cast_training_params
 from huggingface_hub import ModelCard, ModelCardData
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -59,6 +60,12 @@ class TrainerLoopStage(UnifiedGRPOTrainer):
         self._stage_metrics = defaultdict(list)
 
     def _init_trainer(self, model, args, train_dataset, eval_dataset, callbacks, optimizers, images_per_device):
+        full_dit = args.pretrain_full_dit if args.stage == "pretrain" else args.decoder_full_finetune
+        if not (full_dit and args.stage in ("pretrain", "generation")):
+            # adapters and the projector keep float32 master weights (as PEFT keeps adapters), whatever dtype the
+            # frozen models run in: bf16 AdamW updates would round away. A fully fine-tuned DiT keeps its own dtype
+            # (fp32 masters for it are FSDP's or DeepSpeed's mixed precision).
+            cast_training_params(model, torch.float32)
         Trainer.__init__(self, model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          data_collator=list, callbacks=callbacks, optimizers=optimizers)
         self._train_batch_size = images_per_device

@@ -73,18 +73,24 @@ def _train_dataset(script_args: UnifiedScriptArguments) -> datasets.Dataset:
     return dataset
 
 
-def _assemble_decoder(sd3: str, encoder: str, projector: str):
+def _assemble_decoder(sd3: str, encoder: str, projector: str, torch_dtype: torch.dtype | None):
     """A UAE pipeline from a plain SD3 pipeline, an encoder and a projector folder (or a new projector)."""
     from ..models.projector import UAEProjector
     from ..pipelines import UAEReconstructionPipeline, load_uae_pipeline
 
     if projector != "new":
-        return load_uae_pipeline(sd3, encoder, projector)
-    pipe = load_uae_pipeline(sd3, encoder, None, conditioning_mode="text", load_t5=False)
+        return load_uae_pipeline(sd3, encoder, projector, torch_dtype=torch_dtype)
+    pipe = load_uae_pipeline(sd3, encoder, None, conditioning_mode="text", torch_dtype=torch_dtype, load_t5=False)
     hidden = pipe.vlm.config.get_text_config().hidden_size
     torch.manual_seed(0)
     fresh = UAEProjector(hidden, 4 * hidden, pipe.transformer.config.joint_attention_dim)
+    fresh.to(dtype=torch_dtype or pipe.transformer.dtype)
     return UAEReconstructionPipeline.from_pipe(pipe, projector=fresh, conditioning_mode="embeddings")
+
+
+def model_dtype(dtype: str | None) -> torch.dtype | None:
+    """`ModelConfig.dtype` (`"bfloat16"`, `"float32"`, ...) as a `torch.dtype`; `None` for `"auto"` (as stored)."""
+    return None if dtype in (None, "auto") else getattr(torch, dtype)
 
 
 def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig, model_args: ModelConfig):
@@ -94,20 +100,22 @@ def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig,
     uses_twins = TINY in (model_args.model_name_or_path, script_args.decoder)
     twins = _twins(script_args) if uses_twins else None
     encoder = str(twins / "encoder") if model_args.model_name_or_path == TINY else model_args.model_name_or_path
+    dtype = model_dtype(model_args.dtype)  # `dtype` loads every model: encoder, decoder, projector
     if script_args.decoder == TINY:
-        decoder = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector")
+        decoder = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector", torch_dtype=dtype)
     elif script_args.projector:
-        decoder = _assemble_decoder(script_args.decoder, encoder, script_args.projector)
+        decoder = _assemble_decoder(script_args.decoder, encoder, script_args.projector, dtype)
     else:
         # the config's trust_remote_code (default off) also governs the decoder folder's own code
-        decoder = load_saved_pipeline(script_args.decoder, trust_remote_code=training_args.trust_remote_code)
+        decoder = load_saved_pipeline(script_args.decoder, trust_remote_code=training_args.trust_remote_code,
+                                      torch_dtype=dtype)
     if uses_twins and training_args.backbone_checkpoints is None:
         training_args.backbone_checkpoints = {name: str(twins / "backbones" / name) for name in BACKBONES
                                               if (twins / "backbones" / name).exists()}
     if training_args.stage != "understanding" and decoder.vlm is not None:
         model = decoder.vlm  # these stages read captions with the decoder's own (frozen) encoder: one copy
     else:
-        model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=model_args.dtype)
+        model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=dtype or "auto")
     trainer = UnifiedGRPOTrainer(
         model=model,
         decoder=decoder,

@@ -9,6 +9,7 @@ import contextlib
 import inspect
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,9 @@ CAPTION_INSTRUCTION = (
 NEGATIVE_PROMPT = "Generate a random, low quality, ugly, blur, bad and anime, cartoon image."
 GENERATE_ROLE = "generate"
 CONDITIONING_MODES = ("embeddings", "text")
+# Float32 weights beyond this many parameters on an accelerator: a bf16 load was almost certainly intended.
+FLOAT32_WARNING_PARAMETERS = 1_000_000_000
+FLOAT32_WARNING_DEVICES = ("cuda",)
 
 
 def caption_messages(instruction: str = CAPTION_INSTRUCTION) -> list[dict]:
@@ -447,14 +451,61 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
         if transformer is not None:
             transformer.set_attn_processor(MaskedJointAttnProcessor())
         self._pooled_cache = None
+        self._warned_float32 = False
+        self._warn_if_float32_on_accelerator()
+
+    def to(self, *args, **kwargs):
+        """diffusers' `to`, then a one-time warning if large float32 weights now sit on a CUDA device."""
+        pipeline = super().to(*args, **kwargs)
+        pipeline._warn_if_float32_on_accelerator()
+        return pipeline
+
+    def _warn_if_float32_on_accelerator(self) -> None:
+        if self._warned_float32:
+            return
+        count = sum(
+            parameter.numel()
+            for module in self.components.values() if isinstance(module, torch.nn.Module)
+            for parameter in module.parameters()
+            if parameter.dtype == torch.float32 and parameter.device.type in FLOAT32_WARNING_DEVICES
+        )
+        if count > FLOAT32_WARNING_PARAMETERS:
+            self._warned_float32 = True
+            warnings.warn(
+                f"{count / 1e9:.1f}B parameters of this pipeline are float32 on a GPU: twice the memory and several "
+                "times slower than bfloat16. Load with torch_dtype=torch.bfloat16 (or pipe.to(dtype=torch.bfloat16))",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @classmethod
-    def from_pipe(cls, pipeline, **kwargs):
-        """diffusers' `from_pipe`, carrying the projector over too (its class is not known to this file's type hints,
-        so diffusers would otherwise drop it)."""
-        if "projector" not in kwargs and getattr(pipeline, "projector", None) is not None:
-            kwargs["projector"] = pipeline.projector
-        return super().from_pipe(pipeline, **kwargs)
+    def from_pipe(cls, pipeline, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None, **kwargs):
+        """A UAE pipeline sharing `pipeline`'s components (no copies), e.g. from a `StableDiffusion3Pipeline`.
+
+        Unlike diffusers' `DiffusionPipeline.from_pipe`, which casts every component to `dtype` (float32 when it is
+        not given, silently upcasting a bf16 pipeline and the shared modules of `pipeline` with it), each component
+        keeps its own dtype unless `dtype` is given. Keyword arguments replace components (`vlm=`,
+        `processor=`, `projector=`, ...) or set options (`conditioning_mode=`); the rest, projector and options
+        included, carries over from `pipeline`.
+
+        Args:
+            pipeline (`DiffusionPipeline`): an SD3-family pipeline (a `UAEReconstructionPipeline` included).
+            dtype (`torch.dtype`, *optional*): cast every model component to this dtype (shared modules are cast in
+                place, so `pipeline` sees it too); `torch_dtype` is accepted as its other name, as in diffusers.
+        """
+        component_names, option_names = cls._get_signature_keys(cls)
+        unknown = set(kwargs) - set(component_names) - set(option_names)
+        if unknown:
+            raise TypeError(f"from_pipe got unknown arguments {sorted(unknown)}; components are {sorted(component_names)} "
+                            f"and options {sorted(option_names)}")
+        components = {name: value for name, value in pipeline.components.items() if name in component_names}
+        options = {name: pipeline.config[name] for name in option_names if name in pipeline.config}
+        new_pipeline = cls(**(components | options | kwargs))
+        if pipeline.config.get("_name_or_path") is not None:
+            new_pipeline.register_to_config(_name_or_path=pipeline.config["_name_or_path"])
+        if (dtype or torch_dtype) is not None:
+            new_pipeline.to(dtype=dtype or torch_dtype)
+        return new_pipeline
 
     def _check_conditioning_mode(self, mode):
         if mode not in CONDITIONING_MODES:
