@@ -2,7 +2,7 @@
 
 Real run (GPU, Hub access; the projector must be a trained UAEProjector folder):
 
-    python examples/round_trip.py photo.jpg --projector path/to/projector --device cuda --dtype bfloat16
+    python examples/round_trip.py photo.jpg --projector path/to/projector          # bf16 on the GPU
 
 Offline with the tiny twins (`uae-hf tiny-models twins`):
 
@@ -24,14 +24,16 @@ def main() -> None:
     parser.add_argument("--decoder", default="stabilityai/stable-diffusion-3.5-large")
     parser.add_argument("--encoder", default="Qwen/Qwen2.5-VL-3B-Instruct")
     parser.add_argument("--projector", required=True)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on a GPU, else each model as stored")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--output-prefix", default="reconstruction")
     args = parser.parse_args()
 
-    pipe = load_uae_pipeline(args.decoder, args.encoder, args.projector, torch_dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if args.device.startswith("cuda") else None
+    pipe = load_uae_pipeline(args.decoder, args.encoder, args.projector, torch_dtype=dtype)
     pipe.to(args.device)
     images = [PIL.Image.open(path) for path in args.images]
     generators = [torch.Generator().manual_seed(i) for i in range(len(images))]

@@ -18,6 +18,7 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from uae_hf import UAEProjector, UAEReconstructionPipeline, load_saved_pipeline, load_uae_pipeline
 from uae_hf import cli
 from uae_hf.pipelines.uae_reconstruction import pipeline_uae_reconstruction
+from uae_hf.trainer.train_script import _assemble_decoder
 
 BF16 = torch.bfloat16
 
@@ -67,6 +68,21 @@ def _text_mode_from_pipe(tiny_dir, **_):
         StableDiffusion3Pipeline.from_pretrained(tiny_dir / "decoder", dtype=BF16), conditioning_mode="text")
 
 
+def _trainer_text_mode_decoder(tiny_dir, tmp_path, **_):
+    """A plain SD3 pipeline given to the trainer as its decoder (text mode)."""
+    from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer
+    from uae_hf.sample_data import skimage_photos
+
+    args = UnifiedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[], num_generations=2,
+                             per_device_train_batch_size=2, backbone_checkpoints={"clip": str(tiny_dir / "backbones" / "clip")})
+    trainer = UnifiedGRPOTrainer(
+        model=Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir / "encoder", dtype=BF16),
+        decoder=StableDiffusion3Pipeline.from_pretrained(tiny_dir / "decoder", dtype=BF16), args=args,
+        train_dataset=skimage_photos(32).select(range(2)), processing_class=AutoProcessor.from_pretrained(tiny_dir / "encoder"))
+    assert trainer.decoder.config.conditioning_mode == "text"
+    return trainer.decoder
+
+
 def _convert_release(tiny_dir, release, tmp_path, **_):
     cli.main(["convert-release", str(release), str(tmp_path / "converted"), "--dtype", "bfloat16"])
     return load_saved_pipeline(tmp_path / "converted")  # no dtype asked: as stored, which must be bf16
@@ -101,6 +117,7 @@ ENTRY_POINTS = {
         tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector", torch_dtype=BF16),
     "from_pipe": _from_pipe,
     "from_pipe text mode": _text_mode_from_pipe,
+    "trainer text-mode decoder": _trainer_text_mode_decoder,
     "load_saved_pipeline": lambda saved_fp32, **_: load_saved_pipeline(saved_fp32, torch_dtype=BF16),
     "load_saved_pipeline as stored": lambda saved_bf16, **_: load_saved_pipeline(saved_bf16),
     "load_saved_pipeline remote code": lambda saved_fp32, **_: load_saved_pipeline(
@@ -111,6 +128,8 @@ ENTRY_POINTS = {
     "uae-hf convert-release --dtype": _convert_release,
     "uae-hf reconstruct --dtype": _cli_pipeline,
     "uae-hf train --dtype": _train_script_decoder,
+    "uae-hf train --projector new": lambda tiny_dir, **_: _assemble_decoder(
+        str(tiny_dir / "decoder"), str(tiny_dir / "encoder"), "new", BF16),
 }
 
 

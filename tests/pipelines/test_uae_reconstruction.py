@@ -160,7 +160,7 @@ def test_pipeline_module_imports_only_torch_transformers_diffusers():
     roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
     assert roots <= {"torch", "transformers", "diffusers", "huggingface_hub", "numpy", "PIL", "contextlib", "inspect", "json",
-                     "shutil", "dataclasses", "pathlib", "tempfile"}, roots
+                     "shutil", "dataclasses", "pathlib", "tempfile", "warnings"}, roots
     assert not any(isinstance(node, ast.ImportFrom) and node.level > 0 for node in ast.walk(tree))
 
 

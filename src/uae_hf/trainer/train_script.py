@@ -73,7 +73,7 @@ def _train_dataset(script_args: UnifiedScriptArguments) -> datasets.Dataset:
     return dataset
 
 
-def _assemble_decoder(sd3: str, encoder: str, projector: str, torch_dtype: torch.dtype | None):
+def _assemble_decoder(sd3: str, encoder: str, projector: str, torch_dtype: torch.dtype | None = None):
     """A UAE pipeline from a plain SD3 pipeline, an encoder and a projector folder (or a new projector)."""
     from ..models.projector import UAEProjector
     from ..pipelines import UAEReconstructionPipeline, load_uae_pipeline
