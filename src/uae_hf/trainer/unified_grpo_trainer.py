@@ -1,6 +1,7 @@
 """[`UnifiedGRPOTrainer`]: TRL's GRPO with the UAE decoder as the reward model."""
 
 import contextlib
+import types
 from pathlib import Path
 
 import datasets
@@ -9,6 +10,9 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import CompileConfig
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from trl import GRPOTrainer
 
 from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of, model_source
@@ -78,6 +82,51 @@ def build_reconstruction_reward(decoder, args: UnifiedGRPOConfig) -> Reconstruct
     )
 
 
+def check_generation_backend(args: UnifiedGRPOConfig) -> None:
+    """Refuse, before anything loads, caption generation settings that TRL would drop or run without the images."""
+    if args.use_transformers_continuous_batching:  # also set by the deprecated `use_transformers_paged`
+        raise ValueError(
+            "use_transformers_paged / use_transformers_continuous_batching cannot caption images: TRL hands "
+            "transformers' continuous-batching engine the prompt token ids only (`generate_batch(prompt_ids, ...)`), "
+            "and that engine takes no pixel_values / image_grid_thw, so every caption would be written without seeing "
+            "its image (TRL refuses it for any processor for this reason). Use the default transformers `generate` "
+            "path, with cache_implementation='static' (and a compile_config in generation_kwargs to compile the "
+            "decode step) for speed, or use_vllm=True."
+        )
+    compile_config = (args.generation_kwargs or {}).get("compile_config")
+    if compile_config is None:
+        return
+    if args.use_vllm:
+        raise ValueError("generation_kwargs['compile_config'] configures transformers' `generate`; with use_vllm=True "
+                         "generation_kwargs go to vLLM's SamplingParams (vLLM compiles its own decode step)")
+    if args.cache_implementation not in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"generation_kwargs['compile_config'] with cache_implementation={args.cache_implementation!r}: "
+            "transformers compiles the decode step only with a static KV cache, so set cache_implementation='static'"
+        )
+    if isinstance(compile_config, dict):  # from a YAML / JSON config
+        args.generation_kwargs = {**args.generation_kwargs, "compile_config": CompileConfig(**compile_config)}
+
+
+def _enable_input_require_grads_once(model) -> None:
+    """`PreTrainedModel.enable_input_require_grads` that first removes the hooks of its previous call."""
+    model.disable_input_require_grads()
+    type(model).enable_input_require_grads(model)
+
+
+@contextlib.contextmanager
+def base_weights_kept(model: torch.nn.Module):
+    """Restore, bit for bit, the weights under every PEFT adapter layer of `model` when the block ends."""
+    saved = [(param, param.detach().clone()) for module in model.modules() if isinstance(module, BaseTunerLayer)
+             for param in module.get_base_layer().parameters(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in saved:
+                param.copy_(value)
+
+
 def check_image_column(dataset, name: str) -> None:
     columns = None if dataset is None else dataset.column_names
     if columns is not None and "image" not in columns and "images" not in columns:
@@ -145,6 +194,7 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             args = UnifiedGRPOConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-UnifiedGRPO")
         if not isinstance(args, UnifiedGRPOConfig):
             raise TypeError(f"args must be a UnifiedGRPOConfig, got {type(args).__name__}")
+        check_generation_backend(args)
         self.decoder = as_decoder(decoder)
         self.decoder.set_progress_bar_config(disable=True)
         train_dataset = with_caption_prompt(train_dataset, "train_dataset")
@@ -166,6 +216,7 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             optimizers=optimizers,
         )
         self._check_decoder_text_path()
+        self._setup_generation_backend()
         policy = self._policy_base_model()
         for component in self.decoder.components.values():
             if isinstance(component, torch.nn.Module) and component is not policy:
@@ -173,6 +224,31 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         self.decoder.to(self.accelerator.device)
         self._last_grid_step = -1
         self.health = HealthWarnings()
+
+    # ------------------------------------------------------------------------------------------------ caption rollouts
+    def _setup_generation_backend(self) -> None:
+        if not self.use_vllm and (self.args.generation_kwargs or {}).get("compile_config") is not None:
+            # TRL builds its GenerationConfig with disable_compile=True, which silently drops an explicit compile_config
+            self.generation_config.disable_compile = False
+        # TRL switches gradient checkpointing off and on around every rollout and log-prob pass; each switch on calls
+        # transformers' `enable_input_require_grads`, which adds a forward hook on the input embeddings and forgets the
+        # previous one (switching off removes it only for adapters added with transformers' own `add_adapter`): two
+        # more hooks run on every decoded token each step, and a compiled decode step recompiles every step. Keep one.
+        base = self._policy_base_model()
+        base.enable_input_require_grads = types.MethodType(_enable_input_require_grads_once, base)
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.use_vllm and isinstance(policy, PeftModel):
+            # TRL pushes a PEFT policy to vLLM by merging the adapter into the base weights in place and unmerging it
+            # afterwards. In bf16 that round trip is not exact and its error compounds sync after sync, while those
+            # base weights are the frozen encoder the decoder reads captions with (decoder_text_encoder="frozen"), the
+            # KL reference and the policy's own base: give them back exactly after every sync.
+            sync_weights = self.vllm_generation.sync_weights
+
+            def sync_weights_keeping_base_weights():
+                with base_weights_kept(policy):
+                    sync_weights()
+
+            self.vllm_generation.sync_weights = sync_weights_keeping_base_weights
 
     # ----------------------------------------------------------------------------------------------- decoder text path
     def _policy_base_model(self):
