@@ -1,10 +1,12 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import PIL.Image
 import pytest
+import torch
 
 from uae_hf.cli import main
 
@@ -31,6 +33,12 @@ def test_reconstruct_writes_images_captions_and_grid(pipe, photos, tmp_path):
         assert PIL.Image.open(row["reconstruction"]).size == (64, 64)
     grid = PIL.Image.open(out / "grid.png")
     assert grid.width == 512 and grid.height > 3 * 256
+    # --seed fixes the sampled captions too, whatever the global RNG: the same run again gives the same file
+    torch.manual_seed(99)
+    main(["reconstruct", *map(str, paths), "--pipeline", str(tmp_path / "pipeline"), "--output-dir", str(tmp_path / "again"),
+          "--num-inference-steps", "2", "--max-new-tokens", "6", "--batch-size", "2"])
+    again = [json.loads(line) for line in (tmp_path / "again" / "captions.jsonl").read_text().splitlines()]
+    assert [row["caption"] for row in again] == [row["caption"] for row in rows]
 
 
 def test_reconstruct_names_an_unreadable_file(pipe, tmp_path):
@@ -106,7 +114,9 @@ def test_other_real_size_recipes_parse(recipe):
 
     path = Path(__file__).parents[1] / "examples" / "recipes" / recipe
     parser = TrlParser((UnifiedScriptArguments, UnifiedGRPOConfig, ModelConfig))
-    _, config, _ = parser.parse_args_and_config(["--config", str(path), "--use_cpu", "true", "--bf16", "false"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated option names in our recipes
+        _, config, _ = parser.parse_args_and_config(["--config", str(path), "--use_cpu", "true", "--bf16", "false"])
     assert config.stage in ("generation", "pretrain", "cold_start")
 
 
@@ -118,7 +128,11 @@ def test_real_size_recipe_parses():
 
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / "understanding_qwen2.5-vl-3b_sd3.5.yaml"
     parser = TrlParser((UnifiedScriptArguments, UnifiedGRPOConfig, ModelConfig))
-    script, config, model = parser.parse_args_and_config(["--config", str(recipe), "--use_cpu", "true", "--bf16", "false"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated option names in our recipes
+        script, config, model = parser.parse_args_and_config(["--config", str(recipe), "--use_cpu", "true", "--bf16",
+                                                              "false"])
+    assert config.activation_checkpointing and model.dtype == "bfloat16"
     assert model.model_name_or_path == "Qwen/Qwen2.5-VL-3B-Instruct" and model.lora_r == 32 and model.lora_alpha == 64
     assert config.reward_backbones == ["clip"] and config.heldout_backbones == ["dinov2"]
     assert config.decoder_num_inference_steps == 10 and script.decoder == "path/to/uae-pipeline"

@@ -50,7 +50,9 @@ from .models.projector import UAEProjector
 
 SEED = 0
 
-# Text the twins' tokenizers learn their merges from: the UAE prompts and the kind of captions the round trip sees.
+# Text the twins' tokenizers learn their merges from: UAE-like prompts and the kind of captions the round trip sees.
+# Only a training corpus (the first line is an earlier wording of the captioning instruction, not the one in use:
+# `CAPTION_INSTRUCTION`); changing any of it changes the merges and so every twin built from them.
 _CORPUS = [
     "You are an expert vision-language model. Your task is: Given an input image, generate a textual description "
     'of the image. If there is text in the image, transcribe it inside double quotes "". Now, carefully analyze '

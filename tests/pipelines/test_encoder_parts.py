@@ -28,12 +28,64 @@ def test_batched_captions_equal_single_captions(encoder, photos):
     assert len(set(batched)) > 1
 
 
-def test_sampled_captions_follow_the_seed(encoder, photos):
+# The released inference code's instruction, character for character (DESIGN.md §2): markdown bold, two spaces before
+# each newline, a trailing space.
+RELEASED_INSTRUCTION = (
+    "You are an expert vision-language model.  \nYour task is: Given an input image, generate a **textual "
+    "description** of the image. If there is text in the image, transcribe it inside double quotes \"\".  \n"
+    "Now, carefully analyze the input image and output the full description. "
+)
+
+
+def test_caption_prompt_holds_the_released_instruction_token_for_token(encoder, photos):
+    _, processor = encoder
+    assert CAPTION_INSTRUCTION == RELEASED_INSTRUCTION and len(CAPTION_INSTRUCTION) == 272
+    prompt = processor.apply_chat_template(caption_messages(), add_generation_prompt=True, tokenize=False)
+    ids = processor(text=[prompt], images=[photos[0]], return_tensors="pt")["input_ids"][0].tolist()
+    tokenizer = processor.tokenizer
+    user_turn = tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    expected = tokenizer(RELEASED_INSTRUCTION, add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(ids)) if ids[i : i + len(user_turn)] == user_turn) + len(user_turn)
+    assert ids[start : start + len(expected)] == expected  # the instruction first, then the image
+    assert tokenizer.convert_ids_to_tokens(ids[start + len(expected)]) == "<|vision_start|>"
+
+
+def test_sampled_captions_follow_the_generator_not_the_global_rng(encoder, photos):
     vlm, processor = encoder
+    seeded = [torch.Generator().manual_seed(7 + i) for i in range(2)]
+    torch.manual_seed(1)
+    first = caption_images(vlm, processor, photos[:2], max_new_tokens=12, generator=seeded)
+    torch.manual_seed(2)
+    again = caption_images(vlm, processor, photos[:2], max_new_tokens=12,
+                           generator=[torch.Generator().manual_seed(7 + i) for i in range(2)])
+    assert again == first
+    # per image: the second photo's caption is the same alone, with its own generator
+    alone = caption_images(vlm, processor, photos[1:2], max_new_tokens=12, generator=[torch.Generator().manual_seed(8)])
+    assert alone == first[1:]
+    # other seeds, other captions (sampling really happens)
+    others = [caption_images(vlm, processor, photos[:2], max_new_tokens=12,
+                             generator=[torch.Generator().manual_seed(100 * k + i) for i in range(2)]) for k in range(3)]
+    assert any(captions != first for captions in others)
+    # without generators the global RNG seeds them
     torch.manual_seed(3)
-    first = caption_images(vlm, processor, photos[:2], max_new_tokens=12)
+    unseeded = caption_images(vlm, processor, photos[:2], max_new_tokens=12)
     torch.manual_seed(3)
-    assert caption_images(vlm, processor, photos[:2], max_new_tokens=12) == first
+    assert caption_images(vlm, processor, photos[:2], max_new_tokens=12) == unseeded
+
+
+def test_sampling_keeps_the_checkpoints_own_generation_config(encoder, photos):
+    """The paper sets temperature and length only; the rest is the checkpoint's (here a tiny top_p: sampling keeps
+    only the most likely token, so it equals greedy decoding). Forcing `top_p=None` would lose it."""
+    vlm, processor = encoder
+    greedy = caption_images(vlm, processor, photos, do_sample=False, max_new_tokens=12)
+    saved = vlm.generation_config.top_p
+    vlm.generation_config.top_p = 1e-6
+    try:
+        sampled = caption_images(vlm, processor, photos, max_new_tokens=12, temperature=0.7,
+                                 generator=[torch.Generator().manual_seed(i) for i in range(len(photos))])
+    finally:
+        vlm.generation_config.top_p = saved
+    assert sampled == greedy
 
 
 def test_generate_role_message_format(encoder):

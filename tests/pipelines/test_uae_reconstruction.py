@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -160,7 +161,7 @@ def test_pipeline_module_imports_only_torch_transformers_diffusers():
     roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
     assert roots <= {"torch", "transformers", "diffusers", "huggingface_hub", "numpy", "PIL", "contextlib", "inspect", "json",
-                     "shutil", "dataclasses", "pathlib", "tempfile", "warnings"}, roots
+                     "shutil", "dataclasses", "pathlib", "tempfile", "warnings", "copy"}, roots
     assert not any(isinstance(node, ast.ImportFrom) and node.level > 0 for node in ast.walk(tree))
 
 
@@ -378,3 +379,43 @@ def test_saved_folder_loads_without_running_its_code(pipe, tmp_path):
     np.testing.assert_array_equal(loaded.generate(["a cat"], generator=generators(1), **FAST).images, expected)
     with pytest.raises(RuntimeError, match="remote code ran"):
         load_saved_pipeline(tmp_path / "saved", trust_remote_code=True)
+
+
+SEEDED_ROUND_TRIP_SCRIPT = BLOCK_NETWORK + """
+import json, sys
+sys.modules["uae_hf"] = None
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+
+folder, photos_path, global_seed, out_path = sys.argv[1:5]
+torch.manual_seed(int(global_seed))  # anything else the process does with the global RNG must not matter
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+photos = list(np.load(photos_path))
+out = pipe(image=photos, generator=[torch.Generator().manual_seed(10 + i) for i in range(len(photos))],
+           max_new_tokens=8, num_inference_steps=3, output_type="np")
+np.save(out_path + ".npy", out.images)
+open(out_path + ".json", "w").write(json.dumps(out.captions))
+"""
+
+
+def test_a_seeded_round_trip_is_the_same_in_any_process(pipe, photos, tmp_path):
+    """Captions are sampled with generators derived from the ones given (not the global RNG): the same seeded call
+    gives the same captions and images here and in fresh processes with other global seeds."""
+    folder = tmp_path / "saved"
+    pipe.save_pretrained(folder)
+    photos_path = tmp_path / "photos.npy"
+    np.save(photos_path, np.stack([np.asarray(photo) for photo in photos[:2]]))
+    torch.manual_seed(123)
+    here = pipe(image=photos[:2], generator=generators(2, 10), max_new_tokens=8, num_inference_steps=3,
+                output_type="np")
+    for global_seed in (0, 1):
+        out_path = tmp_path / f"process-{global_seed}"
+        result = subprocess.run([sys.executable, "-c", SEEDED_ROUND_TRIP_SCRIPT, str(folder), str(photos_path),
+                                 str(global_seed), str(out_path)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(Path(f"{out_path}.json").read_text()) == here.captions
+        np.testing.assert_array_equal(np.load(f"{out_path}.npy"), here.images)
+    # and the noise is still what the same generators give `generate` (captions do not consume them)
+    again = pipe.generate(here.captions, generator=generators(2, 10), num_inference_steps=3, output_type="np")
+    np.testing.assert_array_equal(again.images, here.images)

@@ -175,11 +175,22 @@ class UnifiedGRPOConfig(GRPOConfig):
     )
     num_logged_reconstructions: int = field(default=4, metadata={"help": "Rows of the reconstruction grid."})
 
+    # TRL turns checkpointing on by default through `gradient_checkpointing`, a name transformers now deprecates (a
+    # FutureWarning on every config): the same default under the current name; the old one is only an alias.
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in the backward pass to save memory (default: on)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."}
+    )
+
     def __getstate__(self):
         """Pickled copies (`training_args.bin`, saved beside the weights and pushed with them) hold no Hub token."""
         return {**self.__dict__, "hub_token": None}
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         if self.stage in ("pretrain", "cold_start"):
             # supervised stages draw no groups: satisfy GRPOConfig's group-size checks without affecting them
             self.num_generations = max(2, self.per_device_train_batch_size)
