@@ -14,34 +14,11 @@ from transformers import AutoProcessor, CompileConfig, Qwen2_5_VLForConditionalG
 from transformers.generation import utils as generation_utils
 from trl.generation import vllm_generation
 
-from uae_hf import UAEReconstructionPipeline, UnifiedGRPOConfig, UnifiedGRPOTrainer, encode_generate_prompts
+from test_unified_grpo_understanding import LORA, config, photos_dataset, processor  # noqa: F401 (fixtures)
+
+from uae_hf import UAEReconstructionPipeline, UnifiedGRPOTrainer, encode_generate_prompts
 from uae_hf.pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_messages
-from uae_hf.sample_data import skimage_photos
 from uae_hf.trainer.unified_grpo_trainer import check_generation_backend
-
-LORA = dict(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
-
-
-def config(tmp_path, backbone_checkpoints, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=8, learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
-        save_strategy="no", decoder_height=64, decoder_width=64, decoder_num_inference_steps=2,
-        backbone_checkpoints={"clip": backbone_checkpoints["clip"]}, log_reconstructions_steps=0,
-        lr_scheduler_type="constant", bf16=False,
-    )
-    values.update(overrides)
-    return UnifiedGRPOConfig(**values)
-
-
-@pytest.fixture()
-def processor(tiny_dir):
-    return AutoProcessor.from_pretrained(tiny_dir / "encoder")
-
-
-@pytest.fixture(scope="module")
-def photos_dataset():
-    return skimage_photos(64)
 
 
 class CaptionLog:
