@@ -13,7 +13,7 @@ from .pipelines.uae_reconstruction import (
     load_saved_pipeline,
     load_uae_pipeline,
 )
-from .release import ReleaseFormatError, load_uae_release
+from .release import ReleaseFormatError, ReleaseLoadReport, load_uae_release
 from .rewards.reconstruction import ReconstructionReward
 from .rewards.similarity import BACKBONES, PAPER_BACKBONES, ImageEmbedder, ImageSimilarity, register_backbone
 from .tiny_models import build_tiny_models
@@ -37,6 +37,7 @@ __all__ = [
     "NEGATIVE_PROMPT",
     "ReconstructionReward",
     "ReleaseFormatError",
+    "ReleaseLoadReport",
     "load_uae_release",
     "UnifiedGRPOConfig",
     "UnifiedGRPOTrainer",

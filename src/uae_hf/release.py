@@ -2,16 +2,24 @@
 
 Release layout (DESIGN.md §2): `SD3/` (base SD3.5 pipeline), `dit/` (full transformer), `dit_lora/` (PEFT adapter
 for the DiT), `llm/` (Qwen2.5-VL whose state dict also holds `projector.0.*` / `projector.2.*`), `llm_lora/`
-(shards of the whole PEFT-wrapped language model, keys `model.base_model.model.layers.{i}.….lora_A.default.weight`,
-LoRA r=32 / alpha=64 given by the release's code, not stored), `llm_processor/`. Both adapters are merged,
-`W + (alpha / r) · B @ A`, so the pipeline computes what the release's own code computes.
+(shards of the whole PEFT-wrapped model, keys `model.base_model.model.layers.{i}.….lora_A.default.weight`,
+LoRA r=32 / alpha=64 given by the release's code, not stored), `llm_processor/`. The release's code wraps the
+language model with LoRA and loads every tensor of the `llm_lora` shards into it non-strictly, so base weights,
+embeddings or norms stored there replace `llm/`'s; we do the same, then merge both adapters, `W + (alpha / r) · B @ A`,
+so the pipeline computes what the release's own code computes. `ReleaseLoadReport` says what `llm_lora` replaced.
 """
 
 import json
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -20,19 +28,73 @@ from .pipelines.uae_reconstruction.loading import component_dtypes, stored_dtype
 from .pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline
 from .rewards.similarity import _quiet_transformers
 
-SLOTS = {  # slot → accepted folder names (third-party loaders rename some)
+logger = logging.getLogger(__name__)
+
+SLOTS = {  # slot → accepted folder names: the Hub's, the release code's `Checkpoints/`, third-party loaders'
     "SD3": ("SD3", "SD3_model"),
     "dit": ("dit",),
     "dit_lora": ("dit_lora",),
     "llm": ("llm", "llm_model"),
     "llm_lora": ("llm_lora",),
-    "llm_processor": ("llm_processor",),
+    "llm_processor": ("llm_processor", "llm_model_preprocessor"),
 }
 LLM_LORA_PREFIX = "model.base_model.model."
+LLM_LORA_SUFFIXES = (".lora_A.default.weight", ".lora_B.default.weight")
 
 
 class ReleaseFormatError(ValueError):
     """The folder is not (or no longer) the UAE release layout; the message names the slot, key or shape."""
+
+
+@dataclass(frozen=True)
+class ReleaseLoadReport:
+    """What `load_uae_release` read from where: `pipe.release_load_report`, logged, printed by `uae-hf convert-release`.
+
+    The release's code loads every tensor of the `llm_lora` shards into its LoRA-wrapped model non-strictly, so the
+    non-LoRA tensors stored there (base weights, embeddings, norms, ...) replace `llm/`'s before the LoRA applies.
+
+    Args:
+        slots (`dict[str, str]`): slot → the folder it was read from (`"llm_processor": "llm_model_preprocessor"`).
+        lora_pairs (`int`): LLM LoRA pairs merged, at `lora_scale` (alpha / r).
+        lora_scale (`float`): alpha / r of the LLM LoRA.
+        families (`dict[str, int]`): non-LoRA tensors of `llm_lora` by key family → count: `base_layer` (the wrapped
+            linear layers' own weights and biases), `embed_tokens`, `norm`, `input_layernorm`, ... (language model),
+            `visual`, `lm_head`, `projector`, or the first part of a key the release's model does not have.
+        replaced (`tuple[str, ...]`): pipeline weights (`vlm.…`, `projector.…`, tied names included) that `llm_lora`
+            tensors overwrote.
+        changed (`tuple[str, ...]`): those of `replaced` whose value (before the LoRA merge) now differs from `llm/`'s.
+        ignored (`tuple[str, ...]`): `llm_lora` keys the release's model has no place for, dropped as its
+            `strict=False` load drops them.
+        processor_max_pixels (`int | None`): the image processor's `max_pixels`, from the release's processor slot.
+    """
+
+    slots: dict[str, str]
+    lora_pairs: int
+    lora_scale: float
+    families: dict[str, int]
+    replaced: tuple[str, ...]
+    changed: tuple[str, ...]
+    ignored: tuple[str, ...]
+    processor_max_pixels: int | None
+
+    def __str__(self) -> str:
+        renamed = [f"{slot} ← {name}/" for slot, name in self.slots.items() if name != slot]
+        lines = [
+            f"UAE release ({', '.join(renamed) or 'Hub slot names'}), processor max_pixels {self.processor_max_pixels}",
+            f"llm_lora: {self.lora_pairs} LoRA pairs merged (alpha/r = {self.lora_scale:g}); "
+            f"{sum(self.families.values())} other tensors, by key family:",
+            "  " + (", ".join(f"{family} {count}" for family, count in self.families.items()) or "(none)"),
+            f"  they replaced {len(self.replaced)} weights of llm/ (as the release's non-strict load does); "
+            f"{len(self.changed)} differ from llm/'s" + (":" if self.changed else ""),
+        ]
+        lines += [f"    {name}" for name in self.changed[:20]]
+        if len(self.changed) > 20:
+            lines.append(f"    ... {len(self.changed) - 20} more (release_load_report.changed)")
+        if self.ignored:
+            more = f", ... {len(self.ignored) - 5} more" if len(self.ignored) > 5 else ""
+            shown = ", ".join(self.ignored[:5]) + more
+            lines.append(f"  ignored {len(self.ignored)} key(s) the release's model does not have: {shown}")
+        return "\n".join(lines)
 
 
 def _read_tensors(folder: Path, slot: str) -> dict[str, torch.Tensor]:
@@ -112,6 +174,117 @@ def _apply(model: torch.nn.Module, pairs: dict, scale: float, slot: str, module_
             target.weight.copy_(_merge(target.weight, lora_a, lora_b, scale))
 
 
+class _ReleasedModel(torch.nn.Module):
+    """The module tree the release's code loads `llm_lora` into, over our own modules (loading into it loads into them).
+
+    Its Qwen2.5-VL class in transformers 4.50's layout (`visual`, `model`, `lm_head`, in that order) plus `projector`,
+    with `model` the PEFT-wrapped language model. The order matters: where `lm_head` is tied to `embed_tokens`, a
+    non-strict load writes both keys into one tensor and the later one wins.
+    """
+
+    def __init__(self, vlm: Qwen2_5_VLForConditionalGeneration, wrapped: torch.nn.Module, projector: UAEProjector):
+        super().__init__()
+        self.visual = vlm.model.visual
+        self.model = wrapped
+        self.lm_head = vlm.lm_head
+        self.projector = projector.projector  # the release's `projector` is the Sequential itself: keys projector.0.*
+
+
+def _family(key: str) -> str:
+    """`base_layer`, or the module a language-model key belongs to (`norm`, `input_layernorm`, ...), or the first
+    part of any other key (`visual`, `lm_head`, `projector`, ...)."""
+    if not key.startswith(LLM_LORA_PREFIX):
+        return key.split(".")[0]
+    parts = key[len(LLM_LORA_PREFIX):].split(".")
+    return "base_layer" if "base_layer" in parts else parts[-2] if len(parts) > 1 else parts[0]
+
+
+def _load_llm_lora(vlm: Qwen2_5_VLForConditionalGeneration, projector: UAEProjector, tensors: dict, rank: int,
+                   alpha: int) -> dict:
+    """Load `llm_lora` as the release does, then merge its LoRA; returns the `ReleaseLoadReport` fields it fills.
+
+    The release wraps the language model with LoRA (r, alpha, all linear layers) and loads every tensor of the shards
+    with `strict=False`: the base tensors there replace `llm/`'s, then the LoRA applies on top of them.
+    """
+    visual = [key for key in tensors if "lora_" in key and "visual" in key]
+    if visual:
+        raise ReleaseFormatError(f"slot 'llm_lora': LoRA on the vision tower is not part of the release: {visual[0]!r}")
+    pairs = _lora_pairs(tensors, "llm_lora", LLM_LORA_PREFIX, *LLM_LORA_SUFFIXES, rank)
+    expected = 7 * vlm.config.get_text_config().num_hidden_layers  # q, k, v, o, gate, up, down in every layer
+    if len(pairs) != expected:
+        raise ReleaseFormatError(f"slot 'llm_lora': {len(pairs)} LoRA pairs, expected {expected} (all 7 linear layers "
+                                 "of each language-model layer)")
+
+    names = {}  # tensor → every pipeline name it has (tied weights have two)
+    for component, module in (("vlm", vlm), ("projector", projector)):
+        for name, tensor in [*module.named_parameters(remove_duplicate=False),
+                             *module.named_buffers(remove_duplicate=False)]:
+            names.setdefault(id(tensor), []).append(f"{component}.{name}")
+    requires_grad = {parameter: parameter.requires_grad for parameter in vlm.parameters()}  # PEFT freezes the base
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", init_lora_weights="gaussian")
+    # the gaussian init is overwritten by the shards: fork the RNG so that loading does not move the caller's seed
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # a transformers deprecation PEFT triggers, not ours to fix
+        wrapped = get_peft_model(vlm.model.language_model, config)
+    released = _ReleasedModel(vlm, wrapped, projector)
+    layers = {name: module for name, module in wrapped.base_model.model.named_modules()
+              if isinstance(module, LoraLayer)}
+    for name, (lora_a, lora_b) in pairs.items():
+        if name not in layers:
+            raise ReleaseFormatError(f"slot 'llm_lora': LoRA key for {name!r} maps to "
+                                     f"'model.language_model.{name}', which is not a Linear layer of the model")
+        weight = layers[name].base_layer.weight
+        if weight.shape != (lora_b.shape[0], lora_a.shape[1]):
+            raise ReleaseFormatError(f"slot 'llm_lora': LoRA for {name!r} is {lora_b.shape[0]}x{lora_a.shape[1]} "
+                                     f"but the layer is {tuple(weight.shape)}")
+
+    targets = released.state_dict(keep_vars=True)
+    others = [key for key in tensors if not key.endswith(LLM_LORA_SUFFIXES)]
+    before = {}  # llm/'s values of the tensors a shard changes: a tied pair may still end up unchanged
+    with torch.no_grad():
+        for key in others:
+            target = targets.get(key)
+            if target is None:
+                continue
+            if target.shape != tensors[key].shape:
+                raise ReleaseFormatError(f"slot 'llm_lora': {key!r} has shape {tuple(tensors[key].shape)}, but the "
+                                         f"model's tensor there is {tuple(target.shape)}")
+            if id(target) not in before and not torch.equal(target, tensors[key].to(target.dtype)):
+                before[id(target)] = target.detach().clone()
+        ignored = released.load_state_dict(tensors, strict=False).unexpected_keys
+        loaded = {id(targets[key]): targets[key] for key in others if key in targets}
+        replaced = sorted({name for tensor_id in loaded for name in names.get(tensor_id, [])})
+        changed = sorted({name for tensor_id, value in before.items()
+                          if not torch.equal(loaded[tensor_id], value) for name in names.get(tensor_id, [])})
+        for name, (lora_a, lora_b) in pairs.items():
+            weight = layers[name].base_layer.weight
+            weight.copy_(_merge(weight, lora_a, lora_b, alpha / rank))
+    vlm.model.language_model = wrapped.unload()  # plain layers again, the LoRA now inside their weights
+    for parameter, flag in requires_grad.items():
+        parameter.requires_grad_(flag)
+    return dict(lora_pairs=len(pairs), lora_scale=alpha / rank,
+                families=dict(sorted(Counter(_family(key) for key in others).items())),
+                replaced=tuple(replaced), changed=tuple(changed), ignored=tuple(sorted(ignored)))
+
+
+def _processor(folder: Path):
+    """The release's own processor (its `max_pixels` decides the captions): never a stock one in its place."""
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise ReleaseFormatError(f"slot 'llm_processor' ({folder}) does not hold a processor: {error}") from error
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise ReleaseFormatError(f"slot 'llm_processor' ({folder}) holds a {type(processor).__name__}, not a "
+                                 "Qwen2.5-VL processor with an image processor and a tokenizer")
+    return processor
+
+
+def _max_pixels(image_processor) -> int | None:
+    size = getattr(image_processor, "size", None) or {}  # transformers 5 keeps max_pixels as size["longest_edge"]
+    size = size if isinstance(size, dict) else vars(size)
+    return getattr(image_processor, "max_pixels", None) or size.get("max_pixels") or size.get("longest_edge")
+
+
 def _projector(tensors: dict, llm_hidden: int, joint_attention_dim: int, dtype: torch.dtype | None) -> UAEProjector:
     keys = ["projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias"]
     missing = [key for key in keys if key not in tensors]
@@ -137,6 +310,10 @@ def load_uae_release(
 ) -> UAEReconstructionPipeline:
     """Load the released UAE model as an embeddings-mode `UAEReconstructionPipeline`, both adapters merged.
 
+    `llm_lora` loads as the release's code loads it: every tensor of its shards, non-strictly, into the LoRA-wrapped
+    model, so base weights stored there replace `llm/`'s before the LoRA merges on top. What it replaced is logged
+    and kept as `pipe.release_load_report` (a `ReleaseLoadReport`).
+
     Args:
         path_or_repo: a local copy of the release or its Hub id (`"zhiyuanyan1/UAE"`).
         llm_lora_rank (`int`, defaults to 32), llm_lora_alpha (`int`, defaults to 64): the LLM LoRA settings of the
@@ -149,6 +326,7 @@ def load_uae_release(
         ReleaseFormatError: a slot, key or shape is not what the release has; the message names it.
     """
     folders = resolve_release(path_or_repo, **download_kwargs)
+    processor = _processor(folders["llm_processor"])
     transformer = SD3Transformer2DModel.from_pretrained(folders["dit"],
                                                         dtype=torch_dtype or stored_dtype(folders["dit"]))
     sd3 = StableDiffusion3Pipeline.from_pretrained(folders["SD3"], transformer=transformer, text_encoder_3=None,
@@ -164,17 +342,8 @@ def load_uae_release(
     projector = _projector(_read_tensors(folders["llm"], "llm"), hidden, transformer.config.joint_attention_dim,
                            torch_dtype)
 
-    llm_tensors = _read_tensors(folders["llm_lora"], "llm_lora")
-    visual = [key for key in llm_tensors if "lora_" in key and "visual" in key]
-    if visual:
-        raise ReleaseFormatError(f"slot 'llm_lora': LoRA on the vision tower is not part of the release: {visual[0]!r}")
-    pairs = _lora_pairs(llm_tensors, "llm_lora", LLM_LORA_PREFIX, ".lora_A.default.weight", ".lora_B.default.weight",
-                        llm_lora_rank)
-    expected = 7 * vlm.config.get_text_config().num_hidden_layers  # q, k, v, o, gate, up, down in every layer
-    if len(pairs) != expected:
-        raise ReleaseFormatError(f"slot 'llm_lora': {len(pairs)} LoRA pairs, expected {expected} (all 7 linear layers "
-                                 "of each language-model layer)")
-    _apply(vlm, pairs, llm_lora_alpha / llm_lora_rank, "llm_lora", "model.language_model.")
+    loaded = _load_llm_lora(vlm, projector, _read_tensors(folders["llm_lora"], "llm_lora"), llm_lora_rank,
+                            llm_lora_alpha)
 
     adapter_config = folders["dit_lora"] / "adapter_config.json"
     if not adapter_config.exists():
@@ -184,6 +353,14 @@ def load_uae_release(
                             ".lora_A.weight", ".lora_B.weight", adapter["r"])
     _apply(transformer, dit_pairs, adapter["lora_alpha"] / adapter["r"], "dit_lora", "")
 
-    processor = AutoProcessor.from_pretrained(folders["llm_processor"])
-    return UAEReconstructionPipeline.from_pipe(sd3, vlm=vlm, processor=processor, projector=projector,
-                                               conditioning_mode="embeddings")
+    report = ReleaseLoadReport(slots={slot: folder.name for slot, folder in folders.items()},
+                               processor_max_pixels=_max_pixels(processor.image_processor), **loaded)
+    logger.info("%s", report)
+    if report.ignored:
+        logger.warning("slot 'llm_lora': %d key(s) match nothing in the release's model and were dropped, as its "
+                       "non-strict load drops them (%s); if the release changed its layout, check them",
+                       len(report.ignored), ", ".join(report.ignored[:5]))
+    pipeline = UAEReconstructionPipeline.from_pipe(sd3, vlm=vlm, processor=processor, projector=projector,
+                                                   conditioning_mode="embeddings")
+    pipeline.release_load_report = report
+    return pipeline
