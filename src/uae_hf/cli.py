@@ -158,6 +158,7 @@ def _cmd_convert_release(args) -> None:
     from .release import load_uae_release
 
     pipeline = load_uae_release(args.source, torch_dtype=_torch_dtype(args))
+    print(pipeline.release_load_report)  # what llm_lora replaced in llm/, as the release's own code loads it
     pipeline.save_pretrained(args.destination)
     print(f"converted {args.source} into a self-loading pipeline folder: {args.destination}")
 
@@ -188,6 +189,9 @@ def _cmd_bench(args) -> None:
         checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     except ValueError:
         raise SystemExit("uae-hf bench: --checkpoint takes BACKBONE=PATH_OR_ID") from None
+    if args.protocol == "official" and args.backbone_dtype != "float32":
+        raise SystemExit("uae-hf bench: --protocol official sets the backbones' precision as the official scorer does "
+                         "(float32; LongCLIP float16 on CUDA): drop --backbone-dtype")
     try:
         if args.images_dir:
             references = references_from_folder(args.images_dir)
@@ -204,7 +208,7 @@ def _cmd_bench(args) -> None:
     report = run_bench(
         references, args.output_dir, pipeline=pipeline, reconstructions_dir=args.reconstructions,
         config_name=args.backbones, checkpoints=checkpoints, device=_device(args), dtype=args.backbone_dtype,
-        batch_size=args.batch_size, seed=args.seed, **call_kwargs,
+        batch_size=args.batch_size, seed=args.seed, protocol=args.protocol, **call_kwargs,
     )
     print(Path(args.output_dir, "scores.md").read_text())
     if report["skipped"]:
@@ -242,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace a backbone's checkpoint (repeatable)")
     bench.add_argument("--backbone-dtype", choices=DTYPES[1:], default="float32",
                        help="dtype of the scoring backbones (float32, as the official scorer; --dtype sets the pipeline's)")
+    bench.add_argument("--protocol", choices=("default", "official"), default="default",
+                       help="default: batched, references cached; official: as Unified-Bench's Score_i2i.py (one pair "
+                       "at a time, its preprocessing and precision, its pairing and JSON fields in scores.json)")
     bench.add_argument("--limit", type=int, default=None, help="only the first N references")
     _add_generation_arguments(bench, steps=40, tokens=512)
     bench.set_defaults(func=_cmd_bench)

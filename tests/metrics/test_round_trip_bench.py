@@ -2,8 +2,15 @@ import json
 
 import pytest
 
+from uae_hf import PAPER_BACKBONES
 from uae_hf.cli import main
-from uae_hf.metrics.round_trip_bench import references_from_dataset, references_from_folder, run_bench
+from uae_hf.metrics.round_trip_bench import (
+    ReferenceImage,
+    match_reconstructions_officially,
+    references_from_dataset,
+    references_from_folder,
+    run_bench,
+)
 
 BENCH_KWARGS = dict(num_inference_steps=2, max_new_tokens=6, do_sample=False)
 
@@ -74,6 +81,82 @@ def test_score_only_pairs_files_by_name_and_prefix(reference_dir, backbone_check
     assert [item["image"] for item in scores["skipped"]] == ["chelsea"]
 
 
+def test_official_protocol_writes_score_i2i_fields(reference_dir, backbone_checkpoints, photos, tmp_path):
+    """`--protocol official` keeps our fields and adds Score_i2i.py's: every reconstruction file is a row, a failed
+    pair (unreadable file, or no reference) is None and out of the means, overall_average is the mean of the
+    backbone means (not x100)."""
+    photos[1].save(reference_dir / "camera.png")
+    recon = tmp_path / "other_model"
+    recon.mkdir()
+    photos[0].save(recon / "astronaut.png")  # same file name, a perfect reconstruction
+    photos[2].save(recon / "recon_coffee.png")  # recon_ prefix
+    photos[1].save(recon / "chelsea.jpg")  # same stem
+    (recon / "camera.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # a failed pair
+    photos[0].save(recon / "stranger.png")  # no reference
+    out = tmp_path / "scored"
+    main(["bench", "--images-dir", str(reference_dir), "--reconstructions", str(recon), "--output-dir", str(out),
+          "--protocol", "official",
+          *[arg for name in PAPER_BACKBONES for arg in ("--checkpoint", f"{name}={backbone_checkpoints[name]}")]])
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["protocol"] == "official" and scores["model_types"] == list(PAPER_BACKBONES)
+    files = ["astronaut.png", "camera.png", "chelsea.jpg", "recon_coffee.png", "stranger.png"]
+    rows = {row["image"]: row for row in scores["per_image"]}
+    averages = {}
+    for name in PAPER_BACKBONES:
+        similarities = scores["similarities_by_model"][name]
+        assert list(similarities) == files
+        assert similarities["camera.png"] is None and similarities["stranger.png"] is None
+        assert similarities["astronaut.png"] == pytest.approx(1.0, abs=1e-5)
+        assert similarities["chelsea.jpg"] == rows["chelsea"][name] and similarities["recon_coffee.png"] < 0.9999
+        valid = [similarities[file] for file in ("astronaut.png", "chelsea.jpg", "recon_coffee.png")]
+        averages[name] = sum(valid) / 3
+        assert scores["statistics_by_model"][name] == {
+            "total_images": 5, "valid_pairs": 3, "average_similarity": pytest.approx(averages[name]),
+            "min_similarity": min(valid), "max_similarity": max(valid),
+        }
+        assert scores["backbones"][name]["mean"] == pytest.approx(averages[name])  # our fields: the same pairs
+    summary = scores["summary"]
+    assert summary["models_used"] == list(PAPER_BACKBONES)
+    assert summary["average_scores_by_model"] == pytest.approx(averages)
+    assert summary["overall_average"] == pytest.approx(sum(averages.values()) / 4)
+    assert summary["overall_average"] == pytest.approx(scores["overall"], abs=1e-6)  # not x100
+    assert summary["best_model"] == [max(averages, key=averages.get), pytest.approx(max(averages.values()))]
+    assert summary["worst_model"] == [min(averages, key=averages.get), pytest.approx(min(averages.values()))]
+    assert {item["image"] for item in scores["skipped"]} == {"camera", "stranger.png"}
+
+
+def test_official_pairing_by_name_then_stem_or_recon_prefix(tmp_path):
+    """Score_i2i.py: the reference with the same file name, else the first (sorted) reference whose stem is the
+    reconstruction's, or whose stem with `recon_` is; its file types only (no .gif), subfolders included."""
+    references, reconstructions = tmp_path / "references", tmp_path / "reconstructions"
+    for name in ("a.png", "bird.png", "cat.png", "dog.jpg", "recon_a.png", "x.jpg", "x.png"):
+        (references / name).parent.mkdir(exist_ok=True)
+        (references / name).touch()
+    for name in ("cat.png", "cat.gif", "dog.png", "fish.png", "recon_a.jpg", "recon_bird.webp", "sub/recon_dog.png",
+                 "x.png"):
+        (reconstructions / name).parent.mkdir(parents=True, exist_ok=True)
+        (reconstructions / name).touch()
+    matches = match_reconstructions_officially(references_from_folder(references), reconstructions)
+    assert [(str(path.relative_to(reconstructions)), ref and ref.file_name) for path, ref in matches] == [
+        ("cat.png", "cat.png"),  # file name
+        ("dog.png", "dog.jpg"),  # stem
+        ("fish.png", None),  # no reference: a failed pair
+        ("recon_a.jpg", "a.png"),  # a.png (prefix) comes before recon_a.png (stem), as in Score_i2i.py
+        ("recon_bird.webp", "bird.png"),  # recon_ prefix
+        ("sub/recon_dog.png", "dog.jpg"),
+        ("x.png", "x.png"),  # the file name wins over x.jpg's stem, though x.jpg comes first
+    ]
+    dataset_row = ReferenceImage("07", object())  # a dataset row is named by its index
+    [(_, ref)] = match_reconstructions_officially([dataset_row], _touch(tmp_path / "rows" / "07.png").parent)
+    assert ref is dataset_row and ref.file_name == "07"
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    return path
+
+
 def test_references_from_a_datasets_folder(photos, tmp_path):
     import datasets
 
@@ -91,6 +174,9 @@ def test_bench_cli_rejects_ambiguous_sources(tmp_path):
         main(["bench", "--output-dir", str(tmp_path), "--pipeline", "p"])
     with pytest.raises(SystemExit, match="not both"):
         main(["bench", "--images-dir", str(tmp_path), "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="drop --backbone-dtype"):
+        main(["bench", "--images-dir", str(tmp_path), "--reconstructions", str(tmp_path), "--output-dir", str(tmp_path),
+              "--protocol", "official", "--backbone-dtype", "bfloat16"])
 
 
 def test_unknown_backbone_fails_before_any_reconstruction(pipe, reference_dir, tmp_path):

@@ -1,11 +1,12 @@
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, CLIPModel, Dinov2Model, DINOv3ViTModel, SiglipModel
 
 from uae_hf import PAPER_BACKBONES, ImageSimilarity
-from uae_hf.rewards.similarity import get_embedder
+from uae_hf.rewards.similarity import OfficialEmbedder, get_embedder, official_dtype
 
 
 def _features(output):
@@ -95,3 +96,81 @@ def test_bad_arguments_are_named(backbone_checkpoints, photos):
         similarity.scores(photos[:2], photos[:1])
     with pytest.raises(ValueError, match="at least one"):
         similarity.scores([], [])
+
+
+# Measured on the twins (max |default - official| cosine over rolled pairs of the photos resized to each size):
+# clip, dinov2 <= 1.1e-5 and dinov3 exactly 0 at every size; longclip <= 5e-5 when both crops start on the same
+# pixel (square images, or a resized long side with (side - 224) % 4 != 3) and 2e-3 to 4.7e-3 when they do not.
+SAME_CROP_ATOL = 1e-4  # PIL vs torchvision resampling differ by one or two grey levels; float32 reordering
+SHIFTED_CROP_ATOL = 1e-2  # a one-pixel crop shift on a random-weight, patch-32 twin
+
+
+@pytest.mark.parametrize("size", [(96, 96), (125, 96)])
+def test_official_protocol_agrees_with_default(size, backbone_checkpoints, photos):
+    """The two protocols differ only in preprocessing (and LongCLIP's precision on CUDA), so on the twins they agree
+    within SAME_CROP_ATOL, except LongCLIP when its rounded crop offset (torchvision) is one pixel off transformers'
+    floored one: 125x96 resizes to 291x224, a 67-pixel margin, cropped from 34 instead of 33. That one-pixel shift
+    moves a twin's cosine by up to 4.7e-3 (SHIFTED_CROP_ATOL). Real backbones are not available offline; see
+    docs/unified_bench_protocols.md."""
+    images = [photo.resize(size) for photo in photos]
+    checkpoints = {name: backbone_checkpoints[name] for name in PAPER_BACKBONES}
+    references = images[1:] + images[:1]
+    default = ImageSimilarity(PAPER_BACKBONES, checkpoints).scores(images, references)
+    official = ImageSimilarity(PAPER_BACKBONES, checkpoints, protocol="official").scores(images, references)
+    for name in PAPER_BACKBONES:
+        atol = SHIFTED_CROP_ATOL if name == "longclip" and size == (125, 96) else SAME_CROP_ATOL
+        torch.testing.assert_close(official[name], default[name], atol=atol, rtol=0,
+                                   msg=lambda message: f"{name}: {message}")
+        assert (official[name] < 0.9999).all()  # different photos are not identical under either protocol
+    torch.testing.assert_close(official["dinov3"], default["dinov3"], atol=1e-6, rtol=0)  # the very same path
+
+
+def test_official_longclip_crop_rounds_where_transformers_floors(backbone_checkpoints):
+    """224 high, 227 wide: no resize, a 3-pixel margin. The Long-CLIP package's torchvision CenterCrop starts at
+    round(1.5) = 2, transformers' at 3 // 2 = 1; an official path reusing the HF processor would crop from 1."""
+    generator = np.random.default_rng(0)
+    image = PIL.Image.fromarray(generator.integers(0, 256, (224, 227, 3), dtype=np.uint8))
+    official = OfficialEmbedder("longclip", backbone_checkpoints["longclip"])
+    hf = official.embedder.processor
+
+    def crop_from(left):
+        mean, std = torch.tensor(hf.image_mean).view(3, 1, 1), torch.tensor(hf.image_std).view(3, 1, 1)
+        pixels = torch.from_numpy(np.array(image.crop((left, 0, left + 224, 224)))).permute(2, 0, 1) / 255
+        return ((pixels - mean) / std).unsqueeze(0)
+
+    torch.testing.assert_close(official.preprocess(image), crop_from(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(hf(images=image, return_tensors="pt")["pixel_values"], crop_from(1), atol=1e-5, rtol=0)
+    assert (official.preprocess(image) - crop_from(1)).abs().max() > 1  # a one-pixel shift of noise is not small
+
+
+def test_official_protocol_embeds_pair_by_pair_without_cache(backbone_checkpoints, photos):
+    similarity = ImageSimilarity(("clip",), {"clip": backbone_checkpoints["clip"]}, protocol="official")
+    official = similarity.embedders["clip"]
+    assert official.embedder is get_embedder("clip", backbone_checkpoints["clip"])  # the loaded model, shared
+    cached = official.embedder.cached_references
+    batch_sizes = []
+    hook = official.embedder.model.register_forward_hook(
+        lambda module, args, kwargs_or_out: batch_sizes.append(len(kwargs_or_out.image_embeds))
+    )
+    try:
+        similarity.scores(photos[:1] * 3, [photos[1]] * 3)  # one reference, three reconstructions
+    finally:
+        hook.remove()
+    assert batch_sizes == [1] * 6  # every image alone, the reference embedded again for each pair
+    assert official.embedder.cached_references == cached
+
+
+def test_official_preprocessing_precision_and_backbones(backbone_checkpoints):
+    """Score_i2i.py's transformers (4.5x) gave CLIP and DINOv2 their PIL processors, DINOv3 its torchvision one."""
+    processors = {name: type(OfficialEmbedder(name, backbone_checkpoints[name]).processor).__name__
+                  for name in ("clip", "dinov2", "dinov3")}
+    assert processors == {"clip": "CLIPImageProcessorPil", "dinov2": "BitImageProcessorPil",
+                          "dinov3": "DINOv3ViTImageProcessor"}
+    assert official_dtype("longclip", "cuda:0") == torch.float16  # the Long-CLIP package halves its weights on CUDA
+    assert official_dtype("longclip", "cpu") == official_dtype("clip", "cuda") == torch.float32
+    with pytest.raises(ValueError, match="no backbone 'siglip'"):
+        ImageSimilarity(("siglip",), {"siglip": backbone_checkpoints["siglip"]}, protocol="official")
+    with pytest.raises(ValueError, match="leave dtype at float32"):
+        ImageSimilarity(("clip",), {"clip": backbone_checkpoints["clip"]}, dtype=torch.bfloat16, protocol="official")
+    with pytest.raises(ValueError, match="choose from"):
+        ImageSimilarity(("clip",), {"clip": backbone_checkpoints["clip"]}, protocol="paper")

@@ -4,7 +4,8 @@ Output folder:
 
     reconstructions/<name>.png   one per reference image
     captions.jsonl               {"image", "caption", "reconstruction"} per image, appended as batches finish
-    scores.json                  per-image rows, per-backbone mean/min/max/std, overall, unified_bench, skipped files
+    scores.json                  per-image rows, per-backbone mean/min/max/std, overall, unified_bench, skipped files;
+                                 with protocol="official" also Score_i2i.py's own fields (see `official_fields`)
     scores.md                    the same as a Markdown table
     grid.png                     original | reconstruction pairs with their captions
 
@@ -24,6 +25,7 @@ from ..visualization import reconstruction_grid
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+OFFICIAL_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tiff"}  # the files Score_i2i.py picks up
 RECONSTRUCTION_PREFIX = "recon_"
 
 
@@ -36,6 +38,11 @@ class ReferenceImage:
 
     def load(self) -> PIL.Image.Image:
         return load_image(self.source, where=f"reference {self.name!r}")
+
+    @property
+    def file_name(self) -> str:
+        """The file's name with its extension (`name` for a dataset row)."""
+        return Path(self.source).name if isinstance(self.source, (str, Path)) else self.name
 
 
 def references_from_folder(folder: str | Path) -> list[ReferenceImage]:
@@ -142,6 +149,70 @@ def pair_reconstructions(references: list[ReferenceImage], folder: str | Path) -
     return pairs, missing
 
 
+def match_reconstructions_officially(references: list[ReferenceImage], folder: str | Path):
+    """Score_i2i.py's pairing, driven by the reconstructions: every image file under `folder` (recursively, sorted)
+    gets the reference with the same file name, else the first reference with the same stem or whose stem with a
+    `recon_` prefix is its stem, else `None`.
+
+    Returns `[(reconstruction path, reference or None), ...]`.
+    """
+    folder = Path(folder)
+    paths = sorted((path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in OFFICIAL_SUFFIXES),
+                   key=str) if folder.is_dir() else []
+    by_file_name = {}
+    for ref in references:
+        by_file_name.setdefault(ref.file_name, ref)
+    matches = []
+    for path in paths:
+        ref = by_file_name.get(path.name) or next(
+            (ref for ref in references
+             if path.stem in (Path(ref.file_name).stem, RECONSTRUCTION_PREFIX + Path(ref.file_name).stem)), None
+        )
+        matches.append((path, ref))
+    return matches
+
+
+def pair_reconstructions_officially(references: list[ReferenceImage], folder: str | Path):
+    """`pair_reconstructions` the Score_i2i.py way: (matches, pairs, missing), where `matches` comes from
+    `match_reconstructions_officially` and `missing` names both the references without a reconstruction and the
+    reconstructions without a reference (failed pairs)."""
+    matches = match_reconstructions_officially(references, folder)
+    pairs = [(ref, path) for path, ref in matches if ref is not None]
+    matched = {ref.name for ref, _ in pairs}
+    missing = [{"image": ref.name, "error": f"no reconstruction for {ref.file_name} in {str(folder)!r}"}
+               for ref in references if ref.name not in matched]
+    missing += [{"image": path.name, "error": f"reconstruction {str(path)!r} has no reference of the same file name "
+                 "or stem (with or without recon_): a failed pair"} for path, ref in matches if ref is None]
+    return matches, pairs, missing
+
+
+def official_fields(backbones, rows_by_file: dict[str, dict | None]) -> dict:
+    """Score_i2i.py's JSON fields from per-image rows keyed by reconstruction file name (`None`: a failed pair, kept
+    in `similarities_by_model` and `total_images` but out of every mean). `overall_average` is not x100; `best_model`
+    and `worst_model` are `[name, average]`."""
+    similarities = {name: {file: None if row is None else row[name] for file, row in rows_by_file.items()}
+                    for name in backbones}
+    statistics, averages = {}, {}
+    for name, scores in similarities.items():
+        valid = [score for score in scores.values() if score is not None]
+        if valid:
+            averages[name] = sum(valid) / len(valid)
+            statistics[name] = {"total_images": len(scores), "valid_pairs": len(valid),
+                                "average_similarity": averages[name], "min_similarity": min(valid),
+                                "max_similarity": max(valid)}
+    summary = {}
+    if averages:
+        summary = {
+            "models_used": list(averages),
+            "average_scores_by_model": averages,
+            "overall_average": sum(averages.values()) / len(averages),
+            "best_model": list(max(averages.items(), key=lambda item: item[1])),
+            "worst_model": list(min(averages.items(), key=lambda item: item[1])),
+        }
+    return {"model_types": list(backbones), "similarities_by_model": similarities, "statistics_by_model": statistics,
+            "summary": summary}
+
+
 def score_pairs(pairs, metric, captions: dict[str, dict] | None = None):
     """Score (reference, reconstruction path) pairs with the Unified-Bench metric; unreadable files are skipped.
 
@@ -172,8 +243,9 @@ def score_pairs(pairs, metric, captions: dict[str, dict] | None = None):
 
 
 def write_report(output_dir: str | Path, results: dict, rows: list[dict], skipped: list[dict], backbones, images,
-                 checkpoints: dict | None = None, grid_size: int = 8) -> dict:
-    """Write `scores.json`, `scores.md` and `grid.png`; return the `scores.json` content."""
+                 checkpoints: dict | None = None, grid_size: int = 8, protocol: str = "default",
+                 official: dict | None = None) -> dict:
+    """Write `scores.json` (with `official`'s fields beside ours), `scores.md` and `grid.png`; return `scores.json`."""
     output_dir = Path(output_dir)
     stats = {}
     for name in backbones:
@@ -186,15 +258,17 @@ def write_report(output_dir: str | Path, results: dict, rows: list[dict], skippe
         "backbones": stats,
         "overall": results["overall"],
         "unified_bench": results["unified_bench"],
+        "protocol": protocol,
         "checkpoints": checkpoints or {},
         "per_image": rows,
         "skipped": skipped,
+        **(official or {}),
     }
     (output_dir / "scores.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     lines = ["| backbone | mean | min | max |", "|---|---|---|---|"]
     lines += [f"| {name} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} |" for name, s in stats.items()]
     lines += [f"| **overall** | {results['overall']:.4f} | | |", "",
-              f"**Unified-Bench: {results['unified_bench']:.2f}** over {len(rows)} images"]
+              f"**Unified-Bench: {results['unified_bench']:.2f}** over {len(rows)} images ({protocol} protocol)"]
     if skipped:
         lines += ["", f"Skipped {len(skipped)}: " + ", ".join(item["image"] for item in skipped)]
     (output_dir / "scores.md").write_text("\n".join(lines) + "\n")
@@ -217,6 +291,7 @@ def run_bench(
     dtype: str = "float32",
     batch_size: int = 8,
     seed: int = 0,
+    protocol: str = "default",
     **call_kwargs,
 ) -> dict:
     """Unified-Bench end to end: round trip with `pipeline` (or score an existing `reconstructions_dir`), then report.
@@ -229,6 +304,9 @@ def run_bench(
         config_name, checkpoints, device, dtype: the metric's backbones and where they run.
         batch_size (`int`, defaults to 8): images per pipeline call and per backbone pass.
         seed (`int`, defaults to 0): reference i is drawn with noise seed `seed + i`.
+        protocol (`str`, defaults to `"default"`): `"official"` scores as Unified-Bench's `Score_i2i.py` (see the
+            metric's `protocol`), pairs files its way (`match_reconstructions_officially`: every reconstruction file
+            counts, one without a reference or unreadable is a failed pair) and adds its JSON fields to `scores.json`.
         **call_kwargs: passed to the pipeline (steps, guidance, caption sampling, ...).
     """
     import evaluate
@@ -242,14 +320,22 @@ def run_bench(
     # Load the backbones before the long round trip, so a bad backbone name or checkpoint fails early.
     metric = evaluate.load(
         metric_path("unified_bench"), config_name, checkpoints=checkpoints, device=device, dtype=dtype,
-        batch_size=batch_size,
+        batch_size=batch_size, protocol=protocol,
     )
     captions, skipped = {}, []
     if pipeline is not None:
         captions, skipped = run_round_trip(pipeline, references, output_dir, batch_size, seed, **call_kwargs)
         reconstructions_dir = output_dir / "reconstructions"
-    pairs, missing = pair_reconstructions([ref for ref in references if ref.name not in {s["image"] for s in skipped}],
-                                          reconstructions_dir)
+    failed = {item["image"] for item in skipped}
+    references = [ref for ref in references if ref.name not in failed]
+    if protocol == "official":
+        matches, pairs, missing = pair_reconstructions_officially(references, reconstructions_dir)
+    else:
+        pairs, missing = pair_reconstructions(references, reconstructions_dir)
     results, rows, unreadable, images = score_pairs(pairs, metric, captions)
+    official = None
+    if protocol == "official":  # one entry per reconstruction file; unmatched and unreadable ones are None
+        by_path = {row["reconstruction"]: row for row in rows}
+        official = official_fields(metric.backbones, {path.name: by_path.get(str(path)) for path, _ in matches})
     return write_report(output_dir, results, rows, skipped + missing + unreadable, metric.backbones, images,
-                        checkpoints)
+                        checkpoints, protocol=protocol, official=official)

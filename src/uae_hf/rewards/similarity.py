@@ -1,7 +1,8 @@
 """The similarity core: image-embedding backbones, a reference-embedding cache, cosine similarity.
 
 One piece of code serves the trainers' reconstruction reward and the Unified-Bench metric, so training curves and
-benchmark numbers are comparable by construction.
+benchmark numbers are comparable by construction. `ImageSimilarity(protocol="official")` scores as Unified-Bench's
+own scorer (`Score_i2i.py`) does, with the same loaded models (see `OfficialEmbedder`).
 """
 
 import contextlib
@@ -13,14 +14,17 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 import transformers
+from torchvision import transforms
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
     CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionModelWithProjection,
     SiglipVisionModel,
 )
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,16 @@ for _backbone in (
 PAPER_BACKBONES = tuple(name for name, backbone in BACKBONES.items() if backbone.paper)
 
 
+def _image_processor(checkpoint: str, clip_format: bool, backend: str | None = None):
+    """The checkpoint's own image processor; CLIP's for a CLIP-format checkpoint saved without one (LongCLIP)."""
+    try:
+        return AutoImageProcessor.from_pretrained(checkpoint, backend=backend)
+    except (OSError, ValueError):
+        if not clip_format:
+            raise
+        return CLIPImageProcessorPil() if backend == "pil" else CLIPImageProcessor()
+
+
 def _image_key(image: PIL.Image.Image) -> str:
     digest = hashlib.blake2b(image.tobytes(), digest_size=20)
     digest.update(f"{image.mode}{image.size}".encode())
@@ -123,12 +137,7 @@ class ImageEmbedder:
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = self.backbone.load(self.checkpoint, dtype).to(self.device).eval().requires_grad_(False)
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(self.checkpoint)
-        except (OSError, ValueError):
-            if self.backbone.load is not _clip_vision:
-                raise
-            self.processor = CLIPImageProcessor()
+        self.processor = _image_processor(self.checkpoint, clip_format=self.backbone.load is _clip_vision)
         self._reference_cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -196,6 +205,75 @@ def get_embedder(backbone: str, checkpoint: str | None = None, device="cpu", dty
     return _EMBEDDERS[key]
 
 
+# Score_i2i.py ran on transformers 4.5x, whose CLIPProcessor / AutoImageProcessor gave the PIL ("slow") processors
+# for CLIP and DINOv2; DINOv3 only ever had the torchvision ("fast") one. transformers 5 defaults to torchvision for
+# all, which is what the default protocol uses.
+_OFFICIAL_PROCESSOR_BACKEND = {"clip": "pil", "dinov2": "pil", "dinov3": "torchvision"}
+
+
+def official_dtype(backbone: str, device="cpu") -> torch.dtype:
+    """The official scorer's precision: float32, except LongCLIP in float16 on CUDA (the Long-CLIP package's loader
+    casts its weights to half there and keeps float32 on the CPU)."""
+    return torch.float16 if backbone == "longclip" and torch.device(device).type == "cuda" else torch.float32
+
+
+class OfficialEmbedder:
+    """One paper backbone as Unified-Bench's official scorer (`Score_i2i.py`) runs it, around the same loaded model.
+
+    The model comes from `get_embedder`, shared with the default protocol. What differs: one image per forward pass
+    and no reference cache; CLIP and DINOv2 go through transformers' PIL image processors and DINOv3 through its
+    torchvision one (see `_OFFICIAL_PROCESSOR_BACKEND`); LongCLIP goes through the original Long-CLIP package's
+    transform (torchvision `Resize(size, bicubic)` of the PIL image, `CenterCrop(size)`, whose offset torchvision
+    rounds where transformers floors it, CLIP normalisation) and runs in `official_dtype`. The features are the
+    default protocol's: CLIP's `image_embeds` is `get_image_features`, DINO's `pooler_output` is
+    `last_hidden_state[:, 0]`; they are L2-normalised in float32.
+
+    Args:
+        backbone (`str`): one of `PAPER_BACKBONES`.
+        checkpoint (`str`, *optional*): Hub id or folder; defaults to the backbone's real checkpoint.
+        device (`str` or `torch.device`, defaults to `"cpu"`).
+    """
+
+    def __init__(self, backbone: str, checkpoint: str | None = None, device="cpu"):
+        if backbone not in PAPER_BACKBONES:
+            raise ValueError(f"the official Unified-Bench scorer has no backbone {backbone!r}; "
+                             f"it has {PAPER_BACKBONES}")
+        self.embedder = get_embedder(backbone, checkpoint, device, official_dtype(backbone, device))
+        self.transform = self.processor = None
+        if backbone == "longclip":
+            size = self.embedder.model.config.image_size
+            self.transform = transforms.Compose([
+                transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.CenterCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+            ])
+        else:
+            self.processor = _image_processor(
+                self.embedder.checkpoint, backbone == "clip", backend=_OFFICIAL_PROCESSOR_BACKEND[backbone]
+            )
+
+    def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
+        """`(1, 3, H, W)` float32 pixel values of one RGB image."""
+        if self.transform is not None:
+            return self.transform(image).unsqueeze(0)
+        return self.processor(images=image, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def embed(self, images: list[PIL.Image.Image]) -> torch.Tensor:
+        """`(len(images), dim)` float32 embeddings on the CPU, L2-normalised, one forward pass per image."""
+        embedder = self.embedder
+        features = [
+            getattr(embedder.model(pixel_values=self.preprocess(image).to(embedder.device, embedder.dtype)),
+                    embedder.backbone.output)
+            for image in images
+        ]
+        return F.normalize(torch.cat(features).float(), dim=-1).cpu()
+
+
+PROTOCOLS = ("default", "official")
+
+
 class ImageSimilarity:
     """Cosine similarity of predictions to references under one or more backbones.
 
@@ -204,6 +282,9 @@ class ImageSimilarity:
         checkpoints (`dict[str, str]`, *optional*): backbone → Hub id or folder, overriding the defaults.
         device, dtype: where and how the backbones run.
         batch_size (`int`, defaults to 32): images per backbone forward pass.
+        protocol (`str`, defaults to `"default"`): `"default"` batches and caches references; `"official"` scores as
+            Unified-Bench's `Score_i2i.py` (one pair at a time, its preprocessing and precision; see
+            `OfficialEmbedder`), paper backbones only, and fixes the precision itself (leave `dtype` at float32).
     """
 
     def __init__(
@@ -213,6 +294,7 @@ class ImageSimilarity:
         device="cpu",
         dtype: torch.dtype = torch.float32,
         batch_size: int = 32,
+        protocol: str = "default",
     ):
         backbones = tuple(backbones)
         if not backbones:
@@ -221,18 +303,31 @@ class ImageSimilarity:
         unknown = sorted(set(backbones) - set(BACKBONES)) + sorted(set(checkpoints) - set(backbones))
         if unknown:
             raise ValueError(f"unknown or unused backbone(s) {unknown}; choose from {sorted(BACKBONES)}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+        if protocol == "official" and dtype != torch.float32:
+            raise ValueError("protocol='official' sets each backbone's precision as the official scorer does (float32; "
+                             f"LongCLIP float16 on CUDA): leave dtype at float32, not {dtype}")
         self.batch_size = batch_size
-        self.embedders = {name: get_embedder(name, checkpoints.get(name), device, dtype) for name in backbones}
+        self.protocol = protocol
+        if protocol == "official":
+            self.embedders = {name: OfficialEmbedder(name, checkpoints.get(name), device) for name in backbones}
+        else:
+            self.embedders = {name: get_embedder(name, checkpoints.get(name), device, dtype) for name in backbones}
 
     def scores(self, predictions: list[PIL.Image.Image], references: list[PIL.Image.Image]) -> dict[str, torch.Tensor]:
-        """Per-backbone `(N,)` cosines between `predictions[i]` and `references[i]`; references go through the cache."""
+        """Per-backbone `(N,)` cosines between `predictions[i]` and `references[i]`; references go through the cache
+        (default protocol) or are embedded again for every pair (official)."""
         if len(predictions) != len(references):
             raise ValueError(f"got {len(predictions)} predictions and {len(references)} references; pass one per pair")
         if len(predictions) == 0:
             raise ValueError("no images to score: pass at least one prediction/reference pair")
         result = {}
         for name, embedder in self.embedders.items():
-            predicted = embedder.embed(predictions, self.batch_size)
-            reference = embedder.embed_references(references, self.batch_size)
+            if self.protocol == "official":  # each image alone, so pair by pair as Score_i2i.py does
+                predicted, reference = embedder.embed(predictions), embedder.embed(references)
+            else:
+                predicted = embedder.embed(predictions, self.batch_size)
+                reference = embedder.embed_references(references, self.batch_size)
             result[name] = (predicted * reference).sum(-1)
         return result

@@ -36,6 +36,12 @@ Load-time keyword arguments (`evaluate.load("unified_bench", config_name, **kwar
         clip, dinov2, dinov3, longclip, siglip.
     checkpoints (`dict[str, str]`): backbone -> Hub id or local folder, replacing the default checkpoint.
     device (`str`, defaults to `"cpu"`), dtype (`str` or `torch.dtype`, defaults to float32), batch_size (`int`).
+    protocol (`str`, defaults to `"default"`): `"default"` embeds in batches and caches references; `"official"`
+        reproduces Unified-Bench's own scorer (`Score_i2i.py`): one pair at a time, references embedded again for
+        every pair, its per-backbone preprocessing, and its precision (float32; LongCLIP float16 on CUDA, float32 on
+        CPU), so `dtype` must stay float32. Paper backbones only. Same weights and features: the protocols differ
+        by resampling and float rounding, more for LongCLIP where its crop offset rounds and transformers' floors
+        and in fp16 on CUDA (measured: `docs/unified_bench_protocols.md`).
 
 Returns:
     One mean cosine per backbone, `overall` (mean of those) and `unified_bench` (`overall` x 100); `per_image` on
@@ -47,6 +53,10 @@ Examples:
     >>> results = bench.compute(predictions=[image], references=[image])
     >>> round(results["clip"], 4), round(results["unified_bench"], 2)
     (1.0, 100.0)
+    >>> official = evaluate.load("unified_bench", "clip", checkpoints={"clip": "tiny-models/backbones/clip"},
+    ...                          protocol="official")  # as Unified-Bench's Score_i2i.py
+    >>> round(official.compute(predictions=[image], references=[image])["clip"], 4)
+    1.0
 """
 
 
@@ -66,8 +76,10 @@ def backbones_of(config_name: str) -> tuple[str, ...]:
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class UnifiedBench(evaluate.Metric):
-    def __init__(self, *args, checkpoints=None, device="cpu", dtype=torch.float32, batch_size=32, **kwargs):
+    def __init__(self, *args, checkpoints=None, device="cpu", dtype=torch.float32, batch_size=32, protocol="default",
+                 **kwargs):
         self.checkpoints = dict(checkpoints or {})
+        self.protocol = protocol
         self.device = device
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.batch_size = batch_size
@@ -85,7 +97,8 @@ class UnifiedBench(evaluate.Metric):
 
     def _download_and_prepare(self, dl_manager):
         self.similarity = ImageSimilarity(
-            self.backbones, self.checkpoints, device=self.device, dtype=self.dtype, batch_size=self.batch_size
+            self.backbones, self.checkpoints, device=self.device, dtype=self.dtype, batch_size=self.batch_size,
+            protocol=self.protocol,
         )
 
     def add_batch(self, *, predictions=None, references=None, **kwargs):
