@@ -12,6 +12,7 @@ import time
 
 import flow_grpo_step
 import grpo_overhead
+import import_time
 import reconstruction_throughput
 import scoring_throughput
 import stage_memory
@@ -22,6 +23,7 @@ BENCHMARKS = {
     "grpo_overhead": grpo_overhead,
     "flow_grpo_step": flow_grpo_step,
     "stage_memory": stage_memory,
+    "import_time": import_time,
 }
 
 # (label, how to read it from the figures, target, whether lower is better)

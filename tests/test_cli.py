@@ -136,3 +136,40 @@ def test_real_size_recipe_parses():
     assert model.model_name_or_path == "Qwen/Qwen2.5-VL-3B-Instruct" and model.lora_r == 32 and model.lora_alpha == 64
     assert config.reward_backbones == ["clip"] and config.heldout_backbones == ["dinov2"]
     assert config.decoder_num_inference_steps == 10 and script.decoder == "path/to/uae-pipeline"
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("dataset split (default: test)", "decoder sampling steps (default: 40)",
+                     "classifier-free guidance scale (default: 5.0)", "caption length limit (default: 512)",
+                     "images per pipeline call (default: 4)", "(default: float32)"):
+        assert expected in text, expected
+
+
+def test_reconstruct_keeps_images_of_one_name_apart_and_is_quiet(pipe, photos, tmp_path, capfd):
+    """Today: d1/x.png and d2/x.png both write reconstructions/x.png; loading bars from every library."""
+    import transformers
+
+    pipe.save_pretrained(tmp_path / "pipeline")
+    paths = [tmp_path / "d1" / "x.png", tmp_path / "d2" / "x.png", tmp_path / "d2" / "x.jpg"]
+    for path, photo in zip(paths, photos):
+        path.parent.mkdir(exist_ok=True)
+        photo.save(path)
+    out = tmp_path / "out"
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    main(["reconstruct", *map(str, paths), "--pipeline", str(tmp_path / "pipeline"), "--output-dir", str(out),
+          "--num-inference-steps", "2", "--max-new-tokens", "6"])
+    captured = capfd.readouterr()
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [row["image"] for row in rows] == list(map(str, paths))
+    assert [Path(row["reconstruction"]).relative_to(out / "reconstructions").as_posix() for row in rows] == [
+        "d1/x.png.png", "d2/x.png.png", "x.jpg.png"]
+    assert all(Path(row["reconstruction"]).is_file() for row in rows)
+    assert "wrote 3 reconstructions" in captured.out
+    assert "reconstructing" in captured.err  # the command's own progress bar stays
+    assert "Loading" not in captured.err and "it/s" not in captured.err.replace("image/s", "")
+    assert transformers.utils.logging.is_progress_bar_enabled() == bars  # main leaves the libraries as they were

@@ -81,3 +81,22 @@ def test_decoder_can_be_built_without_t5(tmp_path):
     build_tiny_decoder(tmp_path / "decoder", with_t5=False)
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "decoder", text_encoder_3=None, tokenizer_3=None)
     assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
+
+
+def test_building_the_twins_prints_nothing_and_restores_logging(tmp_path, capfd):
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    def state():
+        return (transformers.utils.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled(),
+                diffusers.utils.logging.get_verbosity(), diffusers.utils.logging.is_progress_bar_enabled(),
+                huggingface_hub.utils.are_progress_bars_disabled())
+
+    transformers.utils.logging.warning_once.cache_clear()  # warnings shown earlier in the session count again
+    before = state()
+    capfd.readouterr()
+    build_tiny_models(tmp_path / "quiet")
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")  # no progress bar per saved model, no warnings about the tiny vocabularies
+    assert state() == before

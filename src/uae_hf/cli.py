@@ -1,17 +1,101 @@
 """The `uae-hf` command line: a thin shell over the library."""
 
 import argparse
+import contextlib
+import hashlib
+import importlib
 import json
+import logging
 import os
+import re
 import sys
+import traceback
+import warnings
 from pathlib import Path
+
+
+class CommandLineError(SystemExit):
+    """A mistake the user can act on: `main` prints `uae-hf: <message>` (no traceback) and exits with status 2."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2  # argparse's status for a usage error; str(error) stays the message
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it or there is none to show (None, False, [])."""
+
+    def _get_help_string(self, action):
+        nothing_to_show = action.default is None or action.default is False or action.default == []
+        if nothing_to_show or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with defaults in `--help`, and usage errors as one `CommandLineError` line instead of a usage dump."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise CommandLineError(f"{message} (see {self.prog} --help)")
+
+
+# Warnings users cannot act on, off unless --verbose (regular expressions on the message's start).
+HARMLESS_WARNINGS = (
+    r"The following generation flags are not valid and may be ignored",  # seeded captioning samples outside generate
+    r"`(is_)?gradient_checkpointing\w*` is deprecated",  # TRL calls transformers' old names
+    r"Model config: \w+_token_id must be `None` or an integer within the vocabulary",  # the tiny twins' CLIP towers
+)
+_HARMLESS = re.compile("|".join(HARMLESS_WARNINGS))
+
+
+class _HideHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _HARMLESS.match(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_libraries(verbose: bool, data: bool = False):
+    """Within: no loading bars from huggingface_hub, transformers, diffusers (and datasets, evaluate with `data`), no
+    `HARMLESS_WARNINGS`; the commands' own progress bars stay. Everything is restored on the way out. `verbose`: as
+    the libraries have it."""
+    if verbose:
+        yield
+        return
+    import huggingface_hub.utils
+
+    # each library's module with {is,enable,disable}_progress_bar (datasets.utils.tqdm is also a class's name)
+    loggers = [importlib.import_module(f"{name}.utils.logging") for name in ("transformers", "diffusers")]
+    bars = loggers + [importlib.import_module(name) for name in ("datasets.utils.tqdm", "evaluate.utils.logging")
+                      if data]
+    with contextlib.ExitStack() as restore:
+        for library in bars:
+            if library.is_progress_bar_enabled():
+                library.disable_progress_bar()
+                restore.callback(library.enable_progress_bar)
+        if not huggingface_hub.utils.are_progress_bars_disabled():
+            huggingface_hub.utils.disable_progress_bars()
+            restore.callback(huggingface_hub.utils.enable_progress_bars)
+        hide = _HideHarmless()
+        for library in loggers:
+            for handler in library.get_logger().handlers:
+                handler.addFilter(hide)
+                restore.callback(handler.removeFilter, hide)
+        restore.enter_context(warnings.catch_warnings())
+        for pattern in HARMLESS_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
+
 
 def load_images(paths: list[Path]) -> list:
     """Open every image up front, so a bad file stops the run before any model loads."""
     import PIL.Image
 
     if not paths:
-        raise SystemExit("uae-hf: no images given")
+        raise CommandLineError("no images given")
     images = []
     for path in paths:
         try:
@@ -19,7 +103,7 @@ def load_images(paths: list[Path]) -> list:
                 image.load()
                 images.append(image.copy())
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-            raise SystemExit(f"uae-hf: cannot read image {path}: {error}") from error
+            raise CommandLineError(f"cannot read image {path}: {error}") from error
     return images
 
 
@@ -32,12 +116,19 @@ def reconstruct(
     seed: int = 0,
     **generate_kwargs,
 ) -> list[dict]:
-    """Round-trip each image through `pipeline`; write reconstructions, `captions.jsonl` and `grid.png`."""
+    """Round-trip each image through `pipeline`; write reconstructions, `captions.jsonl` and `grid.png`.
+
+    `reconstructions/<name>.png` is named as `uae_hf.metrics.round_trip_bench.unique_names` says: the image's stem;
+    its file name where stems are shared (`x.png.png`, `x.jpg.png`); its path from the common folder where file names
+    are shared too (`d1/x.png.png`).
+    """
     import torch
     from tqdm.auto import tqdm
 
+    from .metrics.round_trip_bench import unique_names
     from .visualization import reconstruction_grid
 
+    names = unique_names(image_paths)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "reconstructions").mkdir(exist_ok=True)
     pipeline.set_progress_bar_config(disable=True)
@@ -50,7 +141,8 @@ def reconstruct(
             output = pipeline(image=batch, generator=generators, **generate_kwargs)
             for offset, (caption, image) in enumerate(zip(output.captions, output.images)):
                 path = image_paths[start + offset]
-                target = output_dir / "reconstructions" / f"{path.stem}.png"
+                target = output_dir / "reconstructions" / f"{names[start + offset]}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
                 image.save(target)
                 reconstructions.append(image)
                 rows.append({"image": str(path), "caption": caption, "reconstruction": str(target)})
@@ -58,7 +150,10 @@ def reconstruct(
     with open(output_dir / "captions.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    reconstruction_grid(originals, reconstructions, [row["caption"] for row in rows]).save(output_dir / "grid.png")
+    labels = [name if "/" in name else Path(path).name for name, path in zip(names, image_paths)]
+    reconstruction_grid(originals, reconstructions, [row["caption"] for row in rows], names=labels).save(
+        output_dir / "grid.png"
+    )
     return rows
 
 
@@ -86,14 +181,13 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, steps: int, token
     parser.add_argument("--width", type=int, default=None, help="output width (default: the decoder's native size)")
     parser.add_argument("--max-new-tokens", type=int, default=tokens, help="caption length limit")
     parser.add_argument("--temperature", type=float, default=0.7, help="caption sampling temperature (0: greedy)")
-    parser.add_argument(
-        "--conditioning-mode", choices=["embeddings", "text"], default=None, help="override the pipeline's mode"
-    )
+    parser.add_argument("--conditioning-mode", choices=["embeddings", "text"], default=None,
+                        help="override the pipeline's mode (default: its own)")
     _add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the first image (image i uses seed + i)")
     parser.add_argument("--encoder-adapter", default=None, metavar="DIR",
-                        help="a PEFT adapter folder to load on the encoder (e.g. a stage-2 output)")
+                        help="a PEFT adapter folder to load on the encoder, e.g. a stage-2 output (default: none)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the pipeline folder's own code (by default a UAE pipeline is rebuilt from uae_hf's "
                         "classes and no code from the folder or repo runs)")
@@ -124,11 +218,68 @@ def _torch_dtype(args, device: str = "cpu"):
     return getattr(torch, args.dtype)
 
 
-def _load_pipeline(args):
+def _folder_fingerprint(folder: Path) -> str:
+    """A short hash of a folder's file names, sizes and modification times: a model saved again into the same folder
+    changes it, and no weights are read."""
+    digest = hashlib.sha256()
+    for path in sorted(path for path in folder.rglob("*") if path.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _pipeline_folder(source: str) -> tuple[Path, str | None]:
+    """`--pipeline` as a local folder (a Hub repo from the cache, or downloaded) and its Hub revision, if any."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CommandLineError(f"--pipeline {source}: not a pipeline folder (it has no model_index.json); pass a "
+                                   "folder written by save_pretrained or uae-hf convert-release")
+        return path, None
+    if path.exists():
+        raise CommandLineError(f"--pipeline {source} is a file, not a pipeline folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(source))
+    except HFValidationError:
+        raise CommandLineError(f"--pipeline {source}: no such folder") from None
+    except RepositoryNotFoundError:
+        raise CommandLineError(f"--pipeline {source}: no such folder, and no such Hub repo (if it is private or "
+                               "gated, log in first: hf auth login)") from None
+    except LocalEntryNotFoundError:
+        raise CommandLineError(f"--pipeline {source}: no such folder, and no Hub repo of that name in the local "
+                               "cache (offline, or the Hub cannot be reached)") from None
+    return folder, folder.name if folder.parent.name == "snapshots" else None
+
+
+def _pipeline_settings(args) -> tuple[Path, dict]:
+    """The `--pipeline` folder, and what identifies the pipeline `_load_pipeline` will make of it (for `bench`)."""
+    folder, revision = _pipeline_folder(args.pipeline)
+    device = _device(args)
+    dtype = _torch_dtype(args, device)
+    adapter = args.encoder_adapter
+    local_adapter = Path(adapter) if adapter and Path(adapter).is_dir() else None
+    return folder, {
+        "pipeline": args.pipeline if revision else str(folder.resolve()),
+        "revision": revision,
+        "folder_fingerprint": None if revision else _folder_fingerprint(folder),
+        "encoder_adapter": str(local_adapter.resolve()) if local_adapter else adapter,
+        "encoder_adapter_fingerprint": _folder_fingerprint(local_adapter) if local_adapter else None,
+        "trust_remote_code": args.trust_remote_code,
+        "dtype": str(dtype).removeprefix("torch.") if dtype else "as stored",
+        "device": device,
+    }
+
+
+def _load_pipeline(args, folder: Path | None = None):
+    """The `--pipeline` (already found at `folder`), with its `--encoder-adapter`, in `--dtype` on `--device`."""
     from .pipelines import load_saved_pipeline
 
+    folder = folder or _pipeline_folder(args.pipeline)[0]
     device = _device(args)
-    pipeline = load_saved_pipeline(args.pipeline, trust_remote_code=args.trust_remote_code,
+    pipeline = load_saved_pipeline(folder, trust_remote_code=args.trust_remote_code,
                                    torch_dtype=_torch_dtype(args, device))
     if args.encoder_adapter:
         pipeline.load_encoder_adapter(args.encoder_adapter)
@@ -143,7 +294,13 @@ def _cmd_tiny_models(args) -> None:
 
 
 def _cmd_reconstruct(args) -> None:
+    from .metrics.round_trip_bench import unique_names
+
     paths = [Path(p) for p in args.images]
+    try:
+        unique_names(paths)  # the same image twice fails here, before any model loads
+    except ValueError as error:
+        raise CommandLineError(str(error)) from None
     originals = load_images(paths)
     pipeline = _load_pipeline(args)
     rows = reconstruct(
@@ -168,7 +325,7 @@ def _cmd_demo(args) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as error:
-        raise SystemExit("uae-hf demo draws its report's plots with matplotlib: pip install 'uae-hf[demo]'") from error
+        raise CommandLineError("demo draws its report's plots with matplotlib: pip install 'uae-hf[demo]'") from error
     from .toy_world.demo import demo_config_from_args, run_demo
 
     config = demo_config_from_args(args)
@@ -179,56 +336,100 @@ def _cmd_demo(args) -> None:
 
 
 def _cmd_bench(args) -> None:
-    from .metrics.round_trip_bench import references_from_dataset, references_from_folder, run_bench
-
     if bool(args.images_dir) == bool(args.dataset):
-        raise SystemExit("uae-hf bench: pass exactly one of --images-dir or --dataset")
-    if bool(args.pipeline) == bool(args.reconstructions):
-        raise SystemExit("uae-hf bench: pass --pipeline (round trip) or --reconstructions (score only), not both")
+        raise CommandLineError("pass exactly one of --images-dir or --dataset")
+    if args.images_dir and Path(args.images_dir).is_file():
+        raise CommandLineError(f"--images-dir {args.images_dir} is a file, not a folder: pass the folder that holds "
+                               "the reference images")
+    if not args.pipeline and not args.reconstructions:
+        raise CommandLineError("neither --pipeline (round trip) nor --reconstructions (score only) was given: pass "
+                               "one of them (not both)")
+    if args.pipeline and args.reconstructions:
+        raise CommandLineError("both --pipeline and --reconstructions were given: pass one of them (not both)")
+    if args.reconstructions and not Path(args.reconstructions).is_dir():
+        state = "is a file, not a folder" if Path(args.reconstructions).exists() else "does not exist"
+        raise CommandLineError(f"--reconstructions {args.reconstructions} {state}")
     try:
         checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     except ValueError:
-        raise SystemExit("uae-hf bench: --checkpoint takes BACKBONE=PATH_OR_ID") from None
+        raise CommandLineError("--checkpoint takes BACKBONE=PATH_OR_ID") from None
     if args.protocol == "official" and args.backbone_dtype != "float32":
-        raise SystemExit("uae-hf bench: --protocol official sets the backbones' precision as the official scorer does "
-                         "(float32; LongCLIP float16 on CUDA): drop --backbone-dtype")
+        raise CommandLineError("--protocol official sets the backbones' precision as the official scorer does "
+                               "(float32; LongCLIP float16 on CUDA): drop --backbone-dtype")
+    from .metrics.round_trip_bench import (
+        ResumeError,
+        bench_settings,
+        prepare_round_trip_dir,
+        references_from_dataset,
+        references_from_folder,
+        run_bench,
+    )
+    from .rewards.similarity import BackboneUnavailableError
+
     try:
         if args.images_dir:
             references = references_from_folder(args.images_dir)
         else:
             references = references_from_dataset(args.dataset, args.split, args.image_column)
     except ValueError as error:
-        raise SystemExit(f"uae-hf bench: {error}") from error
+        raise CommandLineError(str(error)) from error
     references = references[: args.limit] if args.limit else references
-    pipeline = None
-    call_kwargs = {}
-    if args.pipeline:
-        pipeline = _load_pipeline(args)
-        call_kwargs = _generate_kwargs(args)
-    report = run_bench(
-        references, args.output_dir, pipeline=pipeline, reconstructions_dir=args.reconstructions,
-        config_name=args.backbones, checkpoints=checkpoints, device=_device(args), dtype=args.backbone_dtype,
-        batch_size=args.batch_size, seed=args.seed, protocol=args.protocol, **call_kwargs,
-    )
+    pipeline, pipeline_settings, call_kwargs = None, None, {}
+    try:
+        if args.pipeline:
+            folder, pipeline_settings = _pipeline_settings(args)
+            call_kwargs = _generate_kwargs(args)
+            # a folder that cannot be resumed is refused before the pipeline loads (run_bench checks again)
+            settings = bench_settings(references, pipeline_settings, seed=args.seed, **call_kwargs)
+            prepare_round_trip_dir(args.output_dir, settings, overwrite=args.overwrite)
+            pipeline = _load_pipeline(args, folder)
+        report = run_bench(
+            references, args.output_dir, pipeline=pipeline, reconstructions_dir=args.reconstructions,
+            config_name=args.backbones, checkpoints=checkpoints, device=_device(args), dtype=args.backbone_dtype,
+            batch_size=args.batch_size, seed=args.seed, protocol=args.protocol, pipeline_settings=pipeline_settings,
+            **call_kwargs,
+        )
+    except ResumeError as error:
+        made = (f"with other settings: {'; '.join(error.differences)}" if error.differences else
+                "by a run that did not record its settings")
+        raise CommandLineError(f"--output-dir {args.output_dir} holds {error.reusable} reconstruction(s) made {made}. "
+                               "Pass --overwrite to delete them and start over, or choose another --output-dir") \
+            from None
+    except BackboneUnavailableError as error:
+        download = "" if error.reason == "no such folder" else f" (e.g. from `hf download {error.checkpoint} " \
+            "--local-dir PATH`)"
+        raise CommandLineError(f"cannot load the {error.backbone} backbone ({error.checkpoint}): {error.reason}. "
+                               f"Point it at a local copy with --checkpoint {error.backbone}=PATH{download}") from error
     print(Path(args.output_dir, "scores.md").read_text())
+    if report["reused"]:
+        print(f"reused {report['reused']} reconstruction(s) from an earlier run in {args.output_dir} with the same "
+              "settings (--overwrite starts over)")
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])} image(s): see scores.json")
 
 
+def _add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' loading bars and warnings, and a failure's traceback")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uae-hf", description=__doc__)
+    parser = _Parser(prog="uae-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("tiny-models", help="write the offline tiny twins of every model")
     tiny.add_argument("output_dir", help="folder to write encoder/, decoder/, projector/, backbones/ into")
     tiny.add_argument("--no-t5", action="store_true", help="build the decoder without its optional T5 encoder")
+    _add_verbose_argument(tiny)
     tiny.set_defaults(func=_cmd_tiny_models)
 
     rec = commands.add_parser("reconstruct", help="image → caption → image with a saved UAE pipeline")
     rec.add_argument("images", nargs="+", help="image files")
     rec.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo")
-    rec.add_argument("--output-dir", required=True, help="where to write reconstructions, captions.jsonl, grid.png")
+    rec.add_argument("--output-dir", required=True, help="where to write reconstructions, captions.jsonl, grid.png "
+                     "(reconstructions/<stem>.png; <file name>.png for images that share a stem)")
     _add_generation_arguments(rec, steps=40, tokens=512)
+    _add_verbose_argument(rec)
     rec.set_defaults(func=_cmd_reconstruct)
 
     bench = commands.add_parser("bench", help="Unified-Bench: round trip a set of images, then score and report")
@@ -240,23 +441,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--pipeline", help="pipeline folder or Hub repo to round-trip with")
     bench.add_argument("--reconstructions", help="score this folder of reconstructions instead (names match the "
                        "references, optionally with a recon_ prefix)")
-    bench.add_argument("--output-dir", required=True, help="where reconstructions and reports go (resumable)")
+    bench.add_argument("--output-dir", required=True, help="where reconstructions and reports go; a rerun with the "
+                       "same settings resumes (settings.json says which)")
+    bench.add_argument("--overwrite", action="store_true", help="delete the --output-dir's earlier reconstructions "
+                       "and start over (needed to rerun with other settings)")
     bench.add_argument("--backbones", default="default", help='"default" (the paper\'s four) or e.g. "clip+dinov2"')
     bench.add_argument("--checkpoint", action="append", default=[], metavar="BACKBONE=PATH",
-                       help="replace a backbone's checkpoint (repeatable)")
+                       help="replace a backbone's checkpoint, e.g. a local copy (repeatable)")
     bench.add_argument("--backbone-dtype", choices=DTYPES[1:], default="float32",
                        help="dtype of the scoring backbones (float32, as the official scorer; --dtype sets the pipeline's)")
     bench.add_argument("--protocol", choices=("default", "official"), default="default",
                        help="default: batched, references cached; official: as Unified-Bench's Score_i2i.py (one pair "
                        "at a time, its preprocessing and precision, its pairing and JSON fields in scores.json)")
-    bench.add_argument("--limit", type=int, default=None, help="only the first N references")
+    bench.add_argument("--limit", type=int, default=None, help="only the first N references (default: all)")
     _add_generation_arguments(bench, steps=40, tokens=512)
+    _add_verbose_argument(bench)
     bench.set_defaults(func=_cmd_bench)
 
     convert = commands.add_parser("convert-release", help="the released UAE model → a self-loading pipeline folder")
     convert.add_argument("source", help="local copy of the release, or its Hub id (zhiyuanyan1/UAE)")
     convert.add_argument("destination", help="folder to write (loads with DiffusionPipeline.from_pretrained)")
     _add_model_arguments(convert, device=False)
+    _add_verbose_argument(convert)
     convert.set_defaults(func=_cmd_convert_release)
 
     commands.add_parser(
@@ -274,20 +480,42 @@ def build_parser() -> argparse.ArgumentParser:
                             ("understanding_steps", "stage 2 (GRPO) steps"),
                             ("generation_steps", "stage 3 (Flow-GRPO) steps")]:
         demo.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None, help=help_text)
+    _add_verbose_argument(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _run(argv: list[str], verbose: bool) -> None:
     if argv[:1] == ["train"]:  # TRL-style: every UnifiedGRPOConfig field from --config YAML or --flags
         from .trainer.train_script import main as train_main
 
-        train_main(argv[1:])
+        with _quiet_libraries(verbose, data=True):
+            train_main([arg for arg in argv[1:] if arg != "--verbose"])
         return
     args = build_parser().parse_args(argv)
-    args.func(args)
+    with _quiet_libraries(args.verbose, data=args.command in ("bench", "demo")):
+        args.func(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run `uae-hf`. A mistake the user can act on ends as `uae-hf: <message>` on stderr and exit status 2 (raised
+    as `CommandLineError`); with `--verbose`, with the traceback of its cause."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    try:
+        _run(argv, verbose)
+    except CommandLineError as error:
+        if verbose and error.__cause__ is not None:
+            traceback.print_exception(error.__cause__)
+        print(f"uae-hf: {error}", file=sys.stderr)
+        raise
+    except (OSError, ValueError) as error:  # bad input that reached a library: its message, without the traceback
+        if verbose:
+            raise
+        message = str(error).strip() or type(error).__name__
+        print(f"uae-hf: {message} (--verbose shows the traceback)", file=sys.stderr)
+        raise CommandLineError(message) from error
 
 
 if __name__ == "__main__":

@@ -13,9 +13,13 @@ Layout written by [`build_tiny_models`]:
 """
 
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
+import diffusers
+import huggingface_hub
 import torch
+import transformers
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from tokenizers import pre_tokenizers
 from transformers import (
@@ -111,6 +115,32 @@ ENCODER_HIDDEN_SIZE = 64
 DECODER_JOINT_ATTENTION_DIM = 64
 
 
+@contextmanager
+def _quietly():
+    """transformers' and diffusers' logs and progress bars (one per saved model) off; as they were afterwards.
+
+    The twins are built from known-good configs, so what they would print (shard bars, warnings about the tiny
+    vocabularies) says nothing to act on. Also a decorator."""
+    hub_bars_off = huggingface_hub.utils.are_progress_bars_disabled()
+    saved = [(library.utils.logging, library.utils.logging.get_verbosity(),
+              library.utils.logging.is_progress_bar_enabled()) for library in (transformers, diffusers)]
+    for logging, _, _ in saved:
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for logging, verbosity, bars in saved:
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()
+        # transformers' switch also flips the Hub's bars: put those back as they were too
+        if hub_bars_off:
+            huggingface_hub.utils.disable_progress_bars()
+        else:
+            huggingface_hub.utils.enable_progress_bars()
+
+
 def _train_bpe(num_merges: int, lowercase: bool = False, end_of_word_suffix: str = "", corpus=_CORPUS):
     """Byte-level BPE vocabulary and merges learned from `corpus`.
 
@@ -164,6 +194,7 @@ def build_qwen_tokenizer(corpus=_CORPUS, num_merges: int = 300) -> Qwen2Tokenize
     return tokenizer
 
 
+@_quietly()
 def build_tiny_encoder(
     path: str | Path,
     corpus=_CORPUS,
@@ -274,6 +305,7 @@ def _clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, projection_di
     return CLIPTextModelWithProjection(config).eval()
 
 
+@_quietly()
 def build_tiny_decoder(
     path: str | Path, with_t5: bool = True, transformer_config: dict | None = None, vae: AutoencoderKL | None = None
 ) -> None:
@@ -349,6 +381,7 @@ def build_tiny_decoder(
     pipe.save_pretrained(path)
 
 
+@_quietly()
 def build_tiny_projector(
     path: str | Path, encoder_hidden_size: int = ENCODER_HIDDEN_SIZE, joint_attention_dim: int = DECODER_JOINT_ATTENTION_DIM
 ) -> None:
@@ -387,6 +420,7 @@ def _build_clip_backbone(path: Path, text_positions: int) -> None:
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
 
 
+@_quietly()
 def build_tiny_backbones(path: str | Path) -> None:
     """Image-embedding backbones with the real classes and preprocessing (CLIP, DINOv2, DINOv3, LongCLIP, SigLIP)."""
     path = Path(path)
@@ -429,6 +463,7 @@ def _without_intermediate() -> dict:
     return {key: value for key, value in _TINY_VIT.items() if key != "intermediate_size"}
 
 
+@_quietly()
 def build_tiny_models(out_dir: str | Path, with_t5: bool = True) -> Path:
     """Write every twin under `out_dir` (see the module docstring for the layout) and return it."""
     out_dir = Path(out_dir)

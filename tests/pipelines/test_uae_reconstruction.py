@@ -419,3 +419,37 @@ def test_a_seeded_round_trip_is_the_same_in_any_process(pipe, photos, tmp_path):
     # and the noise is still what the same generators give `generate` (captions do not consume them)
     again = pipe.generate(here.captions, generator=generators(2, 10), num_inference_steps=3, output_type="np")
     np.testing.assert_array_equal(again.images, here.images)
+
+
+def test_saved_configs_carry_no_local_paths(pipe, tiny_dir, tmp_path):
+    """Where the parts were loaded from is a path of this machine: no saved JSON keeps it, and the folder reloads."""
+    from uae_hf.pipelines import load_saved_pipeline
+
+    folder = tmp_path / "saved"
+    pipe.save_pretrained(folder)
+    configs = sorted(folder.rglob("*.json"))
+    assert {path.relative_to(folder).as_posix() for path in configs} >= {
+        "model_index.json", "transformer/config.json", "vae/config.json", "projector/config.json", "vlm/config.json"}
+    for path in configs:
+        text = path.read_text()
+        assert str(tiny_dir) not in text and str(tiny_dir.resolve()) not in text, path
+        assert "_name_or_path" not in json.loads(text), path
+    loaded = load_saved_pipeline(folder)
+    loaded.set_progress_bar_config(disable=True)
+    expected = pipe.generate(["a cat"], generator=generators(1), **FAST).images
+    np.testing.assert_array_equal(loaded.generate(["a cat"], generator=generators(1), **FAST).images, expected)
+
+
+def test_a_hub_source_is_kept_in_the_saved_configs(pipe, tmp_path):
+    before = pipe.config["_name_or_path"], pipe.transformer.config["_name_or_path"]
+    pipe.register_to_config(_name_or_path="someone/uae-tiny")
+    pipe.transformer.register_to_config(_name_or_path="stabilityai/stable-diffusion-3.5-medium")
+    try:
+        pipe.save_pretrained(tmp_path / "saved")
+    finally:
+        pipe.register_to_config(_name_or_path=before[0])
+        pipe.transformer.register_to_config(_name_or_path=before[1])
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["_name_or_path"] == "someone/uae-tiny"
+    transformer = json.loads((tmp_path / "saved" / "transformer" / "config.json").read_text())
+    assert transformer["_name_or_path"] == "stabilityai/stable-diffusion-3.5-medium"
+    assert "_name_or_path" not in json.loads((tmp_path / "saved" / "vae" / "config.json").read_text())

@@ -5,6 +5,7 @@ import sys
 import PIL.Image
 import pytest
 
+from uae_hf.toy_world import toy_world_dataset
 from uae_hf.toy_world.demo import STAGES
 
 from conftest import BLOCK_NETWORK
@@ -30,6 +31,7 @@ def test_quick_demo_runs_every_stage_and_writes_every_artefact(tmp_path):
     assert len(curves["pretrain"]["loss"]) == results["config"]["pretrain_steps"]
 
     report = (out / "report.md").read_text()
+    assert "A quick run" in report and "mean nothing" in report  # nobody mistakes quick numbers for results
     for name in ("reward_per_step.png", "caption_length_per_step.png", "scores_per_stage.png", "losses.png",
                  *(f"reconstructions_{i + 1}_{stage}.png" for i, stage in enumerate(STAGES))):
         assert PIL.Image.open(out / name).width > 100, name
@@ -45,7 +47,7 @@ def test_quick_demo_runs_every_stage_and_writes_every_artefact(tmp_path):
         assert str(tmp_path) not in card.read_text(), card
 
     image = tmp_path / "scene.png"
-    PIL.Image.open(out / "reconstructions_1_sft.png").crop((0, 0, 32, 32)).save(image)
+    toy_world_dataset(1, "test", seed=0)[0]["image"].save(image)  # a held-out scene
     reconstruct = BLOCK_NETWORK + (
         "from uae_hf.cli import main; main(['reconstruct', " + repr(str(image)) + ", '--pipeline', "
         + repr(str(out / "pipeline")) + ", '--output-dir', " + repr(str(tmp_path / "rec"))

@@ -71,7 +71,7 @@ def test_demo_config_rejects_budgets_that_cannot_run():
         ToyDemoConfig.quick(train_rows=10)
     with pytest.raises(ValueError, match="sft_level_weights"):
         ToyDemoConfig(sft_level_weights=(1.0, 0.0))
-    assert ToyDemoConfig.quick(seed=3).seed == 3 and ToyDemoConfig.quick().pretrain_steps == 30
+    assert ToyDemoConfig.quick(seed=3).seed == 3 and ToyDemoConfig.quick().pretrain_steps == 10
 
 
 def test_sft_rows_are_prompt_completion_conversations_mostly_terse():

@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-import evaluate.loading
-
 METRICS_DIR = Path(__file__).parent
 _SHIPPED = {"unified_bench"}
 
@@ -27,8 +25,19 @@ def _shipped_module_resolver(original):
     return evaluation_module_factory
 
 
-def install_evaluate_hook() -> None:
-    """Make `evaluate.load("unified_bench")` find the module shipped in uae_hf (idempotent)."""
-    current = evaluate.loading.evaluation_module_factory
+def _patch_evaluate_loading(loading) -> None:
+    # `evaluate.load` looks `evaluation_module_factory` up in its module's globals on every call.
+    current = loading.evaluation_module_factory
     if not hasattr(current, "uae_hf_original"):
-        evaluate.loading.evaluation_module_factory = _shipped_module_resolver(current)
+        loading.evaluation_module_factory = _shipped_module_resolver(current)
+
+
+def install_evaluate_hook() -> None:
+    """Make `evaluate.load("unified_bench")` find the module shipped in uae_hf (idempotent).
+
+    Patches `evaluate.loading` now if evaluate is already imported, else right after it is imported, so importing
+    uae_hf does not import evaluate.
+    """
+    from .. import _after_import
+
+    _after_import("evaluate.loading", _patch_evaluate_loading)

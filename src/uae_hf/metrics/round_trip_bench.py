@@ -2,18 +2,31 @@
 
 Output folder:
 
-    reconstructions/<name>.png   one per reference image
-    captions.jsonl               {"image", "caption", "reconstruction"} per image, appended as batches finish
-    scores.json                  per-image rows, per-backbone mean/min/max/std, overall, unified_bench, skipped files;
-                                 with protocol="official" also Score_i2i.py's own fields (see `official_fields`)
+    reconstructions/<name>.png   one per reference image (see "Names" below)
+    captions.jsonl               {"image", "source", "caption", "reconstruction"} per image, appended as batches finish
+    settings.json                what made reconstructions/ and captions.jsonl: references, pipeline, seed, sampling
+                                 settings, package versions (see `run_bench`); a rerun is checked against it
+    scores.json                  per-image rows, per-backbone mean/min/max/std, overall, unified_bench, skipped files,
+                                 `settings` (every setting of the run, scoring included) and `reused`; with
+                                 protocol="official" also Score_i2i.py's own fields (see `official_fields`)
     scores.md                    the same as a Markdown table
-    grid.png                     original | reconstruction pairs with their captions
+    grid.png                     original | reconstruction pairs with their names, scores and captions
 
-A rerun skips images whose reconstruction and caption are already there, so an interrupted run resumes.
+Names: a reference is named by its file's stem (`cat.png` → `cat`); references that share a stem are named by their
+file names instead (`x.png` → `x.png`, `x.jpg` → `x.jpg`, so `reconstructions/x.png.png` and `x.jpg.png`), see
+`unique_names`; dataset rows by their index. The name keys the reconstruction, the caption row and the score row.
+
+A rerun with the same settings skips images whose reconstruction and caption are already there, so an interrupted
+run resumes; a rerun with other settings is refused (`ResumeError`, naming the differences) unless `overwrite=True`,
+which deletes the earlier reconstructions and starts over.
 """
 
+import importlib.metadata
 import json
 import logging
+import os
+import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +40,23 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 OFFICIAL_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tiff"}  # the files Score_i2i.py picks up
 RECONSTRUCTION_PREFIX = "recon_"
+SETTINGS_FILE = "settings.json"
+# The settings a reconstruction depends on: a rerun that differs in one of them cannot reuse the earlier ones.
+RESUME_KEYS = ("references", "round_trip")
+VERSIONED_PACKAGES = ("uae-hf", "torch", "transformers", "diffusers", "peft", "evaluate", "pillow")
 
 
 @dataclass
 class ReferenceImage:
-    """A reference to round-trip: its name (file stem or dataset index) and where to read it from."""
+    """A reference to round-trip: its name (file stem or dataset index) and where to read it from.
+
+    `origin` says where the reference set comes from (a folder, a dataset split); it is part of the settings a rerun
+    into the same output folder must share.
+    """
 
     name: str
     source: object  # a path, or an image from a dataset row
+    origin: str = ""
 
     def load(self) -> PIL.Image.Image:
         return load_image(self.source, where=f"reference {self.name!r}")
@@ -45,14 +67,52 @@ class ReferenceImage:
         return Path(self.source).name if isinstance(self.source, (str, Path)) else self.name
 
 
+def _clashes(names: list[str]) -> list[list[int]]:
+    """Groups of indices whose names are equal ignoring case (one file on macOS and Windows file systems)."""
+    groups: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        groups.setdefault(name.casefold(), []).append(index)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def unique_names(paths: list[str | Path]) -> list[str]:
+    """Readable names for image files, no two alike (ignoring case): each file's stem; for files that share a stem,
+    their file names (`x.png`, `x.jpg`); for files that share that too, their paths from the folder they have in
+    common (`d1/x.png`, `d2/x.png`).
+
+    Raises:
+        `ValueError`: a file is given twice, or two differ only in letter case.
+    """
+    paths = [Path(os.path.abspath(path)) for path in paths]
+    names = [path.stem for path in paths]
+    for by_path in (False, True):
+        for group in _clashes(names):
+            common = Path(os.path.commonpath([paths[index].parent for index in group]))
+            for index in group:
+                names[index] = paths[index].relative_to(common).as_posix() if by_path else paths[index].name
+    for group in _clashes(names):
+        files = sorted({str(paths[index]) for index in group})
+        if len(files) == 1:
+            raise ValueError(f"{files[0]} is given {len(group)} times: pass each image once")
+        raise ValueError(f"{' and '.join(files)} differ only in letter case, so their reconstructions would overwrite "
+                         "each other on some file systems: rename one")
+    return names
+
+
 def references_from_folder(folder: str | Path) -> list[ReferenceImage]:
+    """The images directly in `folder` (sorted), named as `unique_names` says: their stems, file names where stems
+    are shared."""
     folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"reference folder {str(folder)!r} is a file, not a folder: pass the folder that holds the "
+                         "reference images")
     if not folder.is_dir():
         raise ValueError(f"reference folder {str(folder)!r} does not exist")
     paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}")
-    return [ReferenceImage(path.stem, path) for path in paths]
+    origin = f"folder {folder.resolve()}"
+    return [ReferenceImage(name, path, origin) for name, path in zip(unique_names(paths), paths)]
 
 
 def references_from_dataset(dataset: str, split: str = "test", image_column: str = "image") -> list[ReferenceImage]:
@@ -68,7 +128,9 @@ def references_from_dataset(dataset: str, split: str = "test", image_column: str
     if image_column not in rows.column_names:
         raise ValueError(f"dataset {dataset!r} has no column {image_column!r}; columns: {rows.column_names}")
     width = len(str(len(rows)))
-    return [ReferenceImage(f"{index:0{width}d}", row[image_column]) for index, row in enumerate(rows)]
+    where = Path(dataset).resolve() if Path(dataset).exists() else dataset
+    origin = f"dataset {where}, split {split}, column {image_column}"
+    return [ReferenceImage(f"{index:0{width}d}", row[image_column], origin) for index, row in enumerate(rows)]
 
 
 def _read_captions(path: Path) -> dict[str, dict]:
@@ -76,10 +138,87 @@ def _read_captions(path: Path) -> dict[str, dict]:
         return {}
     rows = {}
     for line in path.read_text().splitlines():
-        if line.strip():
+        try:
             row = json.loads(line)
-            rows[row["image"]] = row
+        except json.JSONDecodeError:  # a line cut short by an interrupted run: that image is done again
+            continue
+        rows[row["image"]] = row
     return rows
+
+
+def package_versions() -> dict[str, str]:
+    """Python's and the packages' versions a run used (recorded in `settings.json` and `scores.json`)."""
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _as_json(value):
+    """`value` as it reads back from JSON (tuples as lists, anything else JSON lacks as its `str`)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+_NOT_SET = object()
+
+
+def _shown(value) -> str:
+    return "(not set)" if value is _NOT_SET else json.dumps(value, ensure_ascii=False)
+
+
+def _differences(before: dict, now: dict) -> list[str]:
+    """`"key: before → now"` for every key whose value differs between two dicts of JSON values."""
+    return [f"{key}: {_shown(before.get(key, _NOT_SET))} → {_shown(now.get(key, _NOT_SET))}"
+            for key in list(before) + [key for key in now if key not in before]
+            if before.get(key, _NOT_SET) != now.get(key, _NOT_SET)]
+
+
+def _resume_settings(settings: dict) -> dict:
+    """The settings a reconstruction depends on, in one flat dict: `references` and the `round_trip` settings."""
+    return {"references": settings.get("references"), **(settings.get("round_trip") or {})}
+
+
+class ResumeError(ValueError):
+    """An output folder holds reconstructions made with other settings (or with unrecorded ones)."""
+
+    def __init__(self, output_dir: Path, reusable: int, differences: list[str]):
+        self.output_dir, self.reusable, self.differences = output_dir, reusable, differences
+        made = "with other settings: " + "; ".join(differences) if differences else "by a run that did not record them"
+        super().__init__(f"{str(output_dir)!r} holds {reusable} reconstruction(s) made {made}. Pass overwrite=True "
+                         "to delete them and start over, or write to another output folder")
+
+
+def prepare_round_trip_dir(output_dir: str | Path, settings: dict, overwrite: bool = False) -> None:
+    """Make `output_dir` ready for a round trip with `settings` and record them in `settings.json`.
+
+    With `overwrite`, the earlier reconstructions and captions are deleted. Otherwise, earlier reconstructions are
+    reused only if their `RESUME_KEYS` settings are `settings`'; if not, `ResumeError` says which differ. Differing
+    package versions are only logged.
+    """
+    output_dir = Path(output_dir)
+    captions_path, settings_path = output_dir / "captions.jsonl", output_dir / SETTINGS_FILE
+    settings = _as_json(settings)
+    if overwrite:
+        shutil.rmtree(output_dir / "reconstructions", ignore_errors=True)
+        captions_path.unlink(missing_ok=True)
+    earlier = _read_captions(captions_path)
+    if earlier:
+        recorded = json.loads(settings_path.read_text()) if settings_path.exists() else None
+        if recorded is None:
+            raise ResumeError(output_dir, len(earlier), [])
+        differences = _differences(_resume_settings(recorded), _resume_settings(settings))
+        if differences:
+            raise ResumeError(output_dir, len(earlier), differences)
+        versions = _differences(recorded.get("versions", {}), settings.get("versions", {}))
+        if versions:
+            logger.warning("reusing reconstructions in %s made with other package versions: %s", output_dir,
+                           "; ".join(versions))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings_path.write_text(json.dumps({key: settings.get(key) for key in (*RESUME_KEYS, "versions")}, indent=2,
+                                        ensure_ascii=False) + "\n")
 
 
 def run_round_trip(
@@ -89,14 +228,19 @@ def run_round_trip(
     batch_size: int = 8,
     seed: int = 0,
     **call_kwargs,
-) -> tuple[dict[str, dict], list[dict]]:
-    """Caption and regenerate every reference not done yet. Returns (caption rows by name, skipped references).
+) -> tuple[dict[str, dict], list[dict], int]:
+    """Caption and regenerate every reference not done yet.
 
-    Reference i uses noise seed `seed + i`, whatever the batch size or how often the run was resumed.
+    Returns (caption rows by name, skipped references, how many reconstructions were reused from an earlier run).
+    Reference i uses noise seed `seed + i`, whatever the batch size or how often the run was resumed. Whether the
+    earlier ones may be reused is `prepare_round_trip_dir`'s check (`run_bench` makes it).
     """
     import torch
     from tqdm.auto import tqdm
 
+    for group in _clashes([ref.name for ref in references]):
+        raise ValueError(f"references {[references[index].name for index in group]} would share one reconstruction "
+                         "file: name each reference differently")
     output_dir = Path(output_dir)
     (output_dir / "reconstructions").mkdir(parents=True, exist_ok=True)
     captions_path = output_dir / "captions.jsonl"
@@ -106,9 +250,12 @@ def run_round_trip(
         for index, ref in enumerate(references)
         if not (ref.name in done and (output_dir / "reconstructions" / f"{ref.name}.png").exists())
     ]
+    reused = len(references) - len(todo)
+    if reused:
+        logger.info("reusing %d of %d reconstructions in %s", reused, len(references), output_dir)
     skipped = []
     pipeline.set_progress_bar_config(disable=True)
-    with tqdm(total=len(references), initial=len(references) - len(todo), desc="round trip", unit="image") as bar:
+    with tqdm(total=len(references), initial=reused, desc="round trip", unit="image") as bar:
         for start in range(0, len(todo), batch_size):
             batch = []
             for index, ref in todo[start : start + batch_size]:
@@ -125,27 +272,37 @@ def run_round_trip(
             with open(captions_path, "a") as handle:
                 for (_, ref, _), caption, image in zip(batch, output.captions, output.images):
                     target = output_dir / "reconstructions" / f"{ref.name}.png"
+                    target.parent.mkdir(parents=True, exist_ok=True)
                     image.save(target)
-                    done[ref.name] = {"image": ref.name, "caption": caption, "reconstruction": str(target)}
+                    source = str(ref.source) if isinstance(ref.source, (str, Path)) else ref.origin
+                    done[ref.name] = {"image": ref.name, "source": source, "caption": caption,
+                                      "reconstruction": str(target)}
                     handle.write(json.dumps(done[ref.name], ensure_ascii=False) + "\n")
             bar.update(len(batch))
-    return done, skipped
+    return done, skipped, reused
 
 
 def pair_reconstructions(references: list[ReferenceImage], folder: str | Path) -> tuple[list, list[dict]]:
-    """Match each reference to `folder/<name>.<ext>` or `folder/recon_<name>.<ext>`; unmatched ones are reported."""
+    """Match each reference to the image in `folder` with its file name (`x.png`), else to one whose stem is its file
+    name (`x.png.*`) or its name (`x.*`), each optionally `recon_`-prefixed; unmatched references are reported."""
     folder = Path(folder)
-    by_stem = {}
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            stem = path.stem[len(RECONSTRUCTION_PREFIX) :] if path.stem.startswith(RECONSTRUCTION_PREFIX) else path.stem
-            by_stem.setdefault(stem, path)
+    files = sorted(folder.iterdir()) if folder.is_dir() else []
+    paths = [path for path in files if path.suffix.lower() in IMAGE_SUFFIXES]
+    by_file_name, by_stem = {}, {}
+    for prefix in ("", RECONSTRUCTION_PREFIX):  # a file's own name first, then the name without its prefix
+        for path in paths:
+            if path.name.startswith(prefix):
+                name = path.name[len(prefix) :]
+                by_file_name.setdefault(name, path)
+                by_stem.setdefault(Path(name).stem, path)
     pairs, missing = [], []
     for ref in references:
-        if ref.name in by_stem:
-            pairs.append((ref, by_stem[ref.name]))
+        path = by_file_name.get(ref.file_name) or by_stem.get(ref.file_name) or by_stem.get(ref.name)
+        if path is not None:
+            pairs.append((ref, path))
         else:
-            missing.append({"image": ref.name, "error": f"no reconstruction named {ref.name}.* in {str(folder)!r}"})
+            missing.append({"image": ref.name, "error": f"no reconstruction named {ref.file_name}, {ref.file_name}.* "
+                            f"or {ref.name}.* (optionally {RECONSTRUCTION_PREFIX}-prefixed) in {str(folder)!r}"})
     return pairs, missing
 
 
@@ -235,7 +392,7 @@ def score_pairs(pairs, metric, captions: dict[str, dict] | None = None):
     results = metric.compute(predictions=reconstructions, references=originals, return_per_image=True)
     rows = []
     for (ref, reconstruction_path), per_image in zip(scored, results.pop("per_image")):
-        row = {"image": ref.name, "reconstruction": str(reconstruction_path), **per_image}
+        row = {"image": ref.name, "file": ref.file_name, "reconstruction": str(reconstruction_path), **per_image}
         if captions and ref.name in captions:
             row["caption"] = captions[ref.name]["caption"]
         rows.append(row)
@@ -244,7 +401,7 @@ def score_pairs(pairs, metric, captions: dict[str, dict] | None = None):
 
 def write_report(output_dir: str | Path, results: dict, rows: list[dict], skipped: list[dict], backbones, images,
                  checkpoints: dict | None = None, grid_size: int = 8, protocol: str = "default",
-                 official: dict | None = None) -> dict:
+                 official: dict | None = None, settings: dict | None = None, reused: int | None = None) -> dict:
     """Write `scores.json` (with `official`'s fields beside ours), `scores.md` and `grid.png`; return `scores.json`."""
     output_dir = Path(output_dir)
     stats = {}
@@ -253,6 +410,8 @@ def write_report(output_dir: str | Path, results: dict, rows: list[dict], skippe
         mean = sum(values) / len(values)
         std = (sum((value - mean) ** 2 for value in values) / len(values)) ** 0.5
         stats[name] = {"mean": mean, "min": min(values), "max": max(values), "std": std}
+    for row in rows:  # the image's own overall: the mean over backbones, as the benchmark's overall is
+        row["overall"] = sum(row[name] for name in backbones) / len(backbones)
     report = {
         "num_images": len(rows),
         "backbones": stats,
@@ -260,6 +419,8 @@ def write_report(output_dir: str | Path, results: dict, rows: list[dict], skippe
         "unified_bench": results["unified_bench"],
         "protocol": protocol,
         "checkpoints": checkpoints or {},
+        "settings": settings or {},
+        "reused": reused or 0,
         "per_image": rows,
         "skipped": skipped,
         **(official or {}),
@@ -273,11 +434,33 @@ def write_report(output_dir: str | Path, results: dict, rows: list[dict], skippe
         lines += ["", f"Skipped {len(skipped)}: " + ", ".join(item["image"] for item in skipped)]
     (output_dir / "scores.md").write_text("\n".join(lines) + "\n")
     originals, reconstructions = images
-    captions = [row.get("caption", "") for row in rows]
-    reconstruction_grid(originals[:grid_size], reconstructions[:grid_size], captions[:grid_size]).save(
-        output_dir / "grid.png"
-    )
+    shown = rows[:grid_size]
+    reconstruction_grid(
+        originals[:grid_size], reconstructions[:grid_size], [row.get("caption", "") for row in shown],
+        names=[row["file"] for row in shown], scores=[row["overall"] for row in shown],
+    ).save(output_dir / "grid.png")
     return report
+
+
+def bench_settings(
+    references: list[ReferenceImage],
+    pipeline_settings: dict | None = None,
+    reconstructions_dir: str | Path | None = None,
+    seed: int = 0,
+    scoring: dict | None = None,
+    **call_kwargs,
+) -> dict:
+    """Every setting of a bench run, as `settings.json` and `scores.json` record them: `references` (their origin),
+    `round_trip` (`pipeline_settings` with the seed and the pipeline's call arguments; `None` when scoring
+    `reconstructions_dir`), `scoring` and package `versions`."""
+    origins = sorted({ref.origin for ref in references})
+    return _as_json({
+        "references": origins[0] if len(origins) == 1 else origins,
+        "round_trip": None if pipeline_settings is None else {**pipeline_settings, "seed": seed, **call_kwargs},
+        "reconstructions_dir": None if reconstructions_dir is None else str(Path(reconstructions_dir).resolve()),
+        "scoring": scoring or {},
+        "versions": package_versions(),
+    })
 
 
 def run_bench(
@@ -292,6 +475,8 @@ def run_bench(
     batch_size: int = 8,
     seed: int = 0,
     protocol: str = "default",
+    pipeline_settings: dict | None = None,
+    overwrite: bool = False,
     **call_kwargs,
 ) -> dict:
     """Unified-Bench end to end: round trip with `pipeline` (or score an existing `reconstructions_dir`), then report.
@@ -305,9 +490,19 @@ def run_bench(
         batch_size (`int`, defaults to 8): images per pipeline call and per backbone pass.
         seed (`int`, defaults to 0): reference i is drawn with noise seed `seed + i`.
         protocol (`str`, defaults to `"default"`): `"official"` scores as Unified-Bench's `Score_i2i.py` (see the
-            metric's `protocol`), pairs files its way (`match_reconstructions_officially`: every reconstruction file
-            counts, one without a reference or unreadable is a failed pair) and adds its JSON fields to `scores.json`.
+            metric's `protocol`) and adds its JSON fields to `scores.json`. Scoring `reconstructions_dir`, it pairs
+            files its way (`match_reconstructions_officially`: every reconstruction file counts, one without a
+            reference or unreadable is a failed pair); after a round trip, each reference is paired with its own
+            reconstruction.
+        pipeline_settings (`dict`, *optional*): what identifies the pipeline (source, revision, adapter, dtype,
+            device); recorded with the seed and `call_kwargs` as the round trip's settings, which a rerun into the
+            same `output_dir` must share to reuse its reconstructions. Defaults to the pipeline's class and dtype.
+        overwrite (`bool`, defaults to `False`): delete the reconstructions of an earlier run in `output_dir` and start
+            over; without it, a rerun with other round-trip settings raises `ResumeError`.
         **call_kwargs: passed to the pipeline (steps, guidance, caption sampling, ...).
+
+    Returns the `scores.json` report: see the module's docstring; `reused` counts the reconstructions taken from an
+    earlier run.
     """
     import evaluate
 
@@ -316,19 +511,31 @@ def run_bench(
     if (pipeline is None) == (reconstructions_dir is None):
         raise ValueError("pass either a pipeline (round trip) or reconstructions_dir (score only)")
     output_dir = Path(output_dir)
+    scoring = {"config_name": config_name, "checkpoints": checkpoints or {}, "protocol": protocol, "device": device,
+               "dtype": dtype, "batch_size": batch_size}
+    if pipeline is not None and pipeline_settings is None:
+        pipeline_settings = {"pipeline": getattr(pipeline, "name_or_path", None) or type(pipeline).__name__}
+        if hasattr(pipeline, "dtype"):
+            pipeline_settings["dtype"] = str(pipeline.dtype)
+    settings = bench_settings(references, pipeline_settings, reconstructions_dir, seed, scoring, **call_kwargs)
+    if pipeline is not None:  # before anything loads: a folder that cannot be resumed fails at once
+        prepare_round_trip_dir(output_dir, settings, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     # Load the backbones before the long round trip, so a bad backbone name or checkpoint fails early.
     metric = evaluate.load(
         metric_path("unified_bench"), config_name, checkpoints=checkpoints, device=device, dtype=dtype,
         batch_size=batch_size, protocol=protocol,
     )
-    captions, skipped = {}, []
+    settings["scoring"]["backbones"] = list(metric.backbones)
+    captions, skipped, reused = {}, [], 0
     if pipeline is not None:
-        captions, skipped = run_round_trip(pipeline, references, output_dir, batch_size, seed, **call_kwargs)
-        reconstructions_dir = output_dir / "reconstructions"
-    failed = {item["image"] for item in skipped}
-    references = [ref for ref in references if ref.name not in failed]
-    if protocol == "official":
+        captions, skipped, reused = run_round_trip(pipeline, references, output_dir, batch_size, seed, **call_kwargs)
+        folder = output_dir / "reconstructions"
+        failed = {item["image"] for item in skipped}
+        # each reference with its own reconstruction: files in the folder from other runs are never picked up
+        pairs = [(ref, folder / f"{ref.name}.png") for ref in references if ref.name not in failed]
+        missing, matches = [], [(path, ref) for ref, path in pairs]
+    elif protocol == "official":
         matches, pairs, missing = pair_reconstructions_officially(references, reconstructions_dir)
     else:
         pairs, missing = pair_reconstructions(references, reconstructions_dir)
@@ -336,6 +543,9 @@ def run_bench(
     official = None
     if protocol == "official":  # one entry per reconstruction file; unmatched and unreadable ones are None
         by_path = {row["reconstruction"]: row for row in rows}
-        official = official_fields(metric.backbones, {path.name: by_path.get(str(path)) for path, _ in matches})
+        # keyed by file name, as Score_i2i.py does; a round trip's own files by their path in reconstructions/
+        official = official_fields(metric.backbones, {
+            path.name if pipeline is None else f"{ref.name}.png": by_path.get(str(path)) for path, ref in matches
+        })
     return write_report(output_dir, results, rows, skipped + missing + unreadable, metric.backbones, images,
-                        checkpoints, protocol=protocol, official=official)
+                        checkpoints, protocol=protocol, official=official, settings=settings, reused=reused)

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import PIL.Image
 import torch
@@ -107,6 +108,31 @@ def _image_processor(checkpoint: str, clip_format: bool, backend: str | None = N
         return CLIPImageProcessorPil() if backend == "pil" else CLIPImageProcessor()
 
 
+class BackboneUnavailableError(OSError):
+    """A backbone's checkpoint cannot be loaded: offline and not in the cache, no such folder or repo, no access.
+
+    Attributes:
+        backbone (`str`): the registry name; checkpoint (`str`): the Hub id or folder tried; reason (`str`): why.
+    """
+
+    def __init__(self, backbone: str, checkpoint: str, error: Exception):
+        self.backbone, self.checkpoint, self.reason = backbone, checkpoint, _unavailable_reason(checkpoint, error)
+        super().__init__(f"cannot load the {backbone!r} backbone from {checkpoint!r}: {self.reason}. Point it at a "
+                         f"local copy: checkpoints={{{backbone!r}: 'path/to/{backbone}'}}")
+
+
+def _unavailable_reason(checkpoint: str, error: Exception) -> str:
+    from huggingface_hub import constants
+
+    if not Path(checkpoint).expanduser().exists():
+        if checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1 or "\\" in checkpoint:
+            return "no such folder"
+        if constants.HF_HUB_OFFLINE:
+            return "it is not in the local Hugging Face cache, and downloads are off (HF_HUB_OFFLINE=1)"
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _image_key(image: PIL.Image.Image) -> str:
     digest = hashlib.blake2b(image.tobytes(), digest_size=20)
     digest.update(f"{image.mode}{image.size}".encode())
@@ -136,8 +162,12 @@ class ImageEmbedder:
                              f"checkpoints={{{backbone!r}: 'path/to/{backbone}'}}")
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = self.backbone.load(self.checkpoint, dtype).to(self.device).eval().requires_grad_(False)
-        self.processor = _image_processor(self.checkpoint, clip_format=self.backbone.load is _clip_vision)
+        try:
+            model = self.backbone.load(self.checkpoint, dtype)
+            self.processor = _image_processor(self.checkpoint, clip_format=self.backbone.load is _clip_vision)
+        except OSError as error:  # transformers' own message names neither the backbone nor a way out
+            raise BackboneUnavailableError(backbone, self.checkpoint, error) from error
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self._reference_cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()

@@ -64,23 +64,26 @@ class ToyDemoConfig:
     backbone_steps: int = field(default=1000, metadata={"help": "Training steps of the toy backbone."})
     vae_steps: int = field(default=400, metadata={"help": "Training steps of the toy VAE."})
     vision_steps: int = field(default=600, metadata={"help": "Pre-training steps of the encoder's vision tower."})
-    sft_steps: int = field(default=400, metadata={"help": "Encoder SFT steps (batch 32)."})
+    batch_size: int = field(default=32, metadata={"help": "Images per step of encoder SFT and decoder pre-training."})
+    sft_steps: int = field(default=400, metadata={"help": "Encoder SFT steps."})
     sft_level_weights: tuple[float, ...] = field(
         default=(0.7, 0.1, 0.1, 0.1), metadata={"help": f"SFT caption mix over {DETAIL_LEVELS}."}
     )
-    pretrain_steps: int = field(default=3000, metadata={"help": "Decoder pre-training steps (batch 32)."})
+    pretrain_steps: int = field(default=3000, metadata={"help": "Decoder pre-training steps."})
     cold_start_steps: int = field(default=20, metadata={"help": "Cold-start steps (batch 8)."})
     understanding_steps: int = field(default=80, metadata={"help": "Stage 2 GRPO steps (8 images x 8 captions)."})
     generation_steps: int = field(default=60, metadata={"help": "Stage 3 Flow-GRPO steps (8 images x 8 draws)."})
     num_inference_steps: int = field(default=10, metadata={"help": "Decoder sampling steps everywhere."})
     guidance_scale: float = field(default=2.0, metadata={"help": "Decoder CFG scale everywhere."})
     max_caption_tokens: int = field(default=24, metadata={"help": "Caption length limit."})
+    quick: bool = field(default=False, metadata={"help": "Plumbing-check budgets (set by `quick()`): scores mean nothing."})
 
     @classmethod
     def quick(cls, **overrides) -> "ToyDemoConfig":
-        """The same path with tiny budgets (a couple of minutes): for CI and a first look."""
-        budgets = dict(train_rows=512, eval_rows=16, backbone_steps=60, vae_steps=30, vision_steps=20, sft_steps=20,
-                       pretrain_steps=30, cold_start_steps=2, understanding_steps=3, generation_steps=2)
+        """The same path with tiny budgets, to check the plumbing (its scores mean nothing): for CI and a first look."""
+        budgets = dict(train_rows=128, eval_rows=8, backbone_steps=15, vae_steps=10, vision_steps=10, batch_size=8,
+                       sft_steps=5, pretrain_steps=10, cold_start_steps=1, understanding_steps=2, generation_steps=2,
+                       num_inference_steps=4, quick=True)
         return cls(**(budgets | overrides))
 
     def __post_init__(self):
@@ -234,7 +237,7 @@ class ToyWorldDemo:
         trainer = SFTTrainer(
             model=vlm,
             args=SFTConfig(**_common_args(config, self.stages_dir / "sft", max_steps=config.sft_steps,
-                                          per_device_train_batch_size=32, learning_rate=3e-3,
+                                          per_device_train_batch_size=config.batch_size, learning_rate=3e-3,
                                           lr_scheduler_type="cosine", warmup_steps=min(20, config.sft_steps // 10),
                                           max_length=None)),
             train_dataset=sft_dataset(self.train, config.sft_level_weights, config.seed),
@@ -252,8 +255,8 @@ class ToyWorldDemo:
         """Projector + every DiT weight, rectified flow on detailed captions through the frozen encoder."""
         config = self.config
         trainer = UnifiedGRPOTrainer(None, self.pipeline, train_dataset=self.train, args=self._args(
-            "pretrain", pretrain_full_dit=True, max_steps=config.pretrain_steps, per_device_train_batch_size=32,
-            learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=min(20, config.pretrain_steps // 10),
+            "pretrain", pretrain_full_dit=True, max_steps=config.pretrain_steps,
+            per_device_train_batch_size=config.batch_size, learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=min(20, config.pretrain_steps // 10),
             adam_beta2=0.99, weight_decay=0.0, caption_column="caption"))
         trainer.train()
         _save(trainer)

@@ -45,6 +45,12 @@ def _plot_stage_scores(path: Path, stages: dict) -> None:
     plt.close(figure)
 
 
+QUICK_NOTE = """
+> **A quick run** (`--quick`): budgets small enough only to check that every stage runs end to end. Its scores,
+> captions and curves mean nothing about the method; `uae-hf demo` without `--quick` is the run that does.
+"""
+
+
 def write_report(results: dict, out: Path, stage_titles: dict[str, str]) -> None:
     """Write `results.json`, the plots and `report.md` into `out`; `stage_titles` names the stages, in order."""
     stage_order = list(stage_titles)
@@ -100,7 +106,7 @@ def write_report(results: dict, out: Path, stage_titles: dict[str, str]) -> None
 The whole recipe, trained from scratch on 32-pixel scenes (one shape: {', '.join(f'{k} ({len(v)})' for k, v in ATTRIBUTES.items())}), scored on
 {config['eval_rows']} held-out scenes after every stage (greedy captions, {config['num_inference_steps']} decoder steps,
 CFG {config['guidance_scale']}, seed {config['seed']}). Total time: {results['timings_s']['total'] / 60:.1f} min.
-
+{QUICK_NOTE if config.get('quick') else ''}
 | stage | Unified-Bench (toy backbone) | attribute accuracy | all attributes right | caption words | caption attributes right (of 5) | caption precision | time (s) |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
@@ -119,7 +125,10 @@ CFG {config['guidance_scale']}, seed {config['seed']}). Total time: {results['ti
 |---|---|
 {chr(10).join(examples)}
 
-## Reconstructions (original | reconstruction, caption underneath)
+## Reconstructions
+
+The first held-out scenes after each stage, up to four pairs to a row: original | reconstruction (the 32-pixel
+scenes enlarged pixel for pixel), the caption the encoder wrote underneath. Scene `#k` is the same in every stage.
 
 {grids}
 ## Files

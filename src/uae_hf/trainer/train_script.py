@@ -1,14 +1,17 @@
 """`uae-hf train`: a thin shell over [`UnifiedGRPOTrainer`], configured TRL-style from YAML and flags."""
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
+import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from ..rewards.similarity import BACKBONES
+from ..cli import CommandLineError
+from ..rewards.similarity import BACKBONES, BackboneUnavailableError
 from ..sample_data import skimage_photos
 from .unified_grpo_config import UnifiedGRPOConfig
 from .unified_grpo_trainer import UnifiedGRPOTrainer
@@ -135,7 +138,56 @@ def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig,
     return trainer
 
 
+def _unknown(names: list[str], known: list[str], prefix: str = "") -> str:
+    """`names` (written with `prefix`), each with the closest of `known` (difflib) as a suggestion."""
+    described = []
+    for name in names:
+        close = [prefix + match for match in difflib.get_close_matches(name, known, n=3, cutoff=0.6)]
+        described.append(f"{prefix}{name} (did you mean {' or '.join(close)}?)" if close else prefix + name)
+    return ", ".join(described)
+
+
+class RecipeParser(TrlParser):
+    """`TrlParser` whose mistakes are one line the user can act on (`CommandLineError`): no usage dump, and for a
+    misspelt option or recipe key the closest valid names."""
+
+    def error(self, message):
+        raise CommandLineError(f"{message} (uae-hf train --help lists every option)")
+
+    def _option_names(self) -> list[str]:
+        return sorted({action.dest for action in self._actions} - {"help"})
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        unknown = [key for key in kwargs if key not in self._option_names()]
+        if unknown:
+            raise CommandLineError(f"unknown key(s) in the --config recipe: {_unknown(unknown, self._option_names())}")
+        return super().set_defaults_with_config(**kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, remaining = super().parse_known_args(args, namespace)
+        if remaining:  # TRL would report them only after building (and checking) every config
+            flags = [arg.lstrip("-").split("=")[0] for arg in remaining if arg.startswith("-")]
+            if not flags:
+                raise CommandLineError(f"unexpected argument(s) {remaining} (options are --name value)")
+            raise CommandLineError(f"unknown option(s): {_unknown(flags, self._option_names(), prefix='--')}")
+        return namespace, remaining
+
+
 def main(argv: list[str] | None = None):
-    parser = TrlParser((UnifiedScriptArguments, UnifiedGRPOConfig, ModelConfig), prog="uae-hf train")
-    script_args, training_args, model_args = parser.parse_args_and_config(argv)
-    return train(script_args, training_args, model_args)
+    """`uae-hf train`: parse the recipe and flags, then train. Mistakes in them, and a backbone that cannot be
+    loaded, raise `CommandLineError` (one line, exit status 2)."""
+    parser = RecipeParser((UnifiedScriptArguments, UnifiedGRPOConfig, ModelConfig), prog="uae-hf train")
+    try:
+        script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    except (OSError, yaml.YAMLError) as error:
+        raise CommandLineError(f"cannot read the --config recipe: {error}") from error
+    except ValueError as error:  # a value the configs' own checks refuse (stage, group size, bf16 without a GPU, ...)
+        raise CommandLineError(str(error)) from error
+    try:
+        return train(script_args, training_args, model_args)
+    except BackboneUnavailableError as error:
+        raise CommandLineError(
+            f"cannot load the {error.backbone} backbone ({error.checkpoint}): {error.reason}. Point it at a local "
+            f"copy: backbone_checkpoints: {{{error.backbone}: PATH}} in the recipe, or --backbone_checkpoints "
+            f"'{{\"{error.backbone}\": \"PATH\"}}'"
+        ) from error

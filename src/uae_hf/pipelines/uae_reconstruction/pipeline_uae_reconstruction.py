@@ -876,7 +876,8 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
         """Save as a self-loading folder: components, this file as `pipeline.py`, the projector's code beside it.
 
         The folder reloads with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, without
-        `uae_hf` installed. `model_card` (Markdown with a YAML header), if given, is written as `README.md`.
+        `uae_hf` installed. `model_card` (Markdown with a YAML header), if given, is written as `README.md`. The saved
+        configs name their source (`_name_or_path`) only when it is a Hub id, never a folder of this machine.
         """
         if self.vlm is not None and any(_is_adapter_layer(module) for module in self.vlm.modules()):
             raise ValueError(
@@ -901,6 +902,33 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
             shutil.copyfile(source, save_directory / "projector" / source.name)
             index["projector"] = [source.stem, type(self.projector).__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        # diffusers writes where the pipeline and each model were loaded from (`_name_or_path`): keep a Hub id, drop
+        # a local folder (a path of the machine that saved; a Hub download's is its cache snapshot). Loading never
+        # reads it: `from_pretrained` records the folder it loads from.
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        def is_hub_id(name) -> bool:
+            if not isinstance(name, str):
+                return False
+            try:
+                validate_repo_id(name)
+            except HFValidationError:
+                return False
+            return not Path(name).exists()
+
+        for config_path in sorted(save_directory.rglob("*.json")):
+            text = config_path.read_text()
+            if "name_or_path" not in text:
+                continue
+            config = json.loads(text)
+            if not isinstance(config, dict):
+                continue
+            local = [key for key in ("_name_or_path", "name_or_path") if key in config and not is_hub_id(config[key])]
+            for key in local:
+                del config[key]
+            if local:  # in the layout diffusers wrote it (key order kept, two-space indent)
+                config_path.write_text(json.dumps(config, indent=2) + "\n")
         if model_card is not None:
             (save_directory / "README.md").write_text(model_card)
 
