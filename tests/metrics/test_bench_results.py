@@ -9,21 +9,7 @@ from uae_hf import PAPER_BACKBONES
 from uae_hf.cli import main
 from uae_hf.metrics.round_trip_bench import ResumeError, references_from_folder, run_bench, unique_names
 
-STEPS = dict(num_inference_steps=2, max_new_tokens=6, do_sample=False)
-
-
-class CountingPipeline:
-    """The real pipeline, counting the images it is asked to reconstruct."""
-
-    def __init__(self, pipe):
-        self.pipe, self.images = pipe, 0
-
-    def set_progress_bar_config(self, **kwargs):
-        self.pipe.set_progress_bar_config(**kwargs)
-
-    def __call__(self, image, **kwargs):
-        self.images += len(image)
-        return self.pipe(image=image, **kwargs)
+from test_round_trip_bench import BENCH_KWARGS as STEPS, CountingPipeline  # one counting pipeline for the bench tests
 
 
 @pytest.fixture()
