@@ -97,14 +97,15 @@ class ReleaseLoadReport:
         return "\n".join(lines)
 
 
-def _read_tensors(folder: Path, slot: str) -> dict[str, torch.Tensor]:
+def _read_tensors(folder: Path, slot: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a slot's safetensors files whose keys start with `prefix` (only those are read)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ReleaseFormatError(f"slot {slot!r} ({folder}) holds no .safetensors file")
     tensors = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            tensors |= {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors |= {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
     return tensors
 
 
@@ -296,7 +297,8 @@ def _projector(tensors: dict, llm_hidden: int, joint_attention_dim: int, dtype: 
             f"slot 'llm': projector is {first.shape[1]}→{first.shape[0]}→{second.shape[0]} but the LLM hidden size "
             f"is {llm_hidden} and the DiT's joint_attention_dim is {joint_attention_dim}"
         )
-    projector = UAEProjector(first.shape[1], first.shape[0], second.shape[0])
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: loading leaves the caller's seed alone
+        projector = UAEProjector(first.shape[1], first.shape[0], second.shape[0])
     projector.load_state_dict({key: tensors[key] for key in keys})
     return projector.to(dtype or first.dtype).eval()
 
@@ -339,8 +341,9 @@ def load_uae_release(
     with _quiet_transformers():  # the projector keys are not Qwen's: reported as unexpected, read separately below
         vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(folders["llm"], dtype=torch_dtype).eval()
     hidden = vlm.config.get_text_config().hidden_size
-    projector = _projector(_read_tensors(folders["llm"], "llm"), hidden, transformer.config.joint_attention_dim,
-                           torch_dtype)
+    # the projector's four tensors only: the LLM's own weights are already loaded (a 3B model is not read twice)
+    projector = _projector(_read_tensors(folders["llm"], "llm", prefix="projector."), hidden,
+                           transformer.config.joint_attention_dim, torch_dtype)
 
     loaded = _load_llm_lora(vlm, projector, _read_tensors(folders["llm_lora"], "llm_lora"), llm_lora_rank,
                             llm_lora_alpha)

@@ -164,7 +164,9 @@ class PerItemSampling(LogitsProcessor):
         for warper in self.warpers:
             scores = warper(input_ids, scores)
         cumulative = scores.float().softmax(dim=-1).cumsum(dim=-1)
-        uniforms = torch.stack([torch.rand((), generator=g, device=g.device).to(scores.device) for g in self.generators])
+        # one uniform per row from its own generator, moved to the scores' device in one transfer per token
+        uniforms = torch.stack([torch.rand((), generator=g, device=g.device).cpu() for g in self.generators])
+        uniforms = uniforms.to(scores.device)
         targets = uniforms[:, None] * cumulative[:, -1:]  # scaled to the total, which rounding leaves just below 1
         tokens = torch.searchsorted(cumulative, targets, right=True).clamp_(max=scores.shape[-1] - 1)
         return torch.full_like(scores, -float("inf")).scatter_(1, tokens, 0.0)
