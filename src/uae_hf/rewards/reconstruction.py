@@ -17,13 +17,14 @@ from .similarity import ImageSimilarity
 
 @dataclass
 class ReconstructionBatch:
-    """What the last reward call saw, for logging grids: originals, captions and one reconstruction each."""
+    """One scored batch: the originals, their captions, one reconstruction each, the rewards (NaN where a decode
+    failed) and the batch's metrics (mean similarity per backbone, held-out ones included, caption lengths)."""
 
     originals: list[PIL.Image.Image]
     captions: list[str]
     reconstructions: list[PIL.Image.Image | None]
     rewards: list[float]
-    step: int
+    metrics: dict[str, float]
 
 
 def completion_text(completion) -> str:
@@ -86,7 +87,6 @@ class ReconstructionReward:
         self.seed = seed
         self.fixed_noise = fixed_noise
         self.generate_kwargs = generate_kwargs
-        self.last_batch: ReconstructionBatch | None = None
 
     def noise_generators(self, count: int, step: int) -> list[torch.Generator]:
         """Item-major generators: caption i's m-th decode uses the step's m-th noise."""
@@ -129,8 +129,25 @@ class ReconstructionReward:
                 metrics |= {f"reconstruction/heldout_{name}": float(values.mean()) for name, values in heldout.items()}
         return rewards, metrics
 
+    def score(self, originals: list[PIL.Image.Image], captions: list[str], step: int = 0,
+              completion_ids=None) -> ReconstructionBatch:
+        """Reconstruct each caption (with step `step`'s noise) and score it against its original."""
+        m = self.reconstructions_per_caption
+        reconstructions = self.reconstruct(captions, step)
+        per_decode, metrics = self.similarities(reconstructions, [originals[i // m] for i in range(len(reconstructions))])
+        # a caption with any failed decode gets NaN: TRL then gives it no advantage
+        rewards = per_decode.view(len(captions), m).mean(dim=1)
+        metrics["reconstruction/nan_count"] = float(torch.isnan(rewards).sum())
+        metrics |= caption_metrics(captions, completion_ids)
+        mode = self.generate_kwargs.get("conditioning_mode") or self.decoder.config.conditioning_mode
+        if mode == "text":
+            metrics["reconstruction/truncated_rate"] = float(np.mean(self.decoder.caption_truncation(captions)))
+        return ReconstructionBatch(originals, captions, reconstructions[::m], [float(r) for r in rewards], metrics)
+
     def __call__(self, prompts, completions, completion_ids=None, image=None, images=None, trainer_state=None,
-                 log_metric=None, **kwargs) -> list[float]:
+                 log_metric=None, on_batch=None, **kwargs) -> list[float | None]:
+        """TRL's reward-function form. `on_batch`, when given, receives the scored [`ReconstructionBatch`] (a
+        trainer's grids read it from there)."""
         originals = image if image is not None else [row[0] if isinstance(row, list) else row for row in images or []]
         if len(originals) != len(completions):
             raise ValueError(
@@ -140,23 +157,13 @@ class ReconstructionReward:
         originals = [load_image(item, f"image[{index}]") for index, item in enumerate(originals)]
         captions = [completion_text(completion) for completion in completions]
         step = trainer_state.global_step if trainer_state is not None else 0
-        m = self.reconstructions_per_caption
-        reconstructions = self.reconstruct(captions, step)
-        per_decode, metrics = self.similarities(reconstructions, [originals[i // m] for i in range(len(reconstructions))])
-        # a caption with any failed decode gets NaN: TRL then gives it no advantage
-        rewards = per_decode.view(len(captions), m).mean(dim=1)
+        batch = self.score(originals, captions, step, completion_ids)
         if log_metric is not None:
-            metrics["reconstruction/nan_count"] = float(torch.isnan(rewards).sum())
-            metrics |= caption_metrics(captions, completion_ids)
-            mode = self.generate_kwargs.get("conditioning_mode") or self.decoder.config.conditioning_mode
-            if mode == "text":
-                metrics["reconstruction/truncated_rate"] = float(np.mean(self.decoder.caption_truncation(captions)))
-            for name, value in metrics.items():
+            for name, value in batch.metrics.items():
                 log_metric(name, value)
-        self.last_batch = ReconstructionBatch(
-            originals, captions, reconstructions[::m], [float(r) for r in rewards], step
-        )
-        return [float(reward) if not math.isnan(reward) else None for reward in rewards.tolist()]
+        if on_batch is not None:
+            on_batch(batch)
+        return [reward if not math.isnan(reward) else None for reward in batch.rewards]
 
 
 def caption_metrics(captions: list[str], completion_ids=None) -> dict[str, float]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -178,7 +179,6 @@ class Trajectory:
     sigmas: torch.Tensor
 
 
-@torch.no_grad()
 def sample_trajectory(
     pipe,
     conditioning: dict,
@@ -189,8 +189,12 @@ def sample_trajectory(
     method: str = "sde",
     generator: torch.Generator | list[torch.Generator] | None = None,
     transformer=None,
+    checkpoint_steps: bool = False,
 ) -> Trajectory:
     """Sample a batch from initial `latents` (already scaled noise, `pipe.prepare_latents`), recording every step.
+
+    The one sampler of `uae_hf`: Flow-GRPO's rollouts (stochastic, under `torch.no_grad()`) and cold start's
+    differentiable reconstructions (`noise_level=0`: diffusers' Euler step, gradients enabled) both run it.
 
     Args:
         pipe: the SD3-family pipeline (its scheduler's schedule and, unless `transformer` is given, its DiT).
@@ -200,25 +204,34 @@ def sample_trajectory(
         noise_level (`float`, defaults to 0.7), method (`"sde"` or `"cps"`): the stochastic step.
         generator: one per sample (reproducible per item) or one for the batch.
         transformer: the DiT to run, e.g. a training wrapper of `pipe.transformer`.
+        checkpoint_steps (`bool`, defaults to `False`): recompute each step in the backward pass instead of keeping
+            its activations (deterministic steps only: a recomputed stochastic step would draw other noise).
     """
+    if checkpoint_steps and noise_level > 0:
+        raise ValueError("checkpoint_steps recomputes steps in the backward pass, so they must be deterministic "
+                         f"(noise_level=0), got noise_level={noise_level}")
     transformer = transformer if transformer is not None else pipe.transformer
     height = latents.shape[-2] * pipe.vae_scale_factor
     width = latents.shape[-1] * pipe.vae_scale_factor
     timesteps, sigmas = schedule(pipe, num_inference_steps, height, width, latents.device)
+
+    def step(x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        v = velocity(transformer, x, timesteps[index], conditioning, guidance_scale)
+        output = flow_step(method, v, x, sigmas, index, noise_level, generator=generator)
+        return output.prev_sample, output.log_prob
+
     states, log_probs = [latents.float()], []
     x = latents.float()
-    for index, timestep in enumerate(timesteps):
-        v = velocity(transformer, x, timestep, conditioning, guidance_scale)
-        step = flow_step(method, v, x, sigmas, index, noise_level, generator=generator)
-        x = step.prev_sample
+    for index in range(len(timesteps)):
+        x, log_prob = checkpoint(step, x, index, use_reentrant=False) if checkpoint_steps else step(x, index)
         states.append(x)
-        log_probs.append(step.log_prob)
+        log_probs.append(log_prob)
     return Trajectory(torch.stack(states, dim=1), torch.stack(log_probs, dim=1), timesteps, sigmas)
 
 
 def decode_latents(pipe, latents: torch.Tensor, output_type: str = "np"):
-    """Final latents → images, as the SD3 pipeline decodes them."""
+    """Final latents → images, as the SD3 pipeline decodes them (differentiable with `output_type="pt"` when
+    gradients are enabled)."""
     latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    with torch.no_grad():
-        images = pipe.vae.decode(latents, return_dict=False)[0]
+    images = pipe.vae.decode(latents, return_dict=False)[0]
     return pipe.image_processor.postprocess(images, output_type=output_type)

@@ -1,5 +1,7 @@
-"""`uae-hf train`: a thin shell over [`UnifiedGRPOTrainer`], configured TRL-style from YAML and flags."""
+"""`uae-hf train`: a thin shell over the UAE trainers, configured TRL-style from YAML and flags; the recipe's `stage`
+picks the trainer + config pair."""
 
+import argparse
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,16 +15,21 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from ..cli import CommandLineError
 from ..rewards.similarity import BACKBONES, BackboneUnavailableError
 from ..sample_data import skimage_photos
-from .unified_grpo_config import UnifiedGRPOConfig
-from .unified_grpo_trainer import UnifiedGRPOTrainer
+from . import TRAINERS
 
 TINY = "tiny"
 
 
 @dataclass
 class UnifiedScriptArguments:
-    """What to train on: the data and the decoder (the encoder is `model_name_or_path`)."""
+    """What to train (the stage) and on what: the data and the decoder (the encoder is `model_name_or_path`)."""
 
+    stage: str = field(
+        default="understanding",
+        metadata={"help": "UAE stage, which picks the trainer: understanding (UnifiedGRPOTrainer), generation "
+                  "(FlowGRPOTrainer), pretrain (DecoderPretrainingTrainer), cold_start (ColdStartTrainer). "
+                  "`--stage NAME --help` lists that stage's options.", "choices": list(TRAINERS)},
+    )
     dataset_name: str = field(
         default="skimage",
         metadata={"help": "'skimage' (built-in photos), a datasets Hub id, or a local dataset or image folder."},
@@ -96,8 +103,9 @@ def model_dtype(dtype: str | None) -> torch.dtype | None:
     return None if dtype in (None, "auto") else getattr(torch, dtype)
 
 
-def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig, model_args: ModelConfig):
-    """Build encoder, decoder and data from the arguments, train, save (adapter + processor + model card)."""
+def train(script_args: UnifiedScriptArguments, training_args, model_args: ModelConfig):
+    """Build encoder, decoder and data from the arguments, train the stage, then save as TRL's scripts do: the
+    trained parts, the trainer state (`trainer_state.json` with the log history) and the model card."""
     from ..pipelines import load_saved_pipeline, load_uae_pipeline
 
     uses_twins = TINY in (model_args.model_name_or_path, script_args.decoder)
@@ -110,27 +118,31 @@ def train(script_args: UnifiedScriptArguments, training_args: UnifiedGRPOConfig,
         decoder = _assemble_decoder(script_args.decoder, encoder, script_args.projector, dtype)
     else:
         # the config's trust_remote_code (default off) also governs the decoder folder's own code
-        decoder = load_saved_pipeline(script_args.decoder, trust_remote_code=training_args.trust_remote_code,
+        decoder = load_saved_pipeline(script_args.decoder, trust_remote_code=model_args.trust_remote_code,
                                       torch_dtype=dtype)
     if uses_twins and training_args.backbone_checkpoints is None:
         training_args.backbone_checkpoints = {name: str(twins / "backbones" / name) for name in BACKBONES
                                               if (twins / "backbones" / name).exists()}
-    if training_args.stage != "understanding" and decoder.vlm is not None:
+    understanding = script_args.stage == "understanding"
+    if not understanding and decoder.vlm is not None:
         model = decoder.vlm  # these stages read captions with the decoder's own (frozen) encoder: one copy
     else:
         model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=dtype or "auto")
-    trainer = UnifiedGRPOTrainer(
+    trainer_class = TRAINERS[script_args.stage][1]
+    trainer = trainer_class(
         model=model,
         decoder=decoder,
         args=training_args,
         train_dataset=_train_dataset(script_args),
         processing_class=AutoProcessor.from_pretrained(encoder),
-        # stage "generation" trains the DiT: its LoRA comes from decoder_lora_r/alpha, not the encoder's LoRA flags
-        peft_config=get_peft_config(model_args) if training_args.stage == "understanding" else None,
+        # the decoder stages train DiT / LLM LoRAs from their own decoder_lora_* / llm_lora_* fields, not the
+        # encoder's LoRA flags
+        peft_config=get_peft_config(model_args) if understanding else None,
     )
     resume = training_args.resume_from_checkpoint  # a checkpoint folder, or "true" for the output_dir's last one
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history of the whole run
     dataset_name = None if script_args.dataset_name == "skimage" else script_args.dataset_name
     trainer.create_model_card(dataset_name=dataset_name)
     if training_args.push_to_hub:
@@ -173,10 +185,34 @@ class RecipeParser(TrlParser):
         return namespace, remaining
 
 
+class _StageParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CommandLineError(f"{message} (uae-hf train --help lists every option)")
+
+
+def recipe_stage(argv: list[str] | None) -> str:
+    """The stage a command line trains: `--stage`, else the `--config` recipe's `stage:`, else "understanding"."""
+    parser = _StageParser(add_help=False)
+    parser.add_argument("--stage", choices=list(TRAINERS))
+    parser.add_argument("--config")
+    known, _ = parser.parse_known_args(argv)
+    if known.stage is not None or known.config is None:
+        return known.stage or "understanding"
+    try:
+        recipe = yaml.safe_load(Path(known.config).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise CommandLineError(f"cannot read the --config recipe: {error}") from error
+    stage = recipe.get("stage", "understanding") if isinstance(recipe, dict) else "understanding"
+    if stage not in TRAINERS:
+        raise CommandLineError(f"stage: {stage!r} in the --config recipe is not one of {list(TRAINERS)}")
+    return stage
+
+
 def main(argv: list[str] | None = None):
     """`uae-hf train`: parse the recipe and flags, then train. Mistakes in them, and a backbone that cannot be
     loaded, raise `CommandLineError` (one line, exit status 2)."""
-    parser = RecipeParser((UnifiedScriptArguments, UnifiedGRPOConfig, ModelConfig), prog="uae-hf train")
+    config_class = TRAINERS[recipe_stage(argv)][0]
+    parser = RecipeParser((UnifiedScriptArguments, config_class, ModelConfig), prog="uae-hf train")
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except (OSError, yaml.YAMLError) as error:

@@ -1,13 +1,12 @@
 """[`UnifiedGRPOTrainer`]: TRL's GRPO with the UAE decoder as the reward model."""
 
 import contextlib
+import functools
 import types
 from pathlib import Path
 
 import datasets
-import PIL.Image
 import torch
-from diffusers import StableDiffusion3Pipeline
 from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -16,70 +15,12 @@ from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEME
 from trl import GRPOTrainer
 
 from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of, model_source
-from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import (
-    UAEReconstructionPipeline,
-    adapters_disabled,
-    caption_messages,
-)
-from ..rewards.reconstruction import ReconstructionReward
-from ..rewards.similarity import ImageSimilarity
-from ..visualization import reconstruction_grid
+from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import adapters_disabled, caption_messages
 from .checkpointing import AtomicCheckpoints
+from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
 from .health import HealthWarnings
+from .model_card import card_tags, latest_metrics
 from .unified_grpo_config import UnifiedGRPOConfig
-
-
-def as_decoder(decoder) -> StableDiffusion3Pipeline:
-    """A UAE reconstruction pipeline (loaded from `uae_hf` or as remote code) or a plain SD3-family pipeline, which
-    then decodes in text mode."""
-    if isinstance(decoder, StableDiffusion3Pipeline) and hasattr(decoder, "generate"):
-        return decoder
-    if isinstance(decoder, StableDiffusion3Pipeline):
-        return UAEReconstructionPipeline.from_pipe(decoder, conditioning_mode="text")
-    raise TypeError(
-        f"decoder must be a UAEReconstructionPipeline or a diffusers StableDiffusion3Pipeline, got "
-        f"{type(decoder).__name__}"
-    )
-
-
-def _stage_class(stage: str):
-    if stage == "generation":
-        from .flow_grpo_stage import FlowGRPOTrainer
-
-        return FlowGRPOTrainer
-    if stage == "pretrain":
-        from .decoder_pretraining_stage import DecoderPretrainingTrainer
-
-        return DecoderPretrainingTrainer
-    from .cold_start_stage import ColdStartTrainer
-
-    return ColdStartTrainer
-
-
-def build_reconstruction_reward(decoder, args: UnifiedGRPOConfig) -> ReconstructionReward:
-    """The reconstruction reward both stages use, from the config's decoder and backbone settings."""
-    checkpoints = args.backbone_checkpoints or {}
-    backbone_kwargs = dict(device=args.device, dtype=getattr(torch, args.backbone_dtype))
-
-    def similarity(names):
-        return ImageSimilarity(names, {n: checkpoints[n] for n in names if n in checkpoints}, **backbone_kwargs)
-
-    weights = dict(zip(args.reward_backbones, args.reward_backbone_weights)) if args.reward_backbone_weights else None
-    return ReconstructionReward(
-        decoder,
-        similarity(args.reward_backbones),
-        weights=weights,
-        heldout=similarity(args.heldout_backbones) if args.heldout_backbones else None,
-        reconstructions_per_caption=args.reconstructions_per_caption,
-        batch_size=args.reward_batch_size,
-        seed=args.seed,
-        fixed_noise=args.reward_fixed_noise,
-        height=args.decoder_height,
-        width=args.decoder_width,
-        num_inference_steps=args.decoder_num_inference_steps,
-        guidance_scale=args.decoder_guidance_scale,
-        conditioning_mode=args.decoder_conditioning_mode,
-    )
 
 
 def check_generation_backend(args: UnifiedGRPOConfig) -> None:
@@ -127,15 +68,6 @@ def base_weights_kept(model: torch.nn.Module):
                 param.copy_(value)
 
 
-def check_image_column(dataset, name: str) -> None:
-    columns = None if dataset is None else dataset.column_names
-    if columns is not None and "image" not in columns and "images" not in columns:
-        raise ValueError(
-            f"{name} has no 'image' (or 'images') column, but the reconstruction reward compares each caption's "
-            f"reconstruction with its image; columns: {columns}"
-        )
-
-
 def with_caption_prompt(dataset, name: str):
     """Check the dataset has images; give it the paper's captioning prompt when it has no `prompt` column."""
     if dataset is None:
@@ -169,13 +101,6 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     _tag_names = ["trl", "grpo", "uae", "uae_hf"]
     _name = "UnifiedGRPO"
 
-    def __new__(cls, *args, **kwargs):
-        config = kwargs.get("args", args[2] if len(args) > 2 else None)
-        stage = getattr(config, "stage", None)
-        if cls is UnifiedGRPOTrainer and stage != "understanding" and stage is not None:
-            cls = _stage_class(stage)  # each stage's logic lives in its own module
-        return super().__new__(cls)
-
     def __init__(
         self,
         model,
@@ -204,9 +129,13 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             eval_dataset = with_caption_prompt(eval_dataset, "eval_dataset")
 
         self.reconstruction_reward = build_reconstruction_reward(self.decoder, args)
+        self.last_batch = None  # the latest scored batch of reconstructions, for the grids
+        self.grids = ReconstructionGrids(args)
+        # the reward stays a function of its inputs; the trainer keeps the batches it logs
+        reconstruction = functools.partial(self.reconstruction_reward, on_batch=self._keep_batch)
         super().__init__(
             model=model,
-            reward_funcs=[self.reconstruction_reward, *(reward_funcs or [])],
+            reward_funcs=[reconstruction, *(reward_funcs or [])],
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -222,7 +151,6 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             if isinstance(component, torch.nn.Module) and component is not policy:
                 component.requires_grad_(False).eval()
         self.decoder.to(self.accelerator.device)
-        self._last_grid_step = -1
         self.health = HealthWarnings()
 
     # ------------------------------------------------------------------------------------------------ caption rollouts
@@ -301,58 +229,26 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         group = self.num_generations if mode == "train" else getattr(self, "num_generations_eval", None) or self.num_generations
         stalled = self.health.check_rewards(rewards[:, 0], group, self.state.global_step)
         self._metrics[mode]["reward/groups_without_variation"].append(stalled)
-        self._maybe_save_reconstruction_grid()
         return rewards
 
-    def _maybe_save_reconstruction_grid(self) -> None:
-        every = self.args.log_reconstructions_steps
-        step = self.state.global_step
-        batch = self.reconstruction_reward.last_batch
-        if not every or step % every or step == self._last_grid_step or batch is None:
-            return
-        if not self.accelerator.is_main_process:
-            return
-        self._last_grid_step = step
-        count = self.args.num_logged_reconstructions
-        blank = PIL.Image.new("RGB", (64, 64), "black")
-        grid = reconstruction_grid(
-            batch.originals[:count],
-            [image if image is not None else blank for image in batch.reconstructions[:count]],
-            [f"[reward {reward:.3f}] {caption}" for reward, caption in zip(batch.rewards[:count], batch.captions[:count])],
-        )
-        folder = Path(self.args.output_dir, "reconstructions")
-        folder.mkdir(parents=True, exist_ok=True)
-        grid.save(folder / f"step-{step:06d}.png")
-        if self.args.report_to and "wandb" in self.args.report_to:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.log({"reconstructions": wandb.Image(grid)}, step=step)
+    def _keep_batch(self, batch) -> None:
+        self.last_batch = batch
+        self.grids.maybe_save(batch, self.state.global_step, self.accelerator.is_main_process)
 
     # ----------------------------------------------------------------------------------------------------- model card
-    def _latest_metrics(self) -> dict[str, float]:
-        """Each logged number's latest value (the epoch aside), for model cards."""
-        latest = {}
-        for record in self.state.log_history:
-            latest.update({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"})
-        return latest
-
-    def _card_tags(self, tags) -> list[str]:
-        return sorted(set(self._tag_names) | set([tags] if isinstance(tags, str) else tags or []))
-
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
         """Write `output_dir/README.md` from `model_cards/unified_grpo_encoder.md`."""
         if not self.is_world_process_zero():
             return
         base_model = hub_id_of(self._policy_base_model())
         decoder_name = model_source(self.decoder.transformer)
-        latest = self._latest_metrics()
+        latest = latest_metrics(self.state.log_history)
         args = self.args
         card = ModelCard.from_template(
             ModelCardData(
                 base_model=base_model,
                 library_name="peft" if isinstance(self.accelerator.unwrap_model(self.model), PeftModel) else "transformers",
-                tags=self._card_tags(tags),
+                tags=card_tags(self._tag_names, tags),
                 datasets=[dataset_name] if dataset_name else None,
             ),
             template_path=str(MODEL_CARDS / "unified_grpo_encoder.md"),
@@ -360,7 +256,7 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             base_model=base_model or LOCAL_CHECKPOINT,
             base_model_path=base_model or "path/to/base-encoder",
             decoder=decoder_name,
-            stage=args.stage,
+            stage="Generation for Understanding",
             conditioning_mode=args.decoder_conditioning_mode or self.decoder.config.conditioning_mode,
             reward_backbones=", ".join(args.reward_backbones),
             heldout_backbones=", ".join(args.heldout_backbones) or "none",

@@ -1,10 +1,10 @@
-"""Stage "generation" of [`UnifiedGRPOTrainer`]: Flow-GRPO on the decoder's DiT, the encoder frozen.
+"""[`FlowGRPOTrainer`]: Flow-GRPO on the decoder's DiT, the encoder frozen ("Understanding for Generation").
 
 Per step and device: caption each image with the frozen encoder, draw G reconstructions per caption with the SDE
-sampler (recording latents and log-probs), score them with the same reconstruction reward as stage
-"understanding", turn rewards into per-group advantages, then take the clipped-ratio policy-gradient loss (+ KL
-to the adapter-disabled reference on the step means) on a subset of the sampling steps. The DiT is the Trainer's
-model, so accelerate wraps it (DDP all-reduces its gradients), gradient clipping sees it, checkpoints hold it.
+sampler (recording latents and log-probs), score them with the reconstruction reward, turn rewards into per-group
+advantages, then take the clipped-ratio policy-gradient loss (+ KL to the adapter-disabled reference on the step
+means) on a subset of the sampling steps. The DiT is the Trainer's model, so accelerate wraps it (DDP all-reduces its
+gradients), gradient clipping sees it, checkpoints hold it.
 """
 
 import contextlib
@@ -12,21 +12,26 @@ import copy
 import time
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import TrainerCallback
 
 from ..hub import MODEL_CARDS, hub_id_of
-from ..images import load_image
-from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import caption_images
 from ..rewards.reconstruction import ReconstructionBatch, caption_metrics
 from ..sampling.flow_sde import decode_latents, flow_step, sample_trajectory, velocity
+from ..seeding import seeded_generators, stream_seed
+from .decoder_trainer import CAPTION_STREAM, LORA_WEIGHT_NAME, DecoderTrainer, row_images
+from .flow_grpo_config import FlowGRPOConfig
 from .health import HealthWarnings
-from .loop_stage import LORA_WEIGHT_NAME, TrainerLoopStage
-from .unified_grpo_config import UnifiedGRPOConfig
-from .unified_grpo_trainer import build_reconstruction_reward
+from .model_card import card_tags, latest_metrics
+
+def decoded_images(arrays):  # TEMPORARY until uae_hf.images has it
+    import numpy as np
+    import PIL.Image
+    return [PIL.Image.fromarray((a * 255).round().astype("uint8")) if np.isfinite(a).all() else None for a in arrays]
+
+
+GROUP_NOISE_STREAM, SAMPLE_NOISE_STREAM, STEP_NOISE_STREAM, TRAINED_STEPS_STREAM = 3, 4, 5, 6
 
 
 class _EMACallback(TrainerCallback):
@@ -37,76 +42,88 @@ class _EMACallback(TrainerCallback):
         self.trainer._update_ema()
 
 
-class FlowGRPOTrainer(TrainerLoopStage):
-    """`UnifiedGRPOTrainer` for `stage="generation"` (created by `UnifiedGRPOTrainer(...)`; see its arguments).
+class FlowGRPOTrainer(DecoderTrainer):
+    """Flow-GRPO on the DiT of a UAE decoder, with the frozen encoder's captions and the reconstruction reward.
 
-    `model` is the frozen encoder that writes the captions (a model, an id, or `None` for the decoder's own `vlm`);
-    `peft_config` is the DiT's LoRA (default: r=`decoder_lora_r`, alpha=`decoder_lora_alpha` on the joint-attention
-    projections, gaussian init), unless `decoder_full_finetune`.
+    Args:
+        model (`str`, `PreTrainedModel` or `None`): the frozen encoder that writes the captions (default: the
+            decoder's own `vlm`).
+        decoder (`UAEReconstructionPipeline` or `StableDiffusion3Pipeline`): the decoder whose DiT trains.
+        args ([`FlowGRPOConfig`], *optional*): group, objective, sampler, decoder and reward settings.
+        train_dataset, eval_dataset: datasets with an `image` (or `images`) column.
+        processing_class: the encoder's processor (default: the decoder's `processor`).
+        peft_config (`peft.LoraConfig`, *optional*): the DiT LoRA (default: r=`decoder_lora_r`,
+            alpha=`decoder_lora_alpha` on the joint-attention projections, gaussian init); ignored with
+            `decoder_full_finetune`.
+        callbacks, optimizers: as in `Trainer`.
+
+    Example:
+
+    ```python
+    >>> from uae_hf import FlowGRPOConfig, FlowGRPOTrainer, load_uae_pipeline
+
+    >>> decoder = load_uae_pipeline("path/to/sd3.5", "Qwen/Qwen2.5-VL-3B-Instruct", "path/to/projector")
+    >>> trainer = FlowGRPOTrainer(decoder=decoder, args=FlowGRPOConfig(output_dir="uae-flow-grpo"), train_dataset=images)
+    >>> trainer.train()
+    ```
     """
 
+    config_class = FlowGRPOConfig
     _tag_names = ["uae", "uae_hf", "flow-grpo", "lora", "diffusers", "text-to-image"]
-    _name = "UnifiedGRPO (Flow-GRPO stage)"
+    _stage_description = "Flow-GRPO on the decoder's DiT, the encoder frozen"
 
-    def __init__(
-        self,
-        model,
-        decoder,
-        args: UnifiedGRPOConfig,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        reward_funcs=None,
-        peft_config=None,
-        callbacks=None,
-        optimizers=(None, None),
-    ):
-        self._setup_parts(model, decoder, args, train_dataset, processing_class, reward_funcs)
+    def __init__(self, model=None, decoder=None, args: FlowGRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, peft_config=None, callbacks=None, optimizers=(None, None)):
+        super().__init__(model, decoder, args, train_dataset, eval_dataset, processing_class, peft_config, callbacks,
+                         optimizers)
         if self.encoder is None or self.caption_processor is None:
-            raise ValueError('stage "generation" captions each image: pass the encoder as `model` (and its '
-                             "processor), or a decoder with `vlm` and `processor`")
-        dit = self.decoder.transformer
-        self.reference = None
-        if args.decoder_full_finetune:
-            dit.requires_grad_(True)
-            if args.beta > 0:
-                self.reference = copy.deepcopy(dit).requires_grad_(False).eval()
-        else:
-            self.add_dit_lora(dit, args, peft_config)
-        self.reconstruction_reward = build_reconstruction_reward(self.decoder, args)
-        self._init_trainer(dit, args, train_dataset, eval_dataset, callbacks, optimizers,
-                           images_per_device=args.per_device_train_batch_size // args.num_generations)
+            raise ValueError("FlowGRPOTrainer captions each image: pass the encoder as `model` (and its processor), "
+                             "or a decoder with `vlm` and `processor`")
+        self._train_batch_size = self.args.per_device_train_batch_size // self.args.num_generations  # images
         self._cached_rollout = None
         self.health = HealthWarnings()
-        self._last_grid_step = -1
-        if args.ema_decay is not None:
-            self._ema = {name: p.detach().clone() for name, p in dit.named_parameters() if p.requires_grad}
+        if self.args.ema_decay is not None:
+            self._ema = {name: p.detach().clone() for name, p in self.decoder.transformer.named_parameters()
+                         if p.requires_grad}
             self.add_callback(_EMACallback(self))
 
+    @property
+    def trains_full_dit(self) -> bool:
+        return self.args.decoder_full_finetune
+
+    def build_trained_model(self, peft_config, train_dataset) -> torch.nn.Module:
+        dit = self.decoder.transformer
+        self.reference = None
+        if self.args.decoder_full_finetune:
+            dit.requires_grad_(True)
+            if self.args.beta > 0:
+                self.reference = copy.deepcopy(dit).requires_grad_(False).eval()
+        else:
+            self.add_dit_lora(dit, peft_config)
+        return dit
+
+    def evaluation_loss(self, model, rows, generator) -> None:
+        return None  # a policy-gradient surrogate has no held-out meaning: evaluation reports the round trip alone
+
     # ------------------------------------------------------------------------------------------------------- rollout
-    def _seeds(self, count: int, salt: int, repeat: int = 1) -> list[torch.Generator]:
+    def _generators(self, stream: int, count: int, repeat: int = 1) -> list[torch.Generator]:
         """`count * repeat` generators for this step and process; each seed serves `repeat` consecutive samples."""
-        base = (self.args.seed * 1_000_003 + self.state.global_step * 10_007 + self.accelerator.process_index * 101
-                + salt * 1_000_000_007) % 2**63
-        return [torch.Generator().manual_seed(base + index) for index in range(count) for _ in range(repeat)]
+        base = self._seed(stream)
+        return seeded_generators(stream_seed(base, index) for index in range(count) for _ in range(repeat))
 
     @torch.no_grad()
     def _rollout(self, rows: list[dict]) -> dict:
         args, decoder, group = self.args, self.decoder, self.args.num_generations
         start = time.perf_counter()
-        originals = [load_image(row["image"] if "image" in row else row["images"][0], f"image[{index}]")
-                     for index, row in enumerate(rows)]
-        captions = caption_images(
-            self.encoder, self.caption_processor, originals, max_new_tokens=args.max_completion_length,
-            do_sample=args.caption_do_sample, temperature=args.temperature,
-        )
+        originals = row_images(rows)
+        captions = self.caption(originals, self._seed(CAPTION_STREAM))
         captions_g = [caption for caption in captions for _ in range(group)]
         originals_g = [image for image in originals for _ in range(group)]
         conditioning = decoder.encode_captions(captions_g, args.decoder_conditioning_mode)
         if args.same_noise_in_group:
-            noise_seeds = self._seeds(len(originals), salt=1, repeat=group)
+            noise_seeds = self._generators(GROUP_NOISE_STREAM, len(originals), repeat=group)
         else:
-            noise_seeds = self._seeds(len(captions_g), salt=2)
+            noise_seeds = self._generators(SAMPLE_NOISE_STREAM, len(captions_g))
         scale = decoder.vae_scale_factor
         latents = decoder.prepare_latents(
             len(captions_g), decoder.transformer.config.in_channels, args.decoder_height, args.decoder_width,
@@ -116,15 +133,14 @@ class FlowGRPOTrainer(TrainerLoopStage):
             raise ValueError(f"decoder_height/width must be multiples of {scale * decoder.transformer.config.patch_size}")
         trajectory = sample_trajectory(
             decoder, conditioning, latents, args.decoder_num_inference_steps, self._guidance, args.sde_noise_level,
-            args.sde_method, generator=self._seeds(len(captions_g), salt=3),
+            args.sde_method, generator=self._generators(STEP_NOISE_STREAM, len(captions_g)),
             transformer=self.accelerator.unwrap_model(self.model),
         )
         arrays = decode_latents(decoder, trajectory.latents[:, -1], "np")
         rollout_time = time.perf_counter() - start
 
         start = time.perf_counter()
-        reconstructions = [PIL.Image.fromarray((a * 255).round().astype("uint8")) if np.isfinite(a).all() else None
-                           for a in arrays]
+        reconstructions = decoded_images(arrays)
         rewards, metrics = self.reconstruction_reward.similarities(reconstructions, originals_g)
         rewards = rewards.to(self.accelerator.device)
         everyone = self.accelerator.gather(rewards)  # every process's rewards, once per step
@@ -132,7 +148,8 @@ class FlowGRPOTrainer(TrainerLoopStage):
         reward_time = time.perf_counter() - start
         stalled = self.health.check_rewards(everyone, self.args.num_generations, self.state.global_step)
 
-        self._record(metrics | caption_metrics(captions) | {
+        metrics |= caption_metrics(captions)
+        self._record(metrics | {
             "reward": float(torch.nanmean(everyone)),
             "reward_std": float(everyone[~torch.isnan(everyone)].std()) if (~torch.isnan(everyone)).sum() > 1 else 0.0,
             "advantages/abs_mean": float(advantages.abs().mean()),
@@ -140,9 +157,7 @@ class FlowGRPOTrainer(TrainerLoopStage):
             "timing/rollout_s": rollout_time,
             "timing/reward_s": reward_time,
         })
-        self.reconstruction_reward.last_batch = ReconstructionBatch(
-            originals_g, captions_g, reconstructions, rewards.tolist(), self.state.global_step
-        )
+        self._keep_batch(ReconstructionBatch(originals_g, captions_g, reconstructions, rewards.tolist(), metrics))
         return {"conditioning": conditioning, "trajectory": trajectory, "advantages": advantages}
 
     @property
@@ -171,7 +186,7 @@ class FlowGRPOTrainer(TrainerLoopStage):
             start, end = int(start), min(int(end), total)
         candidates = torch.arange(start, end)
         count = min(max(1, int(total * self.args.timestep_fraction)), len(candidates))
-        order = torch.randperm(len(candidates), generator=self._seeds(1, salt=4)[0])
+        order = torch.randperm(len(candidates), generator=self._generators(TRAINED_STEPS_STREAM, 1)[0])
         return sorted(candidates[order[:count]].tolist())
 
     # -------------------------------------------------------------------------------------------------------- update
@@ -230,7 +245,6 @@ class FlowGRPOTrainer(TrainerLoopStage):
                           "ratio/clip_fraction": float((deviation > args.flow_clip_range).float().mean()),
                           "kl": float(kl.detach())})
         self._record({"timing/update_s": time.perf_counter() - start, "trained_steps": float(len(steps))})
-        self._maybe_save_reconstruction_grid()
         return total_loss
 
     # ----------------------------------------------------------------------------------------------------------- EMA
@@ -258,13 +272,13 @@ class FlowGRPOTrainer(TrainerLoopStage):
         args = self.args
         base = hub_id_of(self.decoder.transformer)
         hub_id = self.hub_model_id or model_name or Path(args.output_dir).name
-        latest = self._latest_metrics()
+        latest = latest_metrics(self.state.log_history)
         card = ModelCard.from_template(
             ModelCardData(
                 base_model=base,
                 library_name="diffusers",
                 license="other",
-                tags=self._card_tags(tags),
+                tags=card_tags(self._tag_names, tags),
                 datasets=[dataset_name] if dataset_name else None,
                 instance_prompt=None,
             ),

@@ -1,10 +1,7 @@
-"""Stage "pretrain": teach the decoder to read long captions through the UAE-native path.
+"""[`DecoderPretrainingTrainer`]: teach the decoder to read long captions through the UAE-native path.
 
-Projector + DiT (LoRA or full) train with SD3's rectified-flow objective on (image, long caption) pairs; the
-caption reaches the DiT as the frozen LLM's "generate"-role hidden states through the projector, exactly as at
-inference. A stage of `UnifiedGRPOTrainer` rather than a separate trainer so one config vocabulary (decoder_*,
-caption and backbone settings), one `uae-hf train` entry point and one saving layout serve the whole recipe; it
-runs on transformers' `Trainer` loop (no rollouts): `UnifiedGRPOTrainer(..., args=UnifiedGRPOConfig(stage="pretrain"))`.
+Projector + DiT (LoRA or full) train with SD3's rectified-flow objective on (image, long caption) pairs; the caption
+reaches the DiT as the frozen LLM's "generate"-role hidden states through the projector, exactly as at inference.
 """
 
 from pathlib import Path
@@ -14,16 +11,15 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from torch import nn
 
-from ..images import load_image
 from ..sampling.flow_sde import velocity
-from .loop_stage import TrainerLoopStage, dataset_captions
-from .unified_grpo_config import UnifiedGRPOConfig
+from .decoder_pretraining_config import DecoderPretrainingConfig
+from .decoder_trainer import LORA_WEIGHT_NAME, DecoderTrainer, dataset_captions, row_images
 
 
 class DecoderPretrainingModel(nn.Module):
     """Projector + DiT with the rectified-flow loss as `forward`; the LLM and the VAE are frozen helpers."""
 
-    def __init__(self, decoder, args: UnifiedGRPOConfig):
+    def __init__(self, decoder, args: DecoderPretrainingConfig):
         super().__init__()
         self.projector = decoder.projector
         self.transformer = decoder.transformer
@@ -41,9 +37,7 @@ class DecoderPretrainingModel(nn.Module):
         decoder, args = self.helpers["decoder"], self.args
         latents = self.latents(pixels, generator)
         batch = latents.shape[0]
-        conditioning = decoder.generate_conditioning(captions)
-        mask = conditioning.text_mask()
-        pooled = decoder.uae_pooled_prompt_embeds().to(latents.device).expand(batch, -1)
+        conditioning = decoder.encode_captions(captions, "embeddings")
         density = compute_density_for_timestep_sampling(
             args.weighting_scheme, batch, args.logit_mean, args.logit_std, args.mode_scale, generator=generator
         )
@@ -52,29 +46,51 @@ class DecoderPretrainingModel(nn.Module):
         timesteps = schedule.timesteps[indices].to(latents.device)
         sigmas = schedule.sigmas[indices].to(latents.device, latents.dtype).view(batch, 1, 1, 1)
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        features = dict(prompt_embeds=conditioning.prompt_embeds, pooled_prompt_embeds=pooled,
-                        joint_attention_kwargs={"encoder_attention_mask": mask} if not bool(mask.all()) else None)
-        prediction = velocity(self.transformer, (1 - sigmas) * latents + sigmas * noise, timesteps, features, 1.0)
+        prediction = velocity(self.transformer, (1 - sigmas) * latents + sigmas * noise, timesteps, conditioning, 1.0)
         weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
         per_sample = (weighting.float() * (prediction.float() - (noise - latents).float()) ** 2).flatten(1).mean(1)
         return per_sample.mean()
 
 
-class DecoderPretrainingTrainer(TrainerLoopStage):
-    """`UnifiedGRPOTrainer` for `stage="pretrain"`. `model` is unused (the decoder's own `vlm` reads captions);
-    `peft_config` is the DiT LoRA (default r=`decoder_lora_r`, alpha=`decoder_lora_alpha`) unless
-    `pretrain_full_dit`. Data: an `image` column and `caption_column`."""
+class DecoderPretrainingTrainer(DecoderTrainer):
+    """Decoder pre-training: projector + DiT learn SD3's rectified-flow loss on (image, long caption) pairs, read
+    through the frozen LLM's "generate"-role hidden states.
 
+    Args:
+        model (`str`, `PreTrainedModel` or `None`): the encoder that captions images for `evaluate()`'s round trips
+            (default: the decoder's own `vlm`, which also reads the captions).
+        decoder (`UAEReconstructionPipeline`): the decoder, with its `vlm`, `processor` and `projector`.
+        args ([`DecoderPretrainingConfig`], *optional*): data, loss, decoder and backbone settings.
+        train_dataset, eval_dataset: datasets with an `image` column and `caption_column`.
+        processing_class: the encoder's processor (default: the decoder's `processor`).
+        peft_config (`peft.LoraConfig`, *optional*): the DiT LoRA (default: r=`decoder_lora_r`,
+            alpha=`decoder_lora_alpha` on the joint attention); ignored with `pretrain_full_dit`.
+        callbacks, optimizers: as in `Trainer`.
+
+    Example:
+
+    ```python
+    >>> from uae_hf import DecoderPretrainingConfig, DecoderPretrainingTrainer
+
+    >>> trainer = DecoderPretrainingTrainer(decoder=decoder, args=DecoderPretrainingConfig(output_dir="uae-pretrain"),
+    ...                                     train_dataset=long_caption_dataset)
+    >>> trainer.train()
+    ```
+    """
+
+    config_class = DecoderPretrainingConfig
     _tag_names = ["uae", "uae_hf", "lora", "diffusers", "text-to-image"]
-    _name = "UnifiedGRPO (decoder pre-training)"
+    _stage_description = "rectified-flow pre-training of projector and DiT on long captions"
 
-    def __init__(self, model, decoder, args: UnifiedGRPOConfig, train_dataset=None, eval_dataset=None,
-                 processing_class=None, reward_funcs=None, peft_config=None, callbacks=None, optimizers=(None, None)):
-        self._setup_parts(None, decoder, args, train_dataset, processing_class, reward_funcs)
-        decoder = self.decoder
+    @property
+    def trains_full_dit(self) -> bool:
+        return self.args.pretrain_full_dit
+
+    def build_trained_model(self, peft_config, train_dataset) -> torch.nn.Module:
+        decoder, args = self.decoder, self.args
         if decoder.projector is None or decoder.vlm is None:
-            raise ValueError('stage "pretrain" trains the UAE-native path: the decoder needs its `vlm`, `processor` '
-                             "and `projector`")
+            raise ValueError("DecoderPretrainingTrainer trains the UAE-native path: the decoder needs its `vlm`, "
+                             "`processor` and `projector`")
         if train_dataset is not None and args.caption_column not in (train_dataset.column_names or [args.caption_column]):
             raise ValueError(f"train_dataset has no {args.caption_column!r} column (set caption_column); columns: "
                              f"{train_dataset.column_names}")
@@ -82,18 +98,17 @@ class DecoderPretrainingTrainer(TrainerLoopStage):
         if args.pretrain_full_dit:
             decoder.transformer.requires_grad_(True)
         else:
-            self.add_dit_lora(decoder.transformer, args, peft_config)
-        model = DecoderPretrainingModel(decoder, args)
-        self._init_trainer(model, args, train_dataset, eval_dataset, callbacks, optimizers,
-                           images_per_device=args.per_device_train_batch_size)
+            self.add_dit_lora(decoder.transformer, peft_config)
+        return DecoderPretrainingModel(decoder, args)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def stage_loss(self, model, rows, generator):
         args, decoder = self.args, self.decoder
-        generator = self._step_generator()
-        images = [load_image(row["image"], f"image[{index}]") for index, row in enumerate(inputs)]
+        images = row_images(rows)
         pixels = decoder.image_processor.preprocess(images, height=args.decoder_height, width=args.decoder_width)
-        drop = torch.rand(len(inputs), generator=generator) < args.caption_dropout
-        captions = dataset_captions(inputs, args.caption_column)
+        # captions are dropped for guidance in training only: a held-out loss reads every caption
+        dropout = args.caption_dropout if model.training else 0.0
+        drop = torch.rand(len(rows), generator=generator) < dropout
+        captions = dataset_captions(rows, args.caption_column)
         if None in captions:
             raise ValueError(
                 f"{args.caption_column!r} is empty or missing in {captions.count(None)} of {len(captions)} rows of this "
@@ -101,8 +116,7 @@ class DecoderPretrainingTrainer(TrainerLoopStage):
             )
         captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
         loss = model(pixels.to(self.accelerator.device), captions, generator)
-        self._record({"caption_dropout_rate": float(drop.float().mean())})
-        return (loss, None) if return_outputs else loss
+        return loss, {"caption_dropout_rate": float(drop.float().mean())}
 
     def save_parts(self, output_dir: Path) -> None:
         """`projector/` (a UAEProjector folder) and the DiT LoRA (diffusers file) or `transformer/` (full)."""
@@ -111,3 +125,13 @@ class DecoderPretrainingTrainer(TrainerLoopStage):
             self.decoder.transformer.save_pretrained(output_dir / "transformer")
         else:
             self.save_dit_lora(self.decoder.transformer, output_dir)
+
+    def saved_files(self) -> list[tuple[str, str, str]]:
+        dit = (("transformer/", "full SD3Transformer2DModel", "`SD3Transformer2DModel.from_pretrained`")
+               if self.args.pretrain_full_dit else
+               (LORA_WEIGHT_NAME, "DiT LoRA (diffusers format)",
+                f'`pipe.load_lora_weights(..., weight_name="{LORA_WEIGHT_NAME}")`'))
+        return [PROJECTOR_FILE, dit]
+
+
+PROJECTOR_FILE = ("projector/", "UAEProjector", "`UAEProjector.from_pretrained(...)` or `projector=` of a pipeline")
