@@ -1,10 +1,13 @@
 """Model cards for what uae_hf saves and pushes."""
 
+from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-MODEL_CARDS = Path(__file__).parent / "model_cards"
+# The card templates: the repository's top-level model_cards/, installed as the package `uae_hf.model_cards`
+# (pyproject.toml maps it), so this is that folder in an editable install and the installed copy in a wheel.
+MODEL_CARDS = Path(files("uae_hf.model_cards"))
 
 _MODE_DESCRIPTIONS = {
     "embeddings": "the encoder LLM's hidden states of the caption, through the projector, are the decoder's "
