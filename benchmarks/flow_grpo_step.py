@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import benchmark_cli  # noqa: E402  (a sibling module: benchmarks run as scripts)
-from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer, build_tiny_models, load_uae_pipeline  # noqa: E402
+from uae_hf import FlowGRPOConfig, FlowGRPOTrainer, build_tiny_models, load_uae_pipeline  # noqa: E402
 from uae_hf.sample_data import skimage_photos  # noqa: E402
 
 PARTS = ("timing/rollout_s", "timing/reward_s", "timing/update_s")
@@ -24,15 +24,15 @@ PARTS = ("timing/rollout_s", "timing/reward_s", "timing/update_s")
 
 def run(twins, fraction: float, steps: int, sampling_steps: int, output_dir: str) -> dict[str, float]:
     pipe = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector")
-    args = UnifiedGRPOConfig(
-        stage="generation", output_dir=output_dir, max_steps=steps + 1, per_device_train_batch_size=8,
+    args = FlowGRPOConfig(
+        output_dir=output_dir, max_steps=steps + 1, per_device_train_batch_size=8,
         num_generations=4, max_completion_length=16, learning_rate=1e-3, logging_steps=1, report_to=[],
         use_cpu=True, bf16=False, seed=0, save_strategy="no", decoder_height=64, decoder_width=64,
         decoder_num_inference_steps=sampling_steps, decoder_guidance_scale=4.5, timestep_fraction=fraction,
         backbone_checkpoints={"clip": str(twins / "backbones" / "clip")}, log_reconstructions_steps=0, beta=0.04,
     )
-    trainer = UnifiedGRPOTrainer(model=pipe.vlm, decoder=pipe, args=args, train_dataset=skimage_photos(64),
-                                 processing_class=pipe.processor)
+    trainer = FlowGRPOTrainer(model=pipe.vlm, decoder=pipe, args=args, train_dataset=skimage_photos(64),
+                              processing_class=pipe.processor)
     trainer.train()
     records = [record for record in trainer.state.log_history if PARTS[0] in record][1:]  # skip the warm-up step
     return {part: statistics.mean(record[part] for record in records) for part in PARTS}

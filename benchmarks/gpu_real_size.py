@@ -41,7 +41,14 @@ from transformers import AutoProcessor, CLIPTextConfig, CLIPTextModelWithProject
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, TrainerCallback  # noqa: E402
 
-from uae_hf import UAEProjector, UAEReconstructionPipeline, UnifiedGRPOConfig, UnifiedGRPOTrainer  # noqa: E402
+from uae_hf import (  # noqa: E402
+    FlowGRPOConfig,
+    FlowGRPOTrainer,
+    UAEProjector,
+    UAEReconstructionPipeline,
+    UnifiedGRPOConfig,
+    UnifiedGRPOTrainer,
+)
 from uae_hf import build_tiny_models, caption_images  # noqa: E402
 from uae_hf.rewards.similarity import ImageSimilarity  # noqa: E402
 
@@ -504,22 +511,25 @@ def main() -> None:
         for stage in ("understanding", "generation"):
             phases = PhaseTimer(device)
             timer = StepTimer(phases)
-            config = UnifiedGRPOConfig(
-                stage=stage, output_dir=f"{folder}/{stage}", max_steps=2, per_device_train_batch_size=args.batch,
+            config_class, trainer_class = ((UnifiedGRPOConfig, UnifiedGRPOTrainer) if stage == "understanding"
+                                           else (FlowGRPOConfig, FlowGRPOTrainer))
+            lora = dict(decoder_lora_r=32, decoder_lora_alpha=64) if stage == "generation" else {}
+            config = config_class(
+                output_dir=f"{folder}/{stage}", max_steps=2, per_device_train_batch_size=args.batch,
                 num_generations=args.batch, max_completion_length=args.caption_tokens, report_to=[],
                 use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16,
                 fp16=dtype == torch.float16 and device.type == "cuda", save_strategy="no", logging_steps=1,
                 decoder_height=args.resolution, decoder_width=args.resolution, decoder_num_inference_steps=args.steps,
-                decoder_guidance_scale=GUIDANCE, decoder_lora_r=32, decoder_lora_alpha=64, log_reconstructions_steps=0,
-                reward_batch_size=args.batch, backbone_checkpoints={"clip": backbone}, backbone_dtype=args.dtype,
+                decoder_guidance_scale=GUIDANCE, log_reconstructions_steps=0, reward_batch_size=args.batch,
+                backbone_checkpoints={"clip": backbone}, backbone_dtype=args.dtype, **lora,
             )
             peft = None
             if stage == "understanding":
                 from peft import LoraConfig
 
                 peft = LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", task_type="CAUSAL_LM")
-            trainer = UnifiedGRPOTrainer(model=pipe.vlm, decoder=pipe, args=config, train_dataset=data,
-                                         processing_class=pipe.processor, peft_config=peft, callbacks=[timer])
+            trainer = trainer_class(model=pipe.vlm, decoder=pipe, args=config, train_dataset=data,
+                                    processing_class=pipe.processor, peft_config=peft, callbacks=[timer])
             instrument_trainer(phases, trainer, stage)
             try:
                 seconds, peak, _ = _timed(device, trainer.train)

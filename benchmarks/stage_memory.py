@@ -19,22 +19,29 @@ import benchmark_cli  # a sibling module: benchmarks run as scripts
 CHILD = r"""
 import json, os, sys, threading, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer, load_uae_pipeline
+import uae_hf
+from uae_hf import load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
 twins, stage, mode, size, steps, batch, out = sys.argv[1:8]
 size, steps, batch = int(size), int(steps), int(batch)
 pipe = load_uae_pipeline(f"{twins}/decoder", f"{twins}/encoder", f"{twins}/projector")
-args = UnifiedGRPOConfig(
-    stage=stage, output_dir=f"{out}/{stage}-{mode}", max_steps=1, per_device_train_batch_size=batch,
-    num_generations=batch, max_completion_length=16, report_to=[], use_cpu=True, bf16=False,
-    gradient_checkpointing=False, decoder_height=size, decoder_width=size, decoder_num_inference_steps=steps,
-    cold_start_checkpointing=(mode == "checkpointed"), cold_start_trainable=["projector", "llm_lora", "dit_lora"],
-    backbone_checkpoints={"clip": f"{twins}/backbones/clip"}, log_reconstructions_steps=0, save_strategy="no",
-    logging_steps=1,
+pair, own = {
+    "understanding": ("UnifiedGRPO", dict(num_generations=batch, max_completion_length=16)),
+    "generation": ("FlowGRPO", dict(num_generations=batch, max_completion_length=16)),
+    "pretrain": ("DecoderPretraining", {}),
+    "cold_start": ("ColdStart", dict(cold_start_checkpointing=(mode == "checkpointed"),
+                                     cold_start_trainable=["projector", "llm_lora", "dit_lora"])),
+}[stage]
+args = getattr(uae_hf, pair + "Config")(
+    output_dir=f"{out}/{stage}-{mode}", max_steps=1, per_device_train_batch_size=batch, report_to=[], use_cpu=True,
+    bf16=False, activation_checkpointing=False, decoder_height=size, decoder_width=size,
+    decoder_num_inference_steps=steps, backbone_checkpoints={"clip": f"{twins}/backbones/clip"},
+    log_reconstructions_steps=0, save_strategy="no", logging_steps=1, **own,
 )
 model = pipe.vlm if stage != "understanding" else pipe.vlm.__class__.from_pretrained(f"{twins}/encoder")
-trainer = UnifiedGRPOTrainer(model=model, decoder=pipe, args=args, train_dataset=skimage_photos(size).select(range(batch)),
-                             processing_class=pipe.processor)
+trainer = getattr(uae_hf, pair + "Trainer")(model=model, decoder=pipe, args=args,
+                                            train_dataset=skimage_photos(size).select(range(batch)),
+                                            processing_class=pipe.processor)
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
     with open("/proc/self/statm") as handle:
