@@ -300,7 +300,7 @@ class DecoderTrainer(AtomicCheckpoints, Trainer):
                           datasets=[dataset_name] if dataset_name else None),
             template_path=str(MODEL_CARDS / "uae_stage_weights.md"),
             model_name=model_name or Path(self.args.output_dir).name,
-            stage=type(self).__name__,
+            trainer=type(self).__name__,
             stage_description=self._stage_description,
             decoder=model_source(self.decoder.transformer),
             files=self.saved_files(),

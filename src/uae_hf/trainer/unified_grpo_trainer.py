@@ -256,7 +256,6 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             base_model=base_model or LOCAL_CHECKPOINT,
             base_model_path=base_model or "path/to/base-encoder",
             decoder=decoder_name,
-            stage="Generation for Understanding",
             conditioning_mode=args.decoder_conditioning_mode or self.decoder.config.conditioning_mode,
             reward_backbones=", ".join(args.reward_backbones),
             heldout_backbones=", ".join(args.heldout_backbones) or "none",
