@@ -90,23 +90,6 @@ def _quiet_libraries(verbose: bool, data: bool = False):
         yield
 
 
-def load_images(paths: list[Path]) -> list:
-    """Open every image up front, so a bad file stops the run before any model loads."""
-    import PIL.Image
-
-    if not paths:
-        raise CommandLineError("no images given")
-    images = []
-    for path in paths:
-        try:
-            with PIL.Image.open(path) as image:
-                image.load()
-                images.append(image.copy())
-        except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-            raise CommandLineError(f"cannot read image {path}: {error}") from error
-    return images
-
-
 def reconstruct(
     pipeline,
     image_paths: list[Path],
@@ -116,37 +99,30 @@ def reconstruct(
     seed: int = 0,
     **generate_kwargs,
 ) -> list[dict]:
-    """Round-trip each image through `pipeline`; write reconstructions, `captions.jsonl` and `grid.png`.
+    """Round-trip each image through `pipeline` (`uae_hf.round_trip.round_trip`: image i with seed `seed + i`, whatever
+    the batch size); write reconstructions, `captions.jsonl` and `grid.png`.
 
     `reconstructions/<name>.png` is named as `uae_hf.metrics.round_trip_bench.unique_names` says: the image's stem;
     its file name where stems are shared (`x.png.png`, `x.jpg.png`); its path from the common folder where file names
     are shared too (`d1/x.png.png`).
     """
-    import torch
     from tqdm.auto import tqdm
 
     from .metrics.round_trip_bench import unique_names
+    from .round_trip import round_trip
     from .visualization import reconstruction_grid
 
     names = unique_names(image_paths)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "reconstructions").mkdir(exist_ok=True)
-    pipeline.set_progress_bar_config(disable=True)
     rows, reconstructions = [], []
     with tqdm(total=len(originals), desc="reconstructing", unit="image") as progress:
-        for start in range(0, len(originals), batch_size):
-            batch = originals[start : start + batch_size]
-            # one generator per image, seeded by its index: results do not depend on the batch size
-            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
-            output = pipeline(image=batch, generator=generators, **generate_kwargs)
-            for offset, (caption, image) in enumerate(zip(output.captions, output.images)):
-                path = image_paths[start + offset]
-                target = output_dir / "reconstructions" / f"{names[start + offset]}.png"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                image.save(target)
-                reconstructions.append(image)
-                rows.append({"image": str(path), "caption": caption, "reconstruction": str(target)})
-            progress.update(len(batch))
+        for item in round_trip(pipeline, originals, batch_size, seed, progress=progress, **generate_kwargs):
+            target = output_dir / "reconstructions" / f"{names[item.index]}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            item.reconstruction.save(target)
+            reconstructions.append(item.reconstruction)
+            rows.append({"image": str(image_paths[item.index]), "caption": item.caption, "reconstruction": str(target)})
     with open(output_dir / "captions.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -294,6 +270,7 @@ def _cmd_tiny_models(args) -> None:
 
 
 def _cmd_reconstruct(args) -> None:
+    from .images import load_images
     from .metrics.round_trip_bench import unique_names
 
     paths = [Path(p) for p in args.images]
@@ -301,7 +278,10 @@ def _cmd_reconstruct(args) -> None:
         unique_names(paths)  # the same image twice fails here, before any model loads
     except ValueError as error:
         raise CommandLineError(str(error)) from None
-    originals = load_images(paths)
+    try:
+        originals = load_images(paths, "images")  # every image read up front: a bad file stops the run at once
+    except ValueError as error:
+        raise CommandLineError(str(error)) from error
     pipeline = _load_pipeline(args)
     rows = reconstruct(
         pipeline, paths, originals, Path(args.output_dir), args.batch_size, args.seed, **_generate_kwargs(args)

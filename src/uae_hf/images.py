@@ -1,4 +1,5 @@
-"""Turn what users hand us (PIL images, files, bytes, arrays, tensors) into RGB images, with errors that say where."""
+"""Turn what users hand us (PIL images, files, bytes, arrays, tensors) into RGB images, with errors that say where; and
+what the decoder draws (float arrays) into 8-bit images."""
 
 import io
 from pathlib import Path
@@ -63,3 +64,14 @@ def load_images(items, name: str = "images") -> list[PIL.Image.Image]:
     if items is None or len(items) == 0:
         raise ValueError(f"`{name}` is empty: pass at least one image")
     return [load_image(item, f"{name}[{index}]") for index, item in enumerate(items)]
+
+
+def decoded_images(arrays) -> list[PIL.Image.Image | None]:
+    """Decoded `HxWx3` float arrays in [0, 1] (a list, or an `NxHxWx3` array) as 8-bit RGB images, each value rounded to
+    the nearest level (a sampler's overshoot past 0 or 1 to that end); `None` for an array with a NaN or an infinity
+    (a diverged sample, not an image)."""
+    return [
+        PIL.Image.fromarray(np.clip((array * 255).round(), 0, 255).astype(np.uint8)) if np.isfinite(array).all()
+        else None
+        for array in arrays
+    ]

@@ -174,3 +174,32 @@ def test_official_preprocessing_precision_and_backbones(backbone_checkpoints):
         ImageSimilarity(("clip",), {"clip": backbone_checkpoints["clip"]}, dtype=torch.bfloat16, protocol="official")
     with pytest.raises(ValueError, match="choose from"):
         ImageSimilarity(("clip",), {"clip": backbone_checkpoints["clip"]}, protocol="paper")
+
+
+# Measured on the twins, the photos at 96x96 and 125x96: the processors resize 8-bit images and round each of their two
+# passes, so `_pixel_values` differs from their pixel values by at most 1.09 grey levels (mean 0.29), and DINOv3's,
+# which resizes floats, by nothing; features differ by at most 7.5e-4 (LongCLIP, SigLIP; 1e-7 for DINOv3), cosines
+# between the two embeddings of an image by at most 1.6e-6 from 1. Before embed_pixels followed each processor's long
+# side (floored), interpolation (DINOv3: bilinear) and per-pass clamping, pixels were up to 60 grey levels off.
+PIXEL_GREY_LEVELS = 1.5
+FEATURE_ATOL = 1.5e-3
+
+
+@pytest.mark.parametrize("name", ["clip", "dinov2", "dinov3", "longclip", "siglip"])
+def test_embed_pixels_agrees_with_embed(name, backbone_checkpoints, photos):
+    """The cold-start loss (`embed_pixels`, differentiable) and the reward and metric (`embed`, PIL images) see the same
+    features; 125x96 resizes to a long side of 291.67, which the processors floor."""
+    embedder = get_embedder(name, backbone_checkpoints[name])
+    for images in (photos, [photo.resize((125, 96)) for photo in photos]):
+        pixels = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images]) / 255
+        expected = embedder.processor(images=images, return_tensors="pt")["pixel_values"]
+        std = torch.tensor(embedder.processor.image_std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            grey_levels = (embedder._pixel_values(pixels) - expected).abs() * std * 255
+        bound = 1e-3 if name == "dinov3" else PIXEL_GREY_LEVELS  # DINOv3's processor resizes floats, as we do
+        assert grey_levels.max() <= bound, (images[0].size, grey_levels.max())
+        pixels.requires_grad_(True)
+        features = embedder.embed_pixels(pixels)
+        torch.testing.assert_close(features.detach(), embedder.embed(images), atol=FEATURE_ATOL, rtol=0)
+        features.sum().backward()
+        assert pixels.grad.abs().sum() > 0  # differentiable all the way to the pixels

@@ -3,7 +3,7 @@
 Output folder:
 
     reconstructions/<name>.png   one per reference image (see "Names" below)
-    captions.jsonl               {"image", "source", "caption", "reconstruction"} per image, appended as batches finish
+    captions.jsonl               {"image", "source", "caption", "reconstruction"} per image, appended as each finishes
     settings.json                what made reconstructions/ and captions.jsonl: references, pipeline, seed, sampling
                                  settings, package versions (see `run_bench`); a rerun is checked against it
     scores.json                  per-image rows, per-backbone mean/min/max/std, overall, unified_bench, skipped files,
@@ -229,14 +229,16 @@ def run_round_trip(
     seed: int = 0,
     **call_kwargs,
 ) -> tuple[dict[str, dict], list[dict], int]:
-    """Caption and regenerate every reference not done yet.
+    """Caption and regenerate every reference not done yet (`uae_hf.round_trip.round_trip`), each reconstruction and
+    its `captions.jsonl` row written as soon as it is made.
 
     Returns (caption rows by name, skipped references, how many reconstructions were reused from an earlier run).
     Reference i uses noise seed `seed + i`, whatever the batch size or how often the run was resumed. Whether the
     earlier ones may be reused is `prepare_round_trip_dir`'s check (`run_bench` makes it).
     """
-    import torch
     from tqdm.auto import tqdm
+
+    from ..round_trip import round_trip
 
     for group in _clashes([ref.name for ref in references]):
         raise ValueError(f"references {[references[index].name for index in group]} would share one reconstruction "
@@ -246,7 +248,7 @@ def run_round_trip(
     captions_path = output_dir / "captions.jsonl"
     done = _read_captions(captions_path)
     todo = [
-        (index, ref)
+        index
         for index, ref in enumerate(references)
         if not (ref.name in done and (output_dir / "reconstructions" / f"{ref.name}.png").exists())
     ]
@@ -254,31 +256,22 @@ def run_round_trip(
     if reused:
         logger.info("reusing %d of %d reconstructions in %s", reused, len(references), output_dir)
     skipped = []
-    pipeline.set_progress_bar_config(disable=True)
     with tqdm(total=len(references), initial=reused, desc="round trip", unit="image") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = []
-            for index, ref in todo[start : start + batch_size]:
-                try:
-                    batch.append((index, ref, ref.load()))
-                except (ValueError, TypeError) as error:
-                    logger.warning("skipping %s: %s", ref.name, error)
-                    skipped.append({"image": ref.name, "error": str(error)})
-                    bar.update(1)
-            if not batch:
+        for item in round_trip(pipeline, [references[index] for index in todo], batch_size, seed, indices=todo,
+                               load=ReferenceImage.load, progress=bar, **call_kwargs):
+            ref = references[item.index]
+            if item.error is not None:
+                logger.warning("skipping %s: %s", ref.name, item.error)
+                skipped.append({"image": ref.name, "error": str(item.error)})
                 continue
-            generators = [torch.Generator().manual_seed(seed + index) for index, _, _ in batch]
-            output = pipeline(image=[image for _, _, image in batch], generator=generators, **call_kwargs)
+            target = output_dir / "reconstructions" / f"{ref.name}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            item.reconstruction.save(target)
+            source = str(ref.source) if isinstance(ref.source, (str, Path)) else ref.origin
+            done[ref.name] = {"image": ref.name, "source": source, "caption": item.caption,
+                              "reconstruction": str(target)}
             with open(captions_path, "a") as handle:
-                for (_, ref, _), caption, image in zip(batch, output.captions, output.images):
-                    target = output_dir / "reconstructions" / f"{ref.name}.png"
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    image.save(target)
-                    source = str(ref.source) if isinstance(ref.source, (str, Path)) else ref.origin
-                    done[ref.name] = {"image": ref.name, "source": source, "caption": caption,
-                                      "reconstruction": str(target)}
-                    handle.write(json.dumps(done[ref.name], ensure_ascii=False) + "\n")
-            bar.update(len(batch))
+                handle.write(json.dumps(done[ref.name], ensure_ascii=False) + "\n")
     return done, skipped, reused
 
 

@@ -25,7 +25,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
     SiglipVisionModel,
 )
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,27 @@ def _unavailable_reason(checkpoint: str, error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+# PIL resampling filters → `F.interpolate` modes, as transformers' torchvision backend maps them
+_INTERPOLATION = {
+    PILImageResampling.NEAREST: "nearest-exact",
+    PILImageResampling.BILINEAR: "bilinear",
+    PILImageResampling.BICUBIC: "bicubic",
+}
+
+
+def _resized_size(size, height: int, width: int) -> tuple[int, int]:
+    """An image processor's `(height, width)` after resizing: `shortest_edge` keeps the aspect ratio and floors the
+    long side (as `transformers.image_transforms.get_resize_output_image_size`), else `height` and `width`."""
+    if size.get("shortest_edge") and not size.get("longest_edge"):
+        short, long = sorted((height, width))
+        long = int(size["shortest_edge"] * long / short)
+        return (size["shortest_edge"], long) if height <= width else (long, size["shortest_edge"])
+    if size.get("height") and size.get("width"):
+        return size["height"], size["width"]
+    raise ValueError(f"embed_pixels cannot resize to {size}: pass a backbone whose processor sets shortest_edge, or "
+                     "height and width")
+
+
 def _image_key(image: PIL.Image.Image) -> str:
     digest = hashlib.blake2b(image.tobytes(), digest_size=20)
     digest.update(f"{image.mode}{image.size}".encode())
@@ -183,30 +204,42 @@ class ImageEmbedder:
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Differentiable embedding of `(N, 3, H, W)` RGB tensors in [0, 1] (gradients flow to `pixels`).
 
-        Mirrors the image processor with tensor ops (antialiased bicubic resize, center crop, normalisation), so it
-        agrees closely, not bitwise, with `embed` on PIL images. Returns L2-normalised float32 rows.
+        Agrees with `embed` on the same images as 8-bit PIL images up to 8-bit rounding (see `_pixel_values`).
+        Returns L2-normalised float32 rows.
+        """
+        output = self.model(pixel_values=self._pixel_values(pixels).to(self.device, self.dtype))
+        return F.normalize(getattr(output, self.backbone.output).float(), dim=-1)
+
+    def _pixel_values(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The image processor's `pixel_values`, with differentiable tensor ops, from `(N, 3, H, W)` floats in [0, 1].
+
+        As the processor: its output size (the long side floored, as transformers computes it), its interpolation
+        (bicubic for CLIP, DINOv2, SigLIP; bilinear for DINOv3), antialiased; a floored center crop; normalisation.
+        The processors resize 8-bit images one axis at a time (width, then height) and round and clamp each pass to
+        8 bits; here each pass is clamped to [0, 1] too, which keeps bicubic's overshoot at sharp edges out of the
+        second pass (up to 8 grey levels otherwise) and is a no-op for bilinear. What remains is the 8-bit rounding.
         """
         processor = self.processor
         x = pixels.float()
-        size = processor.size
-        height, width = x.shape[-2:]
         if getattr(processor, "do_resize", True):
-            if "shortest_edge" in size:
-                scale = size["shortest_edge"] / min(height, width)
-                target = (round(height * scale), round(width * scale))
-            else:
-                target = (size["height"], size["width"])
-            x = F.interpolate(x, size=target, mode="bicubic", antialias=True, align_corners=False)
-        if getattr(processor, "do_center_crop", False) and processor.crop_size:
-            crop_h, crop_w = processor.crop_size["height"], processor.crop_size["width"]
-            top, left = (x.shape[-2] - crop_h) // 2, (x.shape[-1] - crop_w) // 2
-            x = x[..., top : top + crop_h, left : left + crop_w]
+            height, width = _resized_size(processor.size, *x.shape[-2:])
+            resample = getattr(processor, "resample", None)
+            resample = PILImageResampling.BILINEAR if resample is None else PILImageResampling(resample)
+            if resample not in _INTERPOLATION:
+                raise ValueError(f"{self.backbone.name}: embed_pixels has no differentiable {resample.name} resize")
+            mode = _INTERPOLATION[resample]
+            smooth = {} if mode == "nearest-exact" else {"antialias": True, "align_corners": False}
+            for size in ((x.shape[-2], width), (height, width)):
+                x = F.interpolate(x, size=size, mode=mode, **smooth).clamp(0, 1)
+        crop = getattr(processor, "crop_size", None)
+        if getattr(processor, "do_center_crop", False) and crop:
+            top, left = (x.shape[-2] - crop["height"]) // 2, (x.shape[-1] - crop["width"]) // 2
+            x = x[..., top : top + crop["height"], left : left + crop["width"]]
         if getattr(processor, "do_normalize", True):
             mean = torch.tensor(processor.image_mean, device=x.device).view(1, -1, 1, 1)
             std = torch.tensor(processor.image_std, device=x.device).view(1, -1, 1, 1)
             x = (x - mean) / std
-        output = self.model(pixel_values=x.to(self.device, self.dtype))
-        return F.normalize(getattr(output, self.backbone.output).float(), dim=-1)
+        return x
 
     def embed_references(self, images: list[PIL.Image.Image], batch_size: int = 32) -> torch.Tensor:
         """Like `embed`, but each distinct image (by content) is embedded once per embedder, then served from cache."""

@@ -27,6 +27,7 @@ from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import (
     caption_messages,
 )
 from ..rewards.similarity import get_embedder
+from ..round_trip import round_trip
 from ..trainer import UnifiedGRPOConfig, UnifiedGRPOTrainer
 from ..trainer.loop_stage import LORA_WEIGHT_NAME
 from ..visualization import reconstruction_grid
@@ -113,21 +114,14 @@ class HeldOutScorer:
 
     @torch.no_grad()
     def __call__(self, pipeline, batch_size: int = 64) -> dict:
-        captions, reconstructions = [], []
-        for start in range(0, len(self.images), batch_size):
-            batch = self.images[start : start + batch_size]
-            output = pipeline(
-                image=batch,
-                do_sample=False,
-                max_new_tokens=self.config.max_caption_tokens,
-                num_inference_steps=self.config.num_inference_steps,
-                guidance_scale=self.config.guidance_scale,
-                height=IMAGE_SIZE,
-                width=IMAGE_SIZE,
-                generator=[torch.Generator().manual_seed(self.config.seed + start + i) for i in range(len(batch))],
-            )
-            captions += output.captions
-            reconstructions += output.images
+        config = self.config
+        trips = list(round_trip(
+            pipeline, self.images, batch_size, config.seed, do_sample=False, max_new_tokens=config.max_caption_tokens,
+            num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale, height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+        ))
+        captions = [trip.caption for trip in trips]
+        reconstructions = [trip.reconstruction for trip in trips]
         bench = self.bench.compute(predictions=reconstructions, references=self.images)
         attributes = attribute_accuracy(predict_attributes(self.backbone, self.processor, reconstructions), self.truth)
         return {
