@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from uae_hf import UAEProjector, UAEReconstructionPipeline, load_uae_pipeline
-from uae_hf.cli import load_images as cli_load_images
+from uae_hf.cli import main
 from uae_hf.images import load_image, load_images
 
 RANDOM = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
@@ -73,7 +73,7 @@ def test_decompression_bomb_says_how_to_allow_it(tmp_path, monkeypatch):
                                          r"If you trust the file, raise PIL\.Image\.MAX_IMAGE_PIXELS\.$"):
         load_image(path, "image[0]")
     with pytest.raises(SystemExit, match=r"cannot read image .*big\.png.*decompression bomb"):
-        cli_load_images([tmp_path / "big.png"])
+        main(["reconstruct", path, "--pipeline", "unused", "--output-dir", str(tmp_path / "out")])
 
 
 @pytest.mark.parametrize("items, error, match", [

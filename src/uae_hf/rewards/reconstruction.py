@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..images import load_image
+from ..images import decoded_images, load_image
 from .similarity import ImageSimilarity
 
 
@@ -107,9 +107,7 @@ class ReconstructionReward:
                 output_type="np",
                 **self.generate_kwargs,
             ).images
-            for array in arrays:
-                finite = np.isfinite(array).all()
-                images.append(PIL.Image.fromarray((array * 255).round().astype("uint8")) if finite else None)
+            images.extend(decoded_images(arrays))
         return images
 
     def similarities(self, reconstructions: list, references: list[PIL.Image.Image]) -> tuple[torch.Tensor, dict]:

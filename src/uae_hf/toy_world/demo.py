@@ -28,8 +28,8 @@ from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import (
 )
 from ..rewards.similarity import get_embedder
 from ..round_trip import round_trip
-from ..trainer import UnifiedGRPOConfig, UnifiedGRPOTrainer
-from ..trainer.loop_stage import LORA_WEIGHT_NAME
+from ..trainer import TRAINERS, ColdStartTrainer, DecoderPretrainingTrainer, FlowGRPOTrainer, UnifiedGRPOTrainer
+from ..trainer.decoder_trainer import LORA_WEIGHT_NAME
 from ..visualization import reconstruction_grid
 from .backbone import attribute_accuracy, predict_attributes, train_toy_backbone
 from .models import build_toy_world_models
@@ -193,10 +193,11 @@ class ToyWorldDemo:
         self.pipeline.set_progress_bar_config(disable=True)
         self.score = HeldOutScorer(held_out, self.backbone_dir, config)
 
-    def _args(self, stage: str, **kwargs) -> UnifiedGRPOConfig:
+    def _args(self, stage: str, **kwargs):
+        """The config of `stage`'s trainer with the demo's shared settings."""
         config = self.config
-        return UnifiedGRPOConfig(
-            **_common_args(config, self.stages_dir / stage, **kwargs), stage=stage,
+        return TRAINERS[stage][0](
+            **_common_args(config, self.stages_dir / stage, **kwargs),
             decoder_height=IMAGE_SIZE, decoder_width=IMAGE_SIZE,
             decoder_num_inference_steps=config.num_inference_steps, decoder_guidance_scale=config.guidance_scale,
             reward_backbones=["toyworld"], backbone_checkpoints={"toyworld": str(self.backbone_dir)},
@@ -248,7 +249,7 @@ class ToyWorldDemo:
     def pretrain(self) -> dict:
         """Projector + every DiT weight, rectified flow on detailed captions through the frozen encoder."""
         config = self.config
-        trainer = UnifiedGRPOTrainer(None, self.pipeline, train_dataset=self.train, args=self._args(
+        trainer = DecoderPretrainingTrainer(decoder=self.pipeline, train_dataset=self.train, args=self._args(
             "pretrain", pretrain_full_dit=True, max_steps=config.pretrain_steps,
             per_device_train_batch_size=config.batch_size, learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=min(20, config.pretrain_steps // 10),
             adam_beta2=0.99, weight_decay=0.0, caption_column="caption"))
@@ -265,7 +266,7 @@ class ToyWorldDemo:
 
     def cold_start(self) -> dict:
         """The projector learns from the semantic reconstruction loss through a short sampler."""
-        trainer = UnifiedGRPOTrainer(None, self.pipeline, train_dataset=self.train, args=self._args(
+        trainer = ColdStartTrainer(decoder=self.pipeline, train_dataset=self.train, args=self._args(
             "cold_start", max_steps=self.config.cold_start_steps, per_device_train_batch_size=8, learning_rate=1e-4,
             caption_column="caption", cold_start_trainable=["projector"]))
         trainer.train()
@@ -310,7 +311,7 @@ class ToyWorldDemo:
     def generation(self) -> dict:
         """Stage 3: Flow-GRPO on a DiT LoRA; captions from the frozen stage-2 encoder."""
         config = self.config
-        trainer = UnifiedGRPOTrainer(
+        trainer = FlowGRPOTrainer(
             self.pipeline.vlm, self.pipeline, train_dataset=self.train.select_columns(["image"]),
             processing_class=self.pipeline.processor,
             args=self._args("generation", max_steps=config.generation_steps, per_device_train_batch_size=64,

@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import TrainerCallback
 
 from ..hub import MODEL_CARDS, hub_id_of
+from ..images import decoded_images
 from ..rewards.reconstruction import ReconstructionBatch, caption_metrics
 from ..sampling.flow_sde import decode_latents, flow_step, sample_trajectory, velocity
 from ..seeding import seeded_generators, stream_seed
@@ -24,12 +25,6 @@ from .decoder_trainer import CAPTION_STREAM, LORA_WEIGHT_NAME, DecoderTrainer, r
 from .flow_grpo_config import FlowGRPOConfig
 from .health import HealthWarnings
 from .model_card import card_tags, latest_metrics
-
-def decoded_images(arrays):  # TEMPORARY until uae_hf.images has it
-    import numpy as np
-    import PIL.Image
-    return [PIL.Image.fromarray((a * 255).round().astype("uint8")) if np.isfinite(a).all() else None for a in arrays]
-
 
 GROUP_NOISE_STREAM, SAMPLE_NOISE_STREAM, STEP_NOISE_STREAM, TRAINED_STEPS_STREAM = 3, 4, 5, 6
 
