@@ -148,3 +148,14 @@ def test_pooled_embedding_matches_sd3_empty_prompt(pipe):
     assert ours.shape == (1, pipe.transformer.config.pooled_projection_dim)
     torch.testing.assert_close(ours, pooled, atol=1e-6, rtol=0)
     assert pipe.uae_pooled_prompt_embeds() is pipe.uae_pooled_prompt_embeds()  # computed once
+
+
+def test_pooled_embeddings_for_a_batch(pipe):
+    """`uae_pooled_prompt_embeds(batch_size, device, dtype)`: the one cached row, moved and expanded to a batch."""
+    cached = pipe.uae_pooled_prompt_embeds()
+    batch = pipe.uae_pooled_prompt_embeds(3, "cpu", torch.bfloat16)
+    assert batch.shape == (3, cached.shape[1]) and batch.dtype == torch.bfloat16
+    assert torch.equal(batch, cached.to(torch.bfloat16).expand(3, -1))
+    assert torch.equal(pipe.uae_pooled_prompt_embeds(2), cached.expand(2, -1))
+    assert pipe.uae_pooled_prompt_embeds(device="cpu") is cached  # nothing to move: the cache itself
+    assert pipe.uae_pooled_prompt_embeds() is cached

@@ -151,18 +151,60 @@ def test_save_and_reload_in_a_fresh_process_without_uae_hf(pipe, tiny_dir, tmp_p
     np.testing.assert_array_equal(through_custom_pipeline, expected)
 
 
-def test_pipeline_module_imports_only_torch_transformers_diffusers():
+def test_pipeline_modules_import_only_torch_transformers_diffusers():
+    """Every module a saved folder carries (`pipeline.py` and its siblings) imports no `uae_hf`, and `pipeline.py`
+    imports each sibling itself: diffusers copies only those (`get_relative_imports` of `pipeline.py`, one level)."""
     import ast
     import inspect
 
+    from diffusers.utils.dynamic_modules_utils import get_relative_imports
+
     from uae_hf.pipelines.uae_reconstruction import pipeline_uae_reconstruction as module
 
-    tree = ast.parse(inspect.getsource(module))
-    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
-    assert roots <= {"torch", "transformers", "diffusers", "huggingface_hub", "numpy", "PIL", "contextlib", "inspect", "json",
-                     "shutil", "dataclasses", "pathlib", "tempfile", "warnings", "copy"}, roots
-    assert not any(isinstance(node, ast.ImportFrom) and node.level > 0 for node in ast.walk(tree))
+    siblings = set(module.SIBLING_MODULES)
+    folder = Path(inspect.getfile(module)).parent
+    assert set(get_relative_imports(inspect.getfile(module))) == siblings
+    for path in [Path(inspect.getfile(module))] + [folder / f"{name}.py" for name in sorted(siblings)]:
+        tree = ast.parse(path.read_text())
+        roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+        roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                  and node.level == 0}
+        assert roots <= {"torch", "transformers", "diffusers", "huggingface_hub", "numpy", "PIL", "contextlib",
+                         "inspect", "json", "shutil", "dataclasses", "pathlib", "tempfile", "warnings", "copy",
+                         "sys"}, (path.name, roots)
+        relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0}
+        assert relative <= siblings and all(node.level == 1 for node in ast.walk(tree)
+                                            if isinstance(node, ast.ImportFrom) and node.level > 0), path.name
+
+
+TWO_FOLDERS_SCRIPT = BLOCK_NETWORK + """
+import sys
+sys.modules["uae_hf"] = None
+from diffusers import DiffusionPipeline
+
+for folder in sys.argv[1:3]:
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    print(sys.modules[type(pipe).__module__].NEGATIVE_PROMPT)
+"""
+
+
+def test_a_second_saved_folder_runs_its_own_sibling_modules(pipe, tmp_path):
+    """diffusers copies every local folder's modules into one shared package and re-runs only `pipeline.py` on a
+    later load: the pipeline must not pick up the sibling modules an earlier load left behind."""
+    import shutil
+
+    from uae_hf.pipelines.uae_reconstruction.pipeline_uae_reconstruction import NEGATIVE_PROMPT, SIBLING_MODULES
+
+    pipe.save_pretrained(tmp_path / "first")
+    assert all((tmp_path / "first" / f"{name}.py").exists() for name in SIBLING_MODULES)
+    shutil.copytree(tmp_path / "first", tmp_path / "second")
+    with open(tmp_path / "second" / "conditioning.py", "a") as handle:
+        handle.write('NEGATIVE_PROMPT = "changed in the second folder"\n')
+    result = subprocess.run([sys.executable, "-c", TWO_FOLDERS_SCRIPT, str(tmp_path / "first"), str(tmp_path / "second")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-2:] == [NEGATIVE_PROMPT, "changed in the second folder"]
 
 
 def test_model_card_lists_parts_and_scores(pipe):

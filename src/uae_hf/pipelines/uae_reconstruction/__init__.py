@@ -1,15 +1,9 @@
+from .attention_processor import MaskedJointAttnProcessor, masked_attention
+from .captioning import CAPTION_INSTRUCTION, caption_images
+from .conditioning import NEGATIVE_PROMPT, GenerateConditioning, clip_pooled_embeds, encode_generate_prompts
 from .loading import load_saved_pipeline, load_uae_pipeline
-from .pipeline_uae_reconstruction import (
-    CAPTION_INSTRUCTION,
-    NEGATIVE_PROMPT,
-    GenerateConditioning,
-    MaskedJointAttnProcessor,
-    UAEReconstructionPipeline,
-    UAEReconstructionPipelineOutput,
-    caption_images,
-    clip_pooled_embeds,
-    encode_generate_prompts,
-)
+from .pipeline_output import UAEReconstructionPipelineOutput
+from .pipeline_uae_reconstruction import UAEReconstructionPipeline
 
 
 def _from_uae_release(cls, *args, **kwargs) -> UAEReconstructionPipeline:

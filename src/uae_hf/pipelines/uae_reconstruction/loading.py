@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ...models.projector import UAEProjector
+from .attention_processor import MaskedJointAttnProcessor
 from .pipeline_uae_reconstruction import UAEReconstructionPipeline
 
 _SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -37,6 +38,14 @@ def component_dtypes(folder: str | Path, torch_dtype: torch.dtype | None = None)
         return torch_dtype
     stored = {path.name: stored_dtype(path) for path in Path(folder).iterdir() if path.is_dir()}
     return {name: dtype for name, dtype in stored.items() if dtype is not None}
+
+
+def _mask_for_good(pipeline: UAEReconstructionPipeline) -> UAEReconstructionPipeline:
+    """Masked attention in every layer of a transformer this module loaded (no one else holds it): a direct call of
+    the DiT (SD3's own `__call__`, a sampler, a trainer) then honours `encoder_attention_mask` without
+    `pipeline.masked_attention()`. Without a mask the processor computes what diffusers' default one does."""
+    pipeline.transformer.set_attn_processor(MaskedJointAttnProcessor())
+    return pipeline
 
 
 def _local_folder(path_or_repo: str | Path, download=None, **download_kwargs) -> Path:
@@ -67,6 +76,9 @@ def load_uae_pipeline(
             model keeps the dtype its weights are stored in.
         load_t5 (`bool`, *optional*): load the decoder's T5 encoder; by default only in text mode (embeddings mode
             never uses it, and SD3.5's T5-XXL alone has 4.7B parameters).
+
+    The transformer, loaded here for this pipeline alone, keeps [`MaskedJointAttnProcessor`] for good: a direct call
+    with `encoder_attention_mask` masks even outside `pipe.masked_attention()`.
     """
     if load_t5 is None:
         load_t5 = conditioning_mode == "text"
@@ -79,18 +91,19 @@ def load_uae_pipeline(
     if projector:
         projector = _local_folder(projector)
         projector_model = UAEProjector.from_pretrained(projector, dtype=torch_dtype or stored_dtype(projector))
-    return UAEReconstructionPipeline.from_pipe(
+    return _mask_for_good(UAEReconstructionPipeline.from_pipe(
         sd3, vlm=vlm, processor=processor, projector=projector_model, conditioning_mode=conditioning_mode
-    )
+    ))
 
 
 def load_saved_pipeline(path_or_repo: str | Path, trust_remote_code: bool = False, torch_dtype=None, **download_kwargs):
     """Load a saved pipeline folder (or Hub repo) without running code from it.
 
-    A folder written by `UAEReconstructionPipeline.save_pretrained` is rebuilt from `uae_hf`'s own classes (its
-    `pipeline.py` and `projector/projector.py` are not executed); any other diffusers pipeline loads as usual. With
-    `trust_remote_code=True`, diffusers loads the folder's own code instead, as `DiffusionPipeline` would. Every
-    model is loaded in `torch_dtype` if given, else in the dtype its weights are stored in.
+    A folder written by `UAEReconstructionPipeline.save_pretrained` is rebuilt from `uae_hf`'s own classes (none of
+    its code, `pipeline.py`, the modules beside it, `projector/projector.py`, is executed; its transformer keeps
+    [`MaskedJointAttnProcessor`] for good, as with [`load_uae_pipeline`]); any other diffusers pipeline loads as
+    usual. With `trust_remote_code=True`, diffusers loads the folder's own code instead, as `DiffusionPipeline`
+    would. Every model is loaded in `torch_dtype` if given, else in the dtype its weights are stored in.
     """
     folder = _local_folder(path_or_repo, **download_kwargs)
     dtypes = component_dtypes(folder, torch_dtype)
@@ -118,4 +131,4 @@ def load_saved_pipeline(path_or_repo: str | Path, trust_remote_code: bool = Fals
             raise ValueError(f"{folder}: component {name!r} comes from {library!r}; load it with trust_remote_code=True "
                              "if you trust that code")
     options = {key: value for key, value in index.items() if not key.startswith("_") and not isinstance(value, list)}
-    return UAEReconstructionPipeline(**components, **options)
+    return _mask_for_good(UAEReconstructionPipeline(**components, **options))
