@@ -48,6 +48,13 @@ def test_reconstruct_names_an_unreadable_file(pipe, tmp_path):
         main(["reconstruct", str(bad), "--pipeline", "unused", "--output-dir", str(tmp_path / "out")])
 
 
+def assert_log_history_saved(out: Path, steps: int) -> None:
+    """A run leaves its trainer state, log history included, as TRL's example scripts do."""
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == steps
+    assert any("train_loss" in record for record in state["log_history"])  # the run's summary record
+
+
 @pytest.mark.slow
 def test_train_runs_the_tiny_recipe_with_no_other_argument(tmp_path):
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / "understanding_tiny.yaml"
@@ -60,6 +67,7 @@ def test_train_runs_the_tiny_recipe_with_no_other_argument(tmp_path):
     out = tmp_path / "outputs" / "understanding-tiny"
     for name in ("adapter_model.safetensors", "adapter_config.json", "README.md", "reconstructions/step-000001.png"):
         assert (out / name).exists(), name
+    assert_log_history_saved(out, steps=3)
     assert (tmp_path / "outputs" / "tiny-models" / "decoder" / "model_index.json").exists()  # built on demand
 
 
@@ -73,6 +81,7 @@ def test_train_runs_the_tiny_generation_recipe(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "outputs" / "generation-tiny"
     assert (out / "pytorch_lora_weights.safetensors").exists() and "flow-grpo" in (out / "README.md").read_text()
+    assert_log_history_saved(out, steps=2)
 
 
 @pytest.mark.slow
@@ -85,6 +94,7 @@ def test_train_runs_the_pretrain_and_cold_start_recipes(recipe, saved, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = next((tmp_path / "outputs").glob("*-tiny"))
     assert (out / saved).exists() and (out / "README.md").exists()
+    assert_log_history_saved(out, steps=2)
 
 
 @pytest.mark.slow
@@ -105,19 +115,24 @@ def test_train_resumes_from_the_last_checkpoint(tmp_path):
     assert resumed.count("'loss'") == 1  # only step 3 ran
 
 
-@pytest.mark.parametrize("recipe", ["generation_sd3.5.yaml", "pretrain_sd3.5.yaml", "cold_start_sd3.5.yaml"])
-def test_other_real_size_recipes_parse(recipe):
+@pytest.mark.parametrize("recipe, config_name", [("generation_sd3.5.yaml", "FlowGRPOConfig"),
+                                                 ("pretrain_sd3.5.yaml", "DecoderPretrainingConfig"),
+                                                 ("cold_start_sd3.5.yaml", "ColdStartConfig")])
+def test_other_real_size_recipes_parse(recipe, config_name):
+    """Each recipe's `stage:` picks its trainer's own config, which accepts every key of the recipe."""
     from trl import ModelConfig, TrlParser
 
-    from uae_hf import UnifiedGRPOConfig
-    from uae_hf.trainer.train_script import UnifiedScriptArguments
+    import uae_hf
+    from uae_hf.trainer.train_script import UnifiedScriptArguments, recipe_stage
 
     path = Path(__file__).parents[1] / "examples" / "recipes" / recipe
-    parser = TrlParser((UnifiedScriptArguments, UnifiedGRPOConfig, ModelConfig))
+    argv = ["--config", str(path), "--use_cpu", "true", "--bf16", "false"]
+    config_class = getattr(uae_hf, config_name)
+    parser = TrlParser((UnifiedScriptArguments, config_class, ModelConfig))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # no deprecated option names in our recipes
-        _, config, _ = parser.parse_args_and_config(["--config", str(path), "--use_cpu", "true", "--bf16", "false"])
-    assert config.stage in ("generation", "pretrain", "cold_start")
+        script, config, _ = parser.parse_args_and_config(argv)
+    assert recipe_stage(argv) == script.stage and type(config) is config_class
 
 
 def test_real_size_recipe_parses():

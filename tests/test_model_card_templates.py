@@ -40,7 +40,7 @@ TEMPLATE_VARIABLES = {
         unified_bench={"clip": 51.5, "overall": 50.25},
     ),
     "uae_stage_weights.md": dict(
-        model_name="tiny-stage", stage="pretrain", stage_description="the decoder learns", decoder="org/decoder",
+        model_name="tiny-stage", trainer="DecoderPretrainingTrainer", stage_description="the decoder learns", decoder="org/decoder",
         files=[["projector/", "UAEProjector", "`UAEProjector.from_pretrained(...)`"]], metrics={"loss": 0.5},
     ),
     "unified_grpo_encoder.md": dict(

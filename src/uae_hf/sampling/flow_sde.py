@@ -133,7 +133,16 @@ def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, conditi
         embeds = torch.cat([conditioning["negative_prompt_embeds"], embeds])
         pooled = torch.cat([conditioning["negative_pooled_prompt_embeds"], pooled])
         model_input = torch.cat([latents, latents])
-    dtype = getattr(transformer, "module", transformer).dtype  # a DistributedDataParallel wrapper holds the DiT
+    dit = getattr(transformer, "module", transformer)  # a DistributedDataParallel wrapper holds the DiT
+    attention_kwargs = conditioning.get("joint_attention_kwargs") or {}
+    if "encoder_attention_mask" in attention_kwargs:
+        unmasked = {type(p).__name__ for p in dit.attn_processors.values()} - {"MaskedJointAttnProcessor"}
+        if unmasked:  # diffusers' own processors would drop the mask with a logged warning: padding attended
+            raise ValueError(
+                f"the text mask of captions of different lengths needs the masked joint attention, but the DiT runs "
+                f"{sorted(unmasked)}: call it inside `with pipe.masked_attention():` (or masked_attention(transformer))"
+            )
+    dtype = dit.dtype
     prediction = transformer(
         hidden_states=model_input.to(dtype),
         timestep=timestep.expand(model_input.shape[0]),

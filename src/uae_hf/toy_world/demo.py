@@ -260,7 +260,7 @@ class ToyWorldDemo:
     def load_pretrain(self) -> None:
         folder = self.stages_dir / "pretrain"
         transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer").to(self.device)
-        transformer.set_attn_processor(MaskedJointAttnProcessor())  # as the pipeline gives its own transformer
+        transformer.set_attn_processor(MaskedJointAttnProcessor())  # as load_uae_pipeline does for what it loads
         self.pipeline.transformer = transformer
         self._load_projector(folder)
 

@@ -164,10 +164,12 @@ class DecoderTrainer(AtomicCheckpoints, Trainer):
         return (loss, None) if return_outputs else loss
 
     def train(self, *args, **kwargs):
-        """`Trainer.train`; afterwards the trained modules' forwards are restored (accelerate wraps them for mixed
-        precision), so the pipeline computes exactly what the saved weights compute in a fresh pipeline."""
+        """`Trainer.train` with the decoder's masked joint attention installed (direct DiT calls pass text masks);
+        afterwards the trained modules' forwards are restored (accelerate wraps them for mixed precision), so the
+        pipeline computes exactly what the saved weights compute in a fresh pipeline."""
         try:
-            return super().train(*args, **kwargs)
+            with self.decoder.masked_attention():  # captions of different lengths share a batch in every DiT call
+                return super().train(*args, **kwargs)
         finally:
             self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
 
@@ -198,7 +200,7 @@ class DecoderTrainer(AtomicCheckpoints, Trainer):
         sums, count = defaultdict(float), 0
         try:
             for index, rows in enumerate(self.get_eval_dataloader(dataset)):
-                with torch.no_grad():
+                with torch.no_grad(), self.decoder.masked_attention():
                     metrics = self.evaluation_metrics(model, rows, index)
                 for name, value in metrics.items():
                     if not np.isnan(value):
