@@ -68,10 +68,12 @@ def test_demo_config_rejects_budgets_that_cannot_run():
     with pytest.raises(ValueError, match="pretrain_steps"):
         ToyDemoConfig(pretrain_steps=0)
     with pytest.raises(ValueError, match="at least 64"):
-        ToyDemoConfig.quick(train_rows=10)
+        ToyDemoConfig.quick_run(train_rows=10)
     with pytest.raises(ValueError, match="sft_level_weights"):
         ToyDemoConfig(sft_level_weights=(1.0, 0.0))
-    assert ToyDemoConfig.quick(seed=3).seed == 3 and ToyDemoConfig.quick().pretrain_steps == 10
+    assert ToyDemoConfig.quick_run(seed=3).seed == 3 and ToyDemoConfig.quick_run().pretrain_steps == 10
+    # a full run's config says it is not the plumbing check (its report then carries no "quick run" note)
+    assert ToyDemoConfig().quick is False and ToyDemoConfig.quick_run().quick is True
 
 
 def test_sft_rows_are_prompt_completion_conversations_mostly_terse():

@@ -12,6 +12,7 @@ import PIL.Image
 import torch
 
 from ..images import decoded_images, load_image
+from ..seeding import seeded_generators, stream_seed
 from .similarity import ImageSimilarity
 
 
@@ -92,7 +93,7 @@ class ReconstructionReward:
         """Item-major generators: caption i's m-th decode uses the step's m-th noise."""
         m = self.reconstructions_per_caption
         step = 0 if self.fixed_noise else step
-        return [torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + j % m) for j in range(count * m)]
+        return seeded_generators(stream_seed(self.seed, step, j % m) for j in range(count * m))
 
     @torch.inference_mode()
     def reconstruct(self, captions: list[str], step: int = 0) -> list[PIL.Image.Image | None]:

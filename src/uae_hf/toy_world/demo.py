@@ -77,10 +77,10 @@ class ToyDemoConfig:
     num_inference_steps: int = field(default=10, metadata={"help": "Decoder sampling steps everywhere."})
     guidance_scale: float = field(default=2.0, metadata={"help": "Decoder CFG scale everywhere."})
     max_caption_tokens: int = field(default=24, metadata={"help": "Caption length limit."})
-    quick: bool = field(default=False, metadata={"help": "Plumbing-check budgets (set by `quick()`): scores mean nothing."})
+    quick: bool = field(default=False, metadata={"help": "Plumbing-check budgets (set by `quick_run()`): scores mean nothing."})
 
     @classmethod
-    def quick(cls, **overrides) -> "ToyDemoConfig":
+    def quick_run(cls, **overrides) -> "ToyDemoConfig":
         """The same path with tiny budgets, to check the plumbing (its scores mean nothing): for CI and a first look."""
         budgets = dict(train_rows=128, eval_rows=8, backbone_steps=15, vae_steps=10, vision_steps=10, batch_size=8,
                        sft_steps=5, pretrain_steps=10, cold_start_steps=1, understanding_steps=2, generation_steps=2,
@@ -364,4 +364,4 @@ def run_demo(config: ToyDemoConfig) -> dict:
 def demo_config_from_args(args) -> ToyDemoConfig:
     """A `ToyDemoConfig` from the CLI's namespace (`--quick` picks the small budgets; explicit flags win)."""
     overrides = {f.name: getattr(args, f.name) for f in fields(ToyDemoConfig) if getattr(args, f.name, None) is not None}
-    return ToyDemoConfig.quick(**overrides) if args.quick else ToyDemoConfig(**overrides)
+    return ToyDemoConfig.quick_run(**overrides) if args.quick else ToyDemoConfig(**overrides)

@@ -18,8 +18,7 @@ from ..rewards.similarity import ImageSimilarity
 from ..sampling.flow_sde import decode_latents, sample_trajectory
 from ..seeding import stream_seed
 from .cold_start_config import ColdStartConfig
-from .decoder_pretraining_trainer import PROJECTOR_FILE
-from .decoder_trainer import CAPTION_STREAM, LORA_WEIGHT_NAME, DecoderTrainer, dataset_captions, row_images
+from .decoder_trainer import CAPTION_STREAM, DIT_LORA_FILE, PROJECTOR_FILE, DecoderTrainer, dataset_captions, row_images
 
 
 def pil_to_pixels(images, height: int, width: int) -> torch.Tensor:
@@ -152,8 +151,7 @@ class ColdStartTrainer(DecoderTrainer):
         parts = set(self.args.cold_start_trainable)
         rows = {
             "projector": PROJECTOR_FILE,
-            "dit_lora": (LORA_WEIGHT_NAME, "DiT LoRA (diffusers format)",
-                         f'`pipe.load_lora_weights(..., weight_name="{LORA_WEIGHT_NAME}")`'),
+            "dit_lora": DIT_LORA_FILE,
             "llm_lora": ("encoder_adapter/", "LLM LoRA (PEFT adapter)", "`pipe.load_encoder_adapter(...)`"),
         }
         return [rows[part] for part in ("projector", "dit_lora", "llm_lora") if part in parts]

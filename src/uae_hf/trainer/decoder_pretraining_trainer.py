@@ -13,7 +13,7 @@ from torch import nn
 
 from ..sampling.flow_sde import velocity
 from .decoder_pretraining_config import DecoderPretrainingConfig
-from .decoder_trainer import LORA_WEIGHT_NAME, DecoderTrainer, dataset_captions, row_images
+from .decoder_trainer import DIT_LORA_FILE, PROJECTOR_FILE, DecoderTrainer, dataset_captions, row_images
 
 
 class DecoderPretrainingModel(nn.Module):
@@ -127,11 +127,5 @@ class DecoderPretrainingTrainer(DecoderTrainer):
             self.save_dit_lora(self.decoder.transformer, output_dir)
 
     def saved_files(self) -> list[tuple[str, str, str]]:
-        dit = (("transformer/", "full SD3Transformer2DModel", "`SD3Transformer2DModel.from_pretrained`")
-               if self.args.pretrain_full_dit else
-               (LORA_WEIGHT_NAME, "DiT LoRA (diffusers format)",
-                f'`pipe.load_lora_weights(..., weight_name="{LORA_WEIGHT_NAME}")`'))
-        return [PROJECTOR_FILE, dit]
-
-
-PROJECTOR_FILE = ("projector/", "UAEProjector", "`UAEProjector.from_pretrained(...)` or `projector=` of a pipeline")
+        full = ("transformer/", "full SD3Transformer2DModel", "`SD3Transformer2DModel.from_pretrained`")
+        return [PROJECTOR_FILE, full if self.args.pretrain_full_dit else DIT_LORA_FILE]

@@ -28,6 +28,10 @@ from .model_card import card_tags, latest_metrics
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RESUME_STATE_NAME = "resume_state.safetensors"
+# (path, content, how to load) rows of the model cards
+DIT_LORA_FILE = (LORA_WEIGHT_NAME, "DiT LoRA (diffusers format)",
+                 f'`pipe.load_lora_weights(..., weight_name="{LORA_WEIGHT_NAME}")`')
+PROJECTOR_FILE = ("projector/", "UAEProjector", "`UAEProjector.from_pretrained(...)` or `projector=` of a pipeline")
 # what each random stream is for (the second part of its `stream_seed`)
 TRAIN_STREAM, EVAL_STREAM, CAPTION_STREAM = 0, 1, 2
 
