@@ -68,29 +68,31 @@ def build_reconstruction_reward(decoder, args: ReconstructionArguments) -> Recon
 
 
 class ReconstructionGrids:
-    """Saves, every `log_reconstructions_steps` steps, a grid of the latest scored batch under
-    `output_dir/reconstructions/step-N.png` (and to wandb when it is active)."""
+    """Trainer mixin: keeps the latest scored batch of reconstructions (`last_batch`) and, every
+    `log_reconstructions_steps` steps, saves a grid of it under `output_dir/reconstructions/step-N.png` (and to wandb
+    when it is active)."""
 
-    def __init__(self, args: ReconstructionArguments):
-        self.args = args
-        self.last_step = -1
+    last_batch: ReconstructionBatch | None = None
+    _last_grid_step = -1
 
-    def maybe_save(self, batch: ReconstructionBatch | None, step: int, is_main_process: bool) -> None:
-        every = self.args.log_reconstructions_steps
-        if not every or step % every or step == self.last_step or batch is None or not is_main_process:
+    def _keep_batch(self, batch: ReconstructionBatch) -> None:
+        self.last_batch = batch
+        args, step = self.args, self.state.global_step
+        every = args.log_reconstructions_steps
+        if not every or step % every or step == self._last_grid_step or not self.accelerator.is_main_process:
             return
-        self.last_step = step
-        count = self.args.num_logged_reconstructions
+        self._last_grid_step = step
+        count = args.num_logged_reconstructions
         blank = PIL.Image.new("RGB", (64, 64), "black")
         grid = reconstruction_grid(
             batch.originals[:count],
             [image if image is not None else blank for image in batch.reconstructions[:count]],
             [f"[reward {reward:.3f}] {caption}" for reward, caption in zip(batch.rewards[:count], batch.captions[:count])],
         )
-        folder = Path(self.args.output_dir, "reconstructions")
+        folder = Path(args.output_dir, "reconstructions")
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"step-{step:06d}.png")
-        if self.args.report_to and "wandb" in self.args.report_to:
+        if args.report_to and "wandb" in args.report_to:
             import wandb
 
             if wandb.run is not None:

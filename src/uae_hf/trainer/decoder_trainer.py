@@ -53,7 +53,7 @@ def row_images(rows: list[dict]) -> list:
             for index, row in enumerate(rows)]
 
 
-class DecoderTrainer(AtomicCheckpoints, Trainer):
+class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
     """Base of the trainers of a UAE decoder's parts. A subclass builds what trains in `build_trained_model`, defines
     its loss in `stage_loss` (or its own `training_step`), and writes its parts in `save_parts`.
 
@@ -111,8 +111,6 @@ class DecoderTrainer(AtomicCheckpoints, Trainer):
         if self.encoder is not None:
             self.encoder.to(self.accelerator.device)
         self._stage_metrics = defaultdict(list)
-        self.grids = ReconstructionGrids(args)
-        self.last_batch = None  # the latest scored batch of reconstructions, for the grids
 
     # ------------------------------------------------------------------------------------------ what each stage defines
     trains_full_dit = False
@@ -292,10 +290,6 @@ class DecoderTrainer(AtomicCheckpoints, Trainer):
         names = sorted(set().union(*everyone))
         metrics = {name: float(np.mean([values[name] for values in everyone if name in values])) for name in names}
         super().log({**logs, **metrics}, start_time)
-
-    def _keep_batch(self, batch) -> None:
-        self.last_batch = batch
-        self.grids.maybe_save(batch, self.state.global_step, self.accelerator.is_main_process)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
         """Write `output_dir/README.md`: what was trained and how each saved file loads."""

@@ -81,7 +81,7 @@ def with_caption_prompt(dataset, name: str):
     return dataset.map(lambda _: {"prompt": caption_messages()})
 
 
-class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
+class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
     """GRPO on the encoder of a unified auto-encoder, with the decoder's reconstruction fidelity as the reward.
 
     Args:
@@ -129,8 +129,6 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             eval_dataset = with_caption_prompt(eval_dataset, "eval_dataset")
 
         self.reconstruction_reward = build_reconstruction_reward(self.decoder, args)
-        self.last_batch = None  # the latest scored batch of reconstructions, for the grids
-        self.grids = ReconstructionGrids(args)
         # the reward stays a function of its inputs; the trainer keeps the batches it logs
         reconstruction = functools.partial(self.reconstruction_reward, on_batch=self._keep_batch)
         super().__init__(
@@ -230,10 +228,6 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         stalled = self.health.check_rewards(rewards[:, 0], group, self.state.global_step)
         self._metrics[mode]["reward/groups_without_variation"].append(stalled)
         return rewards
-
-    def _keep_batch(self, batch) -> None:
-        self.last_batch = batch
-        self.grids.maybe_save(batch, self.state.global_step, self.accelerator.is_main_process)
 
     # ----------------------------------------------------------------------------------------------------- model card
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
