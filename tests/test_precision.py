@@ -15,7 +15,20 @@ from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 from synthetic_release import build_synthetic_release
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from uae_hf import UAEProjector, UAEReconstructionPipeline, load_saved_pipeline, load_uae_pipeline
+from uae_hf import (
+    ColdStartConfig,
+    ColdStartTrainer,
+    DecoderPretrainingConfig,
+    DecoderPretrainingTrainer,
+    FlowGRPOConfig,
+    FlowGRPOTrainer,
+    UAEProjector,
+    UAEReconstructionPipeline,
+    UnifiedGRPOConfig,
+    UnifiedGRPOTrainer,
+    load_saved_pipeline,
+    load_uae_pipeline,
+)
 from uae_hf import cli
 from uae_hf.pipelines.uae_reconstruction import pipeline_uae_reconstruction
 from uae_hf.trainer.train_script import _assemble_decoder
@@ -70,7 +83,6 @@ def _text_mode_from_pipe(tiny_dir, **_):
 
 def _trainer_text_mode_decoder(tiny_dir, tmp_path, **_):
     """A plain SD3 pipeline given to the trainer as its decoder (text mode)."""
-    from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer
     from uae_hf.sample_data import skimage_photos
 
     args = UnifiedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[], num_generations=2,
@@ -215,34 +227,35 @@ def test_bfloat16_round_trip_stays_close_to_float32(tiny_dir, pipe):
     assert difference.mean() > 0
 
 
-STAGE_SETTINGS = {
-    "understanding": dict(num_generations=4, max_completion_length=8),
-    "generation": dict(num_generations=4, max_completion_length=8),
-    "pretrain": {},
-    "cold_start": dict(cold_start_trainable=["projector", "llm_lora", "dit_lora"]),
+STAGES = {  # each stage's config and trainer, and its own settings
+    "understanding": (UnifiedGRPOConfig, UnifiedGRPOTrainer, dict(num_generations=4, max_completion_length=8)),
+    "generation": (FlowGRPOConfig, FlowGRPOTrainer, dict(num_generations=4, max_completion_length=8,
+                                                         decoder_lora_r=8, decoder_lora_alpha=16)),
+    "pretrain": (DecoderPretrainingConfig, DecoderPretrainingTrainer, dict(decoder_lora_r=8, decoder_lora_alpha=16)),
+    "cold_start": (ColdStartConfig, ColdStartTrainer, dict(cold_start_trainable=["projector", "llm_lora", "dit_lora"],
+                                                           decoder_lora_r=8, decoder_lora_alpha=16, llm_lora_r=4,
+                                                           llm_lora_alpha=8)),
 }
 
 
-@pytest.mark.parametrize("stage", list(STAGE_SETTINGS))
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_one_bf16_training_step_of_every_stage(stage, tiny_dir, tmp_path):
     """Models loaded in bf16 and `bf16=True` (autocast), as on a GPU: the step runs, the trained weights move (with
     float32 master weights, as PEFT keeps adapters), and no frozen model is upcast."""
     from peft import LoraConfig
 
-    from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer
     from uae_hf.sample_data import skimage_photos
 
+    config_class, trainer_class, settings = STAGES[stage]
     pipe = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector", torch_dtype=BF16)
-    args = UnifiedGRPOConfig(
-        stage=stage, output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3,
-        logging_steps=1, report_to=[], use_cpu=True, bf16=True, seed=0, save_strategy="no", decoder_height=64,
-        decoder_width=64, decoder_num_inference_steps=2, lr_scheduler_type="constant", decoder_lora_r=8,
-        decoder_lora_alpha=16, llm_lora_r=4, llm_lora_alpha=8, log_reconstructions_steps=0,
-        backbone_checkpoints={"clip": str(tiny_dir / "backbones" / "clip")}, backbone_dtype="bfloat16",
-        **STAGE_SETTINGS[stage],
+    args = config_class(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1,
+        report_to=[], use_cpu=True, bf16=True, seed=0, save_strategy="no", decoder_height=64, decoder_width=64,
+        decoder_num_inference_steps=2, lr_scheduler_type="constant", log_reconstructions_steps=0,
+        backbone_checkpoints={"clip": str(tiny_dir / "backbones" / "clip")}, backbone_dtype="bfloat16", **settings,
     )
     peft = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = UnifiedGRPOTrainer(model=pipe.vlm, decoder=pipe, args=args, train_dataset=skimage_photos(64).select(
+    trainer = trainer_class(model=pipe.vlm, decoder=pipe, args=args, train_dataset=skimage_photos(64).select(
         range(4)), processing_class=pipe.processor, peft_config=peft if stage == "understanding" else None)
     trained = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
     frozen = {id(p) for p in trained.values()}

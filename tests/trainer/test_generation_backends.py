@@ -35,25 +35,23 @@ class CaptionLog:
 
 
 # ------------------------------------------------------------------------------------------- paged: refused, early
-def test_paged_generation_is_refused_early_with_the_reason(tiny_dir, pipe, processor, backbone_checkpoints,
-                                                           photos_dataset, tmp_path):
+def test_paged_generation_is_refused_early_with_the_reason(tiny_dir, pipe, processor, config, photos_dataset, tmp_path):
     unbuildable_reward = {"clip": str(tmp_path / "no-such-backbone")}  # the refusal must come before any loading
     with pytest.warns(FutureWarning, match="use_transformers_paged"):
-        paged = config(tmp_path, backbone_checkpoints, use_transformers_paged=True)
-    for args in (paged, config(tmp_path, backbone_checkpoints, use_transformers_continuous_batching=True)):
+        paged = config(use_transformers_paged=True)
+    for args in (paged, config(use_transformers_continuous_batching=True)):
         args.backbone_checkpoints = unbuildable_reward
         with pytest.raises(ValueError, match=r"pixel_values.*without seeing its image.*cache_implementation='static'"):
             UnifiedGRPOTrainer(model=str(tiny_dir / "encoder"), decoder=pipe, args=args, train_dataset=photos_dataset,
                                processing_class=processor)
 
-    compile_without_static_cache = config(tmp_path, backbone_checkpoints, generation_kwargs={"compile_config": {}})
+    compile_without_static_cache = config(generation_kwargs={"compile_config": {}})
     with pytest.raises(ValueError, match="static KV cache"):
         UnifiedGRPOTrainer(model=str(tiny_dir / "encoder"), decoder=pipe, args=compile_without_static_cache,
                            train_dataset=photos_dataset, processing_class=processor)
     with pytest.raises(ValueError, match="SamplingParams"):
-        check_generation_backend(config(tmp_path, backbone_checkpoints, use_vllm=True,
-                                        generation_kwargs={"compile_config": {}}))
-    from_yaml = config(tmp_path, backbone_checkpoints, cache_implementation="static",
+        check_generation_backend(config(use_vllm=True, generation_kwargs={"compile_config": {}}))
+    from_yaml = config(cache_implementation="static",
                        generation_kwargs={"compile_config": {"backend": "eager"}, "top_k": 5})
     check_generation_backend(from_yaml)  # a mapping (YAML / JSON) becomes the CompileConfig transformers requires
     assert from_yaml.generation_kwargs == {"compile_config": CompileConfig(backend="eager"), "top_k": 5}
@@ -79,11 +77,11 @@ class PerStep(TrainerCallback):
         self.graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def run_and_caption(tiny_dir, pipe, processor, backbone_checkpoints, photos_dataset, tmp_path, **generation):
+def run_and_caption(tiny_dir, pipe, processor, config, photos_dataset, **generation):
     """Three seeded GRPO steps of a LoRA policy (gradient checkpointing on, TRL's default); then greedy captions of two
     photos with the trained policy and the trainer's own generation config (its cache and compile settings)."""
     captions = CaptionLog()
-    args = config(tmp_path, backbone_checkpoints, max_steps=3, **generation)
+    args = config(max_steps=3, **generation)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir / "encoder")
     per_step = PerStep(model.get_input_embeddings())
     trainer = UnifiedGRPOTrainer(model=model, decoder=pipe, args=args, train_dataset=photos_dataset,
@@ -102,14 +100,14 @@ def run_and_caption(tiny_dir, pipe, processor, backbone_checkpoints, photos_data
 
 
 def test_static_cache_and_compiled_decoding_give_the_dynamic_cache_captions(
-    tiny_dir, pipe, processor, backbone_checkpoints, photos_dataset, tmp_path, monkeypatch
+    tiny_dir, pipe, processor, config, photos_dataset, monkeypatch
 ):
     """A static KV cache (or a compiled decode step) that broke generation would change the captions: the seeded
     rollouts of three GRPO steps (each after an update) and the greedy captions of the trained policy must be the
     dynamic cache's, token for token."""
     monkeypatch.setattr(generation_utils, "StaticCache", CountingStaticCache)
     CountingStaticCache.made = 0
-    run = functools.partial(run_and_caption, tiny_dir, pipe, processor, backbone_checkpoints, photos_dataset, tmp_path)
+    run = functools.partial(run_and_caption, tiny_dir, pipe, processor, config, photos_dataset)
 
     rollouts, greedy, trainer, per_step = run()
     assert CountingStaticCache.made == 0
@@ -184,7 +182,7 @@ class EngineDouble:
 
 
 def test_vllm_colocate_keeps_the_frozen_text_path_on_the_base_weights(
-    tiny_dir, pipe, processor, backbone_checkpoints, photos_dataset, tmp_path, monkeypatch
+    tiny_dir, pipe, processor, config, photos_dataset, monkeypatch
 ):
     """bf16 policy with a LoRA adapter, the decoder reading captions with that same model (adapter disabled), and TRL's
     vLLM colocate rollouts: TRL merges the adapter into the base weights to push them to vLLM and unmerges it after."""
@@ -200,8 +198,7 @@ def test_vllm_colocate_keeps_the_frozen_text_path_on_the_base_weights(
     pristine = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir / "encoder", dtype=torch.bfloat16).eval()
     decoder = UAEReconstructionPipeline.from_pipe(pipe, vlm=model)  # one copy of the encoder in memory
     captions = CaptionLog()
-    args = config(tmp_path, backbone_checkpoints, max_steps=3, use_vllm=True, vllm_mode="colocate",
-                  max_completion_length=6, learning_rate=5e-2)
+    args = config(max_steps=3, use_vllm=True, vllm_mode="colocate", max_completion_length=6, learning_rate=5e-2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = UnifiedGRPOTrainer(model=model, decoder=decoder, args=args, train_dataset=photos_dataset,

@@ -1,4 +1,5 @@
-"""Stages "pretrain" (rectified flow on long captions) and "cold_start" (semantic loss through the sampler)."""
+"""DecoderPretrainingTrainer (rectified flow on long captions) and ColdStartTrainer (semantic loss through the
+sampler)."""
 
 import statistics
 
@@ -6,23 +7,18 @@ import datasets
 import pytest
 import torch
 
-from uae_hf import UAEProjector, UnifiedGRPOConfig, UnifiedGRPOTrainer, load_uae_pipeline
+from uae_hf import ColdStartTrainer, DecoderPretrainingTrainer, UAEProjector, load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
-from uae_hf.trainer.cold_start_stage import ColdStartTrainer
-from uae_hf.trainer.decoder_pretraining_stage import DecoderPretrainingTrainer
-from uae_hf.trainer.loop_stage import LORA_WEIGHT_NAME
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def config(tmp_path, tiny_dir, stage, **overrides):
-    values = dict(
-        stage=stage, output_dir=str(tmp_path / stage), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
-        logging_steps=1, report_to=[], use_cpu=True, bf16=False, seed=0, save_strategy="no", decoder_height=64,
-        decoder_width=64, decoder_num_inference_steps=4, lr_scheduler_type="constant", decoder_lora_r=8,
-        decoder_lora_alpha=16, llm_lora_r=4, llm_lora_alpha=8,
-        backbone_checkpoints={"clip": str(tiny_dir / "backbones" / "clip")},
-    )
-    values.update(overrides)
-    return UnifiedGRPOConfig(**values)
+@pytest.fixture()
+def config(make_config):
+    def make(stage, **overrides):
+        return make_config(stage, **dict(learning_rate=1e-3, decoder_num_inference_steps=4) | overrides)
+
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +30,10 @@ def snapshot(module):
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
-def test_cold_start_gradients_reach_every_trainable_part_and_nothing_else_changes(fresh_pipe, tiny_dir, photos4,
-                                                                                 tmp_path):
-    args = config(tmp_path, tiny_dir, "cold_start", cold_start_trainable=["projector", "llm_lora", "dit_lora"])
+def test_cold_start_gradients_reach_every_trainable_part_and_nothing_else_changes(fresh_pipe, config, photos4):
+    args = config("cold_start", cold_start_trainable=["projector", "llm_lora", "dit_lora"])
     vae, clip = snapshot(fresh_pipe.vae), None
-    trainer = UnifiedGRPOTrainer(model=None, decoder=fresh_pipe, args=args, train_dataset=photos4)
+    trainer = ColdStartTrainer(decoder=fresh_pipe, args=args, train_dataset=photos4)
     assert isinstance(trainer, ColdStartTrainer)
     clip = snapshot(trainer.reconstruction_reward.similarity.embedders["clip"].model)
     rows = [photos4[i] for i in range(2)]
@@ -63,19 +58,19 @@ def test_cold_start_gradients_reach_every_trainable_part_and_nothing_else_change
 
 
 @pytest.mark.slow
-def test_cold_start_loss_falls_on_a_fixed_batch(fresh_pipe, tiny_dir, photos4, tmp_path):
-    args = config(tmp_path, tiny_dir, "cold_start", max_steps=30, reward_fixed_noise=True,
+def test_cold_start_loss_falls_on_a_fixed_batch(fresh_pipe, config, photos4):
+    args = config("cold_start", max_steps=30, reward_fixed_noise=True,
                   cold_start_trainable=["projector", "llm_lora", "dit_lora"])
-    trainer = UnifiedGRPOTrainer(model=None, decoder=fresh_pipe, args=args, train_dataset=photos4)
+    trainer = ColdStartTrainer(decoder=fresh_pipe, args=args, train_dataset=photos4)
     trainer.train()
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
     assert statistics.mean(losses[-5:]) < 0.9 * statistics.mean(losses[:5]), losses
 
 
 @pytest.mark.slow
-def test_pretraining_loss_falls_over_a_few_hundred_steps(fresh_pipe, tiny_dir, photos4, tmp_path):
-    args = config(tmp_path, tiny_dir, "pretrain", max_steps=200, logging_steps=1)
-    trainer = UnifiedGRPOTrainer(model=None, decoder=fresh_pipe, args=args, train_dataset=photos4)
+def test_pretraining_loss_falls_over_a_few_hundred_steps(fresh_pipe, config, photos4):
+    args = config("pretrain", max_steps=200, logging_steps=1)
+    trainer = DecoderPretrainingTrainer(decoder=fresh_pipe, args=args, train_dataset=photos4)
     assert isinstance(trainer, DecoderPretrainingTrainer)
     trainer.train()
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
@@ -83,9 +78,9 @@ def test_pretraining_loss_falls_over_a_few_hundred_steps(fresh_pipe, tiny_dir, p
     assert statistics.mean(last) < statistics.mean(first) - 3 * statistics.stdev(first) / 20**0.5, (first, last)
 
 
-def test_saved_parts_load_where_the_pipeline_expects_them(fresh_pipe, tiny_dir, photos4, tmp_path):
-    trainer = UnifiedGRPOTrainer(model=None, decoder=fresh_pipe, train_dataset=photos4,
-                                 args=config(tmp_path, tiny_dir, "pretrain", learning_rate=1e-2))
+def test_saved_parts_load_where_the_pipeline_expects_them(fresh_pipe, config, tiny_dir, photos4, tmp_path):
+    trainer = DecoderPretrainingTrainer(decoder=fresh_pipe, train_dataset=photos4,
+                                        args=config("pretrain", learning_rate=1e-2))
     trainer.train()
     out = tmp_path / "pretrained"
     trainer.save_model(str(out))
@@ -105,9 +100,9 @@ def test_saved_parts_load_where_the_pipeline_expects_them(fresh_pipe, tiny_dir, 
             == expected).all()
 
 
-def test_cold_start_llm_adapter_saves_as_a_peft_folder(fresh_pipe, tiny_dir, photos4, tmp_path):
-    args = config(tmp_path, tiny_dir, "cold_start", max_steps=1, cold_start_trainable=["llm_lora"])
-    trainer = UnifiedGRPOTrainer(model=None, decoder=fresh_pipe, args=args, train_dataset=photos4)
+def test_cold_start_llm_adapter_saves_as_a_peft_folder(fresh_pipe, config, tiny_dir, photos4, tmp_path):
+    args = config("cold_start", max_steps=1, cold_start_trainable=["llm_lora"])
+    trainer = ColdStartTrainer(decoder=fresh_pipe, args=args, train_dataset=photos4)
     trainer.train()
     trainer.save_model(str(tmp_path / "cs"))
     assert (tmp_path / "cs" / "encoder_adapter" / "adapter_config.json").exists()
@@ -116,16 +111,15 @@ def test_cold_start_llm_adapter_saves_as_a_peft_folder(fresh_pipe, tiny_dir, pho
     other.load_encoder_adapter(tmp_path / "cs" / "encoder_adapter")
 
 
-def test_bad_configurations(fresh_pipe, tiny_dir, tmp_path):
+def test_bad_configurations(fresh_pipe, config):
     no_captions = skimage_photos(32).remove_columns("caption")
     with pytest.raises(ValueError, match="'caption' column"):
-        UnifiedGRPOTrainer(model=None, decoder=fresh_pipe, args=config(tmp_path, tiny_dir, "pretrain"),
-                           train_dataset=no_captions)
+        DecoderPretrainingTrainer(decoder=fresh_pipe, args=config("pretrain"), train_dataset=no_captions)
     with pytest.raises(ValueError, match="cold_start_trainable"):
-        config(tmp_path, tiny_dir, "cold_start", cold_start_trainable=["vae"])
+        config("cold_start", cold_start_trainable=["vae"])
     with pytest.raises(ValueError, match="no 'image'"):
-        UnifiedGRPOTrainer(model=None, decoder=fresh_pipe, args=config(tmp_path, tiny_dir, "cold_start"),
-                           train_dataset=datasets.Dataset.from_dict({"caption": ["a"]}))
+        ColdStartTrainer(decoder=fresh_pipe, args=config("cold_start"),
+                         train_dataset=datasets.Dataset.from_dict({"caption": ["a"]}))
 
 
 def test_a_fresh_projector_is_sized_from_encoder_and_dit(tiny_dir):

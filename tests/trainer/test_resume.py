@@ -6,9 +6,10 @@ import torch
 from peft import LoraConfig
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer, load_uae_pipeline
+from uae_hf import ColdStartTrainer, FlowGRPOTrainer, UnifiedGRPOTrainer, load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
-from uae_hf.trainer.loop_stage import RESUME_STATE_NAME
+
+RESUME_STATE_NAME = "resume_state.safetensors"
 
 STAGES = {
     "understanding": dict(learning_rate=1e-2),
@@ -18,22 +19,22 @@ STAGES = {
 }
 
 
-def make_trainer(stage, tiny_dir, output_dir):
-    args = UnifiedGRPOConfig(
-        stage=stage, output_dir=str(output_dir), max_steps=4, save_strategy="steps", save_steps=2,
-        per_device_train_batch_size=4, num_generations=4, max_completion_length=8, logging_steps=1, report_to=[],
-        use_cpu=True, bf16=False, seed=0, decoder_height=64, decoder_width=64, decoder_num_inference_steps=2,
-        backbone_checkpoints={"clip": str(tiny_dir / "backbones" / "clip")}, log_reconstructions_steps=0,
-        lr_scheduler_type="linear", warmup_steps=1, **STAGES[stage],
-    )
-    pipe = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector")
-    if stage == "understanding":
-        encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir / "encoder")
-        return UnifiedGRPOTrainer(model=encoder, decoder=pipe, args=args, train_dataset=skimage_photos(32),
-                                  processing_class=pipe.processor,
-                                  peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    return UnifiedGRPOTrainer(model=pipe.vlm, decoder=pipe, args=args, train_dataset=skimage_photos(32),
-                              processing_class=pipe.processor)
+@pytest.fixture()
+def make_trainer(make_config, tiny_dir):
+    def make(stage, output_dir):
+        args = make_config(stage, output_dir=output_dir, max_steps=4, save_strategy="steps", save_steps=2,
+                           lr_scheduler_type="linear", warmup_steps=1, **STAGES[stage])
+        pipe = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector")
+        if stage == "understanding":
+            encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir / "encoder")
+            return UnifiedGRPOTrainer(model=encoder, decoder=pipe, args=args, train_dataset=skimage_photos(32),
+                                      processing_class=pipe.processor,
+                                      peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        trainer_class = FlowGRPOTrainer if stage == "generation" else ColdStartTrainer
+        return trainer_class(model=pipe.vlm, decoder=pipe, args=args, train_dataset=skimage_photos(32),
+                             processing_class=pipe.processor)
+
+    return make
 
 
 def final_state(trainer) -> dict[str, torch.Tensor]:
@@ -62,13 +63,13 @@ def crash_while_saving_step(trainer, step: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_interrupted_run_resumes_bit_identically(stage, tiny_dir, tmp_path):
-    uninterrupted = make_trainer(stage, tiny_dir, tmp_path / "uninterrupted")
+def test_interrupted_run_resumes_bit_identically(stage, make_trainer, tmp_path):
+    uninterrupted = make_trainer(stage, tmp_path / "uninterrupted")
     initial = final_state(uninterrupted)
     uninterrupted.train()
     expected = final_state(uninterrupted)
 
-    crashed = make_trainer(stage, tiny_dir, tmp_path / "crashed")
+    crashed = make_trainer(stage, tmp_path / "crashed")
     crash_while_saving_step(crashed, 4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.train()
@@ -76,7 +77,7 @@ def test_interrupted_run_resumes_bit_identically(stage, tiny_dir, tmp_path):
     assert (run / "tmp-checkpoint-4").is_dir() and not (run / "checkpoint-4").exists()  # the partial save is aside
     assert (run / "checkpoint-2" / "trainer_state.json").is_file()  # the previous checkpoint is intact
 
-    resumed = make_trainer(stage, tiny_dir, run)
+    resumed = make_trainer(stage, run)
     resumed.train(resume_from_checkpoint=True)  # picks checkpoint-2, the last complete one
     assert resumed.state.global_step == 4
     assert (run / "checkpoint-4" / "rng_state.pth").is_file() and not (run / "tmp-checkpoint-4").exists()
@@ -89,16 +90,16 @@ def test_interrupted_run_resumes_bit_identically(stage, tiny_dir, tmp_path):
         assert (run / "checkpoint-2" / RESUME_STATE_NAME).is_file()
 
 
-def test_resuming_from_a_folder_without_resume_state_says_what_is_missing(tiny_dir, tmp_path):
-    trainer = make_trainer("cold_start", tiny_dir, tmp_path / "run")
+def test_resuming_from_a_folder_without_resume_state_says_what_is_missing(make_trainer, tmp_path):
+    trainer = make_trainer("cold_start", tmp_path / "run")
     (tmp_path / "not-a-checkpoint").mkdir()
     (tmp_path / "not-a-checkpoint" / "trainer_state.json").write_text("{}")
     with pytest.raises(ValueError, match=f"has no {RESUME_STATE_NAME}"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "not-a-checkpoint"))
 
 
-def test_rotation_keeps_the_newest_complete_checkpoints(tiny_dir, tmp_path):
-    trainer = make_trainer("cold_start", tiny_dir, tmp_path / "run")
+def test_rotation_keeps_the_newest_complete_checkpoints(make_trainer, tmp_path):
+    trainer = make_trainer("cold_start", tmp_path / "run")
     trainer.args.save_steps, trainer.args.save_total_limit = 1, 2
     trainer.train()
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["checkpoint-3", "checkpoint-4"]

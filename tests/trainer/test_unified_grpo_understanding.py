@@ -1,4 +1,4 @@
-"""UnifiedGRPOTrainer, stage "understanding": GRPO on the encoder, the decoder as reward."""
+"""UnifiedGRPOTrainer: GRPO on the encoder, the decoder as reward ("Generation for Understanding")."""
 
 import statistics
 
@@ -13,7 +13,6 @@ from uae_hf import (
     ImageSimilarity,
     ReconstructionReward,
     UAEReconstructionPipeline,
-    UnifiedGRPOConfig,
     UnifiedGRPOTrainer,
     caption_images,
     encode_generate_prompts,
@@ -27,16 +26,14 @@ def encoder_model(tiny_dir):
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir / "encoder")
 
 
-def config(tmp_path, backbone_checkpoints, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=8, learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
-        save_strategy="no", decoder_height=64, decoder_width=64, decoder_num_inference_steps=2,
-        backbone_checkpoints={name: backbone_checkpoints[name] for name in ("clip", "dinov2")},
-        log_reconstructions_steps=0, lr_scheduler_type="constant", bf16=False,
-    )
-    values.update(overrides)
-    return UnifiedGRPOConfig(**values)
+@pytest.fixture()
+def config(make_config, backbone_checkpoints, tmp_path):
+    def make(**overrides):
+        own = dict(output_dir=str(tmp_path / "run"),
+                   backbone_checkpoints={name: backbone_checkpoints[name] for name in ("clip", "dinov2")})
+        return make_config("understanding", **own | overrides)
+
+    return make
 
 
 @pytest.fixture()
@@ -94,11 +91,10 @@ def test_a_failed_reconstruction_gives_that_sample_no_reward(pipe, backbone_chec
 
 
 @pytest.mark.slow
-def test_grpo_raises_the_reconstruction_reward(tiny_dir, pipe, processor, backbone_checkpoints, photos_dataset, tmp_path):
+def test_grpo_raises_the_reconstruction_reward(tiny_dir, pipe, processor, config, photos_dataset):
     """A seeded run: the decoder's reward, not noise, drives the policy (fixed noise: reward = f(caption))."""
-    args = config(tmp_path, backbone_checkpoints, max_steps=40, per_device_train_batch_size=8, num_generations=8,
-                  reward_fixed_noise=True, decoder_guidance_scale=30.0, decoder_num_inference_steps=4,
-                  heldout_backbones=["dinov2"])
+    args = config(max_steps=40, per_device_train_batch_size=8, num_generations=8, reward_fixed_noise=True,
+                  decoder_guidance_scale=30.0, decoder_num_inference_steps=4, heldout_backbones=["dinov2"])
     trainer = UnifiedGRPOTrainer(model=encoder_model(tiny_dir), decoder=pipe, args=args,
                                  train_dataset=photos_dataset.select([0]), processing_class=processor)
     trainer.train()
@@ -112,9 +108,9 @@ def test_grpo_raises_the_reconstruction_reward(tiny_dir, pipe, processor, backbo
     assert "reconstruction/heldout_dinov2" in logs[-1] and "caption_tokens/max" in logs[-1]
 
 
-def test_adapter_saves_reloads_and_reproduces_greedy_captions(tiny_dir, pipe, processor, backbone_checkpoints,
-                                                              photos_dataset, photos, tmp_path):
-    args = config(tmp_path, backbone_checkpoints, log_reconstructions_steps=1, heldout_backbones=["dinov2"])
+def test_adapter_saves_reloads_and_reproduces_greedy_captions(tiny_dir, pipe, processor, config, photos_dataset,
+                                                              photos, tmp_path):
+    args = config(log_reconstructions_steps=1, heldout_backbones=["dinov2"])
     trainer = UnifiedGRPOTrainer(model=encoder_model(tiny_dir), decoder=pipe, args=args,
                                  train_dataset=photos_dataset.remove_columns("name"), processing_class=processor,
                                  peft_config=LoraConfig(**LORA))
@@ -127,7 +123,7 @@ def test_adapter_saves_reloads_and_reproduces_greedy_captions(tiny_dir, pipe, pr
     assert (out / "processor_config.json").exists() or (out / "preprocessor_config.json").exists()
     assert not any(path.name.startswith("diffusion_pytorch_model") for path in out.rglob("*"))  # decoder not saved
     card = (out / "README.md").read_text()
-    assert "understanding" in card and "clip" in card and "peft" in card
+    assert "UnifiedGRPOTrainer" in card and "clip" in card and "peft" in card  # the card names its trainer
     assert list((tmp_path / "run" / "reconstructions").glob("step-*.png"))
 
     greedy = dict(do_sample=False, max_new_tokens=8, no_repeat_ngram_size=1)
@@ -138,13 +134,11 @@ def test_adapter_saves_reloads_and_reproduces_greedy_captions(tiny_dir, pipe, pr
     assert caption_images(encoder_model(tiny_dir).eval(), processor, photos, **greedy) != expected
 
 
-def test_shared_encoder_is_read_with_its_adapter_disabled(tiny_dir, pipe, processor, backbone_checkpoints,
-                                                          photos_dataset, tmp_path):
+def test_shared_encoder_is_read_with_its_adapter_disabled(tiny_dir, pipe, processor, config, photos_dataset):
     model = encoder_model(tiny_dir)
     decoder = UAEReconstructionPipeline.from_pipe(pipe, vlm=model)  # one copy of the encoder in memory
-    trainer = UnifiedGRPOTrainer(model=model, decoder=decoder, args=config(tmp_path, backbone_checkpoints),
-                                 train_dataset=photos_dataset, processing_class=processor,
-                                 peft_config=LoraConfig(**LORA))
+    trainer = UnifiedGRPOTrainer(model=model, decoder=decoder, args=config(), train_dataset=photos_dataset,
+                                 processing_class=processor, peft_config=LoraConfig(**LORA))
     trainer.train()
     frozen = encode_generate_prompts(encoder_model(tiny_dir), processor.tokenizer, pipe.projector, ["a cat"])
     with torch.no_grad():
@@ -155,15 +149,14 @@ def test_shared_encoder_is_read_with_its_adapter_disabled(tiny_dir, pipe, proces
     torch.testing.assert_close(inside.prompt_embeds, frozen.prompt_embeds, atol=1e-5, rtol=0)
 
 
-def test_text_mode_with_a_plain_sd3_decoder_and_extra_rewards(tiny_dir, pipe, processor, backbone_checkpoints,
-                                                              photos_dataset, tmp_path):
+def test_text_mode_with_a_plain_sd3_decoder_and_extra_rewards(tiny_dir, pipe, processor, config, photos_dataset):
     from diffusers import StableDiffusion3Pipeline
 
     def short_caption(completions, **kwargs):
         return [-len(str(completion)) / 100 for completion in completions]
 
     sd3 = StableDiffusion3Pipeline.from_pretrained(tiny_dir / "decoder")
-    trainer = UnifiedGRPOTrainer(model=encoder_model(tiny_dir), decoder=sd3, args=config(tmp_path, backbone_checkpoints),
+    trainer = UnifiedGRPOTrainer(model=encoder_model(tiny_dir), decoder=sd3, args=config(),
                                  train_dataset=photos_dataset, processing_class=processor, reward_funcs=[short_caption])
     trainer.train()
     last = [record for record in trainer.state.log_history if "reward" in record][-1]
@@ -172,22 +165,20 @@ def test_text_mode_with_a_plain_sd3_decoder_and_extra_rewards(tiny_dir, pipe, pr
     assert 0.0 <= last["reward/groups_without_variation"] <= 1.0
 
 
-def test_bad_input_fails_at_construction(tiny_dir, pipe, processor, backbone_checkpoints, tmp_path):
+def test_bad_input_fails_at_construction(tiny_dir, pipe, processor, config):
     no_images = datasets.Dataset.from_dict({"text": ["a", "b"]})
     with pytest.raises(ValueError, match="no 'image'"):
-        UnifiedGRPOTrainer(model=encoder_model(tiny_dir), decoder=pipe, args=config(tmp_path, backbone_checkpoints),
-                           train_dataset=no_images, processing_class=processor)
+        UnifiedGRPOTrainer(model=encoder_model(tiny_dir), decoder=pipe, args=config(), train_dataset=no_images,
+                           processing_class=processor)
     with pytest.raises(TypeError, match="StableDiffusion3Pipeline"):
-        UnifiedGRPOTrainer(model=encoder_model(tiny_dir), decoder="not a pipeline",
-                           args=config(tmp_path, backbone_checkpoints), processing_class=processor)
+        UnifiedGRPOTrainer(model=encoder_model(tiny_dir), decoder="not a pipeline", args=config(),
+                           processing_class=processor)
     with pytest.raises(ValueError, match="at least 2"):
-        config(tmp_path, backbone_checkpoints, num_generations=1, per_device_train_batch_size=1)
-    with pytest.raises(ValueError, match="stage"):
-        config(tmp_path, backbone_checkpoints, stage="everything")
+        config(num_generations=1, per_device_train_batch_size=1)
+    with pytest.raises(TypeError, match="stage"):  # one config per trainer: UnifiedGRPOConfig trains stage 2 only
+        config(stage="everything")
     with pytest.raises(ValueError, match=r"multiple of 4 \(num_iterations × steps_per_generation\)"):
-        config(tmp_path, backbone_checkpoints, num_iterations=2, steps_per_generation=2, save_strategy="steps",
-               save_steps=1)
+        config(num_iterations=2, steps_per_generation=2, save_strategy="steps", save_steps=1)
     with pytest.raises(ValueError, match="must be that model"):
-        UnifiedGRPOTrainer(model=encoder_model(tiny_dir), decoder=pipe,
-                           args=config(tmp_path, backbone_checkpoints, decoder_text_encoder="policy"),
+        UnifiedGRPOTrainer(model=encoder_model(tiny_dir), decoder=pipe, args=config(decoder_text_encoder="policy"),
                            train_dataset=skimage_photos(32), processing_class=processor)

@@ -12,21 +12,18 @@ import sys
 import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
+from tiny_trainer_configs import STAGES, tiny_config
 from transformers import TrainerCallback
 
-from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer, load_uae_pipeline
+from uae_hf import load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
 
 stage, tiny_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])
 pipe = load_uae_pipeline(f"{tiny_dir}/decoder", f"{tiny_dir}/encoder", f"{tiny_dir}/projector")
-common = dict(
-    stage=stage, output_dir=f"{out}/run", max_steps=3, per_device_train_batch_size=4, num_generations=4,
-    max_completion_length=8, learning_rate=5e-2 if stage in ("understanding", "generation") else 1e-3,
-    logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="steps", save_steps=3, decoder_height=64,
-    decoder_width=64, decoder_num_inference_steps=3, ddp_backend="gloo", backbone_checkpoints={"clip": f"{tiny_dir}/backbones/clip"}, decoder_lora_r=4,
-    decoder_lora_alpha=8, llm_lora_r=4, llm_lora_alpha=8, log_reconstructions_steps=0, bf16=False,
-    lr_scheduler_type="constant",
+settings = dict(
+    max_steps=3, learning_rate=5e-2 if stage in ("understanding", "generation") else 1e-3, save_strategy="steps",
+    save_steps=3, decoder_num_inference_steps=3, ddp_backend="gloo",
 )
 
 
@@ -37,14 +34,16 @@ def rank_marker(completions, **kwargs):
 
 extra = {}
 if stage == "understanding":
-    common |= dict(reward_weights=[1.0, 0.0])
+    settings |= dict(reward_weights=[1.0, 0.0])
     extra = dict(reward_funcs=[rank_marker],
                  peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+else:
+    settings |= dict(decoder_lora_r=4, decoder_lora_alpha=8)
 if stage == "cold_start":
-    common |= dict(cold_start_trainable=["projector", "llm_lora"])
-trainer = UnifiedGRPOTrainer(model=pipe.vlm, decoder=pipe, args=UnifiedGRPOConfig(**common),
-                             train_dataset=skimage_photos(32),
-                             processing_class=pipe.processor, **extra)
+    settings |= dict(cold_start_trainable=["projector", "llm_lora"])
+trainer_class = STAGES[stage][1]
+trainer = trainer_class(model=pipe.vlm, decoder=pipe, args=tiny_config(stage, tiny_dir, f"{out}/run", **settings),
+                        train_dataset=skimage_photos(32), processing_class=pipe.processor, **extra)
 
 
 class RecordLocal(TrainerCallback):
@@ -54,8 +53,7 @@ class RecordLocal(TrainerCallback):
         self.steps = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        reward = getattr(trainer, "reconstruction_reward", None)  # stage "pretrain" has none
-        batch = reward.last_batch if reward is not None else None
+        batch = trainer.last_batch  # None in the supervised stages (pretrain, cold start), which score no batch
         stage_metrics = getattr(trainer, "_stage_metrics", {})
         self.steps.append({
             "rewards": [float(r) for r in batch.rewards] if batch is not None else [],

@@ -1,36 +1,35 @@
-"""UnifiedGRPOTrainer, stage "generation": Flow-GRPO on the decoder's DiT, the encoder frozen."""
+"""FlowGRPOTrainer: Flow-GRPO on the decoder's DiT, the encoder frozen."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from trl import GRPOTrainer
 
-from uae_hf import UnifiedGRPOConfig, UnifiedGRPOTrainer, load_uae_pipeline
+from uae_hf import FlowGRPOTrainer, UnifiedGRPOTrainer, load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
-from uae_hf.trainer.flow_grpo_stage import FlowGRPOTrainer
-from uae_hf.trainer.loop_stage import LORA_WEIGHT_NAME
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def config(tmp_path, tiny_dir, **overrides):
-    values = dict(
-        stage="generation", output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
-        num_generations=4, max_completion_length=8, learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True,
-        seed=0, save_strategy="no", decoder_height=64, decoder_width=64, decoder_num_inference_steps=4,
-        decoder_guidance_scale=4.5, backbone_checkpoints={"clip": str(tiny_dir / "backbones" / "clip")},
-        lr_scheduler_type="constant", decoder_lora_r=8, decoder_lora_alpha=16, log_reconstructions_steps=0, bf16=False,
-    )
-    values.update(overrides)
-    return UnifiedGRPOConfig(**values)
+@pytest.fixture()
+def config(make_config, tmp_path):
+    def make(**overrides):
+        own = dict(output_dir=str(tmp_path / "run"), decoder_num_inference_steps=4, decoder_guidance_scale=4.5)
+        return make_config("generation", **own | overrides)
+
+    return make
 
 
 def make(fresh_pipe, args, dataset=None):
-    return UnifiedGRPOTrainer(model=fresh_pipe.vlm, decoder=fresh_pipe, args=args,
-                              train_dataset=dataset if dataset is not None else skimage_photos(64),
-                              processing_class=fresh_pipe.processor)
+    return FlowGRPOTrainer(model=fresh_pipe.vlm, decoder=fresh_pipe, args=args,
+                           train_dataset=dataset if dataset is not None else skimage_photos(64),
+                           processing_class=fresh_pipe.processor)
 
 
-def test_stage_generation_is_flow_grpo_on_the_dit(fresh_pipe, tiny_dir, tmp_path):
-    trainer = make(fresh_pipe, config(tmp_path, tiny_dir, beta=0.04, num_iterations=2, max_steps=4))
-    assert isinstance(trainer, FlowGRPOTrainer) and isinstance(trainer, UnifiedGRPOTrainer)
+def test_flow_grpo_trains_the_dit(fresh_pipe, config):
+    trainer = make(fresh_pipe, config(beta=0.04, num_iterations=2, max_steps=4))
+    # its own Trainer, not a GRPOTrainer: TRL's GRPO trains a language model, this trains the decoder's DiT
+    assert isinstance(trainer, FlowGRPOTrainer) and not isinstance(trainer, (GRPOTrainer, UnifiedGRPOTrainer))
     assert trainer.model is fresh_pipe.transformer
     trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora" in name for name in trainable)
@@ -49,9 +48,8 @@ def test_stage_generation_is_flow_grpo_on_the_dit(fresh_pipe, tiny_dir, tmp_path
     assert first["reward/groups_without_variation"] == 0.0 and not trainer.health.warned
 
 
-def test_timestep_window_restricts_the_trained_steps(fresh_pipe, tiny_dir, tmp_path):
-    trainer = make(fresh_pipe, config(tmp_path, tiny_dir, decoder_num_inference_steps=10, timestep_fraction=0.5,
-                                      timestep_window="2:6"))
+def test_timestep_window_restricts_the_trained_steps(fresh_pipe, config):
+    trainer = make(fresh_pipe, config(decoder_num_inference_steps=10, timestep_fraction=0.5, timestep_window="2:6"))
     steps = trainer._trained_steps()
     assert len(steps) == 4 and all(2 <= step < 6 for step in steps)
     trainer.args.timestep_window = None
@@ -59,11 +57,11 @@ def test_timestep_window_restricts_the_trained_steps(fresh_pipe, tiny_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_seeded_run_raises_the_reward_and_only_the_lora_changes(fresh_pipe, tiny_dir, tmp_path):
+def test_seeded_run_raises_the_reward_and_only_the_lora_changes(fresh_pipe, config):
     photo = skimage_photos(64).select([0])
     base = {name: p.detach().clone() for name, p in fresh_pipe.transformer.named_parameters()}
-    args = config(tmp_path, tiny_dir, max_steps=40, per_device_train_batch_size=8, num_generations=8,
-                  decoder_num_inference_steps=6, same_noise_in_group=True, beta=0.0)
+    args = config(max_steps=40, per_device_train_batch_size=8, num_generations=8, decoder_num_inference_steps=6,
+                  same_noise_in_group=True, beta=0.0)
     trainer = make(fresh_pipe, args, photo)
     reference = photo[0]["image"]
 
@@ -84,8 +82,8 @@ def test_seeded_run_raises_the_reward_and_only_the_lora_changes(fresh_pipe, tiny
             assert torch.equal(parameter, base[original]), name
 
 
-def test_saved_lora_reproduces_the_trained_decoder(fresh_pipe, tiny_dir, tmp_path):
-    trainer = make(fresh_pipe, config(tmp_path, tiny_dir, max_steps=3, learning_rate=5e-2))
+def test_saved_lora_reproduces_the_trained_decoder(fresh_pipe, config, tiny_dir, tmp_path):
+    trainer = make(fresh_pipe, config(max_steps=3, learning_rate=5e-2))
     trainer.train()
     out = tmp_path / "lora"
     trainer.save_model(str(out))
@@ -109,8 +107,8 @@ def test_saved_lora_reproduces_the_trained_decoder(fresh_pipe, tiny_dir, tmp_pat
     assert torch.equal(torch.from_numpy(sample(fresh)), torch.from_numpy(trained))
 
 
-def test_ema_weights_are_what_gets_saved(fresh_pipe, tiny_dir, tmp_path):
-    trainer = make(fresh_pipe, config(tmp_path, tiny_dir, max_steps=3, ema_decay=0.5, learning_rate=5e-2))
+def test_ema_weights_are_what_gets_saved(fresh_pipe, config, tmp_path):
+    trainer = make(fresh_pipe, config(max_steps=3, ema_decay=0.5, learning_rate=5e-2))
     trainer.train()
     trainer.save_model(str(tmp_path / "ema"))
     saved = load_file(tmp_path / "ema" / LORA_WEIGHT_NAME)
@@ -120,14 +118,14 @@ def test_ema_weights_are_what_gets_saved(fresh_pipe, tiny_dir, tmp_path):
     assert torch.allclose(saved[key], trainer._ema[name]) and not torch.allclose(saved[key], live[name])
 
 
-def test_bad_configurations(fresh_pipe, tiny_dir, tmp_path):
+def test_bad_configurations(fresh_pipe, config):
     with pytest.raises(ValueError, match="num_generations"):
-        config(tmp_path, tiny_dir, per_device_train_batch_size=6)
+        config(per_device_train_batch_size=6)
     with pytest.raises(ValueError, match="timestep_window"):
-        config(tmp_path, tiny_dir, timestep_window="5:2")
-    with pytest.raises(ValueError, match="reward_funcs"):
-        UnifiedGRPOTrainer(model=fresh_pipe.vlm, decoder=fresh_pipe, args=config(tmp_path, tiny_dir),
-                           train_dataset=skimage_photos(32), reward_funcs=[lambda **kwargs: [0.0]])
+        config(timestep_window="5:2")
+    with pytest.raises(TypeError, match="reward_funcs"):  # the reward is the reconstruction's, by construction
+        FlowGRPOTrainer(model=fresh_pipe.vlm, decoder=fresh_pipe, args=config(), train_dataset=skimage_photos(32),
+                        reward_funcs=[lambda **kwargs: [0.0]])
     with pytest.raises(ValueError, match=r"must be a multiple of 2 \(num_iterations\)"):
-        config(tmp_path, tiny_dir, num_iterations=2, save_strategy="steps", save_steps=3)
-    config(tmp_path, tiny_dir, num_iterations=2, save_strategy="steps", save_steps=4)  # between rollouts: fine
+        config(num_iterations=2, save_strategy="steps", save_steps=3)
+    config(num_iterations=2, save_strategy="steps", save_steps=4)  # between rollouts: fine
