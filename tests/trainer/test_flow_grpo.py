@@ -57,25 +57,38 @@ def test_timestep_window_restricts_the_trained_steps(fresh_pipe, config):
 
 
 @pytest.mark.slow
-def test_seeded_run_raises_the_reward_and_only_the_lora_changes(fresh_pipe, config):
-    photo = skimage_photos(64).select([0])
+def test_an_update_climbs_its_objective_and_only_the_lora_changes(fresh_pipe, config, monkeypatch):
+    """What a Flow-GRPO step must do, whatever the seed: after one optimizer step on a rollout, the advantage-weighted
+    log-probability of that rollout's transitions has risen (to first order the change is the gradient times the
+    step, which an AdamW step makes positive), and no weight but the LoRA's has moved.
+
+    (An end-to-end "the reward rises in 40 steps" test stood here; on the twins, whose random CLIP scores every
+    reconstruction within ±0.002, it passed on 3 of 8 seeds before the trainer split, so it measured luck.)"""
+    from uae_hf.sampling import flow_step
+    from uae_hf.sampling.flow_sde import velocity
+
     base = {name: p.detach().clone() for name, p in fresh_pipe.transformer.named_parameters()}
-    args = config(max_steps=40, per_device_train_batch_size=8, num_generations=8, decoder_num_inference_steps=6,
-                  same_noise_in_group=True, beta=0.0)
-    trainer = make(fresh_pipe, args, photo)
-    reference = photo[0]["image"]
-
-    def evaluate():  # deterministic samples, the same 16 noise seeds before and after training
-        images = fresh_pipe.generate([""] * 16, generator=[torch.Generator().manual_seed(100 + i) for i in range(16)],
-                                     height=64, width=64, num_inference_steps=6, guidance_scale=4.5).images
-        return trainer.reconstruction_reward.similarity.scores(images, [reference] * 16)["clip"]
-
-    before = evaluate()
+    args = config(max_steps=1, per_device_train_batch_size=8, num_generations=8, decoder_num_inference_steps=6,
+                  timestep_fraction=1.0, learning_rate=1e-4, beta=0.0)
+    trainer = make(fresh_pipe, args, skimage_photos(64).select([0]))
+    rollouts = []
+    sample = trainer._rollout
+    monkeypatch.setattr(trainer, "_rollout", lambda rows: rollouts.append(sample(rows)) or rollouts[-1])
     trainer.train()
-    gain = evaluate() - before
-    assert gain.mean() > 2 * gain.std() / 4 > 0, gain  # paired over 16 seeds: mean gain > 2 standard errors
-    rewards = [record["reward"] for record in trainer.state.log_history if "reward" in record]
-    assert sum(rewards[-5:]) > sum(rewards[:5])
+    (rollout,) = rollouts
+    trajectory, advantages = rollout["trajectory"], rollout["advantages"]
+    assert bool((advantages != 0).any())
+    with torch.no_grad(), fresh_pipe.masked_attention():
+        changes = []
+        for index in range(6):
+            v = velocity(fresh_pipe.transformer, trajectory.latents[:, index], trajectory.timesteps[index],
+                         rollout["conditioning"], args.decoder_guidance_scale)
+            step = flow_step("sde", v, trajectory.latents[:, index], trajectory.sigmas, index, args.sde_noise_level,
+                             prev_sample=trajectory.latents[:, index + 1])
+            changes.append(step.log_prob - trajectory.log_probs[:, index])
+    change = torch.stack(changes, dim=1)  # (samples, steps): log-prob after the update minus before
+    assert float((advantages[:, None] * change).sum()) > 0, change
+    assert float(change.abs().max()) > 0  # the update moved the policy at all
     for name, parameter in fresh_pipe.transformer.named_parameters():
         original = name.replace(".base_layer", "")
         if "lora" not in name:
