@@ -81,3 +81,14 @@ def test_trajectories_are_reproducible_per_sample(pipe):
     assert torch.equal(first.latents, second.latents) and torch.equal(first.log_probs, second.log_probs)
     timesteps, sigmas = schedule(pipe, 4, 64, 64, "cpu")
     assert torch.equal(first.timesteps, timesteps) and sigmas[0] == 1 and sigmas[-1] == 0
+
+
+def test_cps_scores_with_the_reference_squared_error():
+    """CPS's reference log-prob is `-(x_next - mean)²`, a per-element mean (no 1/(2 std²), no normaliser)."""
+    x, v = _state(3)
+    sigmas = torch.tensor([1.0, 0.7, 0.5, 0.0])
+    step = flow_step("cps", v, x, sigmas, 1, 0.7, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(step.log_prob, -((step.prev_sample - step.mean) ** 2).mean(dim=(1, 2, 3)), rtol=0, atol=0)
+    again = cps_step(v, x, 0.7, 0.5, noise_level=0.7, prev_sample=step.prev_sample, log_prob_form="squared_error")
+    torch.testing.assert_close(again.log_prob, step.log_prob, rtol=0, atol=0)
+    assert torch.equal(step.std_t, step.std)  # the KL's scale: CPS's std has no dt in it

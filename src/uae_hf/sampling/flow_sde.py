@@ -22,12 +22,22 @@ class FlowStepOutput:
         log_prob (`torch.Tensor` of shape `(batch,)`): `log π(prev_sample | sample)`, averaged over latent elements.
         mean (`torch.Tensor`): the Gaussian's mean.
         std (`torch.Tensor`): the Gaussian's standard deviation (broadcastable to the latents).
+        std_t (`torch.Tensor`, *optional*): the noise scale Flow-GRPO's KL divides by (`2·std_t²`): `std / sqrt(-dt)`
+            for the SDE step (no `|dt|`, DESIGN.md §4), `std` itself for the CPS step.
     """
 
     prev_sample: torch.Tensor
     log_prob: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    std_t: torch.Tensor | None = None
+
+
+def mean_kl(step: FlowStepOutput, reference: FlowStepOutput) -> torch.Tensor:
+    """Flow-GRPO's KL of a step to the reference's: per sample, `mean((μ - μ_ref)²) / (2·std_t²)` (the reference
+    implementation's scale; the exact Gaussian KL would divide by `2·std²`, `|dt|` times smaller)."""
+    squared = ((step.mean - reference.mean) ** 2).mean(dim=tuple(range(1, step.mean.ndim)))
+    return squared / (2 * step.std_t**2)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -79,7 +89,7 @@ def sde_step(
     if prev_sample is None:
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev_sample = mean + std * noise if noise_level > 0 else mean
-    return FlowStepOutput(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std)
+    return FlowStepOutput(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std, std_t)
 
 
 def cps_step(
@@ -90,9 +100,18 @@ def cps_step(
     noise_level: float = 0.7,
     generator: torch.Generator | list[torch.Generator] | None = None,
     prev_sample: torch.Tensor | None = None,
+    log_prob_form: str = "gaussian",
 ) -> FlowStepOutput:
     """Coefficients-preserving step: `std = σ_next sin(aπ/2)`, `x0 = x - σv`, `x1 = x + (1 - σ)v`,
-    `mean = x0 (1 - σ_next) + x1 sqrt(σ_next² - std²)`, `x_next = mean + std ε`."""
+    `mean = x0 (1 - σ_next) + x1 sqrt(σ_next² - std²)`, `x_next = mean + std ε`.
+
+    Args:
+        log_prob_form (`str`, defaults to `"gaussian"`): `"gaussian"`, the per-element mean of `log N(x_next; mean,
+            std²)`, or `"squared_error"`, the CPS reference's `-mean((x_next - mean)²)` (no `1/(2 std²)`, no
+            normaliser), which [`flow_step`] (so the sampler and Flow-GRPO) uses.
+    """
+    if log_prob_form not in ("gaussian", "squared_error"):
+        raise ValueError(f"log_prob_form must be 'gaussian' or 'squared_error', got {log_prob_form!r}")
     sample = sample.float()
     velocity = velocity.float()
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=sample.device)
@@ -104,18 +123,25 @@ def cps_step(
     if prev_sample is None:
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev_sample = mean + std * noise if noise_level > 0 else mean
-    return FlowStepOutput(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std)
+    if log_prob_form == "squared_error":
+        log_prob = -((prev_sample.float() - mean) ** 2).mean(dim=tuple(range(1, sample.ndim)))
+    else:
+        log_prob = gaussian_log_prob(prev_sample, mean, std)
+    return FlowStepOutput(prev_sample, log_prob, mean, std, torch.as_tensor(std, dtype=torch.float32))
 
 
 STEPS = {"sde": sde_step, "cps": cps_step}
 
 
 def flow_step(method: str, velocity, sample, sigmas: torch.Tensor, index: int, noise_level: float, **kwargs):
-    """Step `index` of a schedule `sigmas` (length T + 1) with `method` (`"sde"` or `"cps"`)."""
+    """Step `index` of a schedule `sigmas` (length T + 1) with `method` (`"sde"` or `"cps"`; CPS scores with the
+    reference's squared-error log-prob, see [`cps_step`])."""
     if method not in STEPS:
         raise ValueError(f"unknown sampling method {method!r}; choose from {sorted(STEPS)}")
     if method == "sde":
         kwargs["sigma_max"] = sigmas[1]
+    else:
+        kwargs.setdefault("log_prob_form", "squared_error")
     return STEPS[method](velocity, sample, sigmas[index], sigmas[index + 1], noise_level, **kwargs)
 
 

@@ -19,9 +19,11 @@ class FlowGRPOConfig(DecoderTrainingConfig):
         num_generations (`int`, defaults to `8`):
             Reconstructions per caption (the group G); `per_device_train_batch_size` must be a multiple of it.
         num_iterations (`int`, defaults to `1`):
-            Updates per rollout (μ); the later ones are off-policy and clipped.
+            Optimizer steps per rollout (μ); the later ones are off-policy and clipped. With gradient accumulation,
+            each micro-batch of a step gets its own rollout, and the window's rollouts serve the next μ steps.
         beta (`float`, defaults to `0.0`):
-            KL coefficient to the reference DiT (the LoRA disabled, or a frozen copy when fully fine-tuned).
+            KL coefficient to the reference DiT (the LoRA disabled, or a frozen copy when fully fine-tuned), on the
+            step means scaled as in Flow-GRPO: `mean((μ_θ - μ_ref)²) / (2·std_t²)`.
         scale_rewards (`str`, defaults to `"group"`):
             Advantage scaling: by the group's std (`"group"`), the std of all processes' rewards (`"batch"`), or
             none (`"none"`).
@@ -49,6 +51,9 @@ class FlowGRPOConfig(DecoderTrainingConfig):
     Parameters that control what trains:
         decoder_full_finetune (`bool`, defaults to `False`):
             Train every DiT weight instead of a LoRA.
+        disable_dropout (`bool`, defaults to `False`):
+            Set every dropout of the DiT (the LoRA's included) to 0. Rollouts always sample in eval mode; with
+            dropout active in the update, even the first update of a rollout has ratio != 1.
         ema_decay (`float`, *optional*):
             Keep an exponential moving average of the trained weights and save it.
 
@@ -63,8 +68,12 @@ class FlowGRPOConfig(DecoderTrainingConfig):
 
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
     num_generations: int = field(default=8, metadata={"help": "Reconstructions per caption (group size G)."})
-    num_iterations: int = field(default=1, metadata={"help": "Updates per rollout (mu)."})
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient to the reference DiT."})
+    num_iterations: int = field(
+        default=1, metadata={"help": "Optimizer steps per rollout (mu); one rollout per micro-batch of a step."}
+    )
+    beta: float = field(
+        default=0.0, metadata={"help": "KL coefficient to the reference DiT (Flow-GRPO's scale: / (2 std_t^2))."}
+    )
     scale_rewards: str = field(
         default="group", metadata={"help": "Advantage scaling.", "choices": ["group", "batch", "none"]}
     )
@@ -87,6 +96,9 @@ class FlowGRPOConfig(DecoderTrainingConfig):
     )
     decoder_full_finetune: bool = field(
         default=False, metadata={"help": "Train all DiT weights instead of a LoRA."}
+    )
+    disable_dropout: bool = field(
+        default=False, metadata={"help": "Set every dropout of the DiT (LoRA's included) to 0, so ratios start at 1."}
     )
     ema_decay: float | None = field(
         default=None, metadata={"help": "Exponential moving average of the trained weights (saved when set)."}
@@ -111,4 +123,9 @@ class FlowGRPOConfig(DecoderTrainingConfig):
                                  f"{self.timestep_window!r}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        self.check_checkpoints_fall_between_rollouts(self.num_iterations, "num_iterations")
+        # a window's rollouts serve μ optimizer steps, μ × gradient_accumulation_steps micro-steps
+        accumulation = self.gradient_accumulation_steps
+        self.check_checkpoints_fall_between_rollouts(
+            self.num_iterations * accumulation,
+            "num_iterations" if accumulation == 1 else "num_iterations × gradient_accumulation_steps",
+        )

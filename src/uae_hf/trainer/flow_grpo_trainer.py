@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import TrainerCallback
+from trl.trainer.utils import disable_dropout_in_model
 
 from ..hub import MODEL_CARDS, hub_id_of
 from ..images import decoded_images
 from ..rewards.reconstruction import ReconstructionBatch, caption_metrics
-from ..sampling.flow_sde import decode_latents, flow_step, sample_trajectory, velocity
+from ..sampling.flow_sde import decode_latents, flow_step, mean_kl, sample_trajectory, velocity
 from ..seeding import seeded_generators, stream_seed
 from .decoder_trainer import CAPTION_STREAM, LORA_WEIGHT_NAME, DecoderTrainer, row_images
 from .flow_grpo_config import FlowGRPOConfig
@@ -27,6 +29,7 @@ from .health import HealthWarnings
 from .model_card import card_tags, latest_metrics
 
 GROUP_NOISE_STREAM, SAMPLE_NOISE_STREAM, STEP_NOISE_STREAM, TRAINED_STEPS_STREAM = 3, 4, 5, 6
+MICRO_STEP_STREAM = 7  # names a micro-step's own streams within an accumulation window (the first keeps the step's)
 
 
 class _EMACallback(TrainerCallback):
@@ -75,7 +78,13 @@ class FlowGRPOTrainer(DecoderTrainer):
             raise ValueError("FlowGRPOTrainer captions each image: pass the encoder as `model` (and its processor), "
                              "or a decoder with `vlm` and `processor`")
         self._train_batch_size = self.args.per_device_train_batch_size // self.args.num_generations  # images
-        self._cached_rollout = None
+        self._rollouts: dict[int, dict] = {}  # position in the accumulation window → the rollout it trains on
+        self._window = (-1, 0)  # (global step, position) of the current micro-step
+        if self.reference is not None:  # copied before `Trainer.__init__` placed the decoder: follow it
+            self.reference.to(self.accelerator.device)
+            if self.accelerator.native_amp:  # and compute as the trained DiT will once accelerate wraps its forward
+                autocast = get_mixed_precision_context_manager(True, self.accelerator.autocast_handler)
+                self.reference.forward = convert_outputs_to_fp32(autocast(self.reference.forward))
         self.health = HealthWarnings()
         if self.args.ema_decay is not None:
             self._ema = {name: p.detach().clone() for name, p in self.decoder.transformer.named_parameters()
@@ -95,15 +104,25 @@ class FlowGRPOTrainer(DecoderTrainer):
                 self.reference = copy.deepcopy(dit).requires_grad_(False).eval()
         else:
             self.add_dit_lora(dit, peft_config)
+        if self.args.disable_dropout:
+            disable_dropout_in_model(dit)
         return dit
 
     def evaluation_loss(self, model, rows, generator) -> None:
         return None  # a policy-gradient surrogate has no held-out meaning: evaluation reports the round trip alone
 
     # ------------------------------------------------------------------------------------------------------- rollout
-    def _generators(self, stream: int, count: int, repeat: int = 1) -> list[torch.Generator]:
-        """`count * repeat` generators for this step and process; each seed serves `repeat` consecutive samples."""
+    def _micro_seed(self, stream: int) -> int:
+        """The seed of `stream` at this step, process and micro-step: each micro-batch of an accumulation window
+        draws its own noise; the first keeps the step's seed (so without accumulation nothing changes)."""
         base = self._seed(stream)
+        micro_step = self._window[1]
+        return stream_seed(base, MICRO_STEP_STREAM, micro_step) if micro_step else base
+
+    def _generators(self, stream: int, count: int, repeat: int = 1) -> list[torch.Generator]:
+        """`count * repeat` generators for this micro-step and process; each seed serves `repeat` consecutive
+        samples."""
+        base = self._micro_seed(stream)
         return seeded_generators(stream_seed(base, index) for index in range(count) for _ in range(repeat))
 
     @torch.no_grad()
@@ -111,7 +130,7 @@ class FlowGRPOTrainer(DecoderTrainer):
         args, decoder, group = self.args, self.decoder, self.args.num_generations
         start = time.perf_counter()
         originals = row_images(rows)
-        captions = self.caption(originals, self._seed(CAPTION_STREAM))
+        captions = self.caption(originals, self._micro_seed(CAPTION_STREAM))
         captions_g = [caption for caption in captions for _ in range(group)]
         originals_g = [image for image in originals for _ in range(group)]
         conditioning = decoder.encode_captions(captions_g, args.decoder_conditioning_mode)
@@ -199,13 +218,20 @@ class FlowGRPOTrainer(DecoderTrainer):
             dit.enable_adapters()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        # a rollout serves `num_iterations` consecutive updates (the later ones off-policy: ratio != 1, clipped)
-        fresh = self._cached_rollout is None or self._cached_rollout[1] == 0
+        global_step = self.state.global_step
+        micro_step = self._window[1] + 1 if self._window[0] == global_step else 0  # position in the window
+        self._window = (global_step, micro_step)
+        # each micro-batch of a window gets its own rollout, and the window's rollouts serve `num_iterations`
+        # optimizer steps (μ inner epochs; the later ones off-policy: ratio != 1, clipped). The rows of the steps in
+        # between are not sampled.
+        if micro_step == 0 and global_step % self.args.num_iterations == 0:
+            self._rollouts.clear()
+        fresh = micro_step not in self._rollouts
         if fresh:
-            self._cached_rollout = [self._rollout(inputs), self.args.num_iterations]
-        rollout = self._cached_rollout[0]
-        self._cached_rollout[1] -= 1
+            model.eval()  # sampled as the reference samples: no dropout
+            self._rollouts[micro_step] = self._rollout(inputs)
+        model.train()
+        rollout = self._rollouts[micro_step]
         start = time.perf_counter()
         trajectory, conditioning, advantages = rollout["trajectory"], rollout["conditioning"], rollout["advantages"]
         args, steps = self.args, self._trained_steps()
@@ -227,8 +253,7 @@ class FlowGRPOTrainer(DecoderTrainer):
                         v_ref = velocity(reference, sample, trajectory.timesteps[index], conditioning, self._guidance)
                         ref = flow_step(args.sde_method, v_ref, sample, trajectory.sigmas, index,
                                         args.sde_noise_level, prev_sample=target)
-                    kl = ((step.mean - ref.mean) ** 2).mean(dim=tuple(range(1, sample.ndim))) / (2 * step.std**2)
-                    kl = kl.mean()
+                    kl = mean_kl(step, ref).mean()
                     loss = loss + args.beta * kl
                 self.accelerator.backward(loss / (len(steps) * args.gradient_accumulation_steps))
             total_loss += loss.detach() / len(steps)
