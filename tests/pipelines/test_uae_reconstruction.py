@@ -495,3 +495,13 @@ def test_a_hub_source_is_kept_in_the_saved_configs(pipe, tmp_path):
     transformer = json.loads((tmp_path / "saved" / "transformer" / "config.json").read_text())
     assert transformer["_name_or_path"] == "stabilityai/stable-diffusion-3.5-medium"
     assert "_name_or_path" not in json.loads((tmp_path / "saved" / "vae" / "config.json").read_text())
+
+
+def test_several_images_per_prompt_with_one_generator_per_output_row(pipe, photos):
+    """SD3 takes one generator per output row; each image's caption follows the first of its rows."""
+    rows = [torch.Generator().manual_seed(i) for i in range(4)]
+    out = pipe(image=photos[:2], num_images_per_prompt=2, generator=rows, height=64, width=64,
+               num_inference_steps=2, max_new_tokens=8)
+    alone = pipe(image=photos[:2], generator=[torch.Generator().manual_seed(i) for i in (0, 2)], height=64,
+                 width=64, num_inference_steps=2, max_new_tokens=8)
+    assert len(out.images) == 4 and out.captions == alone.captions

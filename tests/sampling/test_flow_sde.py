@@ -92,3 +92,19 @@ def test_cps_scores_with_the_reference_squared_error():
     again = cps_step(v, x, 0.7, 0.5, noise_level=0.7, prev_sample=step.prev_sample, log_prob_form="squared_error")
     torch.testing.assert_close(again.log_prob, step.log_prob, rtol=0, atol=0)
     assert torch.equal(step.std_t, step.std)  # the KL's scale: CPS's std has no dt in it
+
+
+def test_a_text_mask_on_a_dit_without_the_masked_processor_is_refused(pipe, tiny_dir):
+    """diffusers' own processor would drop the mask (a logged warning) and attend each caption's batch padding."""
+    from diffusers import SD3Transformer2DModel
+
+    from uae_hf.sampling.flow_sde import velocity
+
+    conditioning = pipe.encode_captions(CAPTIONS, "embeddings")
+    assert conditioning["joint_attention_kwargs"] is not None  # unequal lengths: a mask
+    stock = SD3Transformer2DModel.from_pretrained(tiny_dir / "decoder", subfolder="transformer")
+    latents = torch.randn(2, stock.config.in_channels, 8, 8)
+    with pytest.raises(ValueError, match="needs the masked joint attention, but the DiT runs JointAttnProcessor"):
+        velocity(stock, latents, torch.tensor(500.0), conditioning, 1.0)
+    with pipe.masked_attention():
+        velocity(pipe.transformer, latents, torch.tensor(500.0), conditioning, 1.0)  # the pipeline's own: masked

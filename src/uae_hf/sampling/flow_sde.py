@@ -162,11 +162,13 @@ def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, conditi
     dit = getattr(transformer, "module", transformer)  # a DistributedDataParallel wrapper holds the DiT
     attention_kwargs = conditioning.get("joint_attention_kwargs") or {}
     if "encoder_attention_mask" in attention_kwargs:
-        unmasked = {type(p).__name__ for p in dit.attn_processors.values()} - {"MaskedJointAttnProcessor"}
-        if unmasked:  # diffusers' own processors would drop the mask with a logged warning: padding attended
+        # `masked_attention` sets every layer's processor at once, so the first block's tells (an O(1) look on the
+        # sampler's hot path; by class name, which a remote-code copy of the pipeline shares)
+        processor = type(dit.transformer_blocks[0].attn.processor).__name__
+        if processor != "MaskedJointAttnProcessor":  # diffusers' own would drop the mask: padding attended
             raise ValueError(
                 f"the text mask of captions of different lengths needs the masked joint attention, but the DiT runs "
-                f"{sorted(unmasked)}: call it inside `with pipe.masked_attention():` (or masked_attention(transformer))"
+                f"{processor}: call it inside `with pipe.masked_attention():` (or masked_attention(transformer))"
             )
     dtype = dit.dtype
     prediction = transformer(

@@ -127,7 +127,7 @@ class ColdStartTrainer(DecoderTrainer):
         captions = dataset_captions(rows, args.caption_column)
         missing = [index for index, caption in enumerate(captions) if caption is None]
         if missing:  # the encoder writes the missing captions, which are then teacher-forced
-            seed = stream_seed(int(torch.randint(0, 2**62, (), generator=generator)), CAPTION_STREAM)
+            seed = stream_seed(generator.initial_seed(), CAPTION_STREAM)  # leaves the step's noise stream alone
             written = self.caption([images[index] for index in missing], seed)
             for index, caption in zip(missing, written):
                 captions[index] = caption

@@ -492,7 +492,11 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
 
         # 2. Caption the images with the encoder, each with a generator derived from its noise generator
         if captions is None:
-            caption_generator = _derived_generators(generate_kwargs.get("generator"))
+            generator = generate_kwargs.get("generator")
+            per_image = generate_kwargs.get("num_images_per_prompt", 1)
+            if isinstance(generator, (list, tuple)) and per_image > 1:  # one per output row: an image's first one
+                generator = generator[::per_image]
+            caption_generator = _derived_generators(generator)
             captions = self.caption(image, instruction, max_new_tokens, do_sample, temperature, top_p,
                                     generator=caption_generator)
 
