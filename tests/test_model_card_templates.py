@@ -28,8 +28,8 @@ NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-inf
 # Variables for each template, every `{% if %}` true so that every fixed line renders. A template missing here
 # gets a string for each variable it reads (enough for a template without loops).
 TEMPLATE_VARIABLES = {
-    "flow_grpo_decoder_lora.md": dict(
-        model_name="tiny-decoder-lora", full_finetune=True, base_model="org/decoder", hub_model_id="user/lora",
+    "decoder_rl_lora.md": dict(
+        model_name="tiny-decoder-lora", full_finetune=True, algorithm="DiffusionNFT", trainer="DiffusionNFTTrainer", base_model="org/decoder", hub_model_id="user/lora",
         weight_name="pytorch_lora_weights.safetensors", settings={"sampler": "sde, 8 steps", "KL beta": "0.01"},
         metrics={"reward/mean": 0.25},
     ),

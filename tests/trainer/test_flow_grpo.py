@@ -121,14 +121,14 @@ def test_saved_lora_reproduces_the_trained_decoder(fresh_pipe, config, tiny_dir,
 
 
 def test_ema_weights_are_what_gets_saved(fresh_pipe, config, tmp_path):
-    trainer = make(fresh_pipe, config(max_steps=3, ema_decay=0.5, learning_rate=5e-2))
+    trainer = make(fresh_pipe, config(max_steps=3, ema_decay=0.5, ema_update_interval=1, learning_rate=5e-2))
     trainer.train()
     trainer.save_model(str(tmp_path / "ema"))
     saved = load_file(tmp_path / "ema" / LORA_WEIGHT_NAME)
     live = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
     name = next(iter(live))
     key = next(key for key in saved if name.replace(".default", "").split("transformer_blocks")[-1] in key)
-    assert torch.allclose(saved[key], trainer._ema[name]) and not torch.allclose(saved[key], live[name])
+    assert torch.allclose(saved[key], trainer.ema.weights[name]) and not torch.allclose(saved[key], live[name])
 
 
 def test_bad_configurations(fresh_pipe, config):

@@ -40,7 +40,7 @@ def step_logs(records: list[dict]) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, port", [("understanding", 29533), ("generation", 29534), ("cold_start", 29535),
-                                         ("pretrain", 29536)])
+                                         ("pretrain", 29536), ("generation_nft", 29537)])
 def test_two_processes_train_one_model(stage, port, tiny_dir, tmp_path):
     records = launch(stage, tiny_dir, tmp_path / stage, port)
     assert [record["world_size"] for record in records] == [2, 2]

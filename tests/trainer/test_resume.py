@@ -6,17 +6,21 @@ import torch
 from peft import LoraConfig
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from uae_hf import ColdStartTrainer, FlowGRPOTrainer, UnifiedGRPOTrainer, load_uae_pipeline
+from uae_hf import ColdStartTrainer, DiffusionNFTTrainer, FlowGRPOTrainer, UnifiedGRPOTrainer, load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
 
 RESUME_STATE_NAME = "resume_state.safetensors"
 
 STAGES = {
     "understanding": dict(learning_rate=1e-2),
-    "generation": dict(learning_rate=1e-2, ema_decay=0.9, decoder_lora_r=4, decoder_lora_alpha=8),
+    "generation": dict(learning_rate=1e-2, ema_decay=0.9, ema_update_interval=1, decoder_lora_r=4,
+                       decoder_lora_alpha=8),
+    "generation_nft": dict(learning_rate=1e-2, old_policy_decay_rate=0.3, decoder_lora_r=4, decoder_lora_alpha=8),
     "cold_start": dict(learning_rate=1e-3, cold_start_trainable=["projector", "llm_lora", "dit_lora"],
                        decoder_lora_r=4, decoder_lora_alpha=8, llm_lora_r=4, llm_lora_alpha=8),
 }
+
+TRAINER_CLASSES = {"generation": FlowGRPOTrainer, "generation_nft": DiffusionNFTTrainer, "cold_start": ColdStartTrainer}
 
 
 @pytest.fixture()
@@ -30,7 +34,7 @@ def make_trainer(make_config, tiny_dir):
             return UnifiedGRPOTrainer(model=encoder, decoder=pipe, args=args, train_dataset=skimage_photos(32),
                                       processing_class=pipe.processor,
                                       peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-        trainer_class = FlowGRPOTrainer if stage == "generation" else ColdStartTrainer
+        trainer_class = TRAINER_CLASSES[stage]
         return trainer_class(model=pipe.vlm, decoder=pipe, args=args, train_dataset=skimage_photos(32),
                              processing_class=pipe.processor)
 
@@ -38,10 +42,12 @@ def make_trainer(make_config, tiny_dir):
 
 
 def final_state(trainer) -> dict[str, torch.Tensor]:
-    """Copies of the trained weights (and EMA) as they are now."""
+    """Copies of the trained weights (and their EMA, old policy) as they are now."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    return state | {f"ema.{name}": value.clone() for name, value in (getattr(trainer, "_ema", None) or {}).items()}
+    copies = trainer.weight_copies() if hasattr(trainer, "weight_copies") else {}
+    return state | {f"{prefix}.{name}": value.clone() for prefix, copy in copies.items()
+                    for name, value in copy.weights.items()}
 
 
 def logged_after_step_2(trainer) -> list[dict]:

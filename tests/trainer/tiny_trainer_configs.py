@@ -10,6 +10,8 @@ from uae_hf import (
     ColdStartTrainer,
     DecoderPretrainingConfig,
     DecoderPretrainingTrainer,
+    DiffusionNFTConfig,
+    DiffusionNFTTrainer,
     FlowGRPOConfig,
     FlowGRPOTrainer,
     UnifiedGRPOConfig,
@@ -20,6 +22,7 @@ from uae_hf import (
 STAGES = {
     "understanding": (UnifiedGRPOConfig, UnifiedGRPOTrainer),
     "generation": (FlowGRPOConfig, FlowGRPOTrainer),
+    "generation_nft": (DiffusionNFTConfig, DiffusionNFTTrainer),
     "pretrain": (DecoderPretrainingConfig, DecoderPretrainingTrainer),
     "cold_start": (ColdStartConfig, ColdStartTrainer),
 }

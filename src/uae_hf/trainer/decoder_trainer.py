@@ -71,7 +71,6 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
     config_class = DecoderTrainingConfig
     _tag_names = ["uae", "uae_hf"]
     _stage_description = ""
-    _ema: dict[str, torch.Tensor] | None = None  # EMA of the trained weights (FlowGRPOTrainer)
 
     def __init__(self, model=None, decoder=None, args: DecoderTrainingConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None, callbacks=None, optimizers=(None, None)):
@@ -248,13 +247,19 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         self.save_parts(output_dir)
         torch.save(self.args, output_dir / "training_args.bin")
 
+    def weight_copies(self) -> dict:
+        """Copies of the trained weights that a resumed run needs exactly (`WeightCopy` by name: an EMA, an old
+        policy); none here."""
+        return {}
+
     def _save_resume_state(self, folder: Path) -> None:
-        """The trained weights as they are (the saved parts may hold their EMA instead) and the EMA, exactly."""
+        """The trained weights as they are (the saved parts may hold their EMA instead) and their copies, exactly."""
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model)
         state = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-        state |= {f"ema.{name}": value.contiguous() for name, value in (self._ema or {}).items()}
+        for prefix, copy in self.weight_copies().items():
+            state |= {f"{prefix}.{name}": value.contiguous() for name, value in copy.weights.items()}
         save_file(state, folder / RESUME_STATE_NAME)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -265,7 +270,8 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         state = load_file(path)
         parameters = dict(self.accelerator.unwrap_model(model or self.model).named_parameters())
         trained = {name for name, p in parameters.items() if p.requires_grad}
-        saved = {name for name in state if not name.startswith("ema.")}
+        copies = self.weight_copies()
+        saved = {name for name in state if name.partition(".")[0] not in copies}
         if saved != trained:
             raise ValueError(
                 f"{path} does not match this run's trained weights (missing: {sorted(trained - saved)[:3]}, "
@@ -274,8 +280,9 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         with torch.no_grad():
             for name in trained:
                 parameters[name].copy_(state[name])
-            for name, value in (self._ema or {}).items():
-                value.copy_(state[f"ema.{name}"])
+            for prefix, copy in copies.items():
+                for name, value in copy.weights.items():
+                    value.copy_(state[f"{prefix}.{name}"])
 
     # ---------------------------------------------------------------------------------------------- logs and cards
     def _record(self, metrics: dict) -> None:
