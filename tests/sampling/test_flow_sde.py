@@ -108,3 +108,29 @@ def test_a_text_mask_on_a_dit_without_the_masked_processor_is_refused(pipe, tiny
         velocity(stock, latents, torch.tensor(500.0), conditioning, 1.0)
     with pipe.masked_attention():
         velocity(pipe.transformer, latents, torch.tensor(500.0), conditioning, 1.0)  # the pipeline's own: masked
+
+
+def test_detaching_the_unconditional_branch_trains_the_conditional_one_alone(pipe):
+    """`v = sg(u) + w·(c - sg(u))` has the guided value and backpropagates as `w·c`; undetached it is
+    `(1 - w)·u + w·c`, whose gradient differs."""
+    from uae_hf.sampling.flow_sde import velocity
+
+    conditioning = pipe.encode_captions(CAPTIONS, "embeddings")
+    timestep = schedule(pipe, 4, 64, 64, "cpu")[0][1]
+    latents = torch.randn(2, pipe.transformer.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    direction = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    w = 4.5
+
+    def run(guidance, **kwargs):
+        x = latents.clone().requires_grad_(True)
+        v = velocity(pipe.transformer, x, timestep, conditioning, guidance, **kwargs)
+        (gradient,) = torch.autograd.grad((v.float() * direction).sum(), x)
+        return v.detach(), gradient
+
+    with pipe.masked_attention():
+        detached, detached_gradient = run(w, detach_unconditional=True)
+        guided, guided_gradient = run(w)
+        _, conditional_gradient = run(1.0)  # the conditional branch alone
+    assert torch.equal(detached, guided)  # the same velocity: only its gradient changes
+    torch.testing.assert_close(detached_gradient, w * conditional_gradient, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(guided_gradient, detached_gradient, rtol=1e-2, atol=1e-4)

@@ -145,12 +145,17 @@ def flow_step(method: str, velocity, sample, sigmas: torch.Tensor, index: int, n
     return STEPS[method](velocity, sample, sigmas[index], sigmas[index + 1], noise_level, **kwargs)
 
 
-def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict, guidance_scale: float):
+def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict, guidance_scale: float,
+             detach_unconditional: bool = False):
     """The decoder's velocity at `latents`, with classifier-free guidance when `guidance_scale > 1`.
 
     `conditioning` is what `UAEReconstructionPipeline.encode_captions` returns. `timestep` is one value or one per
     item. Every input is cast to the DiT's dtype here, at the boundary (float32 latents or embeddings from a float32
     projector beside a bf16 DiT), so no model is ever upcast; the prediction comes back in the DiT's dtype.
+
+    Args:
+        detach_unconditional (`bool`, defaults to `False`): stop gradients through the unconditional branch of the
+            guidance, so `v = sg(u) + w·(c - sg(u))` backpropagates as `w·c` alone. Same value; only gradients change.
     """
     guided = guidance_scale > 1
     embeds, pooled = conditioning["prompt_embeds"], conditioning["pooled_prompt_embeds"]
@@ -182,6 +187,8 @@ def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, conditi
     if not guided:
         return prediction
     unconditional, conditional = prediction.chunk(2)
+    if detach_unconditional:
+        unconditional = unconditional.detach()
     return unconditional + guidance_scale * (conditional - unconditional)
 
 

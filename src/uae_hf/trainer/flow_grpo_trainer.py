@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from ..sampling.flow_sde import flow_step, mean_kl, velocity
+from ..sampling.flow_sde import Trajectory, flow_step, mean_kl, velocity
 from .decoder_rl_trainer import DecoderRLTrainer
 from .flow_grpo_config import FlowGRPOConfig
 
@@ -68,9 +68,30 @@ class FlowGRPOTrainer(DecoderRLTrainer):
         count = max(1, int(total * self.args.timestep_fraction))
         return list(range(start, end))[:count]
 
+    def _informative(self, rollout: dict) -> tuple[Trajectory, dict, torch.Tensor]:
+        """The rollout's samples the update trains on: with `filter_zero_advantages`, those whose advantage is not 0
+        (all of them when none is, so every process still backpropagates)."""
+        trajectory, conditioning, advantages = rollout["trajectory"], rollout["conditioning"], rollout["advantages"]
+        keep = advantages != 0
+        if not self.args.filter_zero_advantages or bool(keep.all()) or not bool(keep.any()):
+            self._record({"advantages/filtered_fraction": 0.0})
+            return trajectory, conditioning, advantages
+        self._record({"advantages/filtered_fraction": 1.0 - float(keep.float().mean())})
+        rows = keep.nonzero().squeeze(1)
+
+        def select(value):
+            if isinstance(value, dict):
+                return {key: select(item) for key, item in value.items()}
+            if isinstance(value, torch.Tensor) and value.ndim and len(value) == len(keep):
+                return value[rows.to(value.device)]
+            return value
+
+        kept = Trajectory(trajectory.latents[rows], trajectory.log_probs[rows], trajectory.timesteps, trajectory.sigmas)
+        return kept, select(conditioning), advantages[rows]
+
     def update(self, model, rollout: dict, fresh: bool) -> torch.Tensor:
         """The clipped-ratio loss (+ β·KL) on each trained step, backpropagated step by step."""
-        trajectory, conditioning, advantages = rollout["trajectory"], rollout["conditioning"], rollout["advantages"]
+        trajectory, conditioning, advantages = self._informative(rollout)
         args, steps = self.args, self._trained_steps()
         total_loss = torch.zeros((), device=self.accelerator.device)
         for position, index in enumerate(steps):
@@ -78,7 +99,8 @@ class FlowGRPOTrainer(DecoderRLTrainer):
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
             with sync:
                 sample, target = trajectory.latents[:, index], trajectory.latents[:, index + 1]
-                v = velocity(model, sample, trajectory.timesteps[index], conditioning, self._guidance)
+                v = velocity(model, sample, trajectory.timesteps[index], conditioning, self._guidance,
+                             detach_unconditional=args.detach_unconditional)
                 step = flow_step(args.sde_method, v, sample, trajectory.sigmas, index, args.sde_noise_level,
                                  prev_sample=target)
                 ratio = torch.exp(step.log_prob - trajectory.log_probs[:, index])
@@ -110,4 +132,5 @@ class FlowGRPOTrainer(DecoderRLTrainer):
             f"{args.decoder_num_inference_steps} steps, {args.decoder_width}x{args.decoder_height}",
             "guidance in training": f"{self._guidance}",
             "KL beta": f"{args.beta}",
+            "zero-advantage samples": "left out of the update" if args.filter_zero_advantages else "trained on",
         }
