@@ -10,6 +10,7 @@ import argparse
 import json
 import time
 
+import decoder_rl_step
 import flow_grpo_step
 import grpo_overhead
 import import_time
@@ -22,6 +23,7 @@ BENCHMARKS = {
     "scoring_throughput": scoring_throughput,
     "grpo_overhead": grpo_overhead,
     "flow_grpo_step": flow_grpo_step,
+    "decoder_rl_step": decoder_rl_step,
     "stage_memory": stage_memory,
     "import_time": import_time,
 }
@@ -36,6 +38,10 @@ TARGETS = [
     ("pipeline batch 8 / batch 1 (images/s)", lambda f: f["reconstruction_throughput"]["batch_8_over_batch_1"], None,
      False),
     ("Flow-GRPO update, timestep_fraction 0.5 / 1.0", lambda f: f["flow_grpo_step"]["update_ratio"], None, True),
+    ("DiffusionNFT / Flow-GRPO step time per image", lambda f: f["decoder_rl_step"]["nft_over_flow_grpo_time"], None,
+     True),
+    ("DiffusionNFT / Flow-GRPO step memory per image", lambda f: f["decoder_rl_step"]["nft_over_flow_grpo_memory"],
+     None, True),
     ("cold-start step memory, checkpointed / plain", lambda f: f["stage_memory"]["cold_start_checkpointed_over_plain"],
      None, True),
 ]

@@ -28,6 +28,7 @@ pipe = load_uae_pipeline(f"{twins}/decoder", f"{twins}/encoder", f"{twins}/proje
 pair, own = {
     "understanding": ("UnifiedGRPO", dict(num_generations=batch, max_completion_length=16)),
     "generation": ("FlowGRPO", dict(num_generations=batch, max_completion_length=16)),
+    "generation_nft": ("DiffusionNFT", dict(num_generations=batch, max_completion_length=16)),
     "pretrain": ("DecoderPretraining", {}),
     "cold_start": ("ColdStart", dict(cold_start_checkpointing=(mode == "checkpointed"),
                                      cold_start_trainable=["projector", "llm_lora", "dit_lora"])),

@@ -86,8 +86,9 @@ def test_train_runs_the_tiny_generation_recipe(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, saved", [("pretrain_tiny.yaml", "projector/config.json"),
+                                           ("generation_nft_tiny.yaml", "pytorch_lora_weights.safetensors"),
                                            ("cold_start_tiny.yaml", "encoder_adapter/adapter_config.json")])
-def test_train_runs_the_pretrain_and_cold_start_recipes(recipe, saved, tmp_path):
+def test_train_runs_the_pretrain_cold_start_and_diffusion_nft_recipes(recipe, saved, tmp_path):
     path = Path(__file__).parents[1] / "examples" / "recipes" / recipe
     result = subprocess.run([sys.executable, "-m", "uae_hf.cli", "train", "--config", str(path), "--max_steps", "2"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=900)
@@ -116,6 +117,7 @@ def test_train_resumes_from_the_last_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("recipe, config_name", [("generation_sd3.5.yaml", "FlowGRPOConfig"),
+                                                 ("generation_nft_sd3.5.yaml", "DiffusionNFTConfig"),
                                                  ("pretrain_sd3.5.yaml", "DecoderPretrainingConfig"),
                                                  ("cold_start_sd3.5.yaml", "ColdStartConfig")])
 def test_other_real_size_recipes_parse(recipe, config_name):

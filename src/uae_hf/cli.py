@@ -306,11 +306,19 @@ def _cmd_demo(args) -> None:
         import matplotlib  # noqa: F401
     except ImportError as error:
         raise CommandLineError("demo draws its report's plots with matplotlib: pip install 'uae-hf[demo]'") from error
-    from .toy_world.demo import demo_config_from_args, run_demo
+    from .toy_world.demo import demo_config_from_args, run_demo, run_demo_seeds
 
+    if args.seeds < 1:
+        raise CommandLineError(f"--seeds {args.seeds}: pass at least 1")
     config = demo_config_from_args(args)
-    results = run_demo(config)
     out = Path(config.output_dir)
+    if args.seeds > 1:
+        summary = run_demo_seeds(config, args.seeds)
+        print((out / "summary.md").read_text())
+        print(f"summary: {out / 'summary.md'}; each seed's report and pipeline under {out}/seed-N "
+              f"({sum(summary['total_minutes']):.1f} min in all)")
+        return
+    results = run_demo(config)
     print((out / "report.md").read_text().split("## Plots")[0])
     print(f"report: {out / 'report.md'}; pipeline: {out / 'pipeline'} ({results['timings_s']['total'] / 60:.1f} min)")
 
@@ -459,8 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in [("seed", "seed of the world, models and stages"),
                             ("pretrain_steps", "decoder pre-training steps"),
                             ("understanding_steps", "stage 2 (GRPO) steps"),
-                            ("generation_steps", "stage 3 (Flow-GRPO) steps")]:
+                            ("generation_steps", "stage 3 (Flow-GRPO) steps"),
+                            ("generation_nft_steps", "stage 3 (DiffusionNFT) steps")]:
         demo.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None, help=help_text)
+    demo.add_argument("--seeds", type=int, default=1,
+                      help="run the whole demo for this many seeds (from --seed), each in OUTPUT_DIR/seed-N, and "
+                      "summarise mean and range over seeds in OUTPUT_DIR/summary.md")
     _add_verbose_argument(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser

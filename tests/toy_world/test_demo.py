@@ -12,14 +12,27 @@ from conftest import BLOCK_NETWORK
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_every_stage_and_writes_every_artefact(tmp_path):
-    out = tmp_path / "demo"
-    script = BLOCK_NETWORK + f"from uae_hf.cli import main; main(['demo', '--quick', '--output-dir', {str(out)!r}])"
+def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp_path):
+    top = tmp_path / "demo"
+    script = BLOCK_NETWORK + (f"from uae_hf.cli import main; main(['demo', '--quick', '--seeds', '2', '--output-dir', "
+                              f"{str(top)!r}])")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| 5. stage 3: Flow-GRPO on the decoder |" in result.stdout
+    assert "| stage 3: DiffusionNFT on the decoder |" in result.stdout  # the summary table is printed
 
-    results = json.loads((out / "results.json").read_text())
+    # the summary: mean and [min, max] of every table entry over the two seeds' own results
+    runs = [json.loads((top / f"seed-{seed}" / "results.json").read_text()) for seed in (0, 1)]
+    assert [run["config"]["seed"] for run in runs] == [0, 1]
+    summary = json.loads((top / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and list(summary["table"]) == list(STAGES)
+    bench = [run["stages"]["generation_nft"]["unified_bench"] for run in runs]
+    assert summary["table"]["generation_nft"]["Unified-Bench (toy backbone)"] == bench
+    row = next(line for line in (top / "summary.md").read_text().splitlines() if "DiffusionNFT on the decoder" in line)
+    assert f"{sum(bench) / 2:.2f} [{min(bench):.2f}, {max(bench):.2f}]" in row
+
+    out = top / "seed-0"
+    script = BLOCK_NETWORK + f"from uae_hf.cli import main; main(['demo', '--quick', '--output-dir', {str(out)!r}])"
+    results = runs[0]
     assert list(results["stages"]) == list(STAGES)
     for stage, scores in results["stages"].items():
         assert 0 < scores["unified_bench"] <= 100 and 0 <= scores["attribute_accuracy"]["mean"] <= 1, stage
@@ -28,17 +41,22 @@ def test_quick_demo_runs_every_stage_and_writes_every_artefact(tmp_path):
     assert len(curves["understanding"]["reward"]) == results["config"]["understanding_steps"]
     assert len(curves["understanding"]["completions/mean_length"]) == results["config"]["understanding_steps"]
     assert len(curves["generation"]["reward"]) == results["config"]["generation_steps"]
+    assert len(curves["generation_nft"]["reward"]) == results["config"]["generation_nft_steps"]
+    for stage in ("generation", "generation_nft"):  # validated before training, then during it
+        assert curves[stage]["eval_step"][0] == 0 and curves[stage]["eval_step"][-1] == results["config"][f"{stage}_steps"]
+        assert all(0 < reward <= 1 for reward in curves[stage]["eval_reward"])
     assert len(curves["pretrain"]["loss"]) == results["config"]["pretrain_steps"]
 
     report = (out / "report.md").read_text()
     assert "A quick run" in report and "mean nothing" in report  # nobody mistakes quick numbers for results
-    for name in ("reward_per_step.png", "caption_length_per_step.png", "scores_per_stage.png", "losses.png",
+    for name in ("reward_per_step.png", "stage3_objectives.png", "caption_length_per_step.png", "scores_per_stage.png", "losses.png",
                  *(f"reconstructions_{i + 1}_{stage}.png" for i, stage in enumerate(STAGES))):
         assert PIL.Image.open(out / name).width > 100, name
         assert f"]({name})" in report, name
     for name in ("models/toyworld-backbone/model.safetensors", "models/encoder/model.safetensors",
                  "stages/understanding/adapter_model.safetensors", "stages/understanding/README.md",
                  "stages/generation/pytorch_lora_weights.safetensors", "stages/generation/README.md",
+                 "stages/generation_nft/pytorch_lora_weights.safetensors", "stages/generation_nft/README.md",
                  "stages/sft/adapter_model.safetensors", "stages/sft/README.md", "stages/pretrain/README.md",
                  "stages/cold_start/projector/config.json", "pipeline/model_index.json"):
         assert (out / name).exists(), name

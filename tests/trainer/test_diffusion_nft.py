@@ -118,6 +118,8 @@ def test_trains_the_dit_lora_and_saves_it_as_diffusers_loads_it(fresh_pipe, conf
     assert {"reward", "loss", "kl", "nft/velocity_to_old", "timing/rollout_s", "reconstruction/clip"} <= set(record)
     assert record["trained_steps"] == 3  # the first int(4 * 0.99) steps of the rollout's schedule
     assert 0 <= record["nft/optimality_mean"] <= 1
+    # per_device_train_batch_size counts samples, as in TRL's GRPO: 4 = one image × a group of 4
+    assert len(trainer.last_batch.rewards) == 4 and len(set(trainer.last_batch.captions)) == 1
 
     trainer.save_model(str(tmp_path / "lora"))
     trainer.create_model_card(model_name="nft-lora")

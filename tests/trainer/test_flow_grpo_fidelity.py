@@ -150,8 +150,6 @@ def test_default_advantages_are_the_group_mean_over_the_global_std_clipped(fresh
     assert bool((advantages[16:] == 0).all()) and float(advantages[3]) == 5.0
 
 
-@pytest.mark.xfail(strict=True, reason="the base's batch std is Bessel-corrected (torch's default); Flow-GRPO's "
-                   "PerPromptStatTracker takes numpy's population std (ddof=0): DecoderRLTrainer._advantages")
 def test_the_global_std_is_the_population_std_as_in_flow_grpo(fresh_pipe, config):
     trainer = make(fresh_pipe, config(per_device_train_batch_size=8, num_generations=8))
     rewards = torch.linspace(0.0, 1.0, 16)

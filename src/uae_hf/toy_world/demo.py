@@ -2,12 +2,14 @@
 
 Stages, each with the library's own trainer: SFT of the encoder on mostly terse captions (TRL's `SFTTrainer`: a
 stand-in for a VLM's habit of short captions), decoder pre-training on detailed captions, cold start, stage 2 (GRPO
-on the encoder, the decoder as reward) and stage 3 (Flow-GRPO on the decoder, the encoder frozen).
+on the encoder, the decoder as reward) and stage 3 (the decoder learns from the reward, the encoder frozen), once with
+each objective (Flow-GRPO and DiffusionNFT) from the same stage-2 models, so the report compares them; the final
+pipeline keeps `stage3_objective`'s.
 """
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import datasets
@@ -28,12 +30,12 @@ from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import (
 )
 from ..rewards.similarity import get_embedder
 from ..round_trip import round_trip
-from ..trainer import TRAINERS, ColdStartTrainer, DecoderPretrainingTrainer, FlowGRPOTrainer, UnifiedGRPOTrainer
+from ..trainer import TRAINERS, ColdStartTrainer, DecoderPretrainingTrainer, UnifiedGRPOTrainer
 from ..trainer.decoder_trainer import LORA_WEIGHT_NAME
 from ..visualization import reconstruction_grid
 from .backbone import attribute_accuracy, predict_attributes, train_toy_backbone
 from .models import build_toy_world_models
-from .report import write_report
+from .report import write_report, write_summary
 from .world import (
     DETAIL_LEVELS,
     IMAGE_SIZE,
@@ -42,14 +44,17 @@ from .world import (
     toy_world_dataset,
 )
 
-STAGES = ("sft", "pretrain", "cold_start", "understanding", "generation")
+STAGES = ("sft", "pretrain", "cold_start", "understanding", "generation", "generation_nft")
 STAGE_TITLES = {
     "sft": "encoder SFT (mostly terse captions)",
     "pretrain": "decoder pre-training (detailed captions)",
     "cold_start": "cold start (semantic reconstruction loss)",
     "understanding": "stage 2: GRPO on the encoder",
     "generation": "stage 3: Flow-GRPO on the decoder",
+    "generation_nft": "stage 3: DiffusionNFT on the decoder",
 }
+STAGE3 = ("generation", "generation_nft")  # each starts from the stage-2 models; its DiT LoRA is removed after scoring
+STAGE3_CURVES = ("reward", "timing/rollout_s", "timing/reward_s", "timing/update_s", "caption_words/mean")
 STAGE_RECORD = "demo_stage.json"  # a finished stage: its held-out scores, training curves and time
 LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -63,6 +68,7 @@ class ToyDemoConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the world, the models and every stage."})
     train_rows: int = field(default=8000, metadata={"help": "Training scenes (shared by every stage)."})
     eval_rows: int = field(default=128, metadata={"help": "Held-out scenes scored after every stage."})
+    validation_rows: int = field(default=32, metadata={"help": "Validation scenes scored during stage 3."})
     backbone_steps: int = field(default=1000, metadata={"help": "Training steps of the toy backbone."})
     vae_steps: int = field(default=400, metadata={"help": "Training steps of the toy VAE."})
     vision_steps: int = field(default=600, metadata={"help": "Pre-training steps of the encoder's vision tower."})
@@ -75,6 +81,11 @@ class ToyDemoConfig:
     cold_start_steps: int = field(default=20, metadata={"help": "Cold-start steps (batch 8)."})
     understanding_steps: int = field(default=80, metadata={"help": "Stage 2 GRPO steps (8 images x 8 captions)."})
     generation_steps: int = field(default=60, metadata={"help": "Stage 3 Flow-GRPO steps (8 images x 8 draws)."})
+    generation_nft_steps: int = field(default=60, metadata={"help": "Stage 3 DiffusionNFT steps (8 images x 8 draws)."})
+    stage3_objective: str = field(
+        default="generation_nft", metadata={"help": "Stage 3 run whose DiT LoRA the final pipeline keeps.",
+                                            "choices": list(STAGE3)}
+    )
     num_inference_steps: int = field(default=10, metadata={"help": "Decoder sampling steps everywhere."})
     guidance_scale: float = field(default=2.0, metadata={"help": "Decoder CFG scale everywhere."})
     max_caption_tokens: int = field(default=24, metadata={"help": "Caption length limit."})
@@ -83,9 +94,9 @@ class ToyDemoConfig:
     @classmethod
     def quick_run(cls, **overrides) -> "ToyDemoConfig":
         """The same path with tiny budgets, to check the plumbing (its scores mean nothing): for CI and a first look."""
-        budgets = dict(train_rows=128, eval_rows=8, backbone_steps=15, vae_steps=10, vision_steps=10, batch_size=8,
+        budgets = dict(train_rows=128, eval_rows=8, validation_rows=4, backbone_steps=15, vae_steps=10, vision_steps=10, batch_size=8,
                        sft_steps=5, pretrain_steps=10, cold_start_steps=1, understanding_steps=2, generation_steps=2,
-                       num_inference_steps=4, quick=True)
+                       generation_nft_steps=2, num_inference_steps=4, quick=True)
         return cls(**(budgets | overrides))
 
     def __post_init__(self):
@@ -95,6 +106,8 @@ class ToyDemoConfig:
             raise ValueError(f"every step and row count must be at least 1, got {too_small}")
         if self.train_rows < 64:
             raise ValueError(f"train_rows={self.train_rows}: the RL stages draw 8 images per step, pass at least 64")
+        if self.stage3_objective not in STAGE3:
+            raise ValueError(f"stage3_objective={self.stage3_objective!r}: choose one of {STAGE3}")
         weights = self.sft_level_weights
         if len(weights) != len(DETAIL_LEVELS) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"sft_level_weights={weights}: pass {len(DETAIL_LEVELS)} non-negative weights, one per "
@@ -184,6 +197,7 @@ class ToyWorldDemo:
         config, models = self.config, self.out / "models"
         self.train = toy_world_dataset(config.train_rows, "train", config.seed)
         held_out = toy_world_dataset(config.eval_rows, "test", config.seed)
+        self.validation = toy_world_dataset(config.validation_rows, "validation", config.seed).select_columns(["image"])
         if not (self.backbone_dir / "model.safetensors").exists():
             train_toy_backbone(self.backbone_dir, steps=config.backbone_steps, seed=config.seed)
         if not (models / "projector" / "config.json").exists():
@@ -310,26 +324,41 @@ class ToyWorldDemo:
         self.pipeline.vlm = base.to(self.device).eval()
 
     def generation(self) -> dict:
-        """Stage 3: Flow-GRPO on a DiT LoRA; captions from the frozen stage-2 encoder."""
-        config = self.config
-        trainer = FlowGRPOTrainer(
+        """Stage 3 with Flow-GRPO on a DiT LoRA; captions from the frozen stage-2 encoder."""
+        return self._decoder_rl("generation", self.config.generation_steps, timestep_fraction=0.5,
+                                same_noise_in_group=True, beta=0.0)
+
+    def generation_nft(self) -> dict:
+        """Stage 3 with DiffusionNFT on a DiT LoRA, from the same stage-2 models (unguided ODE rollouts: the
+        initial noise is what varies within a group)."""
+        return self._decoder_rl("generation_nft", self.config.generation_nft_steps)
+
+    def _decoder_rl(self, stage: str, steps: int, **settings) -> dict:
+        """Train stage 3 with `stage`'s trainer; the validation round trips (the same sampler for every objective,
+        unlike the training rewards) are scored before training and every sixth of it."""
+        trainer = TRAINERS[stage][1](
             self.pipeline.vlm, self.pipeline, train_dataset=self.train.select_columns(["image"]),
-            processing_class=self.pipeline.processor,
-            args=self._args("generation", max_steps=config.generation_steps, per_device_train_batch_size=64,
-                            num_generations=8, learning_rate=1e-3, decoder_lora_r=16, decoder_lora_alpha=32,
-                            timestep_fraction=0.5, beta=0.0, same_noise_in_group=True,
-                            log_reconstructions_steps=max(1, config.generation_steps // 4)),
+            eval_dataset=self.validation, processing_class=self.pipeline.processor,
+            args=self._args(stage, max_steps=steps, per_device_train_batch_size=64, num_generations=8,
+                            learning_rate=1e-3, decoder_lora_r=16, decoder_lora_alpha=32,
+                            eval_strategy="steps", eval_steps=max(1, steps // 6), per_device_eval_batch_size=64,
+                            log_reconstructions_steps=max(1, steps // 4), **settings),
         )
+        before = trainer.evaluate()  # `train()` starts a fresh log history: kept here
         trainer.train()
         _save(trainer)
-        self._fuse_dit_lora()
-        return _history(trainer, "reward", "caption_words/mean")
+        curves = _history(trainer, *STAGE3_CURVES)
+        evaluations = [dict(before, step=0)] + [record for record in trainer.state.log_history if "eval_reward" in record]
+        curves["eval_step"] = [record["step"] for record in evaluations]
+        curves["eval_reward"] = [record["eval_reward"] for record in evaluations]
+        return curves  # the LoRA stays on for scoring; `_drop_dit_lora` removes it
 
-    def load_generation(self) -> None:
-        self.pipeline.load_lora_weights(self.stages_dir / "generation", weight_name=LORA_WEIGHT_NAME)
-        self._fuse_dit_lora()
+    def _drop_dit_lora(self) -> None:
+        self.pipeline.transformer.delete_adapters(["default"])
 
-    def _fuse_dit_lora(self) -> None:
+    def _keep_stage3(self, stage: str) -> None:
+        """The final pipeline's DiT: `stage`'s LoRA fused in."""
+        self.pipeline.load_lora_weights(self.stages_dir / stage, weight_name=LORA_WEIGHT_NAME)
         self.pipeline.fuse_lora()
         self.pipeline.unload_lora_weights()
 
@@ -344,12 +373,16 @@ class ToyWorldDemo:
         for stage in STAGES:
             record_path = self.stages_dir / stage / STAGE_RECORD
             if record_path.exists():
-                getattr(self, f"load_{stage}")()
+                if stage not in STAGE3:  # a stage-3 run leaves nothing behind for the next stage
+                    getattr(self, f"load_{stage}")()
                 self._keep(stage, json.loads(record_path.read_text()))
                 continue
             stage_start = time.perf_counter()
             curves = getattr(self, stage)()
             self._finish(stage, time.perf_counter() - stage_start, curves)
+            if stage in STAGE3:
+                self._drop_dit_lora()
+        self._keep_stage3(self.config.stage3_objective)
         self.pipeline.unload_encoder_adapter()  # saved on its own: stages/understanding
         self.pipeline.save_pretrained(self.out / "pipeline")
         self.results["timings_s"]["total"] = time.perf_counter() - started
@@ -358,8 +391,20 @@ class ToyWorldDemo:
 
 
 def run_demo(config: ToyDemoConfig) -> dict:
-    """Build everything, run the five stages, score after each, write the report; returns the results."""
+    """Build everything, run every stage, score after each, write the report; returns the results."""
     return ToyWorldDemo(config).run()
+
+
+def run_demo_seeds(config: ToyDemoConfig, seeds: int) -> dict:
+    """The whole demo once per seed (`config.seed`, `+1`, ...), each in `output_dir/seed-N/` with its own report, then
+    `summary.md` / `summary.json` in `output_dir`: the mean and range over seeds of every table entry."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    runs = {}
+    for seed in range(config.seed, config.seed + seeds):
+        folder = Path(config.output_dir) / f"seed-{seed}"
+        runs[seed] = run_demo(replace(config, seed=seed, output_dir=str(folder)))
+    return write_summary(runs, Path(config.output_dir), STAGE_TITLES)
 
 
 def demo_config_from_args(args) -> ToyDemoConfig:

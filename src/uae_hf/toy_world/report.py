@@ -45,6 +45,60 @@ def _plot_stage_scores(path: Path, stages: dict) -> None:
     plt.close(figure)
 
 
+STAGE3_RUNS = {"generation": ("Flow-GRPO", "tab:purple"), "generation_nft": ("DiffusionNFT", "tab:green")}
+STEP_TIMES = ("timing/rollout_s", "timing/reward_s", "timing/update_s")
+
+
+def _seconds_at(curves: dict, steps: list[int]) -> list[float]:
+    """Training seconds spent before each of `steps` (the sum of the logged rollout, reward and update times)."""
+    per_step = [sum(values) for values in zip(*(curves.get(name, []) for name in STEP_TIMES))]
+    return [sum(per_step[:step]) for step in steps]
+
+
+def _plot_objectives(path: Path, curves: dict) -> None:
+    """Stage 3's objectives side by side: training reward per step, validation reward per step and per second."""
+    figure, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    for stage, (label, colour) in STAGE3_RUNS.items():
+        run = curves.get(stage, {})
+        if not run.get("reward"):
+            continue
+        axes[0].plot(range(1, len(run["reward"]) + 1), run["reward"], color=colour, label=label, linewidth=1.2)
+        axes[1].plot(run["eval_step"], run["eval_reward"], marker="o", color=colour, label=label)
+        axes[2].plot(_seconds_at(run, run["eval_step"]), run["eval_reward"], marker="o", color=colour, label=label)
+    titles = ("training reward per step (each objective's own sampler)", "validation reward per step",
+              "validation reward per training second")
+    for axis, title, xlabel in zip(axes, titles, ("step", "step", "seconds")):
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def steps_to_reach(curves: dict) -> dict | None:
+    """When DiffusionNFT's validation reward first reached Flow-GRPO's final one: the step, and that step as a share
+    of Flow-GRPO's steps (`None` where either run is missing; `step` is `None` if it never did)."""
+    flow, nft = curves.get("generation", {}), curves.get("generation_nft", {})
+    if not flow.get("eval_reward") or not nft.get("eval_reward"):
+        return None
+    target = flow["eval_reward"][-1]
+    step = next((s for s, r in zip(nft["eval_step"], nft["eval_reward"]) if r >= target), None)
+    return {"target": target, "step": step, "flow_grpo_steps": flow["eval_step"][-1],
+            "share": None if step is None else step / max(1, flow["eval_step"][-1])}
+
+
+def _reach_sentence(reach: dict | None) -> str:
+    if reach is None:
+        return ""
+    if reach["step"] is None:
+        return (f"DiffusionNFT did not reach Flow-GRPO's final validation reward ({reach['target']:.4f}, after "
+                f"{reach['flow_grpo_steps']} steps) within its run.")
+    return (f"DiffusionNFT reached Flow-GRPO's final validation reward ({reach['target']:.4f}, after "
+            f"{reach['flow_grpo_steps']} steps) at step {reach['step']} ({reach['share']:.0%} of Flow-GRPO's steps).")
+
+
 QUICK_NOTE = """
 > **A quick run** (`--quick`): budgets small enough only to check that every stage runs end to end. Its scores,
 > captions and curves mean nothing about the method; `uae-hf demo` without `--quick` is the run that does.
@@ -60,13 +114,15 @@ def write_report(results: dict, out: Path, stage_titles: dict[str, str]) -> None
         json.dump(results, handle, indent=2)
 
     plots = {}
-    understanding, generation = curves.get("understanding", {}), curves.get("generation", {})
-    if understanding.get("reward") or generation.get("reward"):
-        plots["reward_per_step.png"] = "Reward per step (toy-backbone similarity of reconstruction and original)"
-        _plot_curves(out / "reward_per_step.png", [
-            ("stage 2 (GRPO on the encoder)", understanding.get("reward", []), "tab:blue"),
-            ("stage 3 (Flow-GRPO on the decoder)", generation.get("reward", []), "tab:purple"),
-        ], "reward per step")
+    understanding = curves.get("understanding", {})
+    if understanding.get("reward"):
+        plots["reward_per_step.png"] = "Stage 2 reward per step (toy-backbone similarity of reconstruction and original)"
+        _plot_curves(out / "reward_per_step.png", [("stage 2 (GRPO on the encoder)", understanding["reward"],
+                                                    "tab:blue")], "reward per step")
+    if any(curves.get(stage, {}).get("reward") for stage in STAGE3_RUNS):
+        plots["stage3_objectives.png"] = ("Stage 3, Flow-GRPO and DiffusionNFT from the same stage-2 models: reward per "
+                                          "step and per second")
+        _plot_objectives(out / "stage3_objectives.png", curves)
     if understanding.get("completions/mean_length"):
         plots["caption_length_per_step.png"] = "Caption length per step of stage 2: the aha curve"
         _plot_curves(out / "caption_length_per_step.png", [
@@ -111,6 +167,9 @@ CFG {config['guidance_scale']}, seed {config['seed']}). Total time: {results['ti
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
+Both stage-3 rows start from the stage-2 models; the final pipeline keeps the
+{stage_titles.get(config.get('stage3_objective', ''), 'last')} run. {_reach_sentence(steps_to_reach(curves))}
+
 - *Unified-Bench*: 100 × mean cosine of the toy backbone's embeddings of reconstruction and original.
 - *attribute accuracy*: the toy backbone reads shape, colour, size, position and background from the
   reconstruction; the share that matches the original's ground truth (*all attributes right*: every one).
@@ -140,3 +199,53 @@ scenes enlarged pixel for pixel), the caption the encoder wrote underneath. Scen
   `uae-hf reconstruct IMAGE --pipeline {out / 'pipeline'} --output-dir OUT --height 32 --width 32`.
 """
     (out / "report.md").write_text(text)
+
+
+# (column, how to read it from a stage's scores, format) of the tables
+COLUMNS = [
+    ("Unified-Bench (toy backbone)", lambda s: s["unified_bench"], ".2f"),
+    ("attribute accuracy", lambda s: s["attribute_accuracy"]["mean"], ".3f"),
+    ("position accuracy", lambda s: s["attribute_accuracy"]["position"], ".3f"),
+    ("caption words", lambda s: s["caption"]["words"], ".2f"),
+    ("caption attributes right (of 5)", lambda s: s["caption"]["recall"], ".3f"),
+    ("caption precision", lambda s: s["caption"]["precision"], ".3f"),
+]
+
+
+def _spread(values: list[float], form: str) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:{form}}" if len(values) == 1 else f"{mean:{form}} [{min(values):{form}}, {max(values):{form}}]"
+
+
+def write_summary(runs: dict[int, dict], out: Path, stage_titles: dict[str, str]) -> dict:
+    """`summary.json` and `summary.md` in `out` for the demo's results of several seeds (seed → results): the mean
+    and [min, max] over seeds of every table entry, and of DiffusionNFT's steps to Flow-GRPO's final reward."""
+    out = Path(out)
+    seeds = sorted(runs)
+    stages = [stage for stage in stage_titles if all(stage in runs[seed]["stages"] for seed in seeds)]
+    table = {stage: {name: [read(runs[seed]["stages"][stage]) for seed in seeds] for name, read, _ in COLUMNS}
+             | {"time (s)": [runs[seed]["timings_s"][stage] for seed in seeds]} for stage in stages}
+    reach = [steps_to_reach(runs[seed]["curves"]) for seed in seeds]
+    totals = [runs[seed]["timings_s"]["total"] / 60 for seed in seeds]
+    summary = {"seeds": seeds, "table": table, "steps_to_reach": reach, "total_minutes": totals}
+    with open(out / "summary.json", "w") as handle:
+        json.dump(summary, handle, indent=2)
+    header = " | ".join(name for name, _, _ in COLUMNS)
+    rows = [f"| {stage_titles[stage]} | " + " | ".join(_spread(table[stage][name], form) for name, _, form in COLUMNS)
+            + f" | {_spread(table[stage]['time (s)'], '.0f')} |" for stage in stages]
+    shares = [r["share"] for r in reach if r is not None and r["share"] is not None]
+    reached = sum(r is not None and r["step"] is not None for r in reach)
+    text = f"""# UAE on the toy world, {len(seeds)} seeds
+
+Seeds {', '.join(map(str, seeds))}; each cell is the mean over seeds and [min, max]. Each seed's own report:
+{', '.join(f'[seed {seed}](seed-{seed}/report.md)' for seed in seeds)}. Time per seed: {_spread(totals, '.1f')} min.
+
+| stage | {header} | time (s) |
+|---|{'---|' * (len(COLUMNS) + 1)}
+{chr(10).join(rows)}
+
+DiffusionNFT reached Flow-GRPO's final validation reward in {reached} of {len(seeds)} seeds{
+f", at {_spread(shares, '.0%')} of Flow-GRPO's steps" if shares else ""}.
+"""
+    (out / "summary.md").write_text(text)
+    return summary

@@ -58,6 +58,8 @@ class DecoderRLTrainer(DecoderTrainer):
         if self.encoder is None or self.caption_processor is None:
             raise ValueError(f"{type(self).__name__} captions each image: pass the encoder as `model` (and its "
                              "processor), or a decoder with `vlm` and `processor`")
+        # `per_device_train_batch_size` counts samples, as in TRL's GRPO: the loader yields that many images / G
+        self._train_batch_size = self.args.per_device_train_batch_size // self.args.num_generations
         self._rollouts: dict[int, dict] = {}  # position in the accumulation window → the rollout it trains on
         self._window = (-1, 0)  # (global step, position) of the current micro-step
         if self.reference is not None:  # copied before `Trainer.__init__` placed the decoder: follow it
@@ -181,8 +183,8 @@ class DecoderRLTrainer(DecoderTrainer):
         if self.args.scale_rewards == "group":
             std = torch.sqrt(torch.nanmean(centred**2, dim=1, keepdim=True))
         elif self.args.scale_rewards == "batch":
-            finite = everyone[~torch.isnan(everyone)]
-            std = finite.std() if len(finite) > 1 else torch.ones((), device=rewards.device)
+            finite = everyone[~torch.isnan(everyone)]  # the population std, as the reference computes it
+            std = finite.std(correction=0) if len(finite) > 1 else torch.ones((), device=rewards.device)
         else:
             std = torch.ones((), device=rewards.device)
         advantages = (centred / (std + 1e-4)).nan_to_num(0.0).view(-1)
