@@ -51,7 +51,7 @@ STAGE_TITLES = {
     "cold_start": "cold start (semantic reconstruction loss)",
     "understanding": "stage 2: GRPO on the encoder",
     "generation": "stage 3: Flow-GRPO on the decoder",
-    "generation_nft": "stage 3: DiffusionNFT on the decoder",
+    "generation_nft": "stage 3: DiffusionNFT on the decoder (sampled without CFG)",
 }
 STAGE3 = ("generation", "generation_nft")  # each starts from the stage-2 models; its DiT LoRA is removed after scoring
 STAGE3_CURVES = ("reward", "timing/rollout_s", "timing/reward_s", "timing/update_s", "caption_words/mean")
@@ -127,11 +127,11 @@ class HeldOutScorer:
         self.config = config
 
     @torch.no_grad()
-    def __call__(self, pipeline, batch_size: int = 64) -> dict:
+    def __call__(self, pipeline, guidance_scale: float, batch_size: int = 64) -> dict:
         config = self.config
         trips = list(round_trip(
             pipeline, self.images, batch_size, config.seed, do_sample=False, max_new_tokens=config.max_caption_tokens,
-            num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale, height=IMAGE_SIZE,
+            num_inference_steps=config.num_inference_steps, guidance_scale=guidance_scale, height=IMAGE_SIZE,
             width=IMAGE_SIZE,
         ))
         captions = [trip.caption for trip in trips]
@@ -211,16 +211,19 @@ class ToyWorldDemo:
     def _args(self, stage: str, **kwargs):
         """The config of `stage`'s trainer with the demo's shared settings."""
         config = self.config
-        return TRAINERS[stage][0](
-            **_common_args(config, self.stages_dir / stage, **kwargs),
-            decoder_height=IMAGE_SIZE, decoder_width=IMAGE_SIZE,
-            decoder_num_inference_steps=config.num_inference_steps, decoder_guidance_scale=config.guidance_scale,
-            reward_backbones=["toyworld"], backbone_checkpoints={"toyworld": str(self.backbone_dir)},
-            max_completion_length=config.max_caption_tokens,
+        shared = dict(
+            decoder_height=IMAGE_SIZE, decoder_width=IMAGE_SIZE, decoder_num_inference_steps=config.num_inference_steps,
+            decoder_guidance_scale=self.guidance(stage), reward_backbones=["toyworld"],
+            backbone_checkpoints={"toyworld": str(self.backbone_dir)}, max_completion_length=config.max_caption_tokens,
         )
+        return TRAINERS[stage][0](**_common_args(config, self.stages_dir / stage, **kwargs), **shared)
+
+    def guidance(self, stage: str) -> float:
+        """The decoder's CFG scale for `stage`'s training and scoring: DiffusionNFT trains and samples without CFG."""
+        return 1.0 if stage == "generation_nft" else self.config.guidance_scale
 
     def _finish(self, stage: str, seconds: float, curves: dict) -> None:
-        scores = self.score(self.pipeline)
+        scores = self.score(self.pipeline, self.guidance(stage))
         grid = reconstruction_grid(self.score.images[:16], scores.pop("reconstructions")[:16], scores["captions"][:16])
         grid.save(self.out / f"reconstructions_{STAGES.index(stage) + 1}_{stage}.png")
         record = {"scores": scores, "curves": curves, "seconds": seconds}
@@ -330,7 +333,7 @@ class ToyWorldDemo:
 
     def generation_nft(self) -> dict:
         """Stage 3 with DiffusionNFT on a DiT LoRA, from the same stage-2 models (unguided ODE rollouts: the
-        initial noise is what varies within a group)."""
+        initial noise is what varies within a group). CFG-free: validated and scored without CFG, as it samples."""
         return self._decoder_rl("generation_nft", self.config.generation_nft_steps)
 
     def _decoder_rl(self, stage: str, steps: int, **settings) -> dict:
