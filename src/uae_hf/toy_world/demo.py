@@ -56,6 +56,7 @@ STAGE_TITLES = {
 STAGE3 = ("generation", "generation_nft")  # each starts from the stage-2 models; its DiT LoRA is removed after scoring
 STAGE3_CURVES = ("reward", "timing/rollout_s", "timing/reward_s", "timing/update_s", "caption_words/mean")
 STAGE_RECORD = "demo_stage.json"  # a finished stage: its held-out scores, training curves and time
+REFERENCE_ADAPTER = "ref"  # TRL's GRPO keeps its frozen copy of a PEFT model's starting adapter under this name
 LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -80,6 +81,9 @@ class ToyDemoConfig:
     pretrain_steps: int = field(default=3000, metadata={"help": "Decoder pre-training steps."})
     cold_start_steps: int = field(default=20, metadata={"help": "Cold-start steps (batch 8)."})
     understanding_steps: int = field(default=80, metadata={"help": "Stage 2 GRPO steps (8 images x 8 captions)."})
+    understanding_beta: float = field(
+        default=0.1, metadata={"help": "Stage 2 KL weight, to the encoder as SFT left it (0: no KL)."}
+    )
     generation_steps: int = field(default=60, metadata={"help": "Stage 3 Flow-GRPO steps (8 images x 8 draws)."})
     generation_nft_steps: int = field(default=60, metadata={"help": "Stage 3 DiffusionNFT steps (8 images x 8 draws)."})
     stage3_objective: str = field(
@@ -145,6 +149,13 @@ class HeldOutScorer:
             "captions": captions,
             "reconstructions": reconstructions,
         }
+
+
+def sft_lora_config() -> LoraConfig:
+    """The encoder adapter of SFT, trained on in stage 2: every linear layer of the LLM, with its own copies of the
+    embeddings, head and final norm (the base LLM stays as built: the decoder reads captions with it)."""
+    return LoraConfig(r=32, lora_alpha=32, target_modules=LLM_LORA_TARGETS, init_lora_weights="gaussian",
+                      modules_to_save=["embed_tokens", "lm_head", "language_model.norm"])
 
 
 def sft_dataset(train: datasets.Dataset, weights, seed: int) -> datasets.Dataset:
@@ -245,8 +256,7 @@ class ToyWorldDemo:
         frozen), mostly on terse captions. The base LLM stays as built: it is what the decoder reads captions with."""
         config, vlm = self.config, self.pipeline.vlm
         vlm.requires_grad_(False)
-        vlm.add_adapter(LoraConfig(r=32, lora_alpha=32, target_modules=LLM_LORA_TARGETS, init_lora_weights="gaussian",
-                                   modules_to_save=["embed_tokens", "lm_head", "language_model.norm"]))
+        vlm.add_adapter(sft_lora_config())
         trainer = SFTTrainer(
             model=vlm,
             args=SFTConfig(**_common_args(config, self.stages_dir / "sft", max_steps=config.sft_steps,
@@ -298,7 +308,13 @@ class ToyWorldDemo:
         self.pipeline.projector = UAEProjector.from_pretrained(folder / "projector").to(self.device)
 
     def understanding(self) -> dict:
-        """Stage 2: GRPO on the SFT adapter; the decoder, reading captions with the base LLM, is the reward."""
+        """Stage 2: GRPO on the SFT adapter, with a KL to the encoder as SFT left it; the decoder, reading captions
+        with the base LLM, is the reward.
+
+        Given a PEFT model that already has an adapter and `beta > 0`, TRL's GRPO copies that adapter into a frozen
+        one named "ref" and computes the reference log-probs with it: the reference is the SFT'd encoder, not the
+        untrained base the adapter-disabled model would be. The copy is dropped before saving, so the saved adapter is
+        the trained policy's alone, on the same base as the SFT adapter."""
         config = self.config
         self.pipeline.unload_encoder_adapter()
         policy = PeftModel.from_pretrained(self.pipeline.vlm, self.stages_dir / "sft", is_trainable=True)
@@ -306,16 +322,18 @@ class ToyWorldDemo:
             policy, self.pipeline, train_dataset=self.train.select_columns(["image"]),
             processing_class=self.pipeline.processor,
             args=self._args("understanding", max_steps=config.understanding_steps, per_device_train_batch_size=64,
-                            num_generations=8, learning_rate=1e-3, temperature=1.0, beta=0.0,
+                            num_generations=8, learning_rate=1e-3, temperature=1.0, beta=config.understanding_beta,
                             decoder_text_encoder="frozen", reward_batch_size=64,
                             log_reconstructions_steps=max(1, config.understanding_steps // 4)),
         )
         trainer.train()
+        if REFERENCE_ADAPTER in policy.peft_config:
+            policy.delete_adapter(REFERENCE_ADAPTER)
         _save(trainer)
         # PEFT's unload() would keep the trained embedding/head copies as the base: reload the untouched base instead
         self._load_base_encoder()
         self.load_understanding()
-        return _history(trainer, "reward", "completions/mean_length", "caption_words/mean")
+        return _history(trainer, "reward", "completions/mean_length", "caption_words/mean", "kl")
 
     def load_understanding(self) -> None:
         if getattr(self.pipeline.vlm, "_hf_peft_config_loaded", False):  # resuming: the SFT adapter is loaded

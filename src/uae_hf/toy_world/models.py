@@ -97,48 +97,66 @@ def train_toy_vae(steps: int = 400, batch_size: int = 32, learning_rate: float =
 
 def pretrain_toy_vision(
     vlm, processor, steps: int = 600, batch_size: int = 64, learning_rate: float = 2e-3, seed: int = 0
-) -> float:
-    """Pre-train the encoder's vision tower to read every attribute (linear heads on its merged tokens, dropped
-    afterwards): the stand-in for the pretrained vision encoder every real VLM starts from. Returns the heads'
-    accuracy on the last batch."""
+) -> dict[str, float]:
+    """Pre-train the encoder's vision tower to read every attribute: the stand-in for the pretrained vision encoder
+    every real VLM starts from. Linear heads (dropped afterwards) read every attribute from the image's merged tokens
+    side by side, and the position once more from their mean.
+
+    The mean carries no token order, so that head makes the tower write where the shape is into the tokens' content.
+    Without it the position is only in which token holds the shape, and the LLM would have to read it from M-RoPE,
+    whose height and width sections get this LLM's lowest rotary frequencies (one row turns a phase by at most 0.1
+    radian, one column by at most 0.003): after SFT such an encoder picked the right position for 17% of held-out
+    scenes (chance 11%), and stage 2 then rewarded guessed positions. Returns the heads' accuracy on the last batch
+    (`position` is the mean-pooled head's)."""
     visual, vision = vlm.model.visual, vlm.config.vision_config
     torch.manual_seed(seed)
     tokens_per_image = (IMAGE_SIZE // (vision.patch_size * vision.spatial_merge_size)) ** 2
-    probe = torch.nn.ModuleDict({name: torch.nn.Linear(tokens_per_image * vision.out_hidden_size, len(values))
+    width = vision.out_hidden_size
+    probe = torch.nn.ModuleDict({name: torch.nn.Linear(tokens_per_image * width, len(values))
                                  for name, values in ATTRIBUTES.items()})
-    optimizer = torch.optim.AdamW([*visual.parameters(), *probe.parameters()], lr=learning_rate)
+    pooled_position = torch.nn.Linear(width, len(ATTRIBUTES["position"]))
+    optimizer = torch.optim.AdamW([*visual.parameters(), *probe.parameters(), *pooled_position.parameters()],
+                                  lr=learning_rate)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
-    accuracy = 0.0
+    accuracy: dict[str, float] = {}
     visual.train()
     for step in tqdm(range(steps), desc="toy vision tower", unit="step"):
         scenes = [scene_at(seed + 17, step * batch_size + i) for i in range(batch_size)]
         inputs = processor.image_processor(images=[scene.render() for scene in scenes], return_tensors="pt")
         tokens = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
-        features = tokens.reshape(batch_size, -1)
+        tokens = tokens.reshape(batch_size, tokens_per_image, width)
         labels = {name: torch.tensor([scene.labels()[name] for scene in scenes]) for name in ATTRIBUTES}
-        logits = {name: head(features) for name, head in probe.items()}
+        logits = {name: head(tokens.flatten(1)) for name, head in probe.items()}
+        pooled = pooled_position(tokens.mean(1))
         loss = sum(F.cross_entropy(logits[name], labels[name]) for name in ATTRIBUTES)
+        loss = loss + F.cross_entropy(pooled, labels["position"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-        accuracy = float(np.mean([(logits[n].argmax(-1) == labels[n]).float().mean() for n in ATTRIBUTES]))
+        accuracy = {name: float((logits[name].argmax(-1) == labels[name]).float().mean()) for name in ATTRIBUTES}
+        accuracy["position"] = float((pooled.argmax(-1) == labels["position"]).float().mean())
     visual.eval()
     return accuracy
 
 
-def build_toy_world_models(out_dir, vae_steps: int = 400, vision_steps: int = 600, seed: int = 0) -> Path:
-    """Write `encoder/` (vision tower pre-trained), `decoder/` (with the trained VAE) and `projector/` for the toy
-    world under `out_dir`."""
-    out_dir = Path(out_dir)
+def build_toy_encoder(path, seed: int = 0) -> None:
+    """Write the toy world's encoder (untrained) and its processor to `path`."""
     build_tiny_encoder(
-        out_dir / "encoder",
+        path,
         corpus=world_corpus(seed=seed),
         num_merges=400,
         text_config=ENCODER_TEXT,
         vision_config=ENCODER_VISION,
         pixel_bounds=(IMAGE_SIZE * IMAGE_SIZE, 4 * IMAGE_SIZE * IMAGE_SIZE),
     )
+
+
+def build_toy_world_models(out_dir, vae_steps: int = 400, vision_steps: int = 600, seed: int = 0) -> Path:
+    """Write `encoder/` (vision tower pre-trained), `decoder/` (with the trained VAE) and `projector/` for the toy
+    world under `out_dir`."""
+    out_dir = Path(out_dir)
+    build_toy_encoder(out_dir / "encoder", seed=seed)
     vlm = AutoModelForImageTextToText.from_pretrained(out_dir / "encoder")
     pretrain_toy_vision(vlm, AutoProcessor.from_pretrained(out_dir / "encoder"), steps=vision_steps, seed=seed)
     vlm.save_pretrained(out_dir / "encoder")
