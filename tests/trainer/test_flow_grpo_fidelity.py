@@ -182,7 +182,8 @@ def test_the_first_nine_of_ten_steps_train(fresh_pipe, config, monkeypatch):
 def test_samples_with_zero_advantage_are_left_out_of_the_update(fresh_pipe, config, monkeypatch, filtered):
     """Flow-GRPO drops the samples whose advantage is 0 before training; here the micro-batch's first group scores
     the same for every sample, so with the filter the DiT's update calls see the other groups' samples only."""
-    trainer = make(fresh_pipe, config(max_steps=1, beta=0.04, filter_zero_advantages=filtered))
+    trainer = make(fresh_pipe, config(max_steps=1, beta=0.04, filter_zero_advantages=filtered,
+                                    per_device_train_batch_size=8))
     real, samples = trainer.reconstruction_reward.similarities, []
 
     def similarities(*args, **kwargs):
