@@ -18,7 +18,7 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
                               f"{str(top)!r}])")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| stage 3: DiffusionNFT on the decoder |" in result.stdout  # the summary table is printed
+    assert "| stage 3: DiffusionNFT on the decoder (sampled without CFG) |" in result.stdout  # the summary table
 
     # the summary: mean and [min, max] of every table entry over the two seeds' own results
     runs = [json.loads((top / f"seed-{seed}" / "results.json").read_text()) for seed in (0, 1)]
