@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output-dir", default="outputs/demo", help="where models, stages and the report go")
     demo.add_argument("--quick", action="store_true",
-                      help="the same path with tiny budgets that only check the plumbing (21-24 s measured on a 2-core CPU)")
+                      help="the same path with tiny budgets that only check the plumbing (18-24 s measured on a 2-core CPU)")
     for name, help_text in [("seed", "seed of the world, models and stages"),
                             ("pretrain_steps", "decoder pre-training steps"),
                             ("understanding_steps", "stage 2 (GRPO) steps"),
