@@ -355,8 +355,8 @@ class ToyWorldDemo:
         return self._decoder_rl("generation_nft", self.config.generation_nft_steps)
 
     def _decoder_rl(self, stage: str, steps: int, **settings) -> dict:
-        """Train stage 3 with `stage`'s trainer; the validation round trips (the same sampler for every objective,
-        unlike the training rewards) are scored before training and every sixth of it."""
+        """Train stage 3 with `stage`'s trainer; validation round trips (with the sampler the objective trains for,
+        `guidance(stage)`) are scored before training and every sixth of it."""
         trainer = TRAINERS[stage][1](
             self.pipeline.vlm, self.pipeline, train_dataset=self.train.select_columns(["image"]),
             eval_dataset=self.validation, processing_class=self.pipeline.processor,
