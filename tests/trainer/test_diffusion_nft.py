@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from uae_hf import DiffusionNFTConfig, DiffusionNFTTrainer, FlowGRPOTrainer, load_uae_pipeline
+from uae_hf import DiffusionNFTTrainer, FlowGRPOTrainer, load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
 from uae_hf.sampling.flow_sde import velocity
 from uae_hf.trainer.diffusion_nft_trainer import TRAINING_NOISE_STREAM, adaptive_flow_loss, diffusion_nft_loss
