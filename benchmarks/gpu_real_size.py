@@ -288,13 +288,13 @@ def instrument_pipeline(phases: PhaseTimer, pipe, similarity: ImageSimilarity):
 def instrument_trainer(phases: PhaseTimer, trainer, stage: str):
     """Rollout, reward and update of a step. Stage "understanding" (TRL's GRPO) generates the captions, then scores
     them with the reconstruction reward (decode + backbones); stage "generation" (Flow-GRPO) samples captions and
-    reconstructions in `_rollout` and scores them inside it. Everything else in the step is the update."""
+    reconstructions of the step's micro-batches in `_rollout_window` and scores them inside it. Everything else in the step is the update."""
     instrument_pipeline(phases, trainer.decoder, trainer.reconstruction_reward.similarity)
     if stage == "understanding":
         phases.wrap(trainer, "_generate", "rollout")
         phases.wrap(trainer, "_calculate_rewards", "reward")
     else:
-        phases.wrap(trainer, "_rollout", "rollout")  # includes the reward: subtracted in `step_breakdown`
+        phases.wrap(trainer, "_rollout_window", "rollout")  # includes the reward: subtracted in `step_breakdown`
         phases.wrap(trainer.reconstruction_reward, "similarities", "reward")
     phases.wrap(trainer.accelerator, "backward", "backward")
 

@@ -74,8 +74,8 @@ def test_an_update_climbs_its_objective_and_only_the_lora_changes(fresh_pipe, co
                   timestep_fraction=1.0, learning_rate=1e-4, beta=0.0)
     trainer = make(fresh_pipe, args, skimage_photos(64).select([0]))
     rollouts = []
-    sample = trainer._rollout
-    monkeypatch.setattr(trainer, "_rollout", lambda rows: rollouts.append(sample(rows)) or rollouts[-1])
+    sample = trainer._sample
+    monkeypatch.setattr(trainer, "_sample", lambda rows: rollouts.append(sample(rows)) or rollouts[-1])
     trainer.train()
     (rollout,) = rollouts
     trajectory, advantages = rollout["trajectory"], rollout["advantages"]

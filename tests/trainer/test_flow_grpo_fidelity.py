@@ -48,18 +48,18 @@ def test_each_micro_batch_gets_its_own_rollout_for_num_iterations_steps(fresh_pi
     # one image per micro-batch, 2 micro-batches per step, each window's rollouts serve 2 optimizer steps
     trainer = make(fresh_pipe, config(gradient_accumulation_steps=2, num_iterations=2, max_steps=4))
     micro_batches, sampled, uses = [], [], []
-    rollout, step = trainer._rollout, trainer.training_step
+    sample, step = trainer._sample, trainer.training_step
 
-    def tracked_rollout(rows):
+    def tracked_sample(rows):
         sampled.append([row["name"] for row in rows])
         uses.append([])
-        return _Tracked(rollout(rows), trainer, uses[-1])
+        return _Tracked(sample(rows), trainer, uses[-1])
 
     def tracked_step(model, inputs, *args, **kwargs):
         micro_batches.append([row["name"] for row in inputs])
         return step(model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "_rollout", tracked_rollout)
+    monkeypatch.setattr(trainer, "_sample", tracked_sample)
     monkeypatch.setattr(trainer, "training_step", tracked_step)
     trainer.train()
     assert len(micro_batches) == 8
@@ -148,6 +148,30 @@ def test_default_advantages_are_the_group_mean_over_the_global_std_clipped(fresh
     assert float(expected.max()) > 5  # the outlier is clipped
     torch.testing.assert_close(advantages, expected.clamp(-5, 5).view(-1), rtol=1e-6, atol=1e-7)
     assert bool((advantages[16:] == 0).all()) and float(advantages[3]) == 5.0
+
+
+def test_the_global_std_spans_every_micro_batch_of_the_optimizer_step(fresh_pipe, config, monkeypatch):
+    """With gradient accumulation the whole step is sampled first: each sample's advantage is its group-centred reward
+    over the population std of the rewards of every micro-batch of the step (the reference's global std), not of its
+    own micro-batch alone."""
+    trainer = make(fresh_pipe, config(gradient_accumulation_steps=2, max_steps=1))
+    group = trainer.args.num_generations
+    rollouts, rewards, sample = [], [], trainer._sample
+
+    def tracked_sample(rows):
+        rollouts.append(sample(rows))
+        rewards.append(rollouts[-1]["rewards"].clone())
+        return rollouts[-1]
+
+    monkeypatch.setattr(trainer, "_sample", tracked_sample)
+    trainer.train()
+    assert len(rollouts) == 2
+    step_std = torch.cat(rewards).std(correction=0)
+    assert not torch.allclose(rewards[0].std(correction=0), step_std, rtol=1e-3)  # the two stds differ here
+    for rollout, own in zip(rollouts, rewards):
+        grouped = own.view(-1, group)
+        expected = (grouped - grouped.mean(dim=1, keepdim=True)) / (step_std + 1e-4)
+        torch.testing.assert_close(rollout["advantages"], expected.clamp(-5, 5).view(-1), rtol=1e-6, atol=1e-7)
 
 
 def test_the_global_std_is_the_population_std_as_in_flow_grpo(fresh_pipe, config):
@@ -273,6 +297,8 @@ def test_the_sd3_5_recipe_has_flow_grpo_s_settings():
     assert (args.ema_decay, args.ema_update_interval) == (0.9, 8)
     assert (args.beta, args.flow_clip_range, args.advantage_clip, args.scale_rewards) == (0.04, 1e-4, 5.0, "batch")
     assert args.num_generations == 24 and args.filter_zero_advantages and not args.detach_unconditional
+    # one optimizer step on one GPU: 24 images x 24 reconstructions, as the reference's (576 samples)
+    assert args.per_device_train_batch_size // args.num_generations * args.gradient_accumulation_steps == 24
     assert (args.decoder_num_inference_steps, args.timestep_fraction, args.decoder_guidance_scale) == (10, 0.99, 4.5)
     assert (args.sde_method, args.sde_noise_level, args.decoder_height, args.decoder_width) == ("sde", 0.7, 512, 512)
     assert (args.decoder_lora_r, args.decoder_lora_alpha, args.same_noise_in_group) == (32, 64, False)

@@ -23,8 +23,9 @@ class DecoderRLConfig(DecoderTrainingConfig):
             Optimizer steps per rollout (μ). With gradient accumulation, each micro-batch of a step gets its own
             rollout, and the window's rollouts serve the next μ steps.
         scale_rewards (`str`, defaults to `"batch"`):
-            Advantages are rewards minus their group's mean, divided by the std of every process's rewards of the
-            step (`"batch"`, the global std of Flow-GRPO's SD3 recipes and of DiffusionNFT), by the group's std
+            Advantages are rewards minus their group's mean, divided by the std of every reward of the optimizer
+            step, over all its micro-batches and processes (`"batch"`, the global std of Flow-GRPO's SD3 recipes and
+            of DiffusionNFT: a step's micro-batches are all sampled before its first update), by the group's std
             (`"group"`, TRL's GRPO default), or by nothing (`"none"`).
         advantage_clip (`float`, defaults to `5.0`):
             Advantages are clipped to ±this.
@@ -52,8 +53,8 @@ class DecoderRLConfig(DecoderTrainingConfig):
     )
     scale_rewards: str = field(
         default="batch",
-        metadata={"help": "Advantage scaling: the std of the step's rewards over all processes ('batch'), each "
-                  "group's std ('group') or none.", "choices": ["batch", "group", "none"]},
+        metadata={"help": "Advantage scaling: the std of the step's rewards over all micro-batches and processes "
+                  "('batch'), each group's std ('group') or none.", "choices": ["batch", "group", "none"]},
     )
     advantage_clip: float = field(default=5.0, metadata={"help": "Clip advantages to +-this."})
     same_noise_in_group: bool = field(

@@ -61,6 +61,8 @@ class DecoderRLTrainer(DecoderTrainer):
         # `per_device_train_batch_size` counts samples, as in TRL's GRPO: the loader yields that many images / G
         self._train_batch_size = self.args.per_device_train_batch_size // self.args.num_generations
         self._rollouts: dict[int, dict] = {}  # position in the accumulation window → the rollout it trains on
+        self._unused: set[int] = set()  # positions whose rollout no update has trained on yet
+        self._step_batches: list = []  # the micro-batches of the current optimizer step
         self._window = (-1, 0)  # (global step, position) of the current micro-step
         if self.reference is not None:  # copied before `Trainer.__init__` placed the decoder: follow it
             self.reference.to(self.accelerator.device)
@@ -118,10 +120,49 @@ class DecoderRLTrainer(DecoderTrainer):
         base = self._micro_seed(stream)
         return seeded_generators(stream_seed(base, index) for index in range(count) for _ in range(repeat))
 
-    @torch.no_grad()
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """`Trainer` fetches an optimizer step's micro-batches here; they are kept so that the step's first
+        micro-step samples all of them before any update (see `training_step`)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_batches = batches
+        return batches, num_items
+
     def _rollout(self, rows: list[dict]) -> dict:
-        """Caption, sample G reconstructions per caption, score them: the conditioning, the trajectory and the
-        advantages (one per sample)."""
+        """One micro-batch's rollout, its advantages from its own rewards (an accumulation window of one)."""
+        return self._rollout_window([rows])[0]
+
+    @torch.no_grad()
+    def _rollout_window(self, batches: list[list[dict]]) -> list[dict]:
+        """Roll out each micro-batch of a window (its own seeds, as its micro-step would), then give every sample its
+        advantage against the rewards of the whole window on every process."""
+        model, window = self.model, self._window
+        was_training = model.training
+        model.eval()  # sampled without dropout, as the reference samples
+        rollouts = []
+        for micro_step, rows in enumerate(batches):
+            self._window = (self.state.global_step, micro_step)  # the micro-step's seeds
+            rollouts.append(self._sample(rows))
+        model.train(was_training)
+        self._window = window
+        rewards = [rollout.pop("rewards") for rollout in rollouts]
+        local = torch.cat(rewards)
+        everyone = self.accelerator.gather(local)  # every process's rewards, once per window
+        advantages = self._advantages(local, everyone).split([len(own) for own in rewards])
+        for rollout, rollout_advantages in zip(rollouts, advantages):
+            rollout["advantages"] = rollout_advantages
+        stalled = self.health.check_rewards(everyone, self.args.num_generations, self.state.global_step)
+        finite = everyone[~torch.isnan(everyone)]
+        self._record({
+            "reward": float(torch.nanmean(everyone)),
+            "reward_std": float(finite.std()) if len(finite) > 1 else 0.0,
+            "advantages/abs_mean": float(torch.cat(advantages).abs().mean()),
+            "reward/groups_without_variation": stalled,
+        })
+        return rollouts
+
+    def _sample(self, rows: list[dict]) -> dict:
+        """Caption, sample G reconstructions per caption, score them: the conditioning, the trajectory and this
+        process's rewards (one per sample)."""
         args, decoder, group = self.args, self.decoder, self.args.num_generations
         noise_level, method, guidance = self.rollout_settings()
         start = time.perf_counter()
@@ -147,29 +188,25 @@ class DecoderRLTrainer(DecoderTrainer):
             transformer=self.accelerator.unwrap_model(self.model),
         )
         arrays = decode_latents(decoder, trajectory.latents[:, -1], "np")
-        rollout_time = time.perf_counter() - start
+        rollout_time = self._seconds_since(start)
 
         start = time.perf_counter()
         reconstructions = decoded_images(arrays)
         rewards, metrics = self.reconstruction_reward.similarities(reconstructions, originals_g)
-        rewards = rewards.to(self.accelerator.device)
-        everyone = self.accelerator.gather(rewards)  # every process's rewards, once per step
-        advantages = self._advantages(rewards, everyone)
-        reward_time = time.perf_counter() - start
-        stalled = self.health.check_rewards(everyone, self.args.num_generations, self.state.global_step)
-        finite = everyone[~torch.isnan(everyone)]
-
-        metrics |= caption_metrics(captions)
-        self._record(metrics | {
-            "reward": float(torch.nanmean(everyone)),
-            "reward_std": float(finite.std()) if len(finite) > 1 else 0.0,
-            "advantages/abs_mean": float(advantages.abs().mean()),
-            "reward/groups_without_variation": stalled,
+        self._record(metrics | caption_metrics(captions) | {
             "timing/rollout_s": rollout_time,
-            "timing/reward_s": reward_time,
+            "timing/reward_s": self._seconds_since(start),
         })
         self._keep_batch(ReconstructionBatch(originals_g, captions_g, reconstructions, rewards.tolist(), metrics))
-        return {"conditioning": conditioning, "trajectory": self.kept_trajectory(trajectory), "advantages": advantages}
+        return {"conditioning": conditioning, "trajectory": self.kept_trajectory(trajectory),
+                "rewards": rewards.to(self.accelerator.device)}
+
+    def _seconds_since(self, start: float) -> float:
+        """Wall time since `start`, once the device has finished the work queued so far (CUDA runs asynchronously:
+        without the wait, a phase's time would land in the next one's)."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+        return time.perf_counter() - start
 
     def kept_trajectory(self, trajectory: Trajectory) -> Trajectory:
         """What of the sampled trajectory the update needs (all of it here)."""
@@ -213,18 +250,20 @@ class DecoderRLTrainer(DecoderTrainer):
         global_step = self.state.global_step
         micro_step = self._window[1] + 1 if self._window[0] == global_step else 0  # position in the window
         self._window = (global_step, micro_step)
-        # each micro-batch of a window gets its own rollout, and the window's rollouts serve `num_iterations`
-        # optimizer steps (μ inner epochs; the later ones off-policy). The rows of the steps in between are not sampled.
-        if micro_step == 0 and global_step % self.args.num_iterations == 0:
-            self._rollouts.clear()
-        fresh = micro_step not in self._rollouts
-        if fresh:
-            model.eval()  # sampled without dropout, as the reference samples
-            self._rollouts[micro_step] = self._rollout(inputs)
+        # every micro-batch of a window is sampled at its first micro-step, so that `scale_rewards="batch"` divides by
+        # the std of every reward of the step on every process (the reference's global std); the window's rollouts
+        # serve `num_iterations` optimizer steps (μ inner epochs; the later ones off-policy), and the rows of the
+        # steps in between are not sampled. A window's rollouts stay in memory until its last update.
+        new_window = global_step % self.args.num_iterations == 0 or len(self._rollouts) < len(self._step_batches)
+        if micro_step == 0 and new_window:
+            self._rollouts = dict(enumerate(self._rollout_window(self._step_batches)))
+            self._unused = set(self._rollouts)
+        fresh = micro_step in self._unused
+        self._unused.discard(micro_step)
         model.train()
         start = time.perf_counter()
         loss = self.update(model, self._rollouts[micro_step], fresh)
-        self._record({"timing/update_s": time.perf_counter() - start, "trained_steps": float(len(self._trained_steps()))})
+        self._record({"timing/update_s": self._seconds_since(start), "trained_steps": float(len(self._trained_steps()))})
         return loss
 
     # ------------------------------------------------------------------------------------- after each optimizer step
