@@ -155,7 +155,16 @@ def test_rollouts_are_unguided_deterministic_ode_samples(fresh_pipe, config, mon
     assert not torch.allclose(first, third)  # while the initial noise does matter
 
 
+def test_rollouts_sample_with_the_reference_s_second_order_solver_by_default(fresh_pipe, config):
+    trainer = make(fresh_pipe, config())
+    assert trainer.rollout_settings() == (0.0, "dpm2", 1.0)
+    trainer.args.rollout_solver = "euler"
+    assert trainer.rollout_settings() == (0.0, "sde", 1.0)  # the SDE step at noise level 0 is Euler's step
+
+
 def test_bad_configurations(make_config):
+    with pytest.raises(ValueError, match="rollout_solver"):
+        make_config("generation_nft", rollout_solver="heun")
     with pytest.raises(ValueError, match="nft_beta"):
         make_config("generation_nft", nft_beta=0.0)
     with pytest.raises(ValueError, match="old policy schedule"):

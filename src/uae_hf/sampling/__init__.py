@@ -3,6 +3,7 @@ from .flow_sde import (
     Trajectory,
     cps_step,
     decode_latents,
+    dpm2_step,
     flow_step,
     gaussian_log_prob,
     sample_trajectory,

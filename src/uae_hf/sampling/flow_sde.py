@@ -1,7 +1,8 @@
 """Stochastic sampling with log-probabilities for rectified-flow decoders (Flow-GRPO, DESIGN.md §4).
 
 Convention (diffusers SD3): `x_σ = (1 - σ) x0 + σ ε`, velocity `v = ε - x0`, σ runs from 1 to 0, `dt = σ_next - σ`.
-With `noise_level = 0` both steps reduce to diffusers' deterministic Euler step.
+With `noise_level = 0` both steps reduce to diffusers' deterministic Euler step. `"dpm2"` is a deterministic
+second-order multistep solver (DiffusionNFT's rollout sampler).
 """
 
 import math
@@ -192,6 +193,30 @@ def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, conditi
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
+def dpm2_step(velocity: torch.Tensor, sample: torch.Tensor, sigmas: torch.Tensor, index: int,
+              previous_x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `index` of DPM-Solver++(2M) on the flow ODE, in data prediction `x0 = x - σ·v` and half-log-SNR
+    `λ = log((1 - σ)/σ)`: `x_next = (σ_next/σ)·x - (1 - σ_next)·expm1(-h)·D`, `h = λ_next - λ`, with
+    `D = (1 + h/(2h'))·x0 - h/(2h')·x0_previous` (h' the previous step's h). First order (Euler's step) when there is
+    no finite previous step (the first two steps from σ = 1) and into σ = 0. Returns `(x_next, x0)`."""
+    sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
+    x0 = sample - sigma * velocity
+    if sigma_next == 0:
+        return x0, x0
+
+    def half_log_snr(value: float) -> float:
+        return math.log((1 - value) / value) if value < 1 else -math.inf
+
+    h = half_log_snr(sigma_next) - half_log_snr(sigma)
+    data = x0
+    if previous_x0 is not None and index > 0:
+        h_previous = half_log_snr(sigma) - half_log_snr(float(sigmas[index - 1]))
+        if math.isfinite(h_previous):
+            correction = h / (2 * h_previous)
+            data = (1 + correction) * x0 - correction * previous_x0
+    return (sigma_next / sigma) * sample - (1 - sigma_next) * math.expm1(-h) * data, x0
+
+
 def schedule(pipe, num_inference_steps: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """`(timesteps, sigmas)` exactly as the SD3 pipeline sets them (shift, dynamic shifting included)."""
     scheduler_kwargs = {}
@@ -245,12 +270,17 @@ def sample_trajectory(
         conditioning: from `pipe.encode_captions` (embeddings or text mode).
         latents: `(batch, C, H, W)` initial noise.
         num_inference_steps, guidance_scale: as in the pipeline.
-        noise_level (`float`, defaults to 0.7), method (`"sde"` or `"cps"`): the stochastic step.
+        noise_level (`float`, defaults to 0.7), method (`"sde"` or `"cps"`): the stochastic step; or `"dpm2"`, the
+            deterministic second-order solver ([`dpm2_step`]; no noise, log-probs 0).
         generator: one per sample (reproducible per item) or one for the batch.
         transformer: the DiT to run, e.g. a training wrapper of `pipe.transformer`.
         checkpoint_steps (`bool`, defaults to `False`): recompute each step in the backward pass instead of keeping
             its activations (deterministic steps only: a recomputed stochastic step would draw other noise).
     """
+    if method not in (*STEPS, "dpm2"):
+        raise ValueError(f"unknown sampling method {method!r}; choose from {sorted(STEPS) + ['dpm2']}")
+    if method == "dpm2" and noise_level > 0:
+        raise ValueError(f"method='dpm2' is deterministic: pass noise_level=0, got {noise_level}")
     if checkpoint_steps and noise_level > 0:
         raise ValueError("checkpoint_steps recomputes steps in the backward pass, so they must be deterministic "
                          f"(noise_level=0), got noise_level={noise_level}")
@@ -259,15 +289,22 @@ def sample_trajectory(
     width = latents.shape[-1] * pipe.vae_scale_factor
     timesteps, sigmas = schedule(pipe, num_inference_steps, height, width, latents.device)
 
-    def step(x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(x: torch.Tensor, index: int, previous_x0: torch.Tensor | None):
+        """`(x_next, log_prob, x0)`: x0 is kept for the multistep solver's next step."""
         v = velocity(transformer, x, timesteps[index], conditioning, guidance_scale)
+        if method == "dpm2":
+            x_next, x0 = dpm2_step(v, x, sigmas, index, previous_x0)
+            return x_next, torch.zeros(len(x), device=x.device), x0
         output = flow_step(method, v, x, sigmas, index, noise_level, generator=generator)
-        return output.prev_sample, output.log_prob
+        return output.prev_sample, output.log_prob, None
 
     states, log_probs = [latents.float()], []
-    x = latents.float()
+    x, x0 = latents.float(), None
     for index in range(len(timesteps)):
-        x, log_prob = checkpoint(step, x, index, use_reentrant=False) if checkpoint_steps else step(x, index)
+        if checkpoint_steps:
+            x, log_prob, x0 = checkpoint(step, x, index, x0, use_reentrant=False)
+        else:
+            x, log_prob, x0 = step(x, index, x0)
         states.append(x)
         log_probs.append(log_prob)
     return Trajectory(torch.stack(states, dim=1), torch.stack(log_probs, dim=1), timesteps, sigmas)

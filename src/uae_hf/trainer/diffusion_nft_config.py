@@ -25,11 +25,14 @@ class DiffusionNFTConfig(DecoderRLConfig):
         old_policy_hold_steps (`int`, defaults to `0`):
             After each rollout's optimizer steps the old policy moves as `θ_old ← η·θ_old + (1 - η)·θ` with
             `η = min(rate·(step - hold), max)` (0 during the first `hold` steps: θ_old follows θ exactly).
+        rollout_solver (`str`, defaults to `"dpm2"`):
+            The rollouts' deterministic sampler: `"dpm2"` (DPM-Solver++(2M), first order at the first and last steps,
+            as the reference samples) or `"euler"` (the SD3 pipeline's own step). Any solver is valid: the update
+            only sees the clean latents.
         weight_decay (`float`, defaults to `1e-4`), lr_scheduler_type (`str`, defaults to `"constant"`):
             The reference's AdamW settings.
 
-    Rollouts are deterministic (the Euler ODE sampler at noise level 0) and unguided; each keeps only its clean
-    latents. The trained timesteps are the rollout schedule's first `int(T·timestep_fraction)`, each with fresh noise.
+    Rollouts are deterministic (`rollout_solver`) and unguided; each keeps only its clean latents. The trained timesteps are the rollout schedule's first `int(T·timestep_fraction)`, each with fresh noise.
 
     Example:
 
@@ -53,6 +56,10 @@ class DiffusionNFTConfig(DecoderRLConfig):
     old_policy_hold_steps: int = field(
         default=0, metadata={"help": "Steps during which the old policy follows the trained one exactly (eta = 0)."}
     )
+    rollout_solver: str = field(
+        default="dpm2", metadata={"help": "Deterministic rollout sampler: DPM-Solver++(2M) or Euler.",
+                                  "choices": ["dpm2", "euler"]}
+    )
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
 
@@ -60,6 +67,8 @@ class DiffusionNFTConfig(DecoderRLConfig):
         super().__post_init__()
         if self.nft_beta <= 0:
             raise ValueError(f"nft_beta must be positive, got {self.nft_beta}")
+        if self.rollout_solver not in ("dpm2", "euler"):
+            raise ValueError(f"rollout_solver must be 'dpm2' or 'euler', got {self.rollout_solver!r}")
         if self.reference_weight < 0:
             raise ValueError(f"reference_weight must be non-negative, got {self.reference_weight}")
         if not 0 <= self.old_policy_decay_max < 1 or self.old_policy_decay_rate < 0 or self.old_policy_hold_steps < 0:

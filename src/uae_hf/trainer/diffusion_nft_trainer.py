@@ -1,10 +1,10 @@
 """[`DiffusionNFTTrainer`]: DiffusionNFT (arXiv 2509.16117) on the decoder's DiT, the encoder frozen.
 
-Reinforcement learning on the forward process: rollouts are plain ODE samples without guidance, of which only the
-clean latents are kept; each is noised afresh at the schedule's trained timesteps, and the DiT learns a flow-matching
-objective on two implicit policies around a slowly moving old copy of itself, `v± = v_old ± β·(v_θ - v_old)`, weighted
-by how likely each sample is to be good, `r = 0.5 + A / (2·advantage_clip)` (the reference's `0.5 + A/10`). No
-log-probs, no ratio clipping, no CFG in training.
+Reinforcement learning on the forward process: rollouts are deterministic ODE samples without guidance
+(DPM-Solver++(2M) by default), of which only the clean latents are kept; each is noised afresh at the schedule's
+trained timesteps, and the DiT learns a flow-matching objective on two implicit policies around a slowly moving old
+copy of itself, `v± = v_old ± β·(v_θ - v_old)`, weighted by how likely each sample is to be good,
+`r = 0.5 + A / (2·advantage_clip)` (the reference's `0.5 + A/10`). No log-probs, no ratio clipping, no CFG in training.
 """
 
 import contextlib
@@ -81,7 +81,7 @@ class DiffusionNFTTrainer(DecoderRLTrainer):
         return self.args.reference_weight > 0
 
     def rollout_settings(self) -> tuple[float, str, float]:
-        return 0.0, "sde", 1.0  # the deterministic Euler ODE step, unguided
+        return 0.0, "dpm2" if self.args.rollout_solver == "dpm2" else "sde", 1.0  # deterministic, unguided
 
     def kept_trajectory(self, trajectory: Trajectory) -> Trajectory:
         """Only the clean latents (and the schedule): the update noises them afresh."""
@@ -141,7 +141,7 @@ class DiffusionNFTTrainer(DecoderRLTrainer):
     def card_settings(self) -> dict[str, str]:
         args = self.args
         return super().card_settings() | {
-            "sampler": f"Euler ODE, no guidance, {args.decoder_num_inference_steps} steps, "
+            "sampler": f"{'DPM-Solver++(2M)' if args.rollout_solver == 'dpm2' else 'Euler'} ODE, no guidance, {args.decoder_num_inference_steps} steps, "
             f"{args.decoder_width}x{args.decoder_height}",
             "beta": f"{args.nft_beta}",
             "old policy": f"eta = min({args.old_policy_decay_rate}·step, {args.old_policy_decay_max}) after "
