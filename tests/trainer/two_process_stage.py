@@ -76,3 +76,4 @@ save_file(trained_weights(), f"{out}/rank{rank}.safetensors")
 with open(f"{out}/rank{rank}.json", "w") as file:
     json.dump({"local": record.steps, "log_history": trainer.state.log_history,
                "world_size": trainer.accelerator.num_processes}, file)
+trainer.accelerator.end_training()  # tears the process group down before exit (gloo's threads can abort at exit)
