@@ -61,7 +61,7 @@ class DecoderRLTrainer(DecoderTrainer):
         # `per_device_train_batch_size` counts samples, as in TRL's GRPO: the loader yields that many images / G
         self._train_batch_size = self.args.per_device_train_batch_size // self.args.num_generations
         self._rollouts: dict[int, dict] = {}  # position in the accumulation window → the rollout it trains on
-        self._unused: set[int] = set()  # positions whose rollout no update has trained on yet
+        self._sampled_step = -1  # the optimizer step that sampled the current rollouts (its updates are fresh)
         self._step_batches: list = []  # the micro-batches of the current optimizer step
         self._window = (-1, 0)  # (global step, position) of the current micro-step
         if self.reference is not None:  # copied before `Trainer.__init__` placed the decoder: follow it
@@ -181,7 +181,8 @@ class DecoderRLTrainer(DecoderTrainer):
             torch.float32, self.accelerator.device, noise_seeds,
         )
         if latents.shape[-1] * scale != args.decoder_width or latents.shape[-2] * scale != args.decoder_height:
-            raise ValueError(f"decoder_height/width must be multiples of {scale * decoder.transformer.config.patch_size}")
+            multiple = scale * decoder.transformer.config.patch_size
+            raise ValueError(f"decoder_height/width must be multiples of {multiple}")
         trajectory = sample_trajectory(
             decoder, conditioning, latents, args.decoder_num_inference_steps, guidance, noise_level, method,
             generator=self._generators(STEP_NOISE_STREAM, len(captions_g)),
@@ -257,14 +258,26 @@ class DecoderRLTrainer(DecoderTrainer):
         new_window = global_step % self.args.num_iterations == 0 or len(self._rollouts) < len(self._step_batches)
         if micro_step == 0 and new_window:
             self._rollouts = dict(enumerate(self._rollout_window(self._step_batches)))
-            self._unused = set(self._rollouts)
-        fresh = micro_step in self._unused
-        self._unused.discard(micro_step)
+            self._sampled_step = global_step
         model.train()
         start = time.perf_counter()
-        loss = self.update(model, self._rollouts[micro_step], fresh)
-        self._record({"timing/update_s": self._seconds_since(start), "trained_steps": float(len(self._trained_steps()))})
+        loss = self.update(model, self._rollouts[micro_step], fresh=self._sampled_step == global_step)
+        self._record({"timing/update_s": self._seconds_since(start),
+                      "trained_steps": float(len(self._trained_steps()))})
         return loss
+
+    def backpropagate_trained_steps(self, model, step_loss) -> torch.Tensor:
+        """Backpropagate `step_loss(position, index)` at each trained step, one graph at a time (gradients are
+        synchronised across processes on the last), scaled for the steps and the accumulation; the mean loss."""
+        steps = self._trained_steps()
+        scale = len(steps) * self.args.gradient_accumulation_steps
+        total = torch.zeros((), device=self.accelerator.device)
+        for position, index in enumerate(steps):
+            with contextlib.nullcontext() if position == len(steps) - 1 else self.accelerator.no_sync(model):
+                loss = step_loss(position, index)
+                self.accelerator.backward(loss / scale)
+            total += loss.detach() / len(steps)
+        return total
 
     # ------------------------------------------------------------------------------------- after each optimizer step
     def after_optimizer_step(self, step: int) -> None:
@@ -296,7 +309,8 @@ class DecoderRLTrainer(DecoderTrainer):
             "advantages": f"group mean, {args.scale_rewards} std, clipped to ±{args.advantage_clip}",
             "trained steps per update": f"{len(self._trained_steps())} of {args.decoder_num_inference_steps}",
             "reward": f"{', '.join(args.reward_backbones)} similarity to the original",
-            "EMA": "none" if args.ema_decay is None else f"decay {args.ema_decay} every {args.ema_update_interval} steps",
+            "EMA": "none" if args.ema_decay is None
+            else f"decay {args.ema_decay} every {args.ema_update_interval} steps",
             "steps": f"{self.state.global_step}",
         }
 

@@ -32,7 +32,8 @@ class DiffusionNFTConfig(DecoderRLConfig):
         weight_decay (`float`, defaults to `1e-4`), lr_scheduler_type (`str`, defaults to `"constant"`):
             The reference's AdamW settings.
 
-    Rollouts are deterministic (`rollout_solver`) and unguided; each keeps only its clean latents. The trained timesteps are the rollout schedule's first `int(T·timestep_fraction)`, each with fresh noise.
+    Rollouts are deterministic (`rollout_solver`) and unguided; each keeps only its clean latents. The trained
+    timesteps are the rollout schedule's first `int(T·timestep_fraction)`, each with fresh noise.
 
     Example:
 

@@ -7,9 +7,8 @@ copy of itself, `v± = v_old ± β·(v_θ - v_old)`, weighted by how likely each
 `r = 0.5 + A / (2·advantage_clip)` (the reference's `0.5 + A/10`). No log-probs, no ratio clipping, no CFG in training.
 """
 
-import contextlib
-
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..sampling.flow_sde import Trajectory, velocity
 from .decoder_rl_trainer import DecoderRLTrainer
@@ -91,18 +90,16 @@ class DiffusionNFTTrainer(DecoderRLTrainer):
     def update(self, model, rollout: dict, fresh: bool) -> torch.Tensor:
         """The NFT loss (+ the reference term) at each trained timestep, with fresh noise, backpropagated step by
         step."""
-        args, steps = self.args, self._trained_steps()
+        args = self.args
         trajectory, conditioning = rollout["trajectory"], rollout["conditioning"]
         x0 = trajectory.latents[:, -1]
         optimality = (0.5 + rollout["advantages"] / (2 * args.advantage_clip)).clamp(0, 1)
         dit = self.accelerator.unwrap_model(model)
         generators = self._generators(TRAINING_NOISE_STREAM, len(x0))
-        total_loss = torch.zeros((), device=self.accelerator.device)
-        for position, index in enumerate(steps):
-            last = position == len(steps) - 1
-            t = trajectory.sigmas[index]
-            timestep = trajectory.timesteps[index]
-            noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=x0.device) for g in generators])
+
+        def step_loss(position: int, index: int) -> torch.Tensor:
+            t, timestep = trajectory.sigmas[index], trajectory.timesteps[index]
+            noise = randn_tensor(x0.shape, generator=generators, device=x0.device, dtype=x0.dtype)
             x_t = (1 - t) * x0 + t * noise
             # the old policy and the reference first: swapping weights under a graph that still needs them would
             # corrupt its backward pass
@@ -112,19 +109,19 @@ class DiffusionNFTTrainer(DecoderRLTrainer):
             if args.reference_weight > 0:
                 with torch.no_grad(), self._reference() as reference:
                     v_ref = velocity(reference, x_t, timestep, conditioning, 1.0)
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                v = velocity(model, x_t, timestep, conditioning, 1.0)
-                per_sample = diffusion_nft_loss(v, v_old, x_t, x0, t, optimality, args.nft_beta,
-                                                args.advantage_clip / args.nft_beta)
-                loss = per_sample.mean().float()
-                reference_term = torch.zeros((), device=loss.device)
-                if v_ref is not None:
-                    reference_term = ((v.float() - v_ref.float()) ** 2).mean()
-                    loss = loss + args.reference_weight * reference_term
-                self.accelerator.backward(loss / (len(steps) * args.gradient_accumulation_steps))
-            total_loss += loss.detach() / len(steps)
+            v = velocity(model, x_t, timestep, conditioning, 1.0)
+            per_sample = diffusion_nft_loss(v, v_old, x_t, x0, t, optimality, args.nft_beta,
+                                            args.advantage_clip / args.nft_beta)
+            loss = per_sample.mean().float()
+            reference_term = torch.zeros((), device=loss.device)
+            if v_ref is not None:
+                reference_term = ((v.float() - v_ref.float()) ** 2).mean()
+                loss = loss + args.reference_weight * reference_term
             self._record({"nft/velocity_to_old": float(((v.detach().float() - v_old.float()) ** 2).mean()),
                           "kl": float(reference_term.detach())})
+            return loss
+
+        total_loss = self.backpropagate_trained_steps(model, step_loss)
         self._record({"nft/optimality_mean": float(optimality.mean()),
                       "nft/old_policy_decay": args.old_policy_decay(self.state.global_step + 1)})
         return total_loss
@@ -141,8 +138,8 @@ class DiffusionNFTTrainer(DecoderRLTrainer):
     def card_settings(self) -> dict[str, str]:
         args = self.args
         return super().card_settings() | {
-            "sampler": f"{'DPM-Solver++(2M)' if args.rollout_solver == 'dpm2' else 'Euler'} ODE, no guidance, {args.decoder_num_inference_steps} steps, "
-            f"{args.decoder_width}x{args.decoder_height}",
+            "sampler": f"{'DPM-Solver++(2M)' if args.rollout_solver == 'dpm2' else 'Euler'} ODE, no guidance, "
+            f"{args.decoder_num_inference_steps} steps, {args.decoder_width}x{args.decoder_height}",
             "beta": f"{args.nft_beta}",
             "old policy": f"eta = min({args.old_policy_decay_rate}·step, {args.old_policy_decay_max}) after "
             f"{args.old_policy_hold_steps} steps",

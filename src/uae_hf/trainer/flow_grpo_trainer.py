@@ -7,8 +7,6 @@ is the Trainer's model, so accelerate wraps it (DDP all-reduces its gradients), 
 checkpoints hold it.
 """
 
-import contextlib
-
 import torch
 
 from ..sampling.flow_sde import Trajectory, flow_step, mean_kl, velocity
@@ -92,30 +90,25 @@ class FlowGRPOTrainer(DecoderRLTrainer):
     def update(self, model, rollout: dict, fresh: bool) -> torch.Tensor:
         """The clipped-ratio loss (+ β·KL) on each trained step, backpropagated step by step."""
         trajectory, conditioning, advantages = self._informative(rollout)
-        args, steps = self.args, self._trained_steps()
-        total_loss = torch.zeros((), device=self.accelerator.device)
-        for position, index in enumerate(steps):
-            last = position == len(steps) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-            with sync:
-                sample, target = trajectory.latents[:, index], trajectory.latents[:, index + 1]
-                v = velocity(model, sample, trajectory.timesteps[index], conditioning, self._guidance,
-                             detach_unconditional=args.detach_unconditional)
-                step = flow_step(args.sde_method, v, sample, trajectory.sigmas, index, args.sde_noise_level,
-                                 prev_sample=target)
-                ratio = torch.exp(step.log_prob - trajectory.log_probs[:, index])
-                clipped = torch.clamp(ratio, 1 - args.flow_clip_range, 1 + args.flow_clip_range)
-                loss = torch.maximum(-advantages * ratio, -advantages * clipped).mean()
-                kl = torch.zeros((), device=loss.device)
-                if args.beta > 0 and bool(step.std > 0):
-                    with torch.no_grad(), self._reference() as reference:
-                        v_ref = velocity(reference, sample, trajectory.timesteps[index], conditioning, self._guidance)
-                        ref = flow_step(args.sde_method, v_ref, sample, trajectory.sigmas, index,
-                                        args.sde_noise_level, prev_sample=target)
-                    kl = mean_kl(step, ref).mean()
-                    loss = loss + args.beta * kl
-                self.accelerator.backward(loss / (len(steps) * args.gradient_accumulation_steps))
-            total_loss += loss.detach() / len(steps)
+        args = self.args
+
+        def step_loss(position: int, index: int) -> torch.Tensor:
+            sample, target = trajectory.latents[:, index], trajectory.latents[:, index + 1]
+            v = velocity(model, sample, trajectory.timesteps[index], conditioning, self._guidance,
+                         detach_unconditional=args.detach_unconditional)
+            step = flow_step(args.sde_method, v, sample, trajectory.sigmas, index, args.sde_noise_level,
+                             prev_sample=target)
+            ratio = torch.exp(step.log_prob - trajectory.log_probs[:, index])
+            clipped = torch.clamp(ratio, 1 - args.flow_clip_range, 1 + args.flow_clip_range)
+            loss = torch.maximum(-advantages * ratio, -advantages * clipped).mean()
+            kl = torch.zeros((), device=loss.device)
+            if args.beta > 0 and bool(step.std > 0):
+                with torch.no_grad(), self._reference() as reference:
+                    v_ref = velocity(reference, sample, trajectory.timesteps[index], conditioning, self._guidance)
+                    ref = flow_step(args.sde_method, v_ref, sample, trajectory.sigmas, index, args.sde_noise_level,
+                                    prev_sample=target)
+                kl = mean_kl(step, ref).mean()
+                loss = loss + args.beta * kl
             deviation = (ratio.detach() - 1).abs()
             if fresh and position == 0:
                 self._record({"ratio/first_update_max_deviation": float(deviation.max())})
@@ -123,7 +116,9 @@ class FlowGRPOTrainer(DecoderRLTrainer):
             self._record({"ratio/mean": float(ratio.detach().mean()), "ratio/max_deviation": float(deviation.max()),
                           "ratio/clip_fraction": float((deviation > args.flow_clip_range).float().mean()),
                           "kl": float(kl.detach())})
-        return total_loss
+            return loss
+
+        return self.backpropagate_trained_steps(model, step_loss)
 
     def card_settings(self) -> dict[str, str]:
         args = self.args

@@ -27,7 +27,8 @@ class UnifiedScriptArguments:
     stage: str = field(
         default="understanding",
         metadata={"help": "UAE stage, which picks the trainer: understanding (UnifiedGRPOTrainer), generation "
-                  "(FlowGRPOTrainer), generation_nft (DiffusionNFTTrainer: stage 3 with DiffusionNFT), pretrain (DecoderPretrainingTrainer), cold_start (ColdStartTrainer). "
+                  "(FlowGRPOTrainer), generation_nft (DiffusionNFTTrainer: stage 3 with DiffusionNFT), pretrain "
+                  "(DecoderPretrainingTrainer), cold_start (ColdStartTrainer). "
                   "`--stage NAME --help` lists that stage's options.", "choices": list(TRAINERS)},
     )
     dataset_name: str = field(
