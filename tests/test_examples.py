@@ -23,7 +23,11 @@ def test_round_trip_example_runs_on_the_twins(tiny_dir, photos, tmp_path):
 
 
 ACCELERATE_CONFIGS = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
-                      "deepspeed_zero3": "DEEPSPEED"}
+                      "deepspeed_zero3": "DEEPSPEED", "multi_node": "FSDP"}
+
+
+def test_every_shipped_accelerate_config_is_checked():
+    assert {path.stem for path in (EXAMPLES / "accelerate").glob("*.yaml")} == set(ACCELERATE_CONFIGS)
 
 
 @pytest.mark.parametrize("name", list(ACCELERATE_CONFIGS))
@@ -45,9 +49,11 @@ def test_accelerate_config_loads_as_accelerate_launch_reads_it(name, encoder, pi
         with mock.patch.dict(os.environ, env):
             plugin = FullyShardedDataParallelPlugin()
         assert plugin.fsdp_version == 2
-        # every layer class it wraps exists in the encoder (Qwen2.5-VL) or the DiT (SD3) of our models
-        classes = {type(module).__name__ for model in (encoder[0], pipe.transformer) for module in model.modules()}
-        assert set(plugin.transformer_cls_names_to_wrap) <= classes
+        # one config for every stage: no layer class named, the wrap policy comes from the trained model's
+        # `_no_split_modules` (tests/trainer/test_multi_process.py runs it for every stage)
+        assert plugin.transformer_cls_names_to_wrap is None
+        assert {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"} <= set(encoder[0]._no_split_modules)
+        assert pipe.transformer._no_split_modules == ["JointTransformerBlock"]
     if args.use_deepspeed:
         args.deepspeed_fields_from_accelerate_config = ",".join([*config.deepspeed_config, "mixed_precision"])
         with mock.patch("accelerate.utils.launch.is_port_in_use", return_value=False):

@@ -1,13 +1,24 @@
 """One stage on several processes (run by tests/trainer/test_multi_process.py under `torch.distributed.run` or
-`accelerate launch`, on CPU with gloo). Each process writes its trained weights before and after training, what it
-computed locally at each step, and (process 0) the logged history.
+`accelerate launch`, on CPU with gloo). Each process writes its trained weights (whole, gathered where an engine
+shards them) before and after training, what it computed locally at each step, how many optimizer steps it took,
+and (process 0) the logged history.
 
-Usage: two_process_stage.py STAGE TINY_MODELS_DIR OUTPUT_DIR
+Usage: two_process_stage.py STAGE TINY_MODELS_DIR OUTPUT_DIR [ENGINE [RESUME_FROM]]
+
+ENGINE: "fsdp2", "zero2" or "zero3" under `accelerate launch` with the matching config of examples/accelerate/ (the CPU
+host runs that engine: cpu_engines.py); "ddp" or none: DDP on the CPU (`use_cpu`). RESUME_FROM: a checkpoint folder of
+an earlier run of the same stage and engine to resume from. Flow-GRPO keeps an EMA (blended every step), so that the
+copies of the trained weights (EMA, DiffusionNFT's old policy) are saved, resumed and gathered under every engine.
 """
 
 import json
 import os
 import sys
+
+engine = sys.argv[4] if len(sys.argv) > 4 else "ddp"
+resume_from = sys.argv[5] if len(sys.argv) > 5 else None
+if engine != "ddp":
+    import cpu_engines  # noqa: F401  (before accelerate builds its state)
 
 import torch
 from peft import LoraConfig
@@ -17,13 +28,14 @@ from transformers import TrainerCallback
 
 from uae_hf import load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
+from uae_hf.trainer.sharded_parameters import full_values, trained_parameters
 
 stage, tiny_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])
 pipe = load_uae_pipeline(f"{tiny_dir}/decoder", f"{tiny_dir}/encoder", f"{tiny_dir}/projector")
 settings = dict(
     max_steps=3, learning_rate=5e-2 if stage in ("understanding", "generation") else 1e-3, save_strategy="steps",
-    save_steps=3, decoder_num_inference_steps=3, ddp_backend="gloo",
+    save_steps=2, decoder_num_inference_steps=3, ddp_backend="gloo", use_cpu=engine == "ddp",
 )
 
 
@@ -39,6 +51,8 @@ if stage == "understanding":
                  peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
 else:
     settings |= dict(decoder_lora_r=4, decoder_lora_alpha=8)
+if stage == "generation":
+    settings |= dict(ema_decay=0.5, ema_update_interval=1)
 if stage == "cold_start":
     settings |= dict(cold_start_trainable=["projector", "llm_lora"])
 trainer_class = STAGES[stage][1]
@@ -61,19 +75,43 @@ class RecordLocal(TrainerCallback):
         })
 
 
-record = RecordLocal()
+class CountOptimizerSteps(TrainerCallback):
+    """Counts the optimizer steps this run takes: DeepSpeed's engine counts its own (its ZeRO optimizer steps the torch
+    optimizer once per parameter group, and a resumed engine starts from the checkpoint's count); otherwise the torch
+    optimizer inside accelerate's wrapper is counted."""
+
+    def __init__(self):
+        self.hooked_steps = self.engine_steps_at_start = 0
+
+    @property
+    def steps(self) -> int:
+        if trainer.is_deepspeed_enabled:
+            return trainer.deepspeed.global_steps - self.engine_steps_at_start
+        return self.hooked_steps
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if trainer.is_deepspeed_enabled:
+            self.engine_steps_at_start = trainer.deepspeed.global_steps
+        else:
+            trainer.optimizer.optimizer.register_step_post_hook(
+                lambda *_: setattr(self, "hooked_steps", self.hooked_steps + 1))
+
+
+record, optimizer_steps = RecordLocal(), CountOptimizerSteps()
 trainer.add_callback(record)
+trainer.add_callback(optimizer_steps)
 
 
 def trained_weights():
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return {name: p.detach().clone().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: value.contiguous() for name, value in full_values(trained_parameters(model)).items()}
 
 
 save_file(trained_weights(), f"{out}/initial{rank}.safetensors")
-trainer.train()
+trainer.train(resume_from_checkpoint=resume_from)
 save_file(trained_weights(), f"{out}/rank{rank}.safetensors")
 with open(f"{out}/rank{rank}.json", "w") as file:
     json.dump({"local": record.steps, "log_history": trainer.state.log_history,
-               "world_size": trainer.accelerator.num_processes}, file)
+               "world_size": trainer.accelerator.num_processes, "optimizer_steps": optimizer_steps.steps,
+               "distributed_type": str(trainer.accelerator.distributed_type)}, file)
 trainer.accelerator.end_training()  # tears the process group down before exit (gloo's threads can abort at exit)

@@ -95,7 +95,8 @@ class ReconstructionReward:
         step = 0 if self.fixed_noise else step
         return seeded_generators(stream_seed(self.seed, step, j % m) for j in range(count * m))
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: under ZeRO-3 the decoder's LLM may be the policy's, whose weights are
+    # gathered during its forward, and a weight gathered in inference mode can never train again
     def reconstruct(self, captions: list[str], step: int = 0) -> list[PIL.Image.Image | None]:
         """`len(captions) * M` reconstructions, item-major; `None` where the decoder produced non-finite pixels."""
         images = []

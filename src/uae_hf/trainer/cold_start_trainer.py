@@ -18,7 +18,16 @@ from ..rewards.similarity import ImageSimilarity
 from ..sampling.flow_sde import decode_latents, sample_trajectory
 from ..seeding import stream_seed
 from .cold_start_config import ColdStartConfig
-from .decoder_trainer import CAPTION_STREAM, DIT_LORA_FILE, PROJECTOR_FILE, DecoderTrainer, dataset_captions, row_images
+from .decoder_trainer import (
+    CAPTION_STREAM,
+    DIT_LORA_FILE,
+    PROJECTOR_FILE,
+    DecoderTrainer,
+    dataset_captions,
+    row_images,
+    save_diffusers_model,
+    submodule_weights,
+)
 
 
 def pil_to_pixels(images, height: int, width: int) -> torch.Tensor:
@@ -44,6 +53,12 @@ class ColdStartModel(nn.Module):
         self.helpers = {"decoder": decoder, "similarity": similarity}  # frozen, not submodules
         self.weights = weights
         self.args = args
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The LLM's and the DiT's blocks: the layers FSDP shards one by one (accelerate's auto-wrap policy reads
+        this)."""
+        return sorted({*self.vlm._no_split_modules, *self.transformer._no_split_modules})
 
     def reconstruct(self, captions: list[str], generator: torch.Generator) -> torch.Tensor:
         """Captions → images in [0, 1], differentiable w.r.t. every trainable part."""
@@ -135,16 +150,17 @@ class ColdStartTrainer(DecoderTrainer):
         loss = model(originals, captions, generator)
         return loss, {"semantic_similarity": 1.0 - float(loss.detach())}
 
-    def save_parts(self, output_dir: Path) -> None:
+    def save_parts(self, output_dir: Path, weights: dict[str, torch.Tensor]) -> None:
         """The trained parts, each in the layout its loader reads: `projector/`, the DiT LoRA (diffusers file),
         `encoder_adapter/` (a PEFT adapter folder for `pipe.load_encoder_adapter`)."""
         parts = set(self.args.cold_start_trainable)
         if "projector" in parts:
-            self.decoder.projector.save_pretrained(output_dir / "projector")
+            save_diffusers_model(self.decoder.projector, output_dir / "projector",
+                                 submodule_weights(weights, "projector"))
         if "dit_lora" in parts:
-            self.save_dit_lora(self.decoder.transformer, output_dir)
+            self.save_dit_lora(self.decoder.transformer, output_dir, submodule_weights(weights, "transformer"))
         if "llm_lora" in parts:
-            self.decoder.vlm.save_pretrained(output_dir / "encoder_adapter")
+            self.decoder.vlm.save_pretrained(output_dir / "encoder_adapter", state_dict=submodule_weights(weights, "vlm"))
             self.decoder.processor.save_pretrained(output_dir / "encoder_adapter")
 
     def saved_files(self) -> list[tuple[str, str, str]]:

@@ -13,7 +13,15 @@ from torch import nn
 
 from ..sampling.flow_sde import velocity
 from .decoder_pretraining_config import DecoderPretrainingConfig
-from .decoder_trainer import DIT_LORA_FILE, PROJECTOR_FILE, DecoderTrainer, dataset_captions, row_images
+from .decoder_trainer import (
+    DIT_LORA_FILE,
+    PROJECTOR_FILE,
+    DecoderTrainer,
+    dataset_captions,
+    row_images,
+    save_diffusers_model,
+    submodule_weights,
+)
 
 
 class DecoderPretrainingModel(nn.Module):
@@ -26,6 +34,11 @@ class DecoderPretrainingModel(nn.Module):
         self.helpers = {"decoder": decoder}  # not submodules: frozen, and not the Trainer's to save or shard
         self.args = args
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(decoder.scheduler.config)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The DiT's blocks: the layers FSDP shards one by one (accelerate's auto-wrap policy reads this)."""
+        return list(self.transformer._no_split_modules)
 
     def latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         vae = self.helpers["decoder"].vae
@@ -118,13 +131,14 @@ class DecoderPretrainingTrainer(DecoderTrainer):
         loss = model(pixels.to(self.accelerator.device), captions, generator)
         return loss, {"caption_dropout_rate": float(drop.float().mean())}
 
-    def save_parts(self, output_dir: Path) -> None:
+    def save_parts(self, output_dir: Path, weights: dict[str, torch.Tensor]) -> None:
         """`projector/` (a UAEProjector folder) and the DiT LoRA (diffusers file) or `transformer/` (full)."""
-        self.decoder.projector.save_pretrained(output_dir / "projector")
+        save_diffusers_model(self.decoder.projector, output_dir / "projector", submodule_weights(weights, "projector"))
+        dit_weights = submodule_weights(weights, "transformer")
         if self.args.pretrain_full_dit:
-            self.decoder.transformer.save_pretrained(output_dir / "transformer")
+            save_diffusers_model(self.decoder.transformer, output_dir / "transformer", dit_weights)
         else:
-            self.save_dit_lora(self.decoder.transformer, output_dir)
+            self.save_dit_lora(self.decoder.transformer, output_dir, dit_weights)
 
     def saved_files(self) -> list[tuple[str, str, str]]:
         full = ("transformer/", "full SD3Transformer2DModel", "`SD3Transformer2DModel.from_pretrained`")

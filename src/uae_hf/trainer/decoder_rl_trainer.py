@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+from accelerate.utils import DistributedType, convert_outputs_to_fp32, get_mixed_precision_context_manager
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import TrainerCallback
 from trl.trainer.utils import disable_dropout_in_model
@@ -21,7 +21,7 @@ from ..rewards.reconstruction import ReconstructionBatch, caption_metrics
 from ..sampling.flow_sde import Trajectory, decode_latents, sample_trajectory
 from ..seeding import seeded_generators, stream_seed
 from .decoder_rl_config import DecoderRLConfig
-from .decoder_trainer import CAPTION_STREAM, LORA_WEIGHT_NAME, DecoderTrainer, row_images
+from .decoder_trainer import CAPTION_STREAM, LORA_WEIGHT_NAME, DecoderTrainer, row_images, save_diffusers_model
 from .health import HealthWarnings
 from .model_card import card_tags, latest_metrics
 from .weight_copy import WeightCopy
@@ -271,13 +271,30 @@ class DecoderRLTrainer(DecoderTrainer):
         synchronised across processes on the last), scaled for the steps and the accumulation; the mean loss."""
         steps = self._trained_steps()
         scale = len(steps) * self.args.gradient_accumulation_steps
+        # DeepSpeed would divide by the accumulation a second time (the loss is scaled here, as `Trainer` scales its own)
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        backward_kwargs = {"scale_wrt_gas": False} if deepspeed else {}
         total = torch.zeros((), device=self.accelerator.device)
         for position, index in enumerate(steps):
-            with contextlib.nullcontext() if position == len(steps) - 1 else self.accelerator.no_sync(model):
+            with contextlib.nullcontext() if position == len(steps) - 1 else self._accumulating(model):
                 loss = step_loss(position, index)
-                self.accelerator.backward(loss / scale)
+                self.accelerator.backward(loss / scale, **backward_kwargs)
             total += loss.detach() / len(steps)
         return total
+
+    @contextlib.contextmanager
+    def _accumulating(self, model):
+        """A backward pass that is not the optimizer step's last: gradients accumulate locally (no DDP / FSDP2
+        synchronisation), and DeepSpeed, which steps its optimizer after every backward at a synchronisation
+        boundary, takes no step."""
+        state = self.accelerator.gradient_state
+        synchronised = state.sync_gradients
+        state._set_sync_gradients(False)
+        try:
+            with self.accelerator.no_sync(model):
+                yield
+        finally:
+            state._set_sync_gradients(synchronised)
 
     # ------------------------------------------------------------------------------------- after each optimizer step
     def after_optimizer_step(self, step: int) -> None:
@@ -290,13 +307,13 @@ class DecoderRLTrainer(DecoderTrainer):
         return {"ema": self.ema} if self.ema is not None else {}
 
     # -------------------------------------------------------------------------------------------------- save / load
-    def save_parts(self, output_dir: Path) -> None:
+    def save_parts(self, output_dir: Path, weights: dict[str, torch.Tensor]) -> None:
         """The DiT LoRA as a diffusers LoRA file (with its adapter metadata, so `alpha` survives), or the full DiT;
         the EMA's weights when there is one."""
         dit = self.accelerator.unwrap_model(self.model)
-        weights = {name: p.detach() for name, p in dit.named_parameters()} | (self.ema.weights if self.ema else {})
+        weights = weights | (self.ema.weights if self.ema else {})
         if self.args.decoder_full_finetune:
-            dit.save_pretrained(output_dir / "transformer", state_dict=weights)
+            save_diffusers_model(dit, output_dir / "transformer", weights)
         else:
             self.save_dit_lora(dit, output_dir, weights)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 from diffusers.training_utils import cast_training_params
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData, save_torch_state_dict
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -25,6 +25,7 @@ from .checkpointing import AtomicCheckpoints
 from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
 from .decoder_training_config import DIT_LORA_TARGETS, DecoderTrainingConfig
 from .model_card import card_tags, latest_metrics
+from .sharded_parameters import assign, full_values, trained_parameters, whole_model_loading
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RESUME_STATE_NAME = "resume_state.safetensors"
@@ -45,6 +46,24 @@ def dataset_captions(rows: list[dict], column: str) -> list[str | None]:
             raise TypeError(f"{column!r} holds a {type(value).__name__} ({str(value)[:60]!r}); captions must be strings")
         captions.append(value if value and value.strip() else None)
     return captions
+
+
+def submodule_weights(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `weights` under `prefix.`, named relative to that submodule."""
+    return {name.removeprefix(f"{prefix}."): value for name, value in weights.items() if name.startswith(f"{prefix}.")}
+
+
+def save_diffusers_model(model, directory: Path, weights: dict[str, torch.Tensor]) -> None:
+    """`model` (a diffusers `ModelMixin`) in its `save_pretrained` layout, with `weights` (whole values by name) in
+    place of its parameters; its buffers as they are. (`ModelMixin.save_pretrained` takes no state dict.)"""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_config(directory)
+    parameters = {name for name, _ in model.named_parameters()}
+    if set(weights) != parameters:
+        raise ValueError(f"weights for {type(model).__name__} miss {sorted(parameters - set(weights))[:3]}")
+    state = {name: value for name, value in model.state_dict().items() if name not in parameters} | weights
+    save_torch_state_dict({name: value.contiguous() for name, value in state.items()}, directory,
+                          filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
 
 
 def row_images(rows: list[dict]) -> list:
@@ -87,7 +106,8 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         self.decoder.set_progress_bar_config(disable=True)
         if isinstance(model, str):
             processing_class = processing_class or AutoProcessor.from_pretrained(model)
-            model = AutoModelForImageTextToText.from_pretrained(model)
+            with whole_model_loading():  # frozen: no engine prepares it
+                model = AutoModelForImageTextToText.from_pretrained(model)
         self.encoder = model if model is not None else self.decoder.vlm
         self.caption_processor = processing_class or self.decoder.processor
         for component in [*self.decoder.components.values(), self.encoder]:
@@ -96,7 +116,8 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         if args.activation_checkpointing:  # diffusers' API, not transformers': enabled here on the DiT
             self.decoder.transformer.enable_gradient_checkpointing()
             args.activation_checkpointing = args.gradient_checkpointing = False
-        self.reconstruction_reward = build_reconstruction_reward(self.decoder, args)
+        with whole_model_loading():  # the reward's backbones are frozen: no engine prepares them
+            self.reconstruction_reward = build_reconstruction_reward(self.decoder, args)
         self.args = args  # for `build_trained_model`; `Trainer.__init__` sets it again
         trained = self.build_trained_model(peft_config, train_dataset)
         if not self.trains_full_dit:
@@ -122,8 +143,9 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         """The stage's loss on `rows` and the metrics to log with it."""
         raise NotImplementedError
 
-    def save_parts(self, output_dir: Path) -> None:
-        """Write the trained parts, each in the layout its loader reads."""
+    def save_parts(self, output_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+        """Write the trained parts, each in the layout its loader reads, from `weights` (the whole value of every
+        trained parameter of the `Trainer`'s model, by name)."""
         raise NotImplementedError
 
     def saved_files(self) -> list[tuple[str, str, str]]:
@@ -140,11 +162,11 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
             transformer.add_adapter(lora)
 
     @staticmethod
-    def save_dit_lora(transformer, output_dir: Path, weights: dict | None = None) -> None:
-        """The DiT LoRA as a diffusers LoRA file, with its adapter metadata so `alpha` survives."""
-        state = dict(transformer.state_dict()) | (weights or {})
+    def save_dit_lora(transformer, output_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+        """The DiT LoRA as a diffusers LoRA file, with its adapter metadata so `alpha` survives; `weights` holds the
+        LoRA's whole values by parameter name."""
         UAEReconstructionPipeline.save_lora_weights(
-            output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer, state_dict=state),
+            output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer, state_dict=weights),
             transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
             weight_name=LORA_WEIGHT_NAME,
         )
@@ -240,11 +262,27 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         return float(loss)
 
     # ------------------------------------------------------------------------------------------------- checkpoints
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """The whole value of every trained parameter of the `Trainer`'s model, by name, on every process (gathered
+        when FSDP2 or ZeRO-3 shards them: collective, every process calls it)."""
+        return full_values(trained_parameters(self.accelerator.unwrap_model(self.model)))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the trained parts (`save_parts`) from whole tensors, whatever engine shards them: every process
+        gathers, process 0 writes (`Trainer` would gather the whole model, frozen weights included)."""
+        weights = self.trained_weights()
+        self._save(output_dir, state_dict=weights)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """What `save_parts` writes, plus the training arguments, as `Trainer` saves them."""
+        """What `save_parts` writes from `state_dict` (the trained weights), plus the training arguments, as `Trainer`
+        saves them; on the process that saves only."""
+        if not self.args.should_save:
+            return
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.save_parts(output_dir)
+        self.save_parts(output_dir, state_dict if state_dict is not None else self.trained_weights())
         torch.save(self.args, output_dir / "training_args.bin")
 
     def weight_copies(self) -> dict:
@@ -254,32 +292,43 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
 
     def _save_resume_state(self, folder: Path) -> None:
         """The trained weights as they are (the saved parts may hold their EMA instead) and their copies, exactly."""
+        state = self.trained_weights()
         if not self.args.should_save:
             return
-        model = self.accelerator.unwrap_model(self.model)
-        state = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
         for prefix, copy in self.weight_copies().items():
-            state |= {f"{prefix}.{name}": value.contiguous() for name, value in copy.weights.items()}
-        save_file(state, folder / RESUME_STATE_NAME)
+            state |= {f"{prefix}.{name}": value for name, value in copy.weights.items()}
+        save_file({name: value.contiguous() for name, value in state.items()}, folder / RESUME_STATE_NAME)
+
+    def _resume_state(self, checkpoint) -> dict[str, torch.Tensor]:
+        path = Path(checkpoint) / RESUME_STATE_NAME
+        if not path.is_file():
+            raise ValueError(f"{checkpoint} has no {RESUME_STATE_NAME}: resume from a checkpoint-N folder "
+                             f"that {type(self).__name__} wrote during training")
+        return load_file(path)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        path = Path(resume_from_checkpoint) / RESUME_STATE_NAME
-        if not path.is_file():
-            raise ValueError(f"{resume_from_checkpoint} has no {RESUME_STATE_NAME}: resume from a checkpoint-N folder "
-                             f"that {type(self).__name__} wrote during training")
-        state = load_file(path)
-        parameters = dict(self.accelerator.unwrap_model(model or self.model).named_parameters())
-        trained = {name for name, p in parameters.items() if p.requires_grad}
-        copies = self.weight_copies()
-        saved = {name for name in state if name.partition(".")[0] not in copies}
-        if saved != trained:
+        """The trained weights, written into the parameters whatever engine shards them (for DeepSpeed, `Trainer`
+        loads its engine's checkpoint instead); the weight copies follow in `_load_optimizer_and_scheduler`."""
+        state = self._resume_state(resume_from_checkpoint)
+        parameters = trained_parameters(self.accelerator.unwrap_model(model or self.model))
+        saved = {name for name in state if name.partition(".")[0] not in self.weight_copies()}
+        if saved != set(parameters):
             raise ValueError(
-                f"{path} does not match this run's trained weights (missing: {sorted(trained - saved)[:3]}, "
-                f"unexpected: {sorted(saved - trained)[:3]}): resume with the settings of the original run"
+                f"{resume_from_checkpoint} does not match this run's trained weights (missing: "
+                f"{sorted(set(parameters) - saved)[:3]}, unexpected: {sorted(saved - set(parameters))[:3]}): resume "
+                "with the settings of the original run"
             )
+        for name, parameter in parameters.items():
+            assign(parameter, state[name])
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        """`Trainer`'s optimizer and scheduler states, then the weight copies (EMA, old policy): on every engine."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        copies = self.weight_copies()
+        if checkpoint is None or not copies:
+            return
+        state = self._resume_state(checkpoint)
         with torch.no_grad():
-            for name in trained:
-                parameters[name].copy_(state[name])
             for prefix, copy in copies.items():
                 for name, value in copy.weights.items():
                     value.copy_(state[f"{prefix}.{name}"])

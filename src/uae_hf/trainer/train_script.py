@@ -16,6 +16,7 @@ from ..cli import CommandLineError
 from ..rewards.similarity import BACKBONES, BackboneUnavailableError
 from ..sample_data import skimage_photos
 from . import TRAINERS
+from .sharded_parameters import whole_model_loading
 
 TINY = "tiny"
 
@@ -104,6 +105,14 @@ def model_dtype(dtype: str | None) -> torch.dtype | None:
     return None if dtype in (None, "auto") else getattr(torch, dtype)
 
 
+def same_checkpoint(model, name_or_path: str) -> bool:
+    """Whether `model` was loaded from `name_or_path` (the same folder, or the same Hub id)."""
+    source = model.config._name_or_path
+    if Path(source).is_dir() and Path(name_or_path).is_dir():
+        return Path(source).resolve() == Path(name_or_path).resolve()
+    return source == name_or_path
+
+
 def train(script_args: UnifiedScriptArguments, training_args, model_args: ModelConfig):
     """Build encoder, decoder and data from the arguments, train the stage, then save as TRL's scripts do: the
     trained parts, the trainer state (`trainer_state.json` with the log history) and the model card."""
@@ -113,22 +122,26 @@ def train(script_args: UnifiedScriptArguments, training_args, model_args: ModelC
     twins = _twins(script_args) if uses_twins else None
     encoder = str(twins / "encoder") if model_args.model_name_or_path == TINY else model_args.model_name_or_path
     dtype = model_dtype(model_args.dtype)  # `dtype` loads every model: encoder, decoder, projector
-    if script_args.decoder == TINY:
-        decoder = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector", torch_dtype=dtype)
-    elif script_args.projector:
-        decoder = _assemble_decoder(script_args.decoder, encoder, script_args.projector, dtype)
-    else:
-        # the config's trust_remote_code (default off) also governs the decoder folder's own code
-        decoder = load_saved_pipeline(script_args.decoder, trust_remote_code=model_args.trust_remote_code,
-                                      torch_dtype=dtype)
+    understanding = script_args.stage == "understanding"
+    # every model loads whole, also under DeepSpeed ZeRO-3: the engine partitions the trained one when it prepares it
+    with whole_model_loading():
+        if script_args.decoder == TINY:
+            decoder = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector", torch_dtype=dtype)
+        elif script_args.projector:
+            decoder = _assemble_decoder(script_args.decoder, encoder, script_args.projector, dtype)
+        else:
+            # the config's trust_remote_code (default off) also governs the decoder folder's own code
+            decoder = load_saved_pipeline(script_args.decoder, trust_remote_code=model_args.trust_remote_code,
+                                          torch_dtype=dtype)
+        # the decoder stages read captions with the decoder's own (frozen) encoder; stage 2 trains a LoRA on it when
+        # the decoder reads the very checkpoint being trained (it decodes with the adapter disabled): one copy
+        if decoder.vlm is not None and (not understanding or (model_args.use_peft and same_checkpoint(decoder.vlm, encoder))):
+            model = decoder.vlm
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=dtype or "auto")
     if uses_twins and training_args.backbone_checkpoints is None:
         training_args.backbone_checkpoints = {name: str(twins / "backbones" / name) for name in BACKBONES
                                               if (twins / "backbones" / name).exists()}
-    understanding = script_args.stage == "understanding"
-    if not understanding and decoder.vlm is not None:
-        model = decoder.vlm  # these stages read captions with the decoder's own (frozen) encoder: one copy
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=dtype or "auto")
     trainer_class = TRAINERS[script_args.stage][1]
     trainer = trainer_class(
         model=model,

@@ -20,6 +20,7 @@ from .checkpointing import AtomicCheckpoints
 from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
 from .health import HealthWarnings
 from .model_card import card_tags, latest_metrics
+from .sharded_parameters import whole_model_loading
 from .unified_grpo_config import UnifiedGRPOConfig
 
 
@@ -128,7 +129,8 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
         else:
             eval_dataset = with_caption_prompt(eval_dataset, "eval_dataset")
 
-        self.reconstruction_reward = build_reconstruction_reward(self.decoder, args)
+        with whole_model_loading():  # the reward's backbones are frozen: no engine prepares them
+            self.reconstruction_reward = build_reconstruction_reward(self.decoder, args)
         # the reward stays a function of its inputs; the trainer keeps the batches it logs
         reconstruction = functools.partial(self.reconstruction_reward, on_batch=self._keep_batch)
         super().__init__(

@@ -1,0 +1,32 @@
+"""Let accelerate run its sharding engines (FSDP2, DeepSpeed) on a CPU-only host, for the multi-process tests.
+
+accelerate enables FSDP and DeepSpeed only for accelerator devices: on a CPU host an FSDP config with `use_cpu: true`
+silently runs DDP, and DeepSpeed finds no backend. Importing this module (before accelerate builds its state) flips
+exactly one guard: `PartialState._prepare_backend` reports a process that `accelerate launch` started for FSDP or
+DeepSpeed (with `use_cpu: false`) as one of a multi-accelerator launch with the gloo backend, and the device stays the
+CPU (`ACCELERATE_TORCH_DEVICE=cpu`). DDP needs no flip: `use_cpu: true` is accelerate's own CPU DDP. DeepSpeed
+runs on its CPU accelerator (`DS_ACCELERATOR=cpu`). Everything after that, accelerate's preparation, FSDP2's
+`fully_shard`, DeepSpeed's engine and ZeRO stages, is the engines' own code.
+"""
+
+import os
+
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+os.environ["DS_ACCELERATOR"] = "cpu"
+
+_prepare_backend = PartialState._prepare_backend
+
+
+def _gloo_as_accelerator_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+    backend_name, distributed_type = _prepare_backend(self, cpu, sagemaker_dp, backend)
+    engine = any(os.environ.get(flag, "false").lower() == "true"
+                 for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    if engine and not cpu and distributed_type == DistributedType.NO and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+        return "gloo", DistributedType.MULTI_GPU
+    return backend_name, distributed_type
+
+
+PartialState._prepare_backend = _gloo_as_accelerator_backend
