@@ -44,10 +44,12 @@ PORTS = count(29610)
 
 
 def cpu_config(engine: str, folder: Path) -> Path:
-    """The shipped config of `engine` for 2 CPU processes: 2 processes, full precision (the twins train in fp32 here),
-    and DDP with `use_cpu` (accelerate's own CPU DDP); everything else as shipped."""
+    """The shipped config of `engine` for 2 CPU processes: 2 processes, full precision (the twins train in fp32 here)
+    unless `engine` ends in "-bf16" (the shipped bf16), and DDP with `use_cpu` (accelerate's own CPU DDP); everything
+    else as shipped."""
+    engine, _, precision = engine.partition("-")
     config = yaml.safe_load((SHIPPED / ENGINES[engine][0]).read_text())
-    config |= {"num_processes": 2, "mixed_precision": "no", "use_cpu": engine == "ddp"}
+    config |= {"num_processes": 2, "use_cpu": engine == "ddp"} | ({} if precision else {"mixed_precision": "no"})
     config.pop("gpu_ids", None)
     path = folder / f"{engine}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -120,6 +122,16 @@ def reloaded_weights(stage: str, checkpoint: Path, tiny_dir) -> dict[str, torch.
     return weights
 
 
+def saved_weights(stage: str, checkpoint: Path, final: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the checkpoint's artefacts must hold: the final weights, or their EMA where the stage keeps one (its resume
+    state holds both, whole)."""
+    resume_state = load_file(checkpoint / RESUME_STATE_NAME) if stage != "understanding" else {}
+    assert all(torch.equal(resume_state[name], final[name]) for name in resume_state if name in final)
+    ema = {name.removeprefix("ema."): value for name, value in resume_state.items() if name.startswith("ema.")}
+    assert bool(ema) == (stage == "generation")  # two_process_stage.py gives Flow-GRPO an EMA
+    return ema or final
+
+
 def update_difference(out: Path, reference: Path) -> float:
     """‖Δ - Δ_ref‖ / ‖Δ_ref‖ over every trained weight, Δ being what training changed."""
     initial, final, final_ref = (load_file(path) for path in
@@ -171,11 +183,7 @@ def test_sharding_engines_train_as_ddp_does(stage, engine, runs, tiny_dir):
 
     checkpoint = out / "run" / "checkpoint-3"
     assert checkpoint.is_dir() and not any(path.name.startswith("tmp-") for path in (out / "run").iterdir())
-    resume_state = load_file(checkpoint / RESUME_STATE_NAME) if stage != "understanding" else {}
-    assert all(torch.equal(resume_state[name], final[name]) for name in resume_state if name in final)
-    ema = {name.removeprefix("ema."): value for name, value in resume_state.items() if name.startswith("ema.")}
-    assert bool(ema) == (stage == "generation")  # two_process_stage.py gives Flow-GRPO an EMA
-    saved = ema or final  # the saved parts hold the EMA where there is one
+    saved = saved_weights(stage, checkpoint, final)
     reloaded = reloaded_weights(stage, checkpoint, tiny_dir)
     assert reloaded.keys() == final.keys()
     assert all(torch.equal(reloaded[name], saved[name]) for name in final)  # whole tensors, written once
@@ -202,3 +210,93 @@ def test_engines_resume_exactly(stage, engine, runs, tiny_dir):
         resumed_state = load_file(resumed / "run" / "checkpoint-3" / RESUME_STATE_NAME)
         assert state.keys() == resumed_state.keys()
         assert all(torch.equal(resumed_state[name], state[name]) for name in state)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["generation", "pretrain"])
+def test_fsdp2_in_bf16_keeps_the_dtype_rules(stage, tiny_dir, tmp_path):
+    """Every model loaded in bf16 and the shipped bf16 mixed precision: FSDP2 shards fp32 master weights of what
+    trains (LoRA, projector) and leaves every frozen weight in bf16."""
+    records = launch(stage, "fsdp2-bf16", tiny_dir, tmp_path / stage)
+    assert [record["distributed_type"] for record in records] == ["DistributedType.FSDP"] * 2
+    assert [record["optimizer_steps"] for record in records] == [TRAINING_STEPS] * 2
+    assert [record["dtypes"] for record in records] == [{"trained": ["torch.float32"], "frozen": ["torch.bfloat16"]}] * 2
+    final = assert_identical_trained_weights(tmp_path / stage)
+    checkpoint = tmp_path / stage / "run" / "checkpoint-3"
+    saved, reloaded = saved_weights(stage, checkpoint, final), reloaded_weights(stage, checkpoint, tiny_dir)
+    assert all(reloaded[name].dtype == torch.float32 and torch.equal(reloaded[name], saved[name]) for name in final)
+
+
+def engine_environment(tmp_path: Path) -> dict:
+    """The environment of a launcher whose processes run an engine on this CPU host: a `sitecustomize` imports
+    cpu_engines.py (the one flipped guard) in every Python process started under it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import cpu_engines  # noqa: F401\n")
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1",
+                PYTHONPATH=os.pathsep.join([str(site), str(HERE), os.environ.get("PYTHONPATH", "")]))
+
+
+def recipe_flags(tiny_dir, output_dir: Path) -> list[str]:
+    """Flags that turn a tiny recipe into a 2-step run of the engine on the CPU host."""
+    return ["--use_cpu", "false", "--max_steps", "2", "--logging_steps", "1", "--output_dir", str(output_dir),
+            "--tiny_models_dir", str(tiny_dir)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["understanding", "generation"])
+def test_uae_hf_train_runs_under_zero3(stage, tiny_dir, tmp_path):
+    """`uae-hf train` builds its models once DeepSpeed's ZeRO-3 config is live (transformers would partition each
+    model it loads, and a frozen one would never be gathered): it loads them whole, the engine partitions the
+    trained one, and the saved adapter loads without DeepSpeed."""
+    output_dir = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cpu_config("zero3", tmp_path)),
+         "--main_process_port", str(next(PORTS)), "-m", "uae_hf.cli", "train",
+         "--config", str(HERE.parents[1] / "examples" / "recipes" / f"{stage}_tiny.yaml"),
+         *recipe_flags(tiny_dir, output_dir)],
+        capture_output=True, text=True, timeout=600, env=engine_environment(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 2
+    if stage == "understanding":  # a PEFT adapter of the encoder
+        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir / "encoder")
+        assert lora_parameters(PeftModel.from_pretrained(base, output_dir))
+    else:  # the DiT LoRA, whole
+        saved = load_file(output_dir / LORA_WEIGHT_NAME)
+        pipe = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector")
+        pipe.load_lora_weights(output_dir, weight_name=LORA_WEIGHT_NAME, adapter_name="default")
+        assert len(lora_parameters(pipe.transformer)) == len(saved) > 0
+
+
+@pytest.mark.slow
+def test_slurm_example_runs_the_multi_node_config(tiny_dir, tmp_path):
+    """examples/slurm/uae_train.sbatch as SLURM would run it on 2 machines (here: `srun` and `scontrol` stand-ins that
+    start its per-machine command twice on this host, one process per "machine"), with
+    examples/accelerate/multi_node.yaml as shipped (FSDP2, bf16): both machines train one model and process 0
+    writes the parts."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    (stubs / "srun").write_text(  # srun [options] COMMAND...: COMMAND once per node, SLURM_NODEID set, all awaited
+        "#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\npids=()\n"
+        "for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node \"$@\" & pids+=($!); done\n"
+        "status=0; for pid in \"${pids[@]}\"; do wait $pid || status=1; done; exit $status\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = engine_environment(tmp_path) | {
+        "PATH": os.pathsep.join([str(stubs), str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NNODES": "2", "GPUS_PER_NODE": "1"}
+    output_dir = tmp_path / "out"
+    result = subprocess.run(
+        ["bash", str(HERE.parents[1] / "examples" / "slurm" / "uae_train.sbatch"), "examples/recipes/pretrain_tiny.yaml",
+         *recipe_flags(tiny_dir, output_dir), "--dtype", "bfloat16", "--save_strategy", "steps", "--save_steps", "2"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=HERE.parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    # both machines' processes checkpointed, and FSDP (its own model state file) trained
+    checkpoint = {path.name for path in (output_dir / "checkpoint-2").iterdir()}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "pytorch_model_fsdp.bin"} <= checkpoint
+    projector = UAEProjector.from_pretrained(output_dir / "projector")  # written once, whole, fp32 masters
+    assert {p.dtype for p in projector.parameters()} == {torch.float32}
+    assert {t.dtype for t in load_file(output_dir / LORA_WEIGHT_NAME).values()} == {torch.float32}

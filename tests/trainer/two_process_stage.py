@@ -6,7 +6,8 @@ and (process 0) the logged history.
 Usage: two_process_stage.py STAGE TINY_MODELS_DIR OUTPUT_DIR [ENGINE [RESUME_FROM]]
 
 ENGINE: "fsdp2", "zero2" or "zero3" under `accelerate launch` with the matching config of examples/accelerate/ (the CPU
-host runs that engine: cpu_engines.py); "ddp" or none: DDP on the CPU (`use_cpu`). RESUME_FROM: a checkpoint folder of
+host runs that engine: cpu_engines.py); "ddp" or none: DDP on the CPU (`use_cpu`). A "-bf16" suffix loads every model
+in bfloat16, as real runs do (the config then sets bf16 mixed precision). RESUME_FROM: a checkpoint folder of
 an earlier run of the same stage and engine to resume from. Flow-GRPO keeps an EMA (blended every step), so that the
 copies of the trained weights (EMA, DiffusionNFT's old policy) are saved, resumed and gathered under every engine.
 """
@@ -15,7 +16,7 @@ import json
 import os
 import sys
 
-engine = sys.argv[4] if len(sys.argv) > 4 else "ddp"
+engine, _, precision = (sys.argv[4] if len(sys.argv) > 4 else "ddp").partition("-")
 resume_from = sys.argv[5] if len(sys.argv) > 5 else None
 if engine != "ddp":
     import cpu_engines  # noqa: F401  (before accelerate builds its state)
@@ -32,7 +33,8 @@ from uae_hf.trainer.sharded_parameters import full_values, trained_parameters
 
 stage, tiny_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])
-pipe = load_uae_pipeline(f"{tiny_dir}/decoder", f"{tiny_dir}/encoder", f"{tiny_dir}/projector")
+pipe = load_uae_pipeline(f"{tiny_dir}/decoder", f"{tiny_dir}/encoder", f"{tiny_dir}/projector",
+                         torch_dtype=torch.bfloat16 if precision == "bf16" else None)
 settings = dict(
     max_steps=3, learning_rate=5e-2 if stage in ("understanding", "generation") else 1e-3, save_strategy="steps",
     save_steps=2, decoder_num_inference_steps=3, ddp_backend="gloo", use_cpu=engine == "ddp",
@@ -107,11 +109,20 @@ def trained_weights():
     return {name: value.contiguous() for name, value in full_values(trained_parameters(model)).items()}
 
 
+def parameter_dtypes() -> dict[str, list[str]]:
+    """The dtypes of the trained parameters (as the engine holds them) and of every frozen model's parameters."""
+    trained = trained_parameters(trainer.accelerator.unwrap_model(trainer.model)).values()
+    frozen = [p for module in pipe.components.values() if isinstance(module, torch.nn.Module)
+              for p in module.parameters() if not p.requires_grad]
+    return {"trained": sorted({str(p.dtype) for p in trained}), "frozen": sorted({str(p.dtype) for p in frozen})}
+
+
 save_file(trained_weights(), f"{out}/initial{rank}.safetensors")
 trainer.train(resume_from_checkpoint=resume_from)
 save_file(trained_weights(), f"{out}/rank{rank}.safetensors")
 with open(f"{out}/rank{rank}.json", "w") as file:
     json.dump({"local": record.steps, "log_history": trainer.state.log_history,
                "world_size": trainer.accelerator.num_processes, "optimizer_steps": optimizer_steps.steps,
+               "dtypes": parameter_dtypes(),
                "distributed_type": str(trainer.accelerator.distributed_type)}, file)
 trainer.accelerator.end_training()  # tears the process group down before exit (gloo's threads can abort at exit)

@@ -161,6 +161,9 @@ def train(script_args: UnifiedScriptArguments, training_args, model_args: ModelC
     trainer.create_model_card(dataset_name=dataset_name)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
+    # a process group left to the interpreter's exit can abort it (gloo's threads: "terminate called without an
+    # active exception"), failing a finished run
+    trainer.accelerator.end_training()
     return trainer
 
 
