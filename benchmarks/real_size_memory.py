@@ -9,7 +9,8 @@ CUDA context and the allocator's slack are not included: add the measured peaks 
 
 What each engine shards is what it is handed: the stage's trained model (for stage 3 the whole DiT, frozen base
 weights included; for stage 2 the whole encoder). Frozen models outside it (the decoder in stage 2, the encoder in
-stage 3, VAE, backbones) are a copy per GPU under every engine.
+stage 3, VAE, backbones) are a copy per GPU, except stage 2's frozen DiT under FSDP2, which `UnifiedGRPOConfig.
+shard_decoder` (default) shards for inference.
 """
 
 import torch
@@ -59,7 +60,7 @@ def stages(c: dict[str, int]) -> dict[str, dict[str, int]]:
     return {
         "understanding (GRPO, encoder LoRA)": dict(
             model_frozen=c["encoder"], trained=c["encoder_lora"], outside=c["dit"] + c["projector"] + decoder_frozen,
-            copies=0),
+            copies=0, fsdp2_sharded_outside=c["dit"]),
         "generation (Flow-GRPO, DiT LoRA, EMA)": dict(
             model_frozen=c["dit"], trained=c["dit_lora"], outside=c["encoder"] + c["projector"] + decoder_frozen,
             copies=c["dit_lora"]),
@@ -79,20 +80,23 @@ def stages(c: dict[str, int]) -> dict[str, dict[str, int]]:
 
 def per_gpu_bytes(stage: dict[str, int], engine: str, gpus: int) -> float:
     frozen_model = stage["model_frozen"] * FROZEN
+    outside = stage["outside"] * FROZEN
+    if engine == "fsdp2":  # frozen models FSDP2 shards for inference
+        outside -= stage.get("fsdp2_sharded_outside", 0) * FROZEN * (1 - 1 / gpus)
     params, rest = stage["trained"] * COPY, stage["trained"] * (TRAINED - COPY)  # master weights; grads + moments
     if engine == "ddp":
         sharded, replicated = 0.0, frozen_model + params + rest
     elif engine == "zero2":
         sharded, replicated = rest, frozen_model + params
-    else:  # fsdp2 / zero3
+    else:  # fsdp2, zero3
         sharded, replicated = frozen_model + params + rest, 0.0
-    return sharded / gpus + replicated + stage["outside"] * FROZEN + stage["copies"] * COPY
+    return sharded / gpus + replicated + outside + stage["copies"] * COPY
 
 
 def measure() -> dict:
     counts = parameter_counts()
     table = {name: {engine: {gpus: per_gpu_bytes(stage, engine, gpus) / 1e9 for gpus in GPU_COUNTS}
-                    for engine in ("ddp", "zero2", "fsdp2_zero3")}
+                    for engine in ("ddp", "zero2", "zero3", "fsdp2")}
              for name, stage in stages(counts).items()}
     return {"parameters": counts, "per_gpu_gb": table}
 

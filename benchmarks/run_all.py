@@ -14,8 +14,10 @@ import decoder_rl_step
 import flow_grpo_step
 import grpo_overhead
 import import_time
+import real_size_memory
 import reconstruction_throughput
 import scoring_throughput
+import sharding_memory
 import stage_memory
 
 BENCHMARKS = {
@@ -25,6 +27,8 @@ BENCHMARKS = {
     "flow_grpo_step": flow_grpo_step,
     "decoder_rl_step": decoder_rl_step,
     "stage_memory": stage_memory,
+    "sharding_memory": sharding_memory,
+    "real_size_memory": real_size_memory,
     "import_time": import_time,
 }
 
@@ -44,6 +48,10 @@ TARGETS = [
      None, True),
     ("cold-start step memory, checkpointed / plain", lambda f: f["stage_memory"]["cold_start_checkpointed_over_plain"],
      None, True),
+    ("trained state per process, FSDP2 or ZeRO-3 / DDP (worst)",
+     lambda f: f["sharding_memory"]["largest_trained_state_vs_ddp"], 0.6, True),
+    ("stage-2 frozen decoder per process, sharded / DDP", lambda f: f["sharding_memory"]["understanding_frozen_decoder_vs_ddp"],
+     0.6, True),
 ]
 
 

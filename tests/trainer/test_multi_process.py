@@ -33,13 +33,14 @@ ENGINES = {
     "zero3": ("deepspeed_zero3.yaml", "DEEPSPEED"),
 }
 TRAINING_STEPS = 3  # two_process_stage.py's max_steps
-# ‖Δ_engine - Δ_DDP‖ / ‖Δ_DDP‖ allowed, from the spread measured over FSDP2, ZeRO-2 and ZeRO-3 (2026-12-03): pre-training
-# and cold start 0 (bit-identical), Flow-GRPO ≤ 0.009, DiffusionNFT ≤ 0.004 (sums in another order). GRPO 0.21-0.24:
+# ‖Δ_engine - Δ_DDP‖ / ‖Δ_DDP‖ allowed, from the spread measured over FSDP2, ZeRO-2 and ZeRO-3 in two full runs
+# (2026-12-03): pre-training and cold start 0 to 2e-5, Flow-GRPO ≤ 0.009, DiffusionNFT ≤ 0.004 (sums in another
+# order). GRPO 0.21-0.24:
 # on the random twins a group's four rewards agree to 1e-4, so the group std turns reward differences of 1e-6 (the
 # engines and DDP compute the frozen decoder's reconstructions to float rounding, not bit for bit) into advantage
 # differences of 1e-3, which Adam's first steps at lr 5e-2 amplify; FSDP2 and ZeRO-2 agree with each other exactly.
-UPDATE_TOLERANCE = {"understanding": 0.3, "generation": 0.02, "generation_nft": 0.02, "pretrain": 1e-6,
-                    "cold_start": 1e-6}
+UPDATE_TOLERANCE = {"understanding": 0.3, "generation": 0.02, "generation_nft": 0.02, "pretrain": 2e-4,
+                    "cold_start": 2e-4}
 PORTS = count(29610)
 
 
@@ -180,6 +181,8 @@ def test_sharding_engines_train_as_ddp_does(stage, engine, runs, tiny_dir):
     assert [record["optimizer_steps"] for record in records] == [TRAINING_STEPS] * 2
     assert len(step_logs(records)) == TRAINING_STEPS
     final = assert_identical_trained_weights(out)  # gathered whole on each process: the ranks agree
+    if stage == "understanding":  # under FSDP2 the frozen decoder's DiT is sharded for inference too (shard_decoder)
+        assert [record["decoder_sharded"] for record in records] == [engine == "fsdp2"] * 2
 
     checkpoint = out / "run" / "checkpoint-3"
     assert checkpoint.is_dir() and not any(path.name.startswith("tmp-") for path in (out / "run").iterdir())
@@ -278,15 +281,17 @@ def test_slurm_example_runs_the_multi_node_config(tiny_dir, tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
-    (stubs / "srun").write_text(  # srun [options] COMMAND...: COMMAND once per node, SLURM_NODEID set, all awaited
+    (stubs / "srun").write_text(  # srun --kill-on-bad-exit=1 COMMAND...: COMMAND once per node (SLURM_NODEID set),
+        # each in its own process group; the first to fail ends the others, as --kill-on-bad-exit does
         "#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\npids=()\n"
-        "for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node \"$@\" & pids+=($!); done\n"
-        "status=0; for pid in \"${pids[@]}\"; do wait $pid || status=1; done; exit $status\n")
+        "for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node setsid \"$@\" & pids+=($!); done\n"
+        "for _ in \"${pids[@]}\"; do if ! wait -n; then\n"
+        "  for pid in \"${pids[@]}\"; do kill -TERM -- -$pid 2>/dev/null; done; wait; exit 1\nfi; done\n")
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     env = engine_environment(tmp_path) | {
         "PATH": os.pathsep.join([str(stubs), str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NNODES": "2", "GPUS_PER_NODE": "1"}
+        "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_PORT": str(next(PORTS))}
     output_dir = tmp_path / "out"
     result = subprocess.run(
         ["bash", str(HERE.parents[1] / "examples" / "slurm" / "uae_train.sbatch"), "examples/recipes/pretrain_tiny.yaml",
@@ -300,3 +305,10 @@ def test_slurm_example_runs_the_multi_node_config(tiny_dir, tmp_path):
     projector = UAEProjector.from_pretrained(output_dir / "projector")  # written once, whole, fp32 masters
     assert {p.dtype for p in projector.parameters()} == {torch.float32}
     assert {t.dtype for t in load_file(output_dir / LORA_WEIGHT_NAME).values()} == {torch.float32}
+
+
+def test_shard_for_inference_refuses_a_model_that_trains():
+    from uae_hf.trainer.frozen_sharding import shard_for_inference
+
+    with pytest.raises(ValueError, match="frozen models only"):
+        shard_for_inference(torch.nn.Linear(2, 2))

@@ -24,6 +24,7 @@ if engine != "ddp":
 import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
 from tiny_trainer_configs import STAGES, tiny_config
 from transformers import TrainerCallback
 
@@ -123,6 +124,6 @@ save_file(trained_weights(), f"{out}/rank{rank}.safetensors")
 with open(f"{out}/rank{rank}.json", "w") as file:
     json.dump({"local": record.steps, "log_history": trainer.state.log_history,
                "world_size": trainer.accelerator.num_processes, "optimizer_steps": optimizer_steps.steps,
-               "dtypes": parameter_dtypes(),
+               "dtypes": parameter_dtypes(), "decoder_sharded": isinstance(pipe.transformer, FSDPModule),
                "distributed_type": str(trainer.accelerator.distributed_type)}, file)
 trainer.accelerator.end_training()  # tears the process group down before exit (gloo's threads can abort at exit)

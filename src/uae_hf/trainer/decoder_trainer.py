@@ -278,11 +278,12 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """What `save_parts` writes from `state_dict` (the trained weights), plus the training arguments, as `Trainer`
         saves them; on the process that saves only."""
+        weights = state_dict if state_dict is not None else self.trained_weights()  # every process gathers
         if not self.args.should_save:
             return
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.save_parts(output_dir, state_dict if state_dict is not None else self.trained_weights())
+        self.save_parts(output_dir, weights)
         torch.save(self.args, output_dir / "training_args.bin")
 
     def weight_copies(self) -> dict:

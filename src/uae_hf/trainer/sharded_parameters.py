@@ -1,4 +1,4 @@
-"""Whole values of parameters that a training engine may shard: read them, write them.
+"""Whole values of parameters that a training engine may shard: read them, write them, keep them.
 
 Under DDP (or on one device) a parameter holds its whole value. FSDP2 turns it into a `DTensor` holding this process's
 rows; DeepSpeed ZeRO-3 leaves it empty and keeps this process's partition in `param.ds_tensor`. Saving, the weight
@@ -48,12 +48,34 @@ def assign(parameter: torch.Tensor, value: torch.Tensor) -> None:
     if isinstance(parameter, DTensor):
         local = distribute_tensor(value.to(parameter.device, parameter.dtype), parameter.device_mesh,
                                   parameter.placements, src_data_rank=None)  # each process slices its own rows
-        parameter.to_local().copy_(local.to_local())
+        _local(parameter).copy_(local.to_local())
     elif _is_zero3_partitioned(parameter):
         with _zero3_gathered(parameter, modifier_rank=0):  # re-partitioned from process 0's value on exit
             parameter.data.copy_(value.to(parameter.device, parameter.dtype))
     else:
-        parameter.copy_(value.to(parameter.device, parameter.dtype))
+        _local(parameter).copy_(value.to(parameter.device, parameter.dtype))
+
+
+@contextlib.contextmanager
+def kept(parameters: dict[str, torch.Tensor]):
+    """Whatever the block writes into `parameters`, they hold their values of before it on exit (also on error).
+    Without communication, except under ZeRO-3 (a parameter small enough to stay whole there computes from its whole
+    value, not from its partition: both are put back)."""
+    saved = {name: full_value(p) if _is_zero3_partitioned(p) else _local(p).clone() for name, p in parameters.items()}
+    try:
+        yield
+    finally:
+        for name, parameter in parameters.items():
+            if _is_zero3_partitioned(parameter):
+                assign(parameter, saved[name])
+            else:
+                with torch.no_grad():
+                    _local(parameter).copy_(saved[name])
+
+
+def _local(parameter: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter that is whole or a DTensor (FSDP2)."""
+    return parameter.to_local() if isinstance(parameter, DTensor) else parameter.data
 
 
 def trained_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:

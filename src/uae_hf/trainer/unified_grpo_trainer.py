@@ -20,6 +20,7 @@ from .checkpointing import AtomicCheckpoints
 from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
 from .health import HealthWarnings
 from .model_card import card_tags, latest_metrics
+from .frozen_sharding import shard_for_inference
 from .sharded_parameters import whole_model_loading
 from .unified_grpo_config import UnifiedGRPOConfig
 
@@ -151,6 +152,12 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
             if isinstance(component, torch.nn.Module) and component is not policy:
                 component.requires_grad_(False).eval()
         self.decoder.to(self.accelerator.device)
+        if args.shard_decoder and self.accelerator.is_fsdp2 and self.accelerator.num_processes > 1:
+            if self.decoder.transformer is not policy:  # over the processes that shard the policy, as accelerate does
+                mesh = self.accelerator.torch_device_mesh
+                if mesh is not None:
+                    mesh = mesh[tuple(self.accelerator.parallelism_config.fsdp_dim_names)]
+                shard_for_inference(self.decoder.transformer, mesh)
         self.health = HealthWarnings()
 
     # ------------------------------------------------------------------------------------------------ caption rollouts

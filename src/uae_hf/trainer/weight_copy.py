@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from .sharded_parameters import assign, full_value, trained_parameters
+from .sharded_parameters import assign, full_value, kept, trained_parameters
 
 
 class WeightCopy:
@@ -31,13 +31,7 @@ class WeightCopy:
         """`module` computes with the copy inside the block. Compute anything that needs gradients through the live
         weights after the block, not before: the swap writes the tensors a saved graph would read."""
         parameters = {name: p for name, p in trained_parameters(module).items() if name in self.weights}
-        live = {}
-        try:
-            with torch.no_grad():
-                for name, parameter in parameters.items():
-                    live[name] = full_value(parameter)
-                    assign(parameter, self.weights[name])
-                yield module
-        finally:
-            for name, value in live.items():
-                assign(parameters[name], value)
+        with kept(parameters), torch.no_grad():
+            for name, parameter in parameters.items():
+                assign(parameter, self.weights[name])
+            yield module
