@@ -9,8 +9,8 @@ CUDA context and the allocator's slack are not included: add the measured peaks 
 
 What each engine shards is what it is handed: the stage's trained model (for stage 3 the whole DiT, frozen base
 weights included; for stage 2 the whole encoder). Frozen models outside it (the decoder in stage 2, the encoder in
-stage 3, VAE, backbones) are a copy per GPU, except stage 2's frozen DiT under FSDP2, which `UnifiedGRPOConfig.
-shard_decoder` (default) shards for inference.
+stage 3, VAE, backbones) are a copy per GPU, except stage 2's frozen decoder (DiT, VAE, text encoders) under FSDP2,
+which `UnifiedGRPOConfig.shard_decoder` (default) shards for inference.
 """
 
 import torch
@@ -60,7 +60,7 @@ def stages(c: dict[str, int]) -> dict[str, dict[str, int]]:
     return {
         "understanding (GRPO, encoder LoRA)": dict(
             model_frozen=c["encoder"], trained=c["encoder_lora"], outside=c["dit"] + c["projector"] + decoder_frozen,
-            copies=0, fsdp2_sharded_outside=c["dit"]),
+            copies=0, fsdp2_sharded_outside=c["dit"] + c["vae"] + c["clip_text_encoders"]),
         "generation (Flow-GRPO, DiT LoRA, EMA)": dict(
             model_frozen=c["dit"], trained=c["dit_lora"], outside=c["encoder"] + c["projector"] + decoder_frozen,
             copies=c["dit_lora"]),

@@ -8,7 +8,8 @@ bytes it holds, read from the tensors themselves (a twin's few MB would drown in
 - trained state: the trained parameters (this process's shard under FSDP2 / ZeRO-3) and the optimizer's state and
   master weights (its partition under ZeRO-2/3, its shard under FSDP2); gradients are freed after the step, not counted;
 - frozen models: every other parameter the stage computes with (the decoder in stage "understanding"; the encoder,
-  VAE and frozen DiT weights in the decoder stages; the reward backbones).
+  VAE and frozen DiT weights in the decoder stages; the reward backbones); and of them the decoder's (DiT, VAE, text
+  encoders, projector) and its DiT's alone.
 Peak resident set size (whole process) is printed for reference. On CPU accelerate refuses FSDP and DeepSpeed; the
 child flips that one guard (tests/trainer/cpu_engines.py), and the engines' own code runs.
 """
@@ -41,10 +42,12 @@ from uae_hf.sample_data import skimage_photos
 
 pipe = load_uae_pipeline(f"{twins}/decoder", f"{twins}/encoder", f"{twins}/projector")
 settings = dict(max_steps=1, use_cpu=engine == "ddp", ddp_backend="gloo", decoder_num_inference_steps=3,
-                save_strategy="no", decoder_lora_r=4, decoder_lora_alpha=8)
+                save_strategy="no")
 extra = {}
 if stage == "understanding":
     extra = dict(peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+else:
+    settings |= dict(decoder_lora_r=4, decoder_lora_alpha=8)
 if stage == "cold_start":
     settings["cold_start_trainable"] = ["projector", "llm_lora"]
 trainer = STAGES[stage][1](model=pipe.vlm, decoder=pipe, args=tiny_config(stage, twins, f"{out}/run", **settings),
@@ -73,13 +76,16 @@ while hasattr(optimizer, "optimizer"):
 state = [value for values in optimizer.state.values() for value in values.values()
          if isinstance(value, torch.Tensor) and value.ndim]
 masters = [p for group in optimizer.param_groups for p in group["params"]]
-frozen_modules = [*pipe.components.values(), *trainer.reconstruction_reward.similarity.embedders.values()]
-frozen = {id(p): p for module in frozen_modules for p in getattr(module, "parameters", lambda: [])()}
-frozen |= {id(p): p for p in model.parameters() if not p.requires_grad}
-for p in model.parameters():
-    if p.requires_grad:
-        frozen.pop(id(p), None)
-figures = {"trained_state_bytes": nbytes([*trained, *masters, *state]), "frozen_bytes": nbytes(frozen.values()),
+def frozen_parameters(modules):
+    return [p for module in modules if isinstance(module, torch.nn.Module) for p in module.parameters()
+            if not p.requires_grad]
+
+decoder = [module for name, module in pipe.components.items() if name != "vlm"]  # DiT, VAE, text encoders, projector
+everything = [*pipe.components.values(), model, *trainer.reconstruction_reward.similarity.embedders.values()]
+figures = {"trained_state_bytes": nbytes([*trained, *masters, *state]),
+           "frozen_bytes": nbytes(frozen_parameters(everything)),
+           "frozen_decoder_bytes": nbytes(frozen_parameters(decoder)),
+           "frozen_dit_bytes": nbytes(frozen_parameters([pipe.transformer])),
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "distributed_type": str(trainer.accelerator.distributed_type)}
 with open(f"{out}/rank{os.environ['RANK']}.json", "w") as file:
@@ -112,7 +118,7 @@ def _run(stage: str, engine: str, twins: Path, folder: Path, port: int) -> list[
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
-def measure() -> dict:
+def measure(stages: str = ",".join(STAGES)) -> dict:
     from uae_hf import build_tiny_models
 
     figures = {}
@@ -120,7 +126,7 @@ def measure() -> dict:
         folder = Path(folder)
         twins = build_tiny_models(folder / "twins")
         port = 29700
-        for stage in STAGES:
+        for stage in stages.split(","):
             figures[stage] = {}
             for engine in ENGINES:
                 ranks = _run(stage, engine, twins, folder, port)
@@ -131,12 +137,13 @@ def measure() -> dict:
             ddp = figures[stage]["ddp"]
             for engine in ENGINES:
                 row = figures[stage][engine]
-                row["trained_state_vs_ddp"] = row["trained_state_bytes"] / ddp["trained_state_bytes"]
-                row["frozen_vs_ddp"] = row["frozen_bytes"] / ddp["frozen_bytes"]
+                for part in ("trained_state", "frozen", "frozen_decoder", "frozen_dit"):
+                    row[f"{part}_vs_ddp"] = row[f"{part}_bytes"] / ddp[f"{part}_bytes"]
     figures["largest_trained_state_vs_ddp"] = max(figures[stage][engine]["trained_state_vs_ddp"]
-                                                  for stage in STAGES for engine in ("fsdp2", "zero3"))
-    figures["understanding_frozen_decoder_vs_ddp"] = min(figures["understanding"][engine]["frozen_vs_ddp"]
-                                                         for engine in ("fsdp2", "zero3"))
+                                                  for stage in stages.split(",") for engine in ("fsdp2", "zero3"))
+    for part in ("decoder", "dit") if "understanding" in figures else ():
+        figures[f"understanding_frozen_{part}_vs_ddp"] = min(figures["understanding"][engine][f"frozen_{part}_vs_ddp"]
+                                                              for engine in ("fsdp2", "zero3"))
     return figures
 
 
@@ -144,16 +151,18 @@ def report(figures: dict) -> None:
     print("per process, the larger of the 2; ratios to DDP (2 CPU processes, tiny twins)")
     print(f"{'stage':<16}{'engine':<8}{'trained state':>15}{'ratio':>7}{'frozen models':>15}{'ratio':>7}"
           f"{'peak RSS':>11}")
-    for stage in STAGES:
+    for stage in [stage for stage in STAGES if stage in figures]:
         for engine, row in figures[stage].items():
             print(f"{stage:<16}{engine:<8}{row['trained_state_bytes'] / 2**20:>12.2f} MB{row['trained_state_vs_ddp']:>7.2f}"
                   f"{row['frozen_bytes'] / 2**20:>12.2f} MB{row['frozen_vs_ddp']:>7.2f}"
                   f"{row['peak_rss_bytes'] / 2**30:>8.2f} GB")
     print(f"largest trained-state ratio under FSDP2 / ZeRO-3: {figures['largest_trained_state_vs_ddp']:.2f} "
           "(target <= 0.6)")
-    print(f"stage-2 frozen decoder, best engine / DDP: {figures['understanding_frozen_decoder_vs_ddp']:.2f} "
-          "(target <= 0.6)")
+    if "understanding_frozen_decoder_vs_ddp" in figures:
+        print(f"stage 2, frozen decoder (DiT, VAE, text encoders, projector), best engine / DDP: "
+              f"{figures['understanding_frozen_decoder_vs_ddp']:.2f} (target <= 0.6); its DiT alone: "
+              f"{figures['understanding_frozen_dit_vs_ddp']:.2f}")
 
 
 if __name__ == "__main__":
-    benchmark_cli.run(__doc__, measure, report, {})
+    benchmark_cli.run(__doc__, measure, report, {"stages": ",".join(STAGES)})

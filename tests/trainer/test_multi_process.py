@@ -181,8 +181,8 @@ def test_sharding_engines_train_as_ddp_does(stage, engine, runs, tiny_dir):
     assert [record["optimizer_steps"] for record in records] == [TRAINING_STEPS] * 2
     assert len(step_logs(records)) == TRAINING_STEPS
     final = assert_identical_trained_weights(out)  # gathered whole on each process: the ranks agree
-    if stage == "understanding":  # under FSDP2 the frozen decoder's DiT is sharded for inference too (shard_decoder)
-        assert [record["decoder_sharded"] for record in records] == [engine == "fsdp2"] * 2
+    if stage == "understanding":  # under FSDP2 the frozen decoder's DiT, VAE, text encoders are sharded for inference
+        assert [record["decoder_sharded"] for record in records] == [[engine == "fsdp2"] * 4] * 2  # (shard_decoder)
 
     checkpoint = out / "run" / "checkpoint-3"
     assert checkpoint.is_dir() and not any(path.name.startswith("tmp-") for path in (out / "run").iterdir())

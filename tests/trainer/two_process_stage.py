@@ -124,6 +124,8 @@ save_file(trained_weights(), f"{out}/rank{rank}.safetensors")
 with open(f"{out}/rank{rank}.json", "w") as file:
     json.dump({"local": record.steps, "log_history": trainer.state.log_history,
                "world_size": trainer.accelerator.num_processes, "optimizer_steps": optimizer_steps.steps,
-               "dtypes": parameter_dtypes(), "decoder_sharded": isinstance(pipe.transformer, FSDPModule),
+               "dtypes": parameter_dtypes(),
+               "decoder_sharded": [isinstance(getattr(pipe, name), FSDPModule)
+                                   for name in ("transformer", "vae", "text_encoder", "text_encoder_2")],
                "distributed_type": str(trainer.accelerator.distributed_type)}, file)
 trainer.accelerator.end_training()  # tears the process group down before exit (gloo's threads can abort at exit)

@@ -6,11 +6,12 @@ the reconstruction reward does (each process decodes its own captions in the sam
 """
 
 import torch
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 
-def shard_for_inference(model: torch.nn.Module, mesh=None) -> None:
-    """Shard the frozen `model` in place with FSDP2 over `mesh` (default: every process); idempotent."""
+def shard_for_inference(model: torch.nn.Module, mesh=None, methods: tuple[str, ...] = ()) -> None:
+    """Shard the frozen `model` in place with FSDP2 over `mesh` (default: every process); idempotent. `methods`: the
+    model's entry points other than `forward` (a VAE's `encode` / `decode`), which then gather its weights too."""
     if isinstance(model, FSDPModule):
         return
     if any(p.requires_grad for p in model.parameters()):
@@ -20,3 +21,5 @@ def shard_for_inference(model: torch.nn.Module, mesh=None) -> None:
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    for method in methods:
+        register_fsdp_forward_method(model, method)

@@ -153,12 +153,19 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
                 component.requires_grad_(False).eval()
         self.decoder.to(self.accelerator.device)
         if args.shard_decoder and self.accelerator.is_fsdp2 and self.accelerator.num_processes > 1:
-            if self.decoder.transformer is not policy:  # over the processes that shard the policy, as accelerate does
-                mesh = self.accelerator.torch_device_mesh
-                if mesh is not None:
-                    mesh = mesh[tuple(self.accelerator.parallelism_config.fsdp_dim_names)]
-                shard_for_inference(self.decoder.transformer, mesh)
+            self._shard_decoder(policy)
         self.health = HealthWarnings()
+
+    def _shard_decoder(self, policy) -> None:
+        """Shard the frozen decoder (DiT, VAE, text encoders) for inference over the processes that shard the policy
+        (FSDP2)."""
+        mesh = self.accelerator.torch_device_mesh
+        if mesh is not None:  # the policy's FSDP dimensions, as accelerate shards it
+            mesh = mesh[tuple(self.accelerator.parallelism_config.fsdp_dim_names)]
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self.decoder, name, None)
+            if isinstance(module, torch.nn.Module) and module is not policy:
+                shard_for_inference(module, mesh, methods=("encode", "decode") if name == "vae" else ())
 
     # ------------------------------------------------------------------------------------------------ caption rollouts
     def _setup_generation_backend(self) -> None:
