@@ -18,9 +18,9 @@ from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of, model_source
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import adapters_disabled, caption_messages
 from .checkpointing import AtomicCheckpoints
 from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
+from .frozen_sharding import shard_for_inference
 from .health import HealthWarnings
 from .model_card import card_tags, latest_metrics
-from .frozen_sharding import shard_for_inference
 from .sharded_parameters import whole_model_loading
 from .unified_grpo_config import UnifiedGRPOConfig
 
