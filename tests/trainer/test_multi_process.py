@@ -33,12 +33,12 @@ ENGINES = {
     "zero3": ("deepspeed_zero3.yaml", "DEEPSPEED"),
 }
 TRAINING_STEPS = 3  # two_process_stage.py's max_steps
-# ‖Δ_engine - Δ_DDP‖ / ‖Δ_DDP‖ allowed, from the spread measured over FSDP2, ZeRO-2 and ZeRO-3 in two full runs
-# (2026-12-03): pre-training and cold start 0 to 2e-5, Flow-GRPO ≤ 0.009, DiffusionNFT ≤ 0.004 (sums in another
-# order). GRPO 0.21-0.24:
+# ‖Δ_engine - Δ_DDP‖ / ‖Δ_DDP‖ allowed, from the spread measured over FSDP2, ZeRO-2 and ZeRO-3 in two full runs on this
+# machine's own kernels (AVX-512) and one under ATEN_CPU_CAPABILITY=avx2 (2026-12-03): pre-training and cold start 0 to
+# 2.1e-5, Flow-GRPO ≤ 0.009, DiffusionNFT ≤ 0.004 (sums in another order). GRPO 0.05-0.24:
 # on the random twins a group's four rewards agree to 1e-4, so the group std turns reward differences of 1e-6 (the
 # engines and DDP compute the frozen decoder's reconstructions to float rounding, not bit for bit) into advantage
-# differences of 1e-3, which Adam's first steps at lr 5e-2 amplify; FSDP2 and ZeRO-2 agree with each other exactly.
+# differences of 1e-3, which Adam's first steps at lr 5e-2 amplify (on AVX-512 kernels FSDP2 and ZeRO-2 agree exactly).
 UPDATE_TOLERANCE = {"understanding": 0.3, "generation": 0.02, "generation_nft": 0.02, "pretrain": 2e-4,
                     "cold_start": 2e-4}
 PORTS = count(29610)
