@@ -135,7 +135,8 @@ def train(script_args: UnifiedScriptArguments, training_args, model_args: ModelC
                                           torch_dtype=dtype)
         # the decoder stages read captions with the decoder's own (frozen) encoder; stage 2 trains a LoRA on it when
         # the decoder reads the very checkpoint being trained (it decodes with the adapter disabled): one copy
-        if decoder.vlm is not None and (not understanding or (model_args.use_peft and same_checkpoint(decoder.vlm, encoder))):
+        shares_encoder = not understanding or (model_args.use_peft and same_checkpoint(decoder.vlm, encoder))
+        if decoder.vlm is not None and shares_encoder:
             model = decoder.vlm
         else:
             model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=dtype or "auto")
