@@ -9,8 +9,8 @@ CUDA context and the allocator's slack are not included: add the measured peaks 
 
 What each engine shards is what it is handed: the stage's trained model (for stage 3 the whole DiT, frozen base
 weights included; for stage 2 the whole encoder). Frozen models outside it (the decoder in stage 2, the encoder in
-stage 3, VAE, backbones) are a copy per GPU, except stage 2's frozen decoder (DiT, VAE, text encoders) under FSDP2,
-which `UnifiedGRPOConfig.shard_decoder` (default) shards for inference.
+stage 3, VAE, text encoders, projector) are a copy per GPU under DDP and DeepSpeed; under FSDP2
+`shard_frozen_models` (default) shards them for inference. The reward backbones stay a copy per GPU everywhere.
 """
 
 import torch
@@ -56,25 +56,27 @@ def parameter_counts() -> dict[str, int]:
 
 def stages(c: dict[str, int]) -> dict[str, dict[str, int]]:
     """Per stage: the sharded model's frozen and trained parameters, the frozen ones outside it, and copies."""
-    decoder_frozen = c["vae"] + c["clip_text_encoders"] + c["reward_backbone"]
+    text_side = c["vae"] + c["clip_text_encoders"]  # frozen in every stage, sharded for inference under FSDP2
+    backbone = c["reward_backbone"]  # whole on every GPU under every engine
     return {
         "understanding (GRPO, encoder LoRA)": dict(
-            model_frozen=c["encoder"], trained=c["encoder_lora"], outside=c["dit"] + c["projector"] + decoder_frozen,
-            copies=0, fsdp2_sharded_outside=c["dit"] + c["vae"] + c["clip_text_encoders"]),
+            model_frozen=c["encoder"], trained=c["encoder_lora"], outside=c["dit"] + c["projector"] + text_side + backbone,
+            copies=0, fsdp2_sharded_outside=c["dit"] + c["projector"] + text_side),
         "generation (Flow-GRPO, DiT LoRA, EMA)": dict(
-            model_frozen=c["dit"], trained=c["dit_lora"], outside=c["encoder"] + c["projector"] + decoder_frozen,
-            copies=c["dit_lora"]),
+            model_frozen=c["dit"], trained=c["dit_lora"], outside=c["encoder"] + c["projector"] + text_side + backbone,
+            copies=c["dit_lora"], fsdp2_sharded_outside=c["encoder"] + c["projector"] + text_side),
         "generation_nft (DiffusionNFT, DiT LoRA, old policy + EMA)": dict(
-            model_frozen=c["dit"], trained=c["dit_lora"], outside=c["encoder"] + c["projector"] + decoder_frozen,
-            copies=2 * c["dit_lora"]),
+            model_frozen=c["dit"], trained=c["dit_lora"], outside=c["encoder"] + c["projector"] + text_side + backbone,
+            copies=2 * c["dit_lora"], fsdp2_sharded_outside=c["encoder"] + c["projector"] + text_side),
         "pretrain (projector + DiT LoRA)": dict(
-            model_frozen=c["dit"], trained=c["projector"] + c["dit_lora"], outside=c["encoder"] + decoder_frozen,
-            copies=0),
+            model_frozen=c["dit"], trained=c["projector"] + c["dit_lora"], outside=c["encoder"] + text_side + backbone,
+            copies=0, fsdp2_sharded_outside=c["encoder"] + text_side),
         "pretrain, full DiT": dict(
-            model_frozen=0, trained=c["projector"] + c["dit"], outside=c["encoder"] + decoder_frozen, copies=0),
+            model_frozen=0, trained=c["projector"] + c["dit"], outside=c["encoder"] + text_side + backbone, copies=0,
+            fsdp2_sharded_outside=c["encoder"] + text_side),
         "cold_start (projector + encoder LoRA + DiT LoRA)": dict(
             model_frozen=c["encoder"] + c["dit"], trained=c["projector"] + c["encoder_lora"] + c["dit_lora"],
-            outside=decoder_frozen, copies=0),
+            outside=text_side + backbone, copies=0, fsdp2_sharded_outside=text_side),
     }
 
 
@@ -82,7 +84,7 @@ def per_gpu_bytes(stage: dict[str, int], engine: str, gpus: int) -> float:
     frozen_model = stage["model_frozen"] * FROZEN
     outside = stage["outside"] * FROZEN
     if engine == "fsdp2":  # frozen models FSDP2 shards for inference
-        outside -= stage.get("fsdp2_sharded_outside", 0) * FROZEN * (1 - 1 / gpus)
+        outside -= stage["fsdp2_sharded_outside"] * FROZEN * (1 - 1 / gpus)
     params, rest = stage["trained"] * COPY, stage["trained"] * (TRAINED - COPY)  # master weights; grads + moments
     if engine == "ddp":
         sharded, replicated = 0.0, frozen_model + params + rest

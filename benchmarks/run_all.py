@@ -52,6 +52,8 @@ TARGETS = [
      lambda f: f["sharding_memory"]["largest_trained_state_vs_ddp"], 0.6, True),
     ("stage-2 frozen decoder per process, sharded / DDP", lambda f: f["sharding_memory"]["understanding_frozen_decoder_vs_ddp"],
      0.6, True),
+    ("stage-3 frozen encoder per process, sharded / DDP", lambda f: f["sharding_memory"]["stage3_frozen_encoder_vs_ddp"],
+     0.6, True),
 ]
 
 

@@ -9,7 +9,7 @@ bytes it holds, read from the tensors themselves (a twin's few MB would drown in
   master weights (its partition under ZeRO-2/3, its shard under FSDP2); gradients are freed after the step, not counted;
 - frozen models: every other parameter the stage computes with (the decoder in stage "understanding"; the encoder,
   VAE and frozen DiT weights in the decoder stages; the reward backbones); and of them the decoder's (DiT, VAE, text
-  encoders, projector) and its DiT's alone.
+  encoders, projector), its DiT's alone, and the encoder's (the VLM: frozen in stage 3, the policy's base in stage 2).
 Peak resident set size (whole process) is printed for reference. On CPU accelerate refuses FSDP and DeepSpeed; the
 child flips that one guard (tests/trainer/cpu_engines.py), and the engines' own code runs.
 """
@@ -81,11 +81,13 @@ def frozen_parameters(modules):
             if not p.requires_grad]
 
 decoder = [module for name, module in pipe.components.items() if name != "vlm"]  # DiT, VAE, text encoders, projector
-everything = [*pipe.components.values(), model, *trainer.reconstruction_reward.similarity.embedders.values()]
+backbones = [embedder.model for embedder in trainer.reconstruction_reward.similarity.embedders.values()]
+everything = [*pipe.components.values(), model, *backbones]
 figures = {"trained_state_bytes": nbytes([*trained, *masters, *state]),
            "frozen_bytes": nbytes(frozen_parameters(everything)),
            "frozen_decoder_bytes": nbytes(frozen_parameters(decoder)),
            "frozen_dit_bytes": nbytes(frozen_parameters([pipe.transformer])),
+           "frozen_encoder_bytes": nbytes(frozen_parameters([pipe.vlm])),
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "distributed_type": str(trainer.accelerator.distributed_type)}
 with open(f"{out}/rank{os.environ['RANK']}.json", "w") as file:
@@ -137,24 +139,29 @@ def measure(stages: str = ",".join(STAGES)) -> dict:
             ddp = figures[stage]["ddp"]
             for engine in ENGINES:
                 row = figures[stage][engine]
-                for part in ("trained_state", "frozen", "frozen_decoder", "frozen_dit"):
+                for part in ("trained_state", "frozen", "frozen_decoder", "frozen_dit", "frozen_encoder"):
                     row[f"{part}_vs_ddp"] = row[f"{part}_bytes"] / ddp[f"{part}_bytes"]
     figures["largest_trained_state_vs_ddp"] = max(figures[stage][engine]["trained_state_vs_ddp"]
                                                   for stage in stages.split(",") for engine in ("fsdp2", "zero3"))
     for part in ("decoder", "dit") if "understanding" in figures else ():
         figures[f"understanding_frozen_{part}_vs_ddp"] = min(figures["understanding"][engine][f"frozen_{part}_vs_ddp"]
                                                               for engine in ("fsdp2", "zero3"))
+    stage3 = [stage for stage in ("generation", "generation_nft") if stage in figures]
+    if stage3:  # the worse of the two stage-3 objectives, under the better engine
+        figures["stage3_frozen_encoder_vs_ddp"] = max(min(figures[stage][engine]["frozen_encoder_vs_ddp"]
+                                                          for engine in ("fsdp2", "zero3")) for stage in stage3)
     return figures
 
 
 def report(figures: dict) -> None:
     print("per process, the larger of the 2; ratios to DDP (2 CPU processes, tiny twins)")
     print(f"{'stage':<16}{'engine':<8}{'trained state':>15}{'ratio':>7}{'frozen models':>15}{'ratio':>7}"
-          f"{'peak RSS':>11}")
+          f"{'decoder':>9}{'encoder':>9}{'peak RSS':>11}")
     for stage in [stage for stage in STAGES if stage in figures]:
         for engine, row in figures[stage].items():
             print(f"{stage:<16}{engine:<8}{row['trained_state_bytes'] / 2**20:>12.2f} MB{row['trained_state_vs_ddp']:>7.2f}"
                   f"{row['frozen_bytes'] / 2**20:>12.2f} MB{row['frozen_vs_ddp']:>7.2f}"
+                  f"{row['frozen_decoder_vs_ddp']:>9.2f}{row['frozen_encoder_vs_ddp']:>9.2f}"
                   f"{row['peak_rss_bytes'] / 2**30:>8.2f} GB")
     print(f"largest trained-state ratio under FSDP2 / ZeRO-3: {figures['largest_trained_state_vs_ddp']:.2f} "
           "(target <= 0.6)")
@@ -162,6 +169,9 @@ def report(figures: dict) -> None:
         print(f"stage 2, frozen decoder (DiT, VAE, text encoders, projector), best engine / DDP: "
               f"{figures['understanding_frozen_decoder_vs_ddp']:.2f} (target <= 0.6); its DiT alone: "
               f"{figures['understanding_frozen_dit_vs_ddp']:.2f}")
+    if "stage3_frozen_encoder_vs_ddp" in figures:
+        print(f"stage 3, frozen encoder (the captioning VLM), best engine / DDP: "
+              f"{figures['stage3_frozen_encoder_vs_ddp']:.2f} (target <= 0.6)")
 
 
 if __name__ == "__main__":

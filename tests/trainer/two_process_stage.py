@@ -8,8 +8,9 @@ Usage: two_process_stage.py STAGE TINY_MODELS_DIR OUTPUT_DIR [ENGINE [RESUME_FRO
 ENGINE: "fsdp2", "zero2" or "zero3" under `accelerate launch` with the matching config of examples/accelerate/ (the CPU
 host runs that engine: cpu_engines.py); "ddp" or none: DDP on the CPU (`use_cpu`). A "-bf16" suffix loads every model
 in bfloat16, as real runs do (the config then sets bf16 mixed precision). RESUME_FROM: a checkpoint folder of
-an earlier run of the same stage and engine to resume from. Flow-GRPO keeps an EMA (blended every step), so that the
-copies of the trained weights (EMA, DiffusionNFT's old policy) are saved, resumed and gathered under every engine.
+an earlier run of the same stage and engine to resume from. Flow-GRPO keeps an EMA (blended every step) as
+DiffusionNFT does by default, so that the copies of the trained weights (EMA, DiffusionNFT's old policy) are saved,
+resumed and gathered under every engine.
 """
 
 import json
@@ -24,12 +25,13 @@ if engine != "ddp":
 import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from tiny_trainer_configs import STAGES, tiny_config
 from transformers import TrainerCallback
 
 from uae_hf import load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
+from uae_hf.trainer.frozen_sharding import FROZEN_DECODER_PARTS
 from uae_hf.trainer.sharded_parameters import full_values, trained_parameters
 
 stage, tiny_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -110,6 +112,16 @@ def trained_weights():
     return {name: value.contiguous() for name, value in full_values(trained_parameters(model)).items()}
 
 
+def frozen_models() -> dict[str, list[str]]:
+    """The frozen models the stage runs (those with no trained weight): which are sharded (all their weights DTensors,
+    FSDP2's shards), which whole."""
+    models = {name: getattr(pipe, name, None) for name in FROZEN_DECODER_PARTS} | {"encoder": getattr(trainer, "encoder", None)}
+    frozen = {name: [*model.parameters()] for name, model in models.items() if isinstance(model, torch.nn.Module)
+              and not any(p.requires_grad for p in model.parameters())}
+    sharded = sorted(name for name, weights in frozen.items() if all(isinstance(p, DTensor) for p in weights))
+    return {"sharded": sharded, "whole": sorted(frozen.keys() - set(sharded))}
+
+
 def parameter_dtypes() -> dict[str, list[str]]:
     """The dtypes of the trained parameters (as the engine holds them) and of every frozen model's parameters."""
     trained = trained_parameters(trainer.accelerator.unwrap_model(trainer.model)).values()
@@ -125,7 +137,6 @@ with open(f"{out}/rank{rank}.json", "w") as file:
     json.dump({"local": record.steps, "log_history": trainer.state.log_history,
                "world_size": trainer.accelerator.num_processes, "optimizer_steps": optimizer_steps.steps,
                "dtypes": parameter_dtypes(),
-               "decoder_sharded": [isinstance(getattr(pipe, name), FSDPModule)
-                                   for name in ("transformer", "vae", "text_encoder", "text_encoder_2")],
+               "frozen_models": frozen_models(),
                "distributed_type": str(trainer.accelerator.distributed_type)}, file)
 trainer.accelerator.end_training()  # tears the process group down before exit (gloo's threads can abort at exit)

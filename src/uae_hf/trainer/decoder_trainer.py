@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData, save_torch_state_dict
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer
 
 from ..hub import MODEL_CARDS, model_source
@@ -24,6 +25,7 @@ from ..seeding import seeded_generators, stream_seed
 from .checkpointing import AtomicCheckpoints
 from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
 from .decoder_training_config import DIT_LORA_TARGETS, DecoderTrainingConfig
+from .frozen_sharding import FROZEN_DECODER_PARTS, shard_frozen_models
 from .model_card import card_tags, latest_metrics
 from .sharded_parameters import assign, full_values, trained_parameters, whole_model_loading
 
@@ -130,6 +132,8 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         self.decoder.to(self.accelerator.device)
         if self.encoder is not None:
             self.encoder.to(self.accelerator.device)
+        if args.shard_frozen_models:  # over the processes that shard the trained model (FSDP2 only)
+            shard_frozen_models(self.frozen_models(), self.accelerator, trained=self.model)
         self._stage_metrics = defaultdict(list)
 
     # ------------------------------------------------------------------------------------------ what each stage defines
@@ -138,6 +142,10 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
     def build_trained_model(self, peft_config, train_dataset) -> torch.nn.Module:
         """Make the stage's parts trainable and return the module the `Trainer` optimizes."""
         raise NotImplementedError
+
+    def frozen_models(self) -> dict[str, torch.nn.Module | None]:
+        """The models the stage runs frozen, by name (those it trains are skipped where they are met)."""
+        return {name: getattr(self.decoder, name, None) for name in FROZEN_DECODER_PARTS} | {"encoder": self.encoder}
 
     def stage_loss(self, model, rows: list[dict], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """The stage's loss on `rows` and the metrics to log with it."""
@@ -199,9 +207,11 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
     def caption(self, images: list, generator_seed: int) -> list[str]:
         """The encoder's captions of `images`, with the config's captioning settings (one generator per image)."""
         generators = seeded_generators(stream_seed(generator_seed, index) for index in range(len(images)))
+        # a sharded encoder gathers its blocks with the other processes at every token: all step until all are done
+        synced = {"synced_gpus": True} if isinstance(self.encoder, FSDPModule) else {}
         return caption_images(self.encoder, self.caption_processor, images, max_new_tokens=self.args.max_completion_length,
                               do_sample=self.args.caption_do_sample, temperature=self.args.temperature,
-                              generator=generators)
+                              generator=generators, **synced)
 
     # ----------------------------------------------------------------------------------------------------- evaluate
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

@@ -53,6 +53,11 @@ class ReconstructionArguments:
         activation_checkpointing (`bool`, defaults to `True`):
             Recompute activations in the backward pass to save memory. `gradient_checkpointing` is its deprecated
             alias.
+        shard_frozen_models (`bool`, defaults to `True`):
+            When FSDP2 trains on several processes, also shard the frozen models (the encoder that captions, the
+            decoder's DiT, VAE and text encoders, whichever the stage does not train) across them for inference,
+            gathered block by block as they run, so that each process holds a 1/N share of them instead of a whole
+            copy. No effect under other engines or on one process.
     """
 
     decoder_height: int = field(default=512, metadata={"help": "Height of the reconstructions, in pixels."})
@@ -97,6 +102,11 @@ class ReconstructionArguments:
     )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."}
+    )
+    shard_frozen_models: bool = field(
+        default=True,
+        metadata={"help": "Under FSDP2 on several processes, shard the frozen models (encoder, decoder parts) across "
+                  "them for inference (a 1/N share per process instead of a whole copy)."},
     )
 
     def __getstate__(self):

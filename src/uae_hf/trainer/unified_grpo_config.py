@@ -18,10 +18,6 @@ class UnifiedGRPOConfig(ReconstructionArguments, GRPOConfig):
         decoder_text_encoder (`str`, defaults to `"frozen"`):
             In embeddings mode, whether the decoder's LLM reads captions with the frozen base weights (`"frozen"`:
             the policy's adapters disabled while decoding) or with the current `"policy"`.
-        shard_decoder (`bool`, defaults to `True`):
-            When FSDP2 trains the encoder on several processes, also shard the frozen decoder's DiT, VAE and text
-            encoders across them for inference (gathered block by block while it decodes), so that each process holds
-            a 1/N share of them instead of a whole copy. No effect under other engines or on one process.
 
     Example:
 
@@ -36,11 +32,6 @@ class UnifiedGRPOConfig(ReconstructionArguments, GRPOConfig):
         default="frozen",
         metadata={"help": "Embeddings mode: decode with the frozen base LLM ('frozen', adapters disabled) or with "
                   "the current policy ('policy').", "choices": ["frozen", "policy"]},
-    )
-    shard_decoder: bool = field(
-        default=True,
-        metadata={"help": "Under FSDP2 on several processes, shard the frozen decoder's DiT, VAE and text encoders "
-                  "across them for inference (a 1/N share per process instead of a whole copy)."},
     )
 
     def __post_init__(self):

@@ -18,7 +18,7 @@ from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of, model_source
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import adapters_disabled, caption_messages
 from .checkpointing import AtomicCheckpoints
 from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
-from .frozen_sharding import shard_for_inference
+from .frozen_sharding import FROZEN_DECODER_PARTS, shard_frozen_models
 from .health import HealthWarnings
 from .model_card import card_tags, latest_metrics
 from .sharded_parameters import whole_model_loading
@@ -152,20 +152,10 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
             if isinstance(component, torch.nn.Module) and component is not policy:
                 component.requires_grad_(False).eval()
         self.decoder.to(self.accelerator.device)
-        if args.shard_decoder and self.accelerator.is_fsdp2 and self.accelerator.num_processes > 1:
-            self._shard_decoder(policy)
+        if args.shard_frozen_models:  # the frozen decoder, over the processes that shard the policy (FSDP2 only)
+            shard_frozen_models({name: getattr(self.decoder, name, None) for name in FROZEN_DECODER_PARTS},
+                                self.accelerator, trained=policy)
         self.health = HealthWarnings()
-
-    def _shard_decoder(self, policy) -> None:
-        """Shard the frozen decoder (DiT, VAE, text encoders) for inference over the processes that shard the policy
-        (FSDP2)."""
-        mesh = self.accelerator.torch_device_mesh
-        if mesh is not None:  # the policy's FSDP dimensions, as accelerate shards it
-            mesh = mesh[tuple(self.accelerator.parallelism_config.fsdp_dim_names)]
-        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            module = getattr(self.decoder, name, None)
-            if isinstance(module, torch.nn.Module) and module is not policy:
-                shard_for_inference(module, mesh, methods=("encode", "decode") if name == "vae" else ())
 
     # ------------------------------------------------------------------------------------------------ caption rollouts
     def _setup_generation_backend(self) -> None:
