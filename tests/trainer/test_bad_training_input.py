@@ -41,7 +41,8 @@ def test_a_reward_function_returning_the_wrong_length_is_named(fresh_pipe, confi
 def test_a_decoder_that_returns_nan_gives_no_reward_and_moves_no_weight(fresh_pipe, config, caplog):
     with torch.no_grad():  # the VAE decodes NaN: every reconstruction is non-finite
         fresh_pipe.vae.decoder.conv_out.bias.fill_(float("nan"))
-    trainer = trainer_for(fresh_pipe, config("generation"))
+    # no weight decay: AdamW's decoupled decay (Flow-GRPO's 1e-4 by default) shrinks weights whatever the gradient
+    trainer = trainer_for(fresh_pipe, config("generation", weight_decay=0.0))
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     with caplog.at_level(logging.WARNING):
         trainer.train()

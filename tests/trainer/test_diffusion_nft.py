@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from uae_hf import DiffusionNFTTrainer, FlowGRPOTrainer, load_uae_pipeline
+from uae_hf import DiffusionNFTConfig, DiffusionNFTTrainer, FlowGRPOTrainer, load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
 from uae_hf.sampling.flow_sde import velocity
 from uae_hf.trainer.diffusion_nft_trainer import TRAINING_NOISE_STREAM, adaptive_flow_loss, diffusion_nft_loss
@@ -52,11 +52,13 @@ def test_gradient_at_the_old_policy_is_the_advantage_weighted_flow_matching_grad
         trajectory, steps = rollout["trajectory"], trainer._trained_steps()
         x0 = trajectory.latents[:, -1]
         generators = trainer._generators(TRAINING_NOISE_STREAM, len(x0))
-        for index in steps:
-            t = trajectory.sigmas[index]
+        indices = trainer.trained_timesteps(len(x0))  # each sample its own timesteps
+        assert len({tuple(row) for row in indices.tolist()}) > 1
+        for position in range(len(steps)):
+            t = trajectory.sigmas[indices[:, position]].view(-1, 1, 1, 1)
             noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])
             x_t = (1 - t) * x0 + t * noise
-            v = velocity(model, x_t, trajectory.timesteps[index], rollout["conditioning"], 1.0)
+            v = velocity(model, x_t, trajectory.timesteps[indices[:, position]], rollout["conditioning"], 1.0)
             expected_loss = (advantages.double() * adaptive_flow_loss(v, x_t, x0, t)).mean()
             (expected_loss.float() / len(steps)).backward()
         expected = lora_gradients(trainer)
@@ -106,8 +108,91 @@ def test_old_policy_follows_its_schedule(fresh_pipe, config):
     assert any(not torch.allclose(old[n], now[n]) for n in now)  # it lags behind the trained weights
 
 
+def test_each_sample_trains_on_its_own_random_timesteps(fresh_pipe, config):
+    """As the reference: int(T·timestep_fraction) of the T timesteps per sample, drawn without replacement, so a
+    micro-batch mixes timesteps and the last timestep trains too (with probability 0.9 at T = 10)."""
+    trainer = make(fresh_pipe, config(decoder_num_inference_steps=10))
+    trainer._window = (0, 0)
+    indices = trainer.trained_timesteps(400)
+    assert indices.shape == (400, 9)
+    assert all(len(set(row)) == 9 and set(row) <= set(range(10)) for row in indices.tolist())
+    counts = torch.bincount(indices.flatten(), minlength=10) / 400
+    assert counts.min() > 0.8 and counts.max() <= 1.0  # each timestep, the last included, in ~90% of samples
+    assert len(set(indices[:, 0].tolist())) == 10  # one position mixes every timestep across samples
+
+
+def test_rollouts_are_sampled_by_the_old_policy(fresh_pipe, config):
+    """The reference samples with its "old" adapter: the rollouts follow θ_old, not the trained weights."""
+    trainer = make(fresh_pipe, config())
+    rows = list(skimage_photos(64).select(range(1)))
+    trained = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    moved = {n: w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+             for n, w in trainer.old_policy.weights.items()}
+
+    def rollout():
+        trainer._window = (0, 0)
+        return trainer._rollout(rows)["trajectory"].latents
+
+    with fresh_pipe.masked_attention():
+        at_start = rollout()
+        trainer.old_policy.weights = {n: w.clone() for n, w in moved.items()}
+        from_old = rollout()
+        with torch.no_grad():
+            for name, parameter in trained.items():
+                parameter.copy_(moved[name])
+        both_moved = rollout()
+        with torch.no_grad():
+            for parameter in trained.values():
+                parameter.add_(0.05)
+        only_live_moved = rollout()
+    assert not torch.allclose(from_old, at_start)
+    assert torch.equal(from_old, both_moved) and torch.equal(from_old, only_live_moved)
+
+
+def test_rollouts_give_the_dit_integer_timesteps_as_the_reference(fresh_pipe, config, monkeypatch):
+    """DiffusionNFT's sampler gives its DiT ⌊1000σ⌋; the trajectory keeps the scheduler's own timesteps."""
+    trainer = make(fresh_pipe, config())
+    seen, forward = [], fresh_pipe.transformer.forward
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["timestep"].clone())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(fresh_pipe.transformer, "forward", recording)
+    with fresh_pipe.masked_attention():
+        trainer._window = (0, 0)
+        trajectory = trainer._rollout(list(skimage_photos(64).select(range(1))))["trajectory"]
+    expected = (trajectory.sigmas[:-1].float() * 1000).long()
+    assert [int(timestep[0]) for timestep in seen] == expected.tolist()
+    assert all(not timestep.is_floating_point() for timestep in seen)
+    assert not torch.equal(trajectory.timesteps, trajectory.timesteps.floor())  # the schedule's are not integers
+
+
+def test_the_ema_is_on_by_default_and_blends_every_step_as_the_reference(fresh_pipe, config, monkeypatch):
+    """DiffusionNFT's EMA: decay 0.9, blended after every optimizer step s with decay min(0.9, (1 + s) / (10 + s))."""
+    assert (DiffusionNFTConfig.ema_decay, DiffusionNFTConfig.ema_update_interval) == (0.9, 1)
+    trainer = make(fresh_pipe, config(max_steps=3, learning_rate=5e-2))
+    live = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    ema = {n: w.clone() for n, w in trainer.ema.weights.items()}
+    history = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            history.append((state.global_step, {n: p.detach().clone() for n, p in live.items()},
+                            {n: w.clone() for n, w in trainer.ema.weights.items()}))
+
+    trainer.add_callback(Record())
+    trainer.train()
+    assert [step for step, _, _ in history] == [1, 2, 3]
+    for step, weights, blended in history:
+        decay = (1 + step) / (10 + step)
+        ema = {n: decay * ema[n] + (1 - decay) * weights[n] for n in ema}
+        for name in ema:
+            torch.testing.assert_close(blended[name], ema[name], rtol=1e-5, atol=1e-7)
+
+
 def test_trains_the_dit_lora_and_saves_it_as_diffusers_loads_it(fresh_pipe, config, tiny_dir, tmp_path):
-    trainer = make(fresh_pipe, config(max_steps=2, learning_rate=5e-2))
+    trainer = make(fresh_pipe, config(max_steps=2, learning_rate=5e-2, ema_decay=None))
     assert not isinstance(trainer, FlowGRPOTrainer) and trainer.model is fresh_pipe.transformer
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()

@@ -143,8 +143,8 @@ def test_default_advantages_are_the_group_mean_over_the_global_std_clipped(fresh
     rewards[3] = 1.25
     rewards[8:16] = torch.linspace(0.0, 0.5, 8)
     advantages = trainer._advantages(rewards, rewards)
-    grouped = rewards.view(8, 8)
-    expected = (grouped - grouped.mean(dim=1, keepdim=True)) / (rewards.std(correction=0) + 1e-4)
+    grouped = rewards.double().view(8, 8)
+    expected = (grouped - grouped.mean(dim=1, keepdim=True)) / (rewards.double().std(correction=0) + 1e-4)
     assert float(expected.max()) > 5  # the outlier is clipped
     torch.testing.assert_close(advantages, expected.clamp(-5, 5).view(-1), rtol=1e-6, atol=1e-7)
     assert bool((advantages[16:] == 0).all()) and float(advantages[3]) == 5.0
@@ -166,10 +166,10 @@ def test_the_global_std_spans_every_micro_batch_of_the_optimizer_step(fresh_pipe
     monkeypatch.setattr(trainer, "_sample", tracked_sample)
     trainer.train()
     assert len(rollouts) == 2
-    step_std = torch.cat(rewards).std(correction=0)
-    assert not torch.allclose(rewards[0].std(correction=0), step_std, rtol=1e-3)  # the two stds differ here
+    step_std = torch.cat(rewards).double().std(correction=0)
+    assert not torch.allclose(rewards[0].double().std(correction=0), step_std, rtol=1e-3)  # the two stds differ here
     for rollout, own in zip(rollouts, rewards):
-        grouped = own.view(-1, group)
+        grouped = own.double().view(-1, group)
         expected = (grouped - grouped.mean(dim=1, keepdim=True)) / (step_std + 1e-4)
         torch.testing.assert_close(rollout["advantages"], expected.clamp(-5, 5).view(-1), rtol=1e-6, atol=1e-7)
 
@@ -178,9 +178,22 @@ def test_the_global_std_is_the_population_std_as_in_flow_grpo(fresh_pipe, config
     trainer = make(fresh_pipe, config(per_device_train_batch_size=8, num_generations=8))
     rewards = torch.linspace(0.0, 1.0, 16)
     advantages = trainer._advantages(rewards, rewards)
-    grouped = rewards.view(2, 8)
-    expected = (grouped - grouped.mean(dim=1, keepdim=True)) / (rewards.std(correction=0) + 1e-4)
+    grouped = rewards.double().view(2, 8)
+    expected = (grouped - grouped.mean(dim=1, keepdim=True)) / (rewards.double().std(correction=0) + 1e-4)
     torch.testing.assert_close(advantages, expected.clamp(-5, 5).view(-1), rtol=1e-6, atol=1e-7)
+
+
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage(fresh_pipe, config):
+    """In float64, as the references compute advantages: in float32 a group's mean can miss its equal rewards by an
+    ulp, and the zero-advantage filter would then train on a group that carries no signal."""
+    trainer = make(fresh_pipe, config(per_device_train_batch_size=24, num_generations=24))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rewards = torch.rand(4, generator=generator).repeat_interleave(24)  # four flat groups of 24
+        rewards[:24] = torch.rand(24, generator=generator)  # and one with a signal, for a non-trivial std
+        advantages = trainer._advantages(rewards, rewards)
+        assert advantages.dtype == torch.float64
+        assert bool((advantages[24:] == 0).all())
 
 
 def test_the_first_nine_of_ten_steps_train(fresh_pipe, config, monkeypatch):
@@ -235,8 +248,8 @@ def test_samples_with_zero_advantage_are_left_out_of_the_update(fresh_pipe, conf
 
 
 def test_the_ema_blends_every_eighth_step_with_the_warmed_up_decay(fresh_pipe, config, monkeypatch):
-    """Flow-GRPO's EMA (decay 0.9, every 8 steps): after optimizer step s it blends when s % 8 == 0, with decay
-    `min(0.9, (1 + k) / (10 + k))` at k = s - 1 (its 0-based step count), i.e. 8/17 at step 8 and 16/25 at step 16."""
+    """Flow-GRPO's EMA (decay 0.9, every 8 steps) after its optimizer step s (counted from 1): it blends when
+    (s + 1) % 8 == 0, with decay `min(0.9, (1 + s) / (10 + s))`, i.e. 8/17 at step 7 and 16/25 at step 15."""
     trainer = make(fresh_pipe, config(max_steps=17, ema_decay=0.9, ema_update_interval=8))
     live = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
 
@@ -258,12 +271,14 @@ def test_the_ema_blends_every_eighth_step_with_the_warmed_up_decay(fresh_pipe, c
     trainer.train()
     assert [step for step, _, _ in history] == list(range(1, 18))
     for step, weights, blended in history:
-        if step % 8 == 0:
-            decay = min(0.9, (1 + (step - 1)) / (10 + (step - 1)))
+        if (step + 1) % 8 == 0:
+            decay = min(0.9, (1 + step) / (10 + step))
             ema = {name: decay * ema[name] + (1 - decay) * weights[name] for name in ema}
         for name in ema:
             torch.testing.assert_close(blended[name], ema[name], rtol=1e-5, atol=1e-7)
-    assert not torch.equal(history[7][2][next(iter(ema))], history[6][2][next(iter(ema))])  # moved at step 8
+    first = next(iter(ema))
+    assert not torch.equal(history[6][2][first], history[5][2][first])  # moved at step 7
+    assert torch.equal(history[7][2][first], history[6][2][first])  # not at step 8
 
 
 def test_the_update_detaches_the_unconditional_branch_when_asked(fresh_pipe, config, monkeypatch):
@@ -279,6 +294,13 @@ def test_the_update_detaches_the_unconditional_branch_when_asked(fresh_pipe, con
     monkeypatch.setattr(flow_grpo_trainer, "velocity", velocity)
     trainer.train()
     assert calls and set(calls) == {(True, True)}
+
+
+def test_class_defaults_are_flow_grpo_s_optimizer_settings():
+    from uae_hf import FlowGRPOConfig
+
+    args = FlowGRPOConfig(output_dir="unused")
+    assert (args.weight_decay, args.lr_scheduler_type, args.learning_rate) == (1e-4, "constant", 3e-4)
 
 
 def test_the_sd3_5_recipe_has_flow_grpo_s_settings():

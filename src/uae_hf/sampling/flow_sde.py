@@ -259,6 +259,7 @@ def sample_trajectory(
     generator: torch.Generator | list[torch.Generator] | None = None,
     transformer=None,
     checkpoint_steps: bool = False,
+    integer_timesteps: bool = False,
 ) -> Trajectory:
     """Sample a batch from initial `latents` (already scaled noise, `pipe.prepare_latents`), recording every step.
 
@@ -276,6 +277,8 @@ def sample_trajectory(
         transformer: the DiT to run, e.g. a training wrapper of `pipe.transformer`.
         checkpoint_steps (`bool`, defaults to `False`): recompute each step in the backward pass instead of keeping
             its activations (deterministic steps only: a recomputed stochastic step would draw other noise).
+        integer_timesteps (`bool`, defaults to `False`): give the DiT `⌊1000σ⌋` instead of the scheduler's float
+            timesteps (as DiffusionNFT's reference samples); the trajectory records the scheduler's.
     """
     if method not in (*STEPS, "dpm2"):
         raise ValueError(f"unknown sampling method {method!r}; choose from {sorted(STEPS) + ['dpm2']}")
@@ -291,7 +294,8 @@ def sample_trajectory(
 
     def step(x: torch.Tensor, index: int, previous_x0: torch.Tensor | None):
         """`(x_next, log_prob, x0)`: x0 is kept for the multistep solver's next step."""
-        v = velocity(transformer, x, timesteps[index], conditioning, guidance_scale)
+        timestep = (sigmas[index].float() * 1000).long() if integer_timesteps else timesteps[index]
+        v = velocity(transformer, x, timestep, conditioning, guidance_scale)
         if method == "dpm2":
             x_next, x0 = dpm2_step(v, x, sigmas, index, previous_x0)
             return x_next, torch.zeros(len(x), device=x.device), x0

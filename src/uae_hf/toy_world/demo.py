@@ -358,14 +358,14 @@ class ToyWorldDemo:
 
     def _decoder_rl(self, stage: str, steps: int, **settings) -> dict:
         """Train stage 3 with `stage`'s trainer; validation round trips (with the sampler the objective trains for,
-        `guidance(stage)`) are scored before training and every sixth of it."""
+        `guidance(stage)`) are scored before training and every sixth of it. No EMA: what is scored is what is kept."""
         trainer = TRAINERS[stage][1](
             self.pipeline.vlm, self.pipeline, train_dataset=self.train.select_columns(["image"]),
             eval_dataset=self.validation, processing_class=self.pipeline.processor,
             args=self._args(stage, max_steps=steps, per_device_train_batch_size=64, num_generations=8,
                             learning_rate=1e-3, decoder_lora_r=16, decoder_lora_alpha=32,
                             eval_strategy="steps", eval_steps=max(1, steps // 6), per_device_eval_batch_size=64,
-                            log_reconstructions_steps=max(1, steps // 4), **settings),
+                            log_reconstructions_steps=max(1, steps // 4), ema_decay=None, **settings),
         )
         before = trainer.evaluate()  # `train()` starts a fresh log history: kept here
         trainer.train()

@@ -32,7 +32,8 @@ class DecoderRLConfig(DecoderTrainingConfig):
         same_noise_in_group (`bool`, defaults to `False`):
             One initial noise for all G samples of an image.
         timestep_fraction (`float`, defaults to `0.99`):
-            Fraction of the sampling steps trained per update: the first `int(T·fraction)` (9 of 10).
+            Fraction of the sampling steps trained per update, `int(T·fraction)` of them (9 of 10): Flow-GRPO trains
+            the first ones, DiffusionNFT a random draw per sample.
 
     Parameters that control what trains:
         decoder_full_finetune (`bool`, defaults to `False`):
@@ -41,9 +42,12 @@ class DecoderRLConfig(DecoderTrainingConfig):
             Set every dropout of the DiT (the LoRA's included) to 0. Rollouts always sample in eval mode.
         ema_decay (`float`, *optional*):
             Keep an exponential moving average of the trained weights and save it instead of the live ones
-            (Flow-GRPO's SD3 recipes: 0.9). Its decay warms up as `min(decay, (1 + step) / (10 + step))`.
+            (Flow-GRPO's SD3 recipes and DiffusionNFT: 0.9). Its decay warms up as `min(decay, (1 + s) / (10 + s))`
+            after optimizer step `s` (counted from 1), as the references' EMA computes it.
         ema_update_interval (`int`, defaults to `8`):
-            Optimizer steps between EMA updates (Flow-GRPO's: 8).
+            The EMA blends after the optimizer steps `s` with `s + 1` a multiple of this (7, 15, ... for Flow-GRPO's
+            8), as the references' EMA does. Flow-GRPO's also blends again at each further micro-batch of such a
+            step under gradient accumulation; here it blends once per optimizer step.
     """
 
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
@@ -61,8 +65,8 @@ class DecoderRLConfig(DecoderTrainingConfig):
         default=False, metadata={"help": "One initial noise for all G samples of an image."}
     )
     timestep_fraction: float = field(
-        default=0.99, metadata={"help": "Fraction of the sampling steps trained per update: the first int(T * "
-                                "fraction) (0.99 of 10 -> 9)."}
+        default=0.99, metadata={"help": "Fraction of the sampling steps trained per update: int(T * fraction) of "
+                                "them (0.99 of 10 -> 9)."}
     )
     decoder_full_finetune: bool = field(
         default=False, metadata={"help": "Train all DiT weights instead of a LoRA."}

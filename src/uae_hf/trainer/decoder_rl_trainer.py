@@ -77,9 +77,15 @@ class DecoderRLTrainer(DecoderTrainer):
     # ------------------------------------------------------------------------------------------ what each objective sets
     uses_reference = False  # the update reads the reference DiT (LoRA disabled, or a frozen copy when fully tuned)
 
+    integer_rollout_timesteps = False  # the rollouts' DiT reads ⌊1000σ⌋ (see `sample_trajectory`)
+
     def rollout_settings(self) -> tuple[float, str, float]:
         """`(noise_level, method, guidance_scale)` of the rollout sampler."""
         raise NotImplementedError
+
+    def rollout_policy(self) -> contextlib.AbstractContextManager:
+        """The DiT that samples the rollouts, as a context manager: the trained one."""
+        return contextlib.nullcontext(self.accelerator.unwrap_model(self.model))
 
     def update(self, model, rollout: dict, fresh: bool) -> torch.Tensor:
         """Backpropagate the objective on `rollout` (scaled for gradient accumulation); return the loss to log.
@@ -102,6 +108,9 @@ class DecoderRLTrainer(DecoderTrainer):
         if self.args.disable_dropout:
             disable_dropout_in_model(dit)
         return dit
+
+    def frozen_models(self) -> dict[str, torch.nn.Module | None]:
+        return super().frozen_models() | {"reference": self.reference}
 
     def evaluation_loss(self, model, rows, generator) -> None:
         return None  # an RL surrogate has no held-out meaning: evaluation reports the round trip alone
@@ -183,11 +192,12 @@ class DecoderRLTrainer(DecoderTrainer):
         if latents.shape[-1] * scale != args.decoder_width or latents.shape[-2] * scale != args.decoder_height:
             multiple = scale * decoder.transformer.config.patch_size
             raise ValueError(f"decoder_height/width must be multiples of {multiple}")
-        trajectory = sample_trajectory(
-            decoder, conditioning, latents, args.decoder_num_inference_steps, guidance, noise_level, method,
-            generator=self._generators(STEP_NOISE_STREAM, len(captions_g)),
-            transformer=self.accelerator.unwrap_model(self.model),
-        )
+        with self.rollout_policy() as dit:
+            trajectory = sample_trajectory(
+                decoder, conditioning, latents, args.decoder_num_inference_steps, guidance, noise_level, method,
+                generator=self._generators(STEP_NOISE_STREAM, len(captions_g)), transformer=dit,
+                integer_timesteps=self.integer_rollout_timesteps,
+            )
         arrays = decode_latents(decoder, trajectory.latents[:, -1], "np")
         rollout_time = self._seconds_since(start)
 
@@ -215,7 +225,9 @@ class DecoderRLTrainer(DecoderTrainer):
 
     def _advantages(self, rewards: torch.Tensor, everyone: torch.Tensor) -> torch.Tensor:
         """Rewards minus their group's mean, over the std of all processes' rewards (`"batch"`), of the group
-        (`"group"`) or 1 (`"none"`), clipped to ±`advantage_clip`; NaN rewards get 0."""
+        (`"group"`) or 1 (`"none"`), clipped to ±`advantage_clip`; NaN rewards get 0. In float64, as the references
+        compute them: a group of equal rewards gets exactly 0 (in float32 its mean can miss them by an ulp)."""
+        rewards, everyone = rewards.double(), everyone.double()
         grouped = rewards.view(-1, self.args.num_generations)
         centred = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
         if self.args.scale_rewards == "group":
@@ -298,9 +310,10 @@ class DecoderRLTrainer(DecoderTrainer):
 
     # ------------------------------------------------------------------------------------- after each optimizer step
     def after_optimizer_step(self, step: int) -> None:
-        """Blend the EMA every `ema_update_interval` steps, with Flow-GRPO's warm-up of its decay."""
-        if self.ema is not None and step % self.args.ema_update_interval == 0:
-            decay = min(self.args.ema_decay, step / (step + 9))  # (1 + s) / (10 + s) at the s = step - 1 just taken
+        """Blend the EMA as the references' EMA does after their optimizer step `step` (counted from 1): when
+        `step + 1` is a multiple of `ema_update_interval`, with decay `min(ema_decay, (1 + step) / (10 + step))`."""
+        if self.ema is not None and (step + 1) % self.args.ema_update_interval == 0:
+            decay = min(self.args.ema_decay, (1 + step) / (10 + step))
             self.ema.blend(self.accelerator.unwrap_model(self.model), decay)
 
     def weight_copies(self) -> dict:

@@ -1,10 +1,11 @@
 """[`DiffusionNFTTrainer`]: DiffusionNFT (arXiv 2509.16117) on the decoder's DiT, the encoder frozen.
 
-Reinforcement learning on the forward process: rollouts are deterministic ODE samples without guidance
-(DPM-Solver++(2M) by default), of which only the clean latents are kept; each is noised afresh at the schedule's
-trained timesteps, and the DiT learns a flow-matching objective on two implicit policies around a slowly moving old
-copy of itself, `v± = v_old ± β·(v_θ - v_old)`, weighted by how likely each sample is to be good,
-`r = 0.5 + A / (2·advantage_clip)` (the reference's `0.5 + A/10`). No log-probs, no ratio clipping, no CFG in training.
+Reinforcement learning on the forward process: rollouts are deterministic ODE samples of a slowly moving old copy
+of the DiT, θ_old, without guidance (DPM-Solver++(2M) by default), of which only the clean latents are kept; each is
+noised afresh at `int(T·timestep_fraction)` of the schedule's T timesteps, drawn at random per sample, and the DiT
+learns a flow-matching objective on two implicit policies around θ_old, `v± = v_old ± β·(v_θ - v_old)`, weighted by
+how likely each sample is to be good, `r = 0.5 + A / (2·advantage_clip)` (the reference's `0.5 + A/10`). No
+log-probs, no ratio clipping, no CFG in training.
 """
 
 import torch
@@ -16,6 +17,7 @@ from .diffusion_nft_config import DiffusionNFTConfig
 from .weight_copy import WeightCopy
 
 TRAINING_NOISE_STREAM = 8  # the fresh noise of each trained timestep
+TIMESTEP_ORDER_STREAM = 9  # which timesteps each sample trains on, in which order
 
 
 def adaptive_flow_loss(v: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
@@ -79,8 +81,22 @@ class DiffusionNFTTrainer(DecoderRLTrainer):
     def uses_reference(self) -> bool:
         return self.args.reference_weight > 0
 
+    integer_rollout_timesteps = True  # the reference's sampler gives its DiT ⌊1000σ⌋
+
     def rollout_settings(self) -> tuple[float, str, float]:
         return 0.0, "dpm2" if self.args.rollout_solver == "dpm2" else "sde", 1.0  # deterministic, unguided
+
+    def rollout_policy(self):
+        """The old policy samples the rollouts (the reference samples with its "old" adapter)."""
+        return self.old_policy.swapped_in(self.accelerator.unwrap_model(self.model))
+
+    def trained_timesteps(self, count: int) -> torch.Tensor:
+        """`(count, len(_trained_steps()))` schedule indices: each sample's trained timesteps, a random draw without
+        replacement from the schedule's T (the reference permutes them per sample and trains the first ones), so a
+        micro-batch mixes timesteps."""
+        total = self.args.decoder_num_inference_steps
+        generators = self._generators(TIMESTEP_ORDER_STREAM, count)
+        return torch.stack([torch.randperm(total, generator=g)[: len(self._trained_steps())] for g in generators])
 
     def kept_trajectory(self, trajectory: Trajectory) -> Trajectory:
         """Only the clean latents (and the schedule): the update noises them afresh."""
@@ -96,9 +112,11 @@ class DiffusionNFTTrainer(DecoderRLTrainer):
         optimality = (0.5 + rollout["advantages"] / (2 * args.advantage_clip)).clamp(0, 1)
         dit = self.accelerator.unwrap_model(model)
         generators = self._generators(TRAINING_NOISE_STREAM, len(x0))
+        indices = self.trained_timesteps(len(x0)).to(x0.device)
 
         def step_loss(position: int, index: int) -> torch.Tensor:
-            t, timestep = trajectory.sigmas[index], trajectory.timesteps[index]
+            timestep = trajectory.timesteps[indices[:, position]]
+            t = trajectory.sigmas[indices[:, position]].view(-1, *[1] * (x0.ndim - 1))
             noise = randn_tensor(x0.shape, generator=generators, device=x0.device, dtype=x0.dtype)
             x_t = (1 - t) * x0 + t * noise
             # the old policy and the reference first: swapping weights under a graph that still needs them would

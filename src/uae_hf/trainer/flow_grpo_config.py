@@ -40,6 +40,13 @@ class FlowGRPOConfig(DecoderRLConfig):
             Classifier-free guidance (at `decoder_guidance_scale`) in rollouts and updates; off samples and trains
             the conditional branch alone.
 
+    Parameters that control the optimizer:
+        weight_decay (`float`, defaults to `1e-4`), lr_scheduler_type (`str`, defaults to `"constant"`):
+            Flow-GRPO's AdamW settings.
+
+    The EMA (`ema_decay`) is off by default, so that what is saved is what trained; Flow-GRPO's SD3 recipes keep
+    one (`ema_decay=0.9`, `ema_update_interval=8`, as `examples/recipes/generation_sd3.5.yaml` sets them).
+
     Optimizer steps per rollout, against Flow-GRPO's: each of its epochs samples a batch, then makes
     `train.num_inner_epochs` passes over it (reshuffled), each pass split into train batches with gradient accumulation
     (its SD3 recipes: one pass, two optimizer steps per sampled batch, the second one step off-policy). Here each
@@ -78,6 +85,8 @@ class FlowGRPOConfig(DecoderRLConfig):
     train_guidance: bool = field(
         default=True, metadata={"help": "Classifier-free guidance in rollouts and updates."}
     )
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
 
     def __post_init__(self):
         super().__post_init__()
