@@ -20,6 +20,7 @@ __version__ = "0.1.0.dev0"
 _SUBMODULE_OF = {
     "BACKBONES": "rewards.similarity",
     "PAPER_BACKBONES": "rewards.similarity",
+    "OFFICIAL_BACKBONES": "rewards.similarity",
     "ImageEmbedder": "rewards.similarity",
     "ImageSimilarity": "rewards.similarity",
     "register_backbone": "rewards.similarity",
@@ -61,6 +62,7 @@ _SUBMODULE_OF = {
 __all__ = [
     "BACKBONES",
     "PAPER_BACKBONES",
+    "OFFICIAL_BACKBONES",
     "ImageEmbedder",
     "ImageSimilarity",
     "metric_path",

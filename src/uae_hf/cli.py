@@ -356,7 +356,7 @@ def _cmd_bench(args) -> None:
 
     try:
         if args.images_dir:
-            references = references_from_folder(args.images_dir)
+            references = references_from_folder(args.images_dir, args.protocol)
         else:
             references = references_from_dataset(args.dataset, args.split, args.image_column)
     except ValueError as error:
@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the scoring backbones (float32, as the official scorer; --dtype sets the pipeline's)")
     bench.add_argument("--protocol", choices=("default", "official"), default="default",
                        help="default: batched, references cached; official: as Unified-Bench's Score_i2i.py (one pair "
-                       "at a time, its preprocessing and precision, its pairing and JSON fields in scores.json)")
+                       "at a time, its image decoding, preprocessing and precision, references from subfolders too, "
+                       "its pairing and JSON fields in scores.json)")
     bench.add_argument("--limit", type=int, default=None, help="only the first N references (default: all)")
     _add_generation_arguments(bench, steps=40, tokens=512)
     _add_verbose_argument(bench)

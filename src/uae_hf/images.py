@@ -26,7 +26,16 @@ def _open(source, where: str) -> PIL.Image.Image:
         raise ValueError(f"{where}: cannot read {name}: {error}{hint}") from error
 
 
-def load_image(item, where: str = "image") -> PIL.Image.Image:
+def pil_rgb(image: PIL.Image.Image, where: str = "image") -> PIL.Image.Image:
+    """PIL's own `convert("RGB")`, as Unified-Bench's released scorer decodes its files: alpha is dropped (not
+    composited), 16-bit and float values are clipped to 0..255 (not scaled by their range). Premultiplied `La`, which
+    no image file holds and PIL converts only to `LA`, goes through `LA`."""
+    if not isinstance(image, PIL.Image.Image):
+        raise TypeError(f"{where}: expected a PIL.Image.Image, got {type(image).__name__}")
+    return (image.convert("LA") if image.mode == "La" else image).convert("RGB")
+
+
+def load_image(item, where: str = "image", rgb=to_rgb) -> PIL.Image.Image:
     """One image as 8-bit RGB (PIL modes and array ranges as `to_rgb` and `array_to_image` describe).
 
     Args:
@@ -34,12 +43,14 @@ def load_image(item, where: str = "image") -> PIL.Image.Image:
             `datasets.Image(decode=False)` gives); an `HxW(xC)` numpy array (uint8, uint16, or float in [0, 1]); or a
             `CxHxW` torch tensor (uint8 or float in [0, 1]).
         where (`str`): how to name the item in an error (e.g. `"references[3]"`).
+        rgb (`Callable`, defaults to `to_rgb`): how a PIL image of any mode becomes RGB; `pil_rgb` for PIL's own
+            conversion.
     """
     if isinstance(item, dict) and {"bytes", "path"} & set(item):
         item = item.get("bytes") or item.get("path")
     if isinstance(item, (str, Path, bytes)):
         with _open(item, where) as image:
-            return to_rgb(image, where)
+            return rgb(image, where)
     if isinstance(item, torch.Tensor):
         if item.ndim != 3 or not 1 <= item.shape[0] <= 4:
             raise ValueError(f"{where}: expected a CxHxW tensor with 1 to 4 channels, got shape {tuple(item.shape)}")
@@ -48,14 +59,14 @@ def load_image(item, where: str = "image") -> PIL.Image.Image:
     if isinstance(item, np.ndarray):
         item = array_to_image(item, where)
     if isinstance(item, PIL.Image.Image):
-        return to_rgb(item, where)
+        return rgb(item, where)
     raise TypeError(
         f"{where}: expected a PIL image, a file path, image bytes, a numpy array or a CxHxW tensor, "
         f"got {type(item).__name__}"
     )
 
 
-def load_images(items, name: str = "images") -> list[PIL.Image.Image]:
+def load_images(items, name: str = "images", rgb=to_rgb) -> list[PIL.Image.Image]:
     """`load_image` over a list (or an `N`-image array or tensor); an empty list or a lone image is an error."""
     if isinstance(items, (str, Path, bytes, dict, PIL.Image.Image)) or (
         isinstance(items, (np.ndarray, torch.Tensor)) and items.ndim != 4
@@ -63,7 +74,7 @@ def load_images(items, name: str = "images") -> list[PIL.Image.Image]:
         raise TypeError(f"`{name}` must be a list of images, got a single {type(items).__name__}: wrap it in a list")
     if items is None or len(items) == 0:
         raise ValueError(f"`{name}` is empty: pass at least one image")
-    return [load_image(item, f"{name}[{index}]") for index, item in enumerate(items)]
+    return [load_image(item, f"{name}[{index}]", rgb) for index, item in enumerate(items)]
 
 
 def decoded_images(arrays) -> list[PIL.Image.Image | None]:

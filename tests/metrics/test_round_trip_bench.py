@@ -1,8 +1,10 @@
 import json
 
+import numpy as np
+import PIL.Image
 import pytest
 
-from uae_hf import PAPER_BACKBONES
+from uae_hf import OFFICIAL_BACKBONES, PAPER_BACKBONES
 from uae_hf.cli import main
 from uae_hf.metrics.round_trip_bench import (
     ReferenceImage,
@@ -22,6 +24,19 @@ def reference_dir(photos, tmp_path):
     for name, photo in zip(("astronaut", "coffee", "chelsea"), photos):
         photo.save(folder / f"{name}.png")
     return folder
+
+
+@pytest.fixture()
+def score_folder(backbone_checkpoints):
+    """`uae-hf bench` on a folder of reconstructions with the paper's four twins; returns its scores.json."""
+
+    def score(references, reconstructions, out, protocol="official"):
+        main(["bench", "--images-dir", str(references), "--reconstructions", str(reconstructions), "--output-dir",
+              str(out), "--protocol", protocol,
+              *[arg for name in PAPER_BACKBONES for arg in ("--checkpoint", f"{name}={backbone_checkpoints[name]}")]])
+        return json.loads((out / "scores.json").read_text())
+
+    return score
 
 
 class CountingPipeline:
@@ -81,7 +96,7 @@ def test_score_only_pairs_files_by_name_and_prefix(reference_dir, backbone_check
     assert [item["image"] for item in scores["skipped"]] == ["chelsea"]
 
 
-def test_official_protocol_writes_score_i2i_fields(reference_dir, backbone_checkpoints, photos, tmp_path):
+def test_official_protocol_writes_score_i2i_fields(reference_dir, score_folder, photos, tmp_path):
     """`--protocol official` keeps our fields and adds Score_i2i.py's: every reconstruction file is a row, a failed
     pair (unreadable file, or no reference) is None and out of the means, overall_average is the mean of the
     backbone means (not x100)."""
@@ -93,12 +108,8 @@ def test_official_protocol_writes_score_i2i_fields(reference_dir, backbone_check
     photos[1].save(recon / "chelsea.jpg")  # same stem
     (recon / "camera.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # a failed pair
     photos[0].save(recon / "stranger.png")  # no reference
-    out = tmp_path / "scored"
-    main(["bench", "--images-dir", str(reference_dir), "--reconstructions", str(recon), "--output-dir", str(out),
-          "--protocol", "official",
-          *[arg for name in PAPER_BACKBONES for arg in ("--checkpoint", f"{name}={backbone_checkpoints[name]}")]])
-    scores = json.loads((out / "scores.json").read_text())
-    assert scores["protocol"] == "official" and scores["model_types"] == list(PAPER_BACKBONES)
+    scores = score_folder(reference_dir, recon, tmp_path / "scored")
+    assert scores["protocol"] == "official" and scores["model_types"] == ["clip", "longclip", "dinov2", "dinov3"]
     files = ["astronaut.png", "camera.png", "chelsea.jpg", "recon_coffee.png", "stranger.png"]
     rows = {row["image"]: row for row in scores["per_image"]}
     averages = {}
@@ -116,13 +127,88 @@ def test_official_protocol_writes_score_i2i_fields(reference_dir, backbone_check
         }
         assert scores["backbones"][name]["mean"] == pytest.approx(averages[name])  # our fields: the same pairs
     summary = scores["summary"]
-    assert summary["models_used"] == list(PAPER_BACKBONES)
+    assert summary["models_used"] == list(OFFICIAL_BACKBONES)
     assert summary["average_scores_by_model"] == pytest.approx(averages)
     assert summary["overall_average"] == pytest.approx(sum(averages.values()) / 4)
     assert summary["overall_average"] == pytest.approx(scores["overall"], abs=1e-6)  # not x100
     assert summary["best_model"] == [max(averages, key=averages.get), pytest.approx(max(averages.values()))]
     assert summary["worst_model"] == [min(averages, key=averages.get), pytest.approx(min(averages.values()))]
     assert {item["image"] for item in scores["skipped"]} == {"camera", "stranger.png"}
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")  # PIL's, as Score_i2i.py converts
+def test_official_protocol_decodes_files_as_score_i2i(score_folder, photos, tmp_path):
+    """Score_i2i.py opens every file with PIL's `convert("RGB")`: alpha (a palette's too) dropped, 16-bit values
+    clipped at 255. Reconstructions that are exactly that score 1; under the default protocol, which composites on
+    white and maps 16-bit images by range, they do not."""
+    references, reconstructions = tmp_path / "references", tmp_path / "reconstructions"
+    references.mkdir()
+    reconstructions.mkdir()
+    transparent = photos[0].convert("RGBA")
+    transparent.putalpha(PIL.Image.linear_gradient("L").resize(photos[0].size))
+    originals = {"rgba.png": transparent, "la.png": transparent.convert("LA"), "palette.png": transparent.quantize(),
+                 "deep.png": PIL.Image.fromarray(np.asarray(photos[1].convert("L")).astype(np.uint16) * 257)}
+    for name, image in originals.items():
+        image.save(references / name)
+        PIL.Image.open(references / name).convert("RGB").save(reconstructions / name)
+    official = score_folder(references, reconstructions, tmp_path / "official")
+    default = score_folder(references, reconstructions, tmp_path / "default", protocol="default")
+    for name in OFFICIAL_BACKBONES:
+        assert official["similarities_by_model"][name] == pytest.approx(dict.fromkeys(originals, 1.0), abs=1e-5)
+    assert [row["overall"] < 0.99 for row in default["per_image"]] == [True] * 4
+
+
+def test_official_references_are_found_in_subfolders_with_score_i2i_file_types(score_folder, photos, tmp_path):
+    """Score_i2i.py looks for references recursively and only among .jpg .jpeg .png .bmp .tiff .webp: a reference in
+    a subfolder pairs, a .gif or .tif one does not (its reconstruction is a failed pair)."""
+    references, reconstructions = tmp_path / "references", tmp_path / "reconstructions"
+    (references / "sub").mkdir(parents=True)
+    reconstructions.mkdir()
+    photos[0].save(references / "sub" / "astronaut.png")
+    photos[1].save(references / "coffee.gif")
+    photos[2].save(references / "chelsea.tif")
+    for name, photo in zip(("astronaut", "coffee", "chelsea"), photos):
+        photo.save(reconstructions / f"{name}.png")
+    scores = score_folder(references, reconstructions, tmp_path / "out")
+    for name in OFFICIAL_BACKBONES:
+        similarities = scores["similarities_by_model"][name]
+        assert similarities["astronaut.png"] == pytest.approx(1.0, abs=1e-5)
+        assert similarities["coffee.png"] is None and similarities["chelsea.png"] is None
+    assert [row["file"] for row in scores["per_image"]] == ["astronaut.png"]
+
+
+def test_official_duplicate_file_names_count_once_in_every_field(score_folder, photos, tmp_path):
+    """Score_i2i.py keys scores by file name, so of a/astronaut.png and b/astronaut.png the last one's score stands.
+    Our per-image rows, means and unified_bench count the same pairs, so unified_bench is overall_average x 100."""
+    references, reconstructions = tmp_path / "references", tmp_path / "reconstructions"
+    references.mkdir()
+    for name, photo in zip(("astronaut", "coffee"), photos):
+        photo.save(references / f"{name}.png")
+    for path, photo in (("a/astronaut.png", photos[2]), ("b/astronaut.png", photos[0]), ("coffee.png", photos[2])):
+        (reconstructions / path).parent.mkdir(parents=True, exist_ok=True)
+        photo.save(reconstructions / path)
+    scores = score_folder(references, reconstructions, tmp_path / "out")
+    assert [row["reconstruction"] for row in scores["per_image"]] == [
+        str(reconstructions / "b" / "astronaut.png"), str(reconstructions / "coffee.png")]
+    for name in OFFICIAL_BACKBONES:
+        assert scores["similarities_by_model"][name]["astronaut.png"] == pytest.approx(1.0, abs=1e-5)
+        assert scores["backbones"][name]["mean"] == scores["statistics_by_model"][name]["average_similarity"]
+    assert scores["overall"] == scores["summary"]["overall_average"]
+    assert scores["unified_bench"] == 100 * scores["summary"]["overall_average"]
+
+
+def test_official_empty_reconstruction_folder_gives_an_empty_summary(score_folder, reference_dir, tmp_path):
+    """Score_i2i.py writes its JSON, with an empty summary, for a folder without reconstructions; the default
+    protocol still refuses to score nothing."""
+    (tmp_path / "empty").mkdir()
+    scores = score_folder(reference_dir, tmp_path / "empty", tmp_path / "out")
+    assert {key: scores[key] for key in ("model_types", "similarities_by_model", "statistics_by_model", "summary")} == {
+        "model_types": list(OFFICIAL_BACKBONES), "similarities_by_model": dict.fromkeys(OFFICIAL_BACKBONES, {}),
+        "statistics_by_model": {}, "summary": {}}
+    assert scores["num_images"] == 0 and scores["unified_bench"] is None and len(scores["skipped"]) == 3
+    assert "no pair scored" in (tmp_path / "out" / "scores.md").read_text()
+    with pytest.raises(SystemExit, match="no readable"):
+        score_folder(reference_dir, tmp_path / "empty", tmp_path / "default", protocol="default")
 
 
 def test_official_pairing_by_name_then_stem_or_recon_prefix(tmp_path):

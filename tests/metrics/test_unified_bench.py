@@ -4,6 +4,7 @@ from pathlib import Path
 
 import evaluate
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import BLOCK_NETWORK
@@ -38,12 +39,38 @@ def test_official_protocol_is_a_load_time_option(bench, backbone_checkpoints, ph
     assert official.similarity.protocol == "official"
     results = official.compute(predictions=photos, references=photos[::-1], return_per_image=True)
     default = bench.compute(predictions=photos, references=photos[::-1])
-    assert list(results) == [*uae_hf.PAPER_BACKBONES, "overall", "unified_bench", "per_image"]
+    assert list(results) == ["clip", "longclip", "dinov2", "dinov3", "overall", "unified_bench", "per_image"]
     for name in [*uae_hf.PAPER_BACKBONES, "overall"]:
         assert results[name] == pytest.approx(default[name], abs=1e-4), name
     assert results["unified_bench"] == pytest.approx(100 * results["overall"])
     with pytest.raises(ValueError, match="choose from"):
         evaluate.load("unified_bench", "clip", checkpoints={"clip": backbone_checkpoints["clip"]}, protocol="paper")
+
+
+def test_official_protocol_reads_files_as_score_i2i(bench, backbone_checkpoints, photos, tmp_path):
+    """Score_i2i.py reads each file with `Image.open(path).convert("RGB")`, which drops alpha and clips 16-bit values
+    at 255; the default protocol composites on white and maps by range (0.016 to 0.53 lower per pair here). The
+    official means are Score_i2i.py's: Python floats summed pair by pair, backbones in its order."""
+    transparent = photos[0].convert("RGBA")
+    transparent.putalpha(PIL.Image.linear_gradient("L").resize(photos[0].size))
+    images = {"rgba.png": transparent, "la.png": transparent.convert("LA"),
+              "deep.png": PIL.Image.fromarray(np.asarray(photos[1].convert("L")).astype(np.uint16) * 257)}
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    paths = [str(tmp_path / name) for name in images]
+    as_released = [PIL.Image.open(path).convert("RGB") for path in paths]
+    checkpoints = {name: backbone_checkpoints[name] for name in uae_hf.PAPER_BACKBONES}
+    official = evaluate.load("unified_bench", checkpoints=checkpoints, protocol="official")
+    results = official.compute(predictions=paths, references=as_released, return_per_image=True)
+    assert list(results)[:4] == ["clip", "longclip", "dinov2", "dinov3"]
+    for row in results["per_image"]:
+        assert row == pytest.approx(dict.fromkeys(row, 1.0), abs=1e-5)
+    for name, values in results.items():
+        if name in checkpoints:
+            assert values == sum(row[name] for row in results["per_image"]) / 3  # exactly, not to float32 rounding
+    assert results["unified_bench"] == 100 * sum(results[name] for name in ("clip", "longclip", "dinov2", "dinov3")) / 4
+    default = bench.compute(predictions=paths, references=as_released)
+    assert all(default[name] < 0.99 for name in checkpoints)
 
 
 def test_paths_arrays_and_tensors_are_accepted(bench, photos, tmp_path):

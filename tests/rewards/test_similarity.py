@@ -3,10 +3,18 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoImageProcessor, CLIPModel, Dinov2Model, DINOv3ViTModel, SiglipModel
+from transformers import (
+    AutoImageProcessor,
+    CLIPModel,
+    CLIPVisionModelWithProjection,
+    Dinov2Model,
+    DINOv3ViTModel,
+    SiglipModel,
+)
 
 from uae_hf import PAPER_BACKBONES, ImageSimilarity
-from uae_hf.rewards.similarity import OfficialEmbedder, get_embedder, official_dtype
+from uae_hf.images import pil_rgb, to_rgb
+from uae_hf.rewards.similarity import PROTOCOLS, OfficialEmbedder, get_embedder, official_dtype
 
 
 def _features(output):
@@ -168,6 +176,10 @@ def test_official_preprocessing_precision_and_backbones(backbone_checkpoints):
                           "dinov3": "DINOv3ViTImageProcessor"}
     assert official_dtype("longclip", "cuda:0") == torch.float16  # the Long-CLIP package halves its weights on CUDA
     assert official_dtype("longclip", "cpu") == official_dtype("clip", "cuda") == torch.float32
+    checkpoints = {name: backbone_checkpoints[name] for name in PAPER_BACKBONES}
+    assert list(ImageSimilarity(checkpoints=checkpoints, protocol="official").embedders) == [
+        "clip", "longclip", "dinov2", "dinov3"]  # Score_i2i.py's --models default, in its order
+    assert list(ImageSimilarity(checkpoints=checkpoints).embedders) == list(PAPER_BACKBONES)
     with pytest.raises(ValueError, match="no backbone 'siglip'"):
         ImageSimilarity(("siglip",), {"siglip": backbone_checkpoints["siglip"]}, protocol="official")
     with pytest.raises(ValueError, match="leave dtype at float32"):
@@ -203,3 +215,69 @@ def test_embed_pixels_agrees_with_embed(name, backbone_checkpoints, photos):
         torch.testing.assert_close(features.detach(), embedder.embed(images), atol=FEATURE_ATOL, rtol=0)
         features.sum().backward()
         assert pixels.grad.abs().sum() > 0  # differentiable all the way to the pixels
+
+
+def transparent(photo):
+    """The photo with alpha falling from opaque (top) to clear (bottom)."""
+    image = photo.convert("RGBA")
+    image.putalpha(PIL.Image.linear_gradient("L").resize(photo.size).point(lambda value: 255 - value))
+    return image
+
+
+def in_every_mode(photo):
+    """The photo in the PIL modes a user may hand over: bilevel, grey, palette, with graded alpha (premultiplied too),
+    CMYK, 32-bit integer, 16-bit and float."""
+    images = {mode: photo.convert(mode) for mode in ("1", "L", "P", "CMYK", "I", "F")}
+    images |= {mode: transparent(photo).convert(mode) for mode in ("RGBA", "RGBa", "LA", "PA")}
+    images["La"] = images["LA"].convert("La")
+    images["I;16"] = PIL.Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257)
+    assert [image.mode for image in images.values()] == list(images)
+    return images
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_any_pil_mode_scores_one_against_itself(protocol, backbone_checkpoints, photos):
+    """Before, LongCLIP and DINOv3 crashed on alpha and CMYK images (LongCLIP on 1-channel and 16-bit ones too), and
+    DINOv3 scored a palette image 0.94 (a bilevel one 0.75) against its own RGB rendering: each backbone's processor
+    made its own guess. Now every image is made RGB first, as the protocol decodes images (`to_rgb`, `pil_rgb`)."""
+    images = list(in_every_mode(photos[0]).values())
+    rgb = pil_rgb if protocol == "official" else to_rgb
+    similarity = ImageSimilarity(checkpoints={name: backbone_checkpoints[name] for name in PAPER_BACKBONES},
+                                 protocol=protocol)
+    for name, values in similarity.scores(images, [rgb(image) for image in images]).items():
+        torch.testing.assert_close(values, torch.ones(len(images)), atol=1e-5, rtol=0,
+                                   msg=lambda message: f"{name}: {message}")
+
+
+def test_official_protocol_converts_images_as_pil_does(backbone_checkpoints, photos):
+    """Score_i2i.py opens files with `Image.open(path).convert("RGB")`: alpha dropped, 16-bit values clipped at 255.
+    The default protocol keeps compositing transparency on white and mapping 16-bit images by their range."""
+    images = in_every_mode(photos[1])
+    images = [images[mode] for mode in ("RGBA", "LA", "PA", "I;16")]
+    checkpoints = {name: backbone_checkpoints[name] for name in PAPER_BACKBONES}
+    as_pil = [image.convert("RGB") for image in images]
+    official = ImageSimilarity(checkpoints=checkpoints, protocol="official").scores(images, as_pil)
+    default = ImageSimilarity(checkpoints=checkpoints).scores(images, as_pil)
+    for name in PAPER_BACKBONES:
+        torch.testing.assert_close(official[name], torch.ones(len(images)), atol=1e-5, rtol=0)
+    assert (sum(default.values()) / 4 < 0.99).all()  # measured 0.87 to 0.96
+
+
+def test_official_longclip_rounds_its_weights_to_float16(backbone_checkpoints):
+    """The Long-CLIP package's loader halves every linear and convolution weight and bias (`convert_weights`) and on
+    the CPU casts the model back to float32: norms and embeddings keep their precision. On the random-weight twin the
+    rounding moved the official LongCLIP cosines by up to 6.8e-4 per pair. The default protocol's model is untouched."""
+    checkpoint = backbone_checkpoints["longclip"]
+    official = OfficialEmbedder("longclip", checkpoint).embedder.model
+    plain = CLIPVisionModelWithProjection.from_pretrained(checkpoint).state_dict()
+    linear_or_convolution = ("patch_embedding.", "_proj.", ".fc1.", ".fc2.", "visual_projection.")
+    rounded = 0
+    for key, value in official.state_dict().items():
+        if any(part in key for part in linear_or_convolution):
+            assert torch.equal(value, plain[key].half().float()), key
+            rounded += not torch.equal(value, plain[key])
+        else:
+            assert torch.equal(value, plain[key]), key
+    assert rounded > 0 and official.dtype == torch.float32
+    default = get_embedder("longclip", checkpoint).model.state_dict()
+    assert all(torch.equal(value, plain[key]) for key, value in default.items())

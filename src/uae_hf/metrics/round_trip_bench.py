@@ -32,7 +32,7 @@ from pathlib import Path
 
 import PIL.Image
 
-from ..images import load_image
+from ..images import load_image, to_rgb
 from ..visualization import reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,9 @@ class ReferenceImage:
     source: object  # a path, or an image from a dataset row
     origin: str = ""
 
-    def load(self) -> PIL.Image.Image:
-        return load_image(self.source, where=f"reference {self.name!r}")
+    def load(self, rgb=to_rgb) -> PIL.Image.Image:
+        """The image as RGB, converted by `rgb` (`to_rgb`, or `pil_rgb` as Score_i2i.py decodes)."""
+        return load_image(self.source, f"reference {self.name!r}", rgb)
 
     @property
     def file_name(self) -> str:
@@ -99,18 +100,25 @@ def unique_names(paths: list[str | Path]) -> list[str]:
     return names
 
 
-def references_from_folder(folder: str | Path) -> list[ReferenceImage]:
+def references_from_folder(folder: str | Path, protocol: str = "default") -> list[ReferenceImage]:
     """The images directly in `folder` (sorted), named as `unique_names` says: their stems, file names where stems
-    are shared."""
+    are shared. With `protocol="official"`, as Score_i2i.py finds references: every file under `folder`, subfolders
+    included, with its file types (`OFFICIAL_SUFFIXES`: no .gif, no .tif), sorted by path."""
     folder = Path(folder)
     if folder.is_file():
         raise ValueError(f"reference folder {str(folder)!r} is a file, not a folder: pass the folder that holds the "
                          "reference images")
     if not folder.is_dir():
         raise ValueError(f"reference folder {str(folder)!r} does not exist")
-    paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if protocol == "official":
+        suffixes = OFFICIAL_SUFFIXES
+        paths = sorted((path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in suffixes),
+                       key=str)
+    else:
+        suffixes = IMAGE_SUFFIXES
+        paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in suffixes)
     if not paths:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}")
+        raise ValueError(f"no images ({', '.join(sorted(suffixes))}) in {str(folder)!r}")
     origin = f"folder {folder.resolve()}"
     return [ReferenceImage(name, path, origin) for name, path in zip(unique_names(paths), paths)]
 
@@ -302,7 +310,8 @@ def pair_reconstructions(references: list[ReferenceImage], folder: str | Path) -
 def match_reconstructions_officially(references: list[ReferenceImage], folder: str | Path):
     """Score_i2i.py's pairing, driven by the reconstructions: every image file under `folder` (recursively, sorted)
     gets the reference with the same file name, else the first reference with the same stem or whose stem with a
-    `recon_` prefix is its stem, else `None`.
+    `recon_` prefix is its stem, else `None`. Score_i2i.py keys its scores by file name, so a file name found in
+    several subfolders counts once, as its last path (at the place of its first).
 
     Returns `[(reconstruction path, reference or None), ...]`.
     """
@@ -312,14 +321,17 @@ def match_reconstructions_officially(references: list[ReferenceImage], folder: s
     by_file_name = {}
     for ref in references:
         by_file_name.setdefault(ref.file_name, ref)
-    matches = []
+    matches = {}
     for path in paths:
+        if path.name in matches:
+            logger.warning("%s counts instead of %s: Score_i2i.py keeps the last file of a name", path,
+                           matches[path.name][0])
         ref = by_file_name.get(path.name) or next(
             (ref for ref in references
              if path.stem in (Path(ref.file_name).stem, RECONSTRUCTION_PREFIX + Path(ref.file_name).stem)), None
         )
-        matches.append((path, ref))
-    return matches
+        matches[path.name] = (path, ref)
+    return list(matches.values())
 
 
 def pair_reconstructions_officially(references: list[ReferenceImage], folder: str | Path):
@@ -363,16 +375,18 @@ def official_fields(backbones, rows_by_file: dict[str, dict | None]) -> dict:
             "summary": summary}
 
 
-def score_pairs(pairs, metric, captions: dict[str, dict] | None = None):
-    """Score (reference, reconstruction path) pairs with the Unified-Bench metric; unreadable files are skipped.
+def score_pairs(pairs, metric, captions: dict[str, dict] | None = None, rgb=to_rgb):
+    """Score (reference, reconstruction path) pairs with the Unified-Bench metric; unreadable files are skipped, and
+    images are made RGB by `rgb`.
 
-    Returns (metric results, per-image rows, skipped items, (originals, reconstructions)).
+    Returns (metric results, per-image rows, skipped items, (originals, reconstructions)); the results are `None`
+    when no pair could be read.
     """
     scored, originals, reconstructions, skipped = [], [], [], []
     for ref, reconstruction_path in pairs:
         try:
-            original = ref.load()
-            reconstruction = load_image(reconstruction_path, where=f"reconstruction {ref.name!r}")
+            original = ref.load(rgb)
+            reconstruction = load_image(reconstruction_path, f"reconstruction {ref.name!r}", rgb)
         except (ValueError, TypeError) as error:
             logger.warning("skipping %s: %s", ref.name, error)
             skipped.append({"image": ref.name, "error": str(error)})
@@ -381,7 +395,7 @@ def score_pairs(pairs, metric, captions: dict[str, dict] | None = None):
         originals.append(original)
         reconstructions.append(reconstruction)
     if not scored:
-        raise ValueError("no readable (reference, reconstruction) pair to score")
+        return None, [], skipped, ([], [])
     results = metric.compute(predictions=reconstructions, references=originals, return_per_image=True)
     rows = []
     for (ref, reconstruction_path), per_image in zip(scored, results.pop("per_image")):
@@ -395,10 +409,12 @@ def score_pairs(pairs, metric, captions: dict[str, dict] | None = None):
 def write_report(output_dir: str | Path, results: dict, rows: list[dict], skipped: list[dict], backbones, images,
                  checkpoints: dict | None = None, grid_size: int = 8, protocol: str = "default",
                  official: dict | None = None, settings: dict | None = None, reused: int | None = None) -> dict:
-    """Write `scores.json` (with `official`'s fields beside ours), `scores.md` and `grid.png`; return `scores.json`."""
+    """Write `scores.json` (with `official`'s fields beside ours), `scores.md` and `grid.png`; return `scores.json`.
+    Without any scored pair (`results` is `None`), `overall` and `unified_bench` are `None` and there is no grid."""
     output_dir = Path(output_dir)
+    results = results or {"overall": None, "unified_bench": None}
     stats = {}
-    for name in backbones:
+    for name in (backbones if rows else ()):
         values = [row[name] for row in rows]
         mean = sum(values) / len(values)
         std = (sum((value - mean) ** 2 for value in values) / len(values)) ** 0.5
@@ -419,13 +435,19 @@ def write_report(output_dir: str | Path, results: dict, rows: list[dict], skippe
         **(official or {}),
     }
     (output_dir / "scores.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    lines = ["| backbone | mean | min | max |", "|---|---|---|---|"]
-    lines += [f"| {name} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} |" for name, s in stats.items()]
-    lines += [f"| **overall** | {results['overall']:.4f} | | |", "",
-              f"**Unified-Bench: {results['unified_bench']:.2f}** over {len(rows)} images ({protocol} protocol)"]
+    if rows:
+        lines = ["| backbone | mean | min | max |", "|---|---|---|---|"]
+        lines += [f"| {name} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} |" for name, s in stats.items()]
+        lines += [f"| **overall** | {results['overall']:.4f} | | |", "",
+                  f"**Unified-Bench: {results['unified_bench']:.2f}** over {len(rows)} images ({protocol} protocol)"]
+    else:
+        lines = [f"**Unified-Bench: no pair scored** ({protocol} protocol)"]
     if skipped:
         lines += ["", f"Skipped {len(skipped)}: " + ", ".join(item["image"] for item in skipped)]
     (output_dir / "scores.md").write_text("\n".join(lines) + "\n")
+    if not rows:
+        (output_dir / "grid.png").unlink(missing_ok=True)  # an earlier run's
+        return report
     originals, reconstructions = images
     shown = rows[:grid_size]
     reconstruction_grid(
@@ -483,10 +505,11 @@ def run_bench(
         batch_size (`int`, defaults to 8): images per pipeline call and per backbone pass.
         seed (`int`, defaults to 0): reference i is drawn with noise seed `seed + i`.
         protocol (`str`, defaults to `"default"`): `"official"` scores as Unified-Bench's `Score_i2i.py` (see the
-            metric's `protocol`) and adds its JSON fields to `scores.json`. Scoring `reconstructions_dir`, it pairs
-            files its way (`match_reconstructions_officially`: every reconstruction file counts, one without a
-            reference or unreadable is a failed pair); after a round trip, each reference is paired with its own
-            reconstruction.
+            metric's `protocol`; images decoded with PIL's `convert("RGB")`) and adds its JSON fields to
+            `scores.json`. Scoring `reconstructions_dir`, it pairs files its way (`match_reconstructions_officially`:
+            every reconstruction file name counts once, one without a reference or unreadable is a failed pair, and
+            none scored is a report with an empty `summary`, not an error); after a round trip, each reference is
+            paired with its own reconstruction.
         pipeline_settings (`dict`, *optional*): what identifies the pipeline (source, revision, adapter, dtype,
             device); recorded with the seed and `call_kwargs` as the round trip's settings, which a rerun into the
             same `output_dir` must share to reuse its reconstructions. Defaults to the pipeline's class and dtype.
@@ -532,7 +555,9 @@ def run_bench(
         matches, pairs, missing = pair_reconstructions_officially(references, reconstructions_dir)
     else:
         pairs, missing = pair_reconstructions(references, reconstructions_dir)
-    results, rows, unreadable, images = score_pairs(pairs, metric, captions)
+    results, rows, unreadable, images = score_pairs(pairs, metric, captions, metric.similarity.rgb)
+    if results is None and protocol != "official":  # Score_i2i.py writes its JSON with an empty summary instead
+        raise ValueError("no readable (reference, reconstruction) pair to score")
     official = None
     if protocol == "official":  # one entry per reconstruction file; unmatched and unreadable ones are None
         by_path = {row["reconstruction"]: row for row in rows}

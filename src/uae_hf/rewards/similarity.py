@@ -2,7 +2,7 @@
 
 One piece of code serves the trainers' reconstruction reward and the Unified-Bench metric, so training curves and
 benchmark numbers are comparable by construction. `ImageSimilarity(protocol="official")` scores as Unified-Bench's
-own scorer (`Score_i2i.py`) does, with the same loaded models (see `OfficialEmbedder`).
+own scorer (`Score_i2i.py`) does, with the same checkpoints (see `OfficialEmbedder`).
 """
 
 import contextlib
@@ -26,6 +26,8 @@ from transformers import (
     SiglipVisionModel,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+from ..images import pil_rgb, to_rgb
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ for _backbone in (
     register_backbone(_backbone)
 
 PAPER_BACKBONES = tuple(name for name, backbone in BACKBONES.items() if backbone.paper)
+OFFICIAL_BACKBONES = ("clip", "longclip", "dinov2", "dinov3")  # Score_i2i.py's default `--models`, in its order
 
 
 def _image_processor(checkpoint: str, clip_format: bool, backend: str | None = None):
@@ -154,6 +157,17 @@ def _resized_size(size, height: int, width: int) -> tuple[int, int]:
                      "height and width")
 
 
+def _round_weights_to_half(model: torch.nn.Module) -> None:
+    """Round the weights and biases of every linear and convolution layer to float16 in place, keeping their dtype, as
+    the Long-CLIP package's loader does (`convert_weights`, then `model.float()` on the CPU); norms and embeddings are
+    left alone."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            for parameter in (module.weight, module.bias):
+                if parameter is not None:
+                    parameter.data.copy_(parameter.data.half())
+
+
 def _image_key(image: PIL.Image.Image) -> str:
     digest = hashlib.blake2b(image.tobytes(), digest_size=20)
     digest.update(f"{image.mode}{image.size}".encode())
@@ -171,9 +185,12 @@ class ImageEmbedder:
         checkpoint (`str`, *optional*): Hub id or folder; defaults to the backbone's real checkpoint.
         device (`str` or `torch.device`, defaults to `"cpu"`), dtype (`torch.dtype`, defaults to `torch.float32`):
             fp16/bf16 on GPU halve the cost; embeddings are returned in float32 either way.
+        half_weights (`bool`, defaults to `False`): round the linear and convolution weights to float16 (computing in
+            `dtype` still), as the Long-CLIP package loads LongCLIP.
     """
 
-    def __init__(self, backbone: str, checkpoint: str | None = None, device="cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, backbone: str, checkpoint: str | None = None, device="cpu", dtype: torch.dtype = torch.float32,
+                 half_weights: bool = False):
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
         self.backbone = BACKBONES[backbone]
@@ -188,6 +205,8 @@ class ImageEmbedder:
             self.processor = _image_processor(self.checkpoint, clip_format=self.backbone.load is _clip_vision)
         except OSError as error:  # transformers' own message names neither the backbone nor a way out
             raise BackboneUnavailableError(backbone, self.checkpoint, error) from error
+        if half_weights:
+            _round_weights_to_half(model)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self._reference_cache: dict[str, torch.Tensor] = {}
 
@@ -258,13 +277,15 @@ class ImageEmbedder:
 _EMBEDDERS: dict[tuple, ImageEmbedder] = {}
 
 
-def get_embedder(backbone: str, checkpoint: str | None = None, device="cpu", dtype=torch.float32) -> ImageEmbedder:
-    """The process-wide embedder for this backbone, checkpoint, device and dtype (loaded once, cache shared)."""
+def get_embedder(backbone: str, checkpoint: str | None = None, device="cpu", dtype=torch.float32,
+                 half_weights: bool = False) -> ImageEmbedder:
+    """The process-wide embedder for this backbone, checkpoint, device, dtype and `half_weights` (loaded once, cache
+    shared)."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
-    key = (backbone, str(checkpoint or BACKBONES[backbone].checkpoint), str(torch.device(device)), dtype)
+    key = (backbone, str(checkpoint or BACKBONES[backbone].checkpoint), str(torch.device(device)), dtype, half_weights)
     if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = ImageEmbedder(backbone, checkpoint, device, dtype)
+        _EMBEDDERS[key] = ImageEmbedder(backbone, checkpoint, device, dtype, half_weights)
     return _EMBEDDERS[key]
 
 
@@ -276,20 +297,21 @@ _OFFICIAL_PROCESSOR_BACKEND = {"clip": "pil", "dinov2": "pil", "dinov3": "torchv
 
 def official_dtype(backbone: str, device="cpu") -> torch.dtype:
     """The official scorer's precision: float32, except LongCLIP in float16 on CUDA (the Long-CLIP package's loader
-    casts its weights to half there and keeps float32 on the CPU)."""
+    casts its weights to half there, and on the CPU casts them back to float32, rounded)."""
     return torch.float16 if backbone == "longclip" and torch.device(device).type == "cuda" else torch.float32
 
 
 class OfficialEmbedder:
     """One paper backbone as Unified-Bench's official scorer (`Score_i2i.py`) runs it, around the same loaded model.
 
-    The model comes from `get_embedder`, shared with the default protocol. What differs: one image per forward pass
-    and no reference cache; CLIP and DINOv2 go through transformers' PIL image processors and DINOv3 through its
-    torchvision one (see `_OFFICIAL_PROCESSOR_BACKEND`); LongCLIP goes through the original Long-CLIP package's
-    transform (torchvision `Resize(size, bicubic)` of the PIL image, `CenterCrop(size)`, whose offset torchvision
-    rounds where transformers floors it, CLIP normalisation) and runs in `official_dtype`. The features are the
-    default protocol's: CLIP's `image_embeds` is `get_image_features`, DINO's `pooler_output` is
-    `last_hidden_state[:, 0]`; they are L2-normalised in float32.
+    The model comes from `get_embedder`, shared with the default protocol, except LongCLIP's. What differs: one image
+    per forward pass and no reference cache; CLIP and DINOv2 go through transformers' PIL image processors and DINOv3
+    through its torchvision one (see `_OFFICIAL_PROCESSOR_BACKEND`); LongCLIP goes through the original Long-CLIP
+    package's transform (torchvision `Resize(size, bicubic)` of the PIL image, `CenterCrop(size)`, whose offset
+    torchvision rounds where transformers floors it, CLIP normalisation), has its linear and convolution weights
+    rounded to float16 as that package's loader does, and runs in `official_dtype`. The features are the default
+    protocol's: CLIP's `image_embeds` is `get_image_features`, DINO's `pooler_output` is `last_hidden_state[:, 0]`;
+    they are L2-normalised in float32.
 
     Args:
         backbone (`str`): one of `PAPER_BACKBONES`.
@@ -301,7 +323,8 @@ class OfficialEmbedder:
         if backbone not in PAPER_BACKBONES:
             raise ValueError(f"the official Unified-Bench scorer has no backbone {backbone!r}; "
                              f"it has {PAPER_BACKBONES}")
-        self.embedder = get_embedder(backbone, checkpoint, device, official_dtype(backbone, device))
+        self.embedder = get_embedder(backbone, checkpoint, device, official_dtype(backbone, device),
+                                     half_weights=backbone == "longclip")
         self.transform = self.processor = None
         if backbone == "longclip":
             size = self.embedder.model.config.image_size
@@ -340,8 +363,13 @@ PROTOCOLS = ("default", "official")
 class ImageSimilarity:
     """Cosine similarity of predictions to references under one or more backbones.
 
+    Images may be in any PIL mode: the default protocol makes them RGB with `to_rgb` (transparency composited on white,
+    16-bit and float images mapped by their range), the official one with PIL's `convert("RGB")` (`pil_rgb`), as
+    Score_i2i.py decodes its files.
+
     Args:
-        backbones (`tuple[str, ...]`, defaults to the paper's four): registry names.
+        backbones (`tuple[str, ...]`, *optional*): registry names; defaults to the paper's four, in Score_i2i.py's
+            order (`OFFICIAL_BACKBONES`) with `protocol="official"`.
         checkpoints (`dict[str, str]`, *optional*): backbone → Hub id or folder, overriding the defaults.
         device, dtype: where and how the backbones run.
         batch_size (`int`, defaults to 32): images per backbone forward pass.
@@ -352,13 +380,15 @@ class ImageSimilarity:
 
     def __init__(
         self,
-        backbones=PAPER_BACKBONES,
+        backbones=None,
         checkpoints: dict[str, str] | None = None,
         device="cpu",
         dtype: torch.dtype = torch.float32,
         batch_size: int = 32,
         protocol: str = "default",
     ):
+        if backbones is None:
+            backbones = OFFICIAL_BACKBONES if protocol == "official" else PAPER_BACKBONES
         backbones = tuple(backbones)
         if not backbones:
             raise ValueError("pass at least one backbone")
@@ -373,18 +403,21 @@ class ImageSimilarity:
                              f"LongCLIP float16 on CUDA): leave dtype at float32, not {dtype}")
         self.batch_size = batch_size
         self.protocol = protocol
+        self.rgb = pil_rgb if protocol == "official" else to_rgb
         if protocol == "official":
             self.embedders = {name: OfficialEmbedder(name, checkpoints.get(name), device) for name in backbones}
         else:
             self.embedders = {name: get_embedder(name, checkpoints.get(name), device, dtype) for name in backbones}
 
     def scores(self, predictions: list[PIL.Image.Image], references: list[PIL.Image.Image]) -> dict[str, torch.Tensor]:
-        """Per-backbone `(N,)` cosines between `predictions[i]` and `references[i]`; references go through the cache
-        (default protocol) or are embedded again for every pair (official)."""
+        """Per-backbone `(N,)` cosines between `predictions[i]` and `references[i]` (PIL images, any mode);
+        references go through the cache (default protocol) or are embedded again for every pair (official)."""
         if len(predictions) != len(references):
             raise ValueError(f"got {len(predictions)} predictions and {len(references)} references; pass one per pair")
         if len(predictions) == 0:
             raise ValueError("no images to score: pass at least one prediction/reference pair")
+        predictions = [self.rgb(image, f"predictions[{index}]") for index, image in enumerate(predictions)]
+        references = [self.rgb(image, f"references[{index}]") for index, image in enumerate(references)]
         result = {}
         for name, embedder in self.embedders.items():
             if self.protocol == "official":  # each image alone, so pair by pair as Score_i2i.py does

@@ -5,7 +5,7 @@ import evaluate
 import torch
 
 from uae_hf.images import load_images
-from uae_hf.rewards.similarity import BACKBONES, PAPER_BACKBONES, ImageSimilarity
+from uae_hf.rewards.similarity import BACKBONES, OFFICIAL_BACKBONES, PAPER_BACKBONES, ImageSimilarity
 
 _CITATION = """\
 @article{uae2025,
@@ -26,22 +26,26 @@ the mean of the backbone scores and `unified_bench` is `overall` x 100, the numb
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list`): reconstructions, as PIL images (any mode), file paths, image bytes or `{"bytes", "path"}`
-        dicts, HxWxC numpy arrays (uint8, uint16 or float in [0, 1]) or CxHxW tensors (uint8 or float in [0, 1]).
+        dicts, HxWxC numpy arrays (uint8, uint16 or float in [0, 1]) or CxHxW tensors (uint8 or float in [0, 1]). The
+        default protocol composites transparency on white and maps 16-bit images by their range; the official one
+        converts as Score_i2i.py does, with PIL's `convert("RGB")` (alpha dropped, values clipped to 0..255).
     references (`list`): the original images, in the same order and forms. NaN, out-of-range values, unreadable
         files and mismatched lengths are errors naming the item (e.g. `references[3]`).
     return_per_image (`bool`, defaults to `False`): also return `per_image`, one dict of backbone cosines per pair.
 
 Load-time keyword arguments (`evaluate.load("unified_bench", config_name, **kwargs)`):
-    config_name: `"default"` (the paper's four backbones) or backbones joined by `+`, e.g. `"clip+dinov2"`; choices:
-        clip, dinov2, dinov3, longclip, siglip.
+    config_name: `"default"` (the paper's four backbones; in Score_i2i.py's order clip, longclip, dinov2, dinov3 with
+        the official protocol) or backbones joined by `+`, e.g. `"clip+dinov2"`; choices: clip, dinov2, dinov3,
+        longclip, siglip.
     checkpoints (`dict[str, str]`): backbone -> Hub id or local folder, replacing the default checkpoint.
     device (`str`, defaults to `"cpu"`), dtype (`str` or `torch.dtype`, defaults to float32), batch_size (`int`).
     protocol (`str`, defaults to `"default"`): `"default"` embeds in batches and caches references; `"official"`
         reproduces Unified-Bench's own scorer (`Score_i2i.py`): one pair at a time, references embedded again for
-        every pair, its per-backbone preprocessing, and its precision (float32; LongCLIP float16 on CUDA, float32 on
-        CPU), so `dtype` must stay float32. Paper backbones only. Same weights and features: the protocols differ
-        by resampling and float rounding, more for LongCLIP where its crop offset rounds and transformers' floors
-        and in fp16 on CUDA (measured: `docs/unified_bench_protocols.md`).
+        every pair, its image decoding, its per-backbone preprocessing, and its precision (float32; LongCLIP float16
+        on CUDA, float32 with float16-rounded weights on CPU), so `dtype` must stay float32. Paper backbones only.
+        Same checkpoints and features: on opaque 8-bit images the protocols differ by resampling and float rounding,
+        more for LongCLIP where its crop offset rounds and transformers' floors and in fp16 on CUDA (measured:
+        `docs/unified_bench_protocols.md`).
 
 Returns:
     One mean cosine per backbone, `overall` (mean of those) and `unified_bench` (`overall` x 100); `per_image` on
@@ -60,10 +64,11 @@ Examples:
 """
 
 
-def backbones_of(config_name: str) -> tuple[str, ...]:
-    """`"default"` → the paper's four backbones; `"clip+dinov2"` → ("clip", "dinov2")."""
+def backbones_of(config_name: str, protocol: str = "default") -> tuple[str, ...]:
+    """`"default"` → the paper's four backbones (in Score_i2i.py's order for the official protocol);
+    `"clip+dinov2"` → ("clip", "dinov2")."""
     if config_name in (None, "default"):
-        return PAPER_BACKBONES
+        return OFFICIAL_BACKBONES if protocol == "official" else PAPER_BACKBONES
     names = tuple(config_name.split("+"))
     unknown = [name for name in names if name not in BACKBONES]
     if unknown:
@@ -84,7 +89,7 @@ class UnifiedBench(evaluate.Metric):
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.batch_size = batch_size
         super().__init__(*args, **kwargs)
-        self.backbones = backbones_of(self.config_name)
+        self.backbones = backbones_of(self.config_name, protocol)
 
     def _info(self):
         return evaluate.MetricInfo(
@@ -102,7 +107,8 @@ class UnifiedBench(evaluate.Metric):
         )
 
     def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add reconstruction/reference pairs (PIL images, paths, bytes, arrays or tensors), checked and made RGB."""
+        """Add reconstruction/reference pairs (PIL images, paths, bytes, arrays or tensors), checked and made RGB as the
+        protocol decodes images."""
         if (predictions is None) != (references is None):
             missing = "references" if references is None else "predictions"
             raise ValueError(f"`{missing}` is missing: pass `predictions=` and `references=` together, one pair each")
@@ -113,13 +119,14 @@ class UnifiedBench(evaluate.Metric):
                 "reference, in the same order"
             )
         if predictions is not None:
-            predictions, references = load_images(predictions, "predictions"), load_images(references, "references")
+            predictions = load_images(predictions, "predictions", self.similarity.rgb)
+            references = load_images(references, "references", self.similarity.rgb)
         return super().add_batch(predictions=predictions, references=references, **kwargs)
 
     def _compute(self, predictions, references, return_per_image=False):
-        predictions = [image.convert("RGB") for image in predictions]
-        scores = self.similarity.scores(predictions, [image.convert("RGB") for image in references])
-        results = {name: float(values.mean()) for name, values in scores.items()}
+        scores = self.similarity.scores(predictions, references)
+        # in Python floats, one pair after another, as Score_i2i.py averages
+        results = {name: sum(values.tolist()) / len(values) for name, values in scores.items()}
         results["overall"] = sum(results[name] for name in scores) / len(scores)
         results["unified_bench"] = 100.0 * results["overall"]
         if return_per_image:
