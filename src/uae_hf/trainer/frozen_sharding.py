@@ -59,15 +59,12 @@ def fsdp_mesh(accelerator):
     return mesh
 
 
-def shard_frozen_models(models: dict[str, torch.nn.Module], accelerator, trained: torch.nn.Module) -> list[str]:
+def shard_frozen_models(models: dict[str, torch.nn.Module | None], accelerator, trained: torch.nn.Module) -> None:
     """Under FSDP2 on several processes, shard for inference each of `models` (name → frozen model; the VAE named
-    "vae") that shares no weight with `trained`, which the engine shards itself. Returns the names sharded."""
+    "vae") that shares no weight with `trained`, which the engine shards itself."""
     if not (accelerator.is_fsdp2 and accelerator.num_processes > 1):
-        return []
+        return
     mesh, engine_owned = fsdp_mesh(accelerator), {id(p) for p in trained.parameters()}
-    sharded = []
     for name, model in models.items():
         if isinstance(model, torch.nn.Module) and not any(id(p) in engine_owned for p in model.parameters()):
             shard_for_inference(model, mesh, methods=("encode", "decode") if name == "vae" else ())
-            sharded.append(name)
-    return sharded
