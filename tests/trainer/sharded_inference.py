@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from uae_hf import load_uae_pipeline
 from uae_hf.pipelines.uae_reconstruction.captioning import caption_images
 from uae_hf.sample_data import skimage_photos
-from uae_hf.trainer.frozen_sharding import FROZEN_DECODER_PARTS, shard_for_inference
+from uae_hf.trainer.frozen_sharding import decoder_models, shard_for_inference
 
 tiny_dir, out = sys.argv[1:3]
 dist.init_process_group("gloo")
@@ -38,7 +38,7 @@ def round_trip(**generate_kwargs) -> dict:
 
 
 whole = round_trip()
-models = {name: getattr(pipe, name) for name in FROZEN_DECODER_PARTS if getattr(pipe, name, None) is not None}
+models = {name: model for name, model in decoder_models(pipe).items() if model is not None}
 for name, model in models.items():
     shard_for_inference(model.requires_grad_(False), methods=("encode", "decode") if name == "vae" else ())
 sharded = round_trip(synced_gpus=True)  # a sharded model gathers its weights with every process at each token

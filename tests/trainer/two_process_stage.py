@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 
 from uae_hf import load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
-from uae_hf.trainer.frozen_sharding import FROZEN_DECODER_PARTS
+from uae_hf.trainer.frozen_sharding import decoder_models
 from uae_hf.trainer.sharded_parameters import full_values, trained_parameters
 
 stage, tiny_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -115,7 +115,7 @@ def trained_weights():
 def frozen_models() -> dict[str, list[str]]:
     """The frozen models the stage runs (those with no trained weight): which are sharded (all their weights DTensors,
     FSDP2's shards), which whole."""
-    models = {name: getattr(pipe, name, None) for name in FROZEN_DECODER_PARTS} | {"encoder": getattr(trainer, "encoder", None)}
+    models = decoder_models(pipe) | {"encoder": getattr(trainer, "encoder", None)}
     frozen = {name: [*model.parameters()] for name, model in models.items() if isinstance(model, torch.nn.Module)
               and not any(p.requires_grad for p in model.parameters())}
     sharded = sorted(name for name, weights in frozen.items() if all(isinstance(p, DTensor) for p in weights))

@@ -25,7 +25,7 @@ from ..seeding import seeded_generators, stream_seed
 from .checkpointing import AtomicCheckpoints
 from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
 from .decoder_training_config import DIT_LORA_TARGETS, DecoderTrainingConfig
-from .frozen_sharding import FROZEN_DECODER_PARTS, shard_frozen_models
+from .frozen_sharding import decoder_models, shard_frozen_models
 from .model_card import card_tags, latest_metrics
 from .sharded_parameters import assign, full_values, trained_parameters, whole_model_loading
 
@@ -145,7 +145,7 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
 
     def frozen_models(self) -> dict[str, torch.nn.Module | None]:
         """The models the stage runs frozen, by name (those it trains are skipped where they are met)."""
-        return {name: getattr(self.decoder, name, None) for name in FROZEN_DECODER_PARTS} | {"encoder": self.encoder}
+        return decoder_models(self.decoder) | {"encoder": self.encoder}
 
     def stage_loss(self, model, rows: list[dict], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """The stage's loss on `rows` and the metrics to log with it."""

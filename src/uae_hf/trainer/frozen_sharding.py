@@ -11,8 +11,13 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-# a UAE pipeline's models that the trainers run frozen (those the stage trains are skipped where they are met)
 FROZEN_DECODER_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "vlm", "projector")
+
+
+def decoder_models(decoder) -> dict[str, torch.nn.Module | None]:
+    """A UAE pipeline's models that the trainers run frozen, by name (those the stage trains are skipped where they
+    are met)."""
+    return {name: getattr(decoder, name, None) for name in FROZEN_DECODER_PARTS}
 
 
 def shard_for_inference(model: torch.nn.Module, mesh=None, methods: tuple[str, ...] = ()) -> None:

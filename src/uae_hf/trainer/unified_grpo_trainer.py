@@ -18,7 +18,7 @@ from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of, model_source
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import adapters_disabled, caption_messages
 from .checkpointing import AtomicCheckpoints
 from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
-from .frozen_sharding import FROZEN_DECODER_PARTS, shard_frozen_models
+from .frozen_sharding import decoder_models, shard_frozen_models
 from .health import HealthWarnings
 from .model_card import card_tags, latest_metrics
 from .sharded_parameters import whole_model_loading
@@ -153,8 +153,7 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
                 component.requires_grad_(False).eval()
         self.decoder.to(self.accelerator.device)
         if args.shard_frozen_models:  # the frozen decoder, over the processes that shard the policy (FSDP2 only)
-            shard_frozen_models({name: getattr(self.decoder, name, None) for name in FROZEN_DECODER_PARTS},
-                                self.accelerator, trained=policy)
+            shard_frozen_models(decoder_models(self.decoder), self.accelerator, trained=policy)
         self.health = HealthWarnings()
 
     # ------------------------------------------------------------------------------------------------ caption rollouts
