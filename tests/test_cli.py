@@ -41,11 +41,24 @@ def test_reconstruct_writes_images_captions_and_grid(pipe, photos, tmp_path):
     assert [row["caption"] for row in again] == [row["caption"] for row in rows]
 
 
-def test_reconstruct_names_an_unreadable_file(pipe, tmp_path):
-    bad = tmp_path / "broken.png"
+def test_reconstruct_skips_and_names_unreadable_files_before_loading_the_pipeline(pipe, photos, tmp_path, capsys):
+    """Today: the first bad file stops the run (bench skips and reports it)."""
+    bad, missing, good = tmp_path / "broken.png", tmp_path / "missing.png", tmp_path / "good.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(SystemExit, match="broken.png"):
-        main(["reconstruct", str(bad), "--pipeline", "unused", "--output-dir", str(tmp_path / "out")])
+    photos[0].save(good)
+    with pytest.raises(SystemExit, match="none of the 2 image"):  # "unused" is no pipeline: nothing loaded it
+        main(["reconstruct", str(bad), str(missing), "--pipeline", "unused", "--output-dir", str(tmp_path / "out")])
+    assert "broken.png" in (err := capsys.readouterr().err) and "missing.png" in err
+    pipe.save_pretrained(tmp_path / "pipeline")
+    main(["reconstruct", str(bad), str(good), "--pipeline", str(tmp_path / "pipeline"), "--output-dir",
+          str(tmp_path / "out"), "--num-inference-steps", "2", "--max-new-tokens", "60", "--temperature", "1"])
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "broken.png" in captured.err
+    assert "wrote 1 reconstructions" in captured.out and "skipped 1 unreadable image(s)" in captured.out
+    rows = [json.loads(line) for line in (tmp_path / "out" / "captions.jsonl").read_text().splitlines()]
+    assert [row["image"] for row in rows] == [str(good)]
+    printed = next(line for line in captured.out.splitlines() if line.startswith(str(good)))
+    assert len(printed) <= len(str(good)) + 160  # long captions are shortened in the console, whole in the file
 
 
 def assert_log_history_saved(out: Path, steps: int) -> None:

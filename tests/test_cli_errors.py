@@ -131,3 +131,65 @@ def test_verbose_shows_the_traceback_of_the_cause(image, tmp_path, capsys):
               str(tmp_path / "out"), "--backbones", "clip", "--checkpoint", "clip=nobody/no-such-clip", "--verbose"])
     stderr = capsys.readouterr().err
     assert "Traceback" in stderr and stderr.rstrip().splitlines()[-1].startswith("uae-hf: cannot load the clip")
+
+
+@pytest.mark.parametrize("device, expected", [("cuda", "no usable CUDA GPU"), ("gpu0", "'gpu0' is not a device")])
+def test_an_unavailable_or_malformed_device_is_refused_before_any_model_loads(device, expected, image, tmp_path, capsys):
+    """Today: `--device cuda` loads the pipeline for 40 s, then a 40-line traceback (`Found no NVIDIA driver`)."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    stderr = fails(["reconstruct", str(image), "--pipeline", "unused", "--output-dir", str(tmp_path / "out"),
+                    "--device", device], capsys)  # "unused" is no pipeline: an error after loading would name it
+    assert "argument --device" in stderr and expected in stderr and "unused" not in stderr
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--num-inference-steps", "--max-new-tokens", "--height"])
+def test_numeric_arguments_below_one_are_refused(flag, image, tmp_path, capsys):
+    """Today: `--batch-size 0` is `range() arg 3 must not be zero`; `--num-inference-steps 0` writes an image."""
+    stderr = fails(["reconstruct", str(image), "--pipeline", "unused", "--output-dir", str(tmp_path / "out"), flag,
+                    "0"], capsys)
+    assert f"argument {flag}" in stderr and "0 is not a positive integer" in stderr
+
+
+def test_no_abbreviated_options_and_a_typo_names_the_closest_option(image, tmp_path, capsys):
+    """Today: `--output-di` is taken for `--output-dir`, and `uae-hf train --learning-rat 1` trains at rate 1."""
+    stderr = fails(["reconstruct", str(image), "--pipeline", "p", "--output-di", str(tmp_path / "out")], capsys)
+    assert "--output-dir" in stderr  # required and not given: the prefix did not stand in for it
+    stderr = fails(["reconstruct", str(image), "--pipeline", "p", "--output-dir", str(tmp_path), "--num-inference-step",
+                    "4"], capsys)
+    assert "--num-inference-step (did you mean --num-inference-steps?)" in stderr
+    stderr = fails(["train", "--learning_rat", "1"], capsys)
+    assert "--learning_rat (did you mean --learning_rate" in stderr
+    stderr = fails(["train", "--config", "examples/recipes/pretrain_tiny.yaml", "--learning-rat", "1"], capsys)
+    assert "--learning-rat" in stderr and "did you mean --learning_rate" in stderr
+
+
+def test_train_on_a_cpu_without_a_recipe_or_with_a_gpu_recipe_says_what_to_pass(capsys):
+    """Today: transformers' `Your setup doesn't support bf16/gpu. You need to assign use_cpu...`."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    stderr = fails(["train"], capsys)
+    assert "no --config recipe" in stderr and "understanding_tiny.yaml" in stderr
+    stderr = fails(["train", "--config", "examples/recipes/generation_sd3.5.yaml"], capsys)
+    assert "this recipe trains in bf16 on a GPU" in stderr and "--use_cpu true --bf16 false" in stderr
+
+
+def test_pushing_without_the_hub_or_a_token_is_refused_before_training(monkeypatch, tmp_path, capsys):
+    """Today: an 83-line `ConnectError` traceback once the Trainer tries to create the repo."""
+    from huggingface_hub import constants
+
+    from uae_hf.trainer import train_script
+
+    monkeypatch.setattr(train_script, "train", lambda *args: pytest.fail("trained"))
+    flags = ["train", "--use_cpu", "true", "--bf16", "false", "--push_to_hub", "true", "--output_dir", str(tmp_path)]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE is set" in fails(flags, capsys)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert "no Hugging Face token is set" in fails(flags, capsys)

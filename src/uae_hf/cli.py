@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import difflib
 import hashlib
 import importlib
 import json
@@ -32,15 +33,66 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def closest_options(message: str, options) -> str:
+    """argparse's "unrecognized arguments: --x" `message` with the closest of `options` to each (difflib)."""
+    if not message.startswith("unrecognized arguments:"):
+        return message
+    described = []
+    for argument in message.removeprefix("unrecognized arguments:").split():
+        flag = argument.split("=")[0]
+        close = difflib.get_close_matches(flag, options, n=2, cutoff=0.6) if flag.startswith("-") else []
+        described.append(f"{argument} (did you mean {' or '.join(close)}?)" if close else argument)
+    return "unrecognized arguments: " + " ".join(described)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with defaults in `--help`, and usage errors as one `CommandLineError` line instead of a usage dump."""
+    """argparse with defaults in `--help`, no abbreviated options (a typo is an error, never a prefix of a valid
+    option), and usage errors as one `CommandLineError` line naming the closest valid option."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs["allow_abbrev"] = False
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        raise CommandLineError(f"{message} (see {self.prog} --help)")
+        options = [option for action in self._actions for option in action.option_strings]
+        raise CommandLineError(f"{closest_options(message, options)} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports unknown options of a subcommand through the top parser: the subcommand's parser checks them
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._subparsers._group_actions[0].choices.get(getattr(namespace, "command", None)) \
+                if self._subparsers else None
+            (command or self).error(f"unrecognized arguments: {' '.join(unknown)}")
+        return namespace
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
+def torch_device(value: str) -> str:
+    """An argparse type: a device string torch parses, on hardware this machine has."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{value}: this machine has no usable CUDA GPU (torch.cuda.is_available() "
+                                             "is False): pass --device cpu, or leave --device out")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{value}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: MPS is not available on this machine: pass --device cpu")
+    return value
 
 
 # Warnings users cannot act on, off unless --verbose (regular expressions on the message's start).
@@ -151,16 +203,18 @@ def _generate_kwargs(args) -> dict:
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser, steps: int, tokens: int) -> None:
-    parser.add_argument("--num-inference-steps", type=int, default=steps, help="decoder sampling steps")
+    parser.add_argument("--num-inference-steps", type=positive_int, default=steps, help="decoder sampling steps")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale")
-    parser.add_argument("--height", type=int, default=None, help="output height (default: the decoder's native size)")
-    parser.add_argument("--width", type=int, default=None, help="output width (default: the decoder's native size)")
-    parser.add_argument("--max-new-tokens", type=int, default=tokens, help="caption length limit")
+    parser.add_argument("--height", type=positive_int, default=None,
+                        help="output height (default: the decoder's native size)")
+    parser.add_argument("--width", type=positive_int, default=None,
+                        help="output width (default: the decoder's native size)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=tokens, help="caption length limit")
     parser.add_argument("--temperature", type=float, default=0.7, help="caption sampling temperature (0: greedy)")
     parser.add_argument("--conditioning-mode", choices=["embeddings", "text"], default=None,
                         help="override the pipeline's mode (default: its own)")
     _add_model_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per pipeline call")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the first image (image i uses seed + i)")
     parser.add_argument("--encoder-adapter", default=None, metavar="DIR",
                         help="a PEFT adapter folder to load on the encoder, e.g. a stage-2 output (default: none)")
@@ -174,7 +228,8 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 def _add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
-        parser.add_argument("--device", default=None, help="where the models run (default: cuda when available, else cpu)")
+        parser.add_argument("--device", type=torch_device, default=None,
+                            help="where the models run (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="dtype of every model loaded; auto (default): bfloat16 on a GPU, else as stored on disk")
 
@@ -269,8 +324,17 @@ def _cmd_tiny_models(args) -> None:
     print(f"tiny twins written to {out}")
 
 
+CONSOLE_CAPTION_CHARS = 120  # captions.jsonl keeps each whole
+
+
+def _console_caption(caption: str) -> str:
+    if len(caption) <= CONSOLE_CAPTION_CHARS:
+        return repr(caption)
+    return f"{caption[:CONSOLE_CAPTION_CHARS]!r}... ({len(caption.split())} words)"
+
+
 def _cmd_reconstruct(args) -> None:
-    from .images import load_images
+    from .images import load_image
     from .metrics.round_trip_bench import unique_names
 
     paths = [Path(p) for p in args.images]
@@ -278,17 +342,24 @@ def _cmd_reconstruct(args) -> None:
         unique_names(paths)  # the same image twice fails here, before any model loads
     except ValueError as error:
         raise CommandLineError(str(error)) from None
-    try:
-        originals = load_images(paths, "images")  # every image read up front: a bad file stops the run at once
-    except ValueError as error:
-        raise CommandLineError(str(error)) from error
+    readable, originals = [], []
+    for path in paths:  # every image read before the pipeline loads; an unreadable one is skipped and reported
+        try:
+            originals.append(load_image(path, str(path)))
+            readable.append(path)
+        except (OSError, ValueError) as error:
+            print(f"uae-hf: skipped {error}", file=sys.stderr)  # the message names the file
+    if not readable:
+        raise CommandLineError(f"none of the {len(paths)} image(s) could be read (see above): nothing to reconstruct")
     pipeline = _load_pipeline(args)
     rows = reconstruct(
-        pipeline, paths, originals, Path(args.output_dir), args.batch_size, args.seed, **_generate_kwargs(args)
+        pipeline, readable, originals, Path(args.output_dir), args.batch_size, args.seed, **_generate_kwargs(args)
     )
     for row in rows:
-        print(f"{row['image']}: {row['caption']!r}")
-    print(f"wrote {len(rows)} reconstructions, captions.jsonl and grid.png to {args.output_dir}")
+        print(f"{row['image']}: {_console_caption(row['caption'])}")
+    skipped = f"; skipped {len(paths) - len(readable)} unreadable image(s)" if len(readable) < len(paths) else ""
+    print(f"wrote {len(rows)} reconstructions, captions.jsonl (whole captions) and grid.png to {args.output_dir}"
+          f"{skipped}")
 
 
 def _cmd_convert_release(args) -> None:
@@ -308,8 +379,6 @@ def _cmd_demo(args) -> None:
         raise CommandLineError("demo draws its report's plots with matplotlib: pip install 'uae-hf[demo]'") from error
     from .toy_world.demo import demo_config_from_args, run_demo, run_demo_seeds
 
-    if args.seeds < 1:
-        raise CommandLineError(f"--seeds {args.seeds}: pass at least 1")
     config = demo_config_from_args(args)
     out = Path(config.output_dir)
     if args.seeds > 1:
@@ -442,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: batched, references cached; official: as Unified-Bench's Score_i2i.py (one pair "
                        "at a time, its image decoding, preprocessing and precision, references from subfolders too, "
                        "its pairing and JSON fields in scores.json)")
-    bench.add_argument("--limit", type=int, default=None, help="only the first N references (default: all)")
+    bench.add_argument("--limit", type=positive_int, default=None, help="only the first N references (default: all)")
     _add_generation_arguments(bench, steps=40, tokens=512)
     _add_verbose_argument(bench)
     bench.set_defaults(func=_cmd_bench)
@@ -462,16 +531,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the whole UAE recipe from nothing on a built-in toy world, with a report (offline, CPU)"
     )
-    demo.add_argument("--output-dir", default="outputs/demo", help="where models, stages and the report go")
+    demo.add_argument("--output-dir", default=None,
+                      help="where models, stages and the report go (default: outputs/demo, with --quick outputs/demo-quick)")
     demo.add_argument("--quick", action="store_true",
                       help="the same path with tiny budgets that only check the plumbing (18-24 s measured on a 2-core CPU)")
-    for name, help_text in [("seed", "seed of the world, models and stages"),
-                            ("pretrain_steps", "decoder pre-training steps"),
-                            ("understanding_steps", "stage 2 (GRPO) steps"),
-                            ("generation_steps", "stage 3 (Flow-GRPO) steps"),
-                            ("generation_nft_steps", "stage 3 (DiffusionNFT) steps")]:
-        demo.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None, help=help_text)
-    demo.add_argument("--seeds", type=int, default=1,
+    demo.add_argument("--overwrite", action="store_true",
+                      help="retrain the stages in --output-dir that were made with other settings (else the demo refuses)")
+    for name, kind, help_text in [
+        ("seed", int, "seed of the world, models and stages"),
+        ("pretrain_steps", positive_int, "decoder pre-training steps"),
+        ("understanding_steps", positive_int, "stage 2 (GRPO) steps"),
+        ("generation_steps", positive_int, "stage 3 Flow-GRPO steps (both of its runs)"),
+        ("generation_nft_steps", positive_int, "stage 3 DiffusionNFT steps"),
+        ("stage3_learning_rate", float, "learning rate of every stage-3 run (default 1e-3)"),
+        ("generation_beta", float, "stage 3 Flow-GRPO KL weight (default 0: no KL)"),
+        ("generation_nft_beta", float, "stage 3 DiffusionNFT beta of its implicit policies (default 1.0)"),
+    ]:
+        demo.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
+    demo.add_argument("--stage3-objective", default=None,
+                      choices=["generation", "generation_cfg_free", "generation_nft"],
+                      help="the stage-3 run whose DiT LoRA the final pipeline keeps (default generation_nft)")
+    demo.add_argument("--seeds", type=positive_int, default=1,
                       help="run the whole demo for this many seeds (from --seed), each in OUTPUT_DIR/seed-N, and "
                       "summarise mean and range over seeds in OUTPUT_DIR/summary.md")
     _add_verbose_argument(demo)

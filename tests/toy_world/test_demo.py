@@ -6,7 +6,8 @@ import PIL.Image
 import pytest
 
 from uae_hf.toy_world import toy_world_dataset
-from uae_hf.toy_world.demo import STAGES
+from uae_hf.toy_world.demo import STAGE3, STAGE_RECORD, STAGES
+from uae_hf.toy_world.report import learning_speed
 
 from conftest import BLOCK_NETWORK
 
@@ -29,6 +30,14 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     assert summary["table"]["generation_nft"]["Unified-Bench (toy backbone)"] == bench
     row = next(line for line in (top / "summary.md").read_text().splitlines() if "DiffusionNFT on the decoder" in line)
     assert f"{sum(bench) / 2:.2f} [{min(bench):.2f}, {max(bench):.2f}]" in row
+    # stage 3's learning speed: each run's validation gain over its own start, per seed, and its plot
+    speeds = {str(seed): learning_speed(run["curves"]) for seed, run in zip((0, 1), runs)}
+    assert summary["learning_speed"] == speeds and set(speeds["0"]) == set(STAGE3)
+    curves = runs[1]["curves"]["generation_nft"]
+    assert speeds["1"]["generation_nft"]["step"] == [1, 2]  # 1/6 of 2 steps rounds to 0: not a point of its own
+    assert speeds["1"]["generation_nft"]["gain"][-1] == pytest.approx(100 * (curves["eval_reward"][-1] - curves["eval_reward"][0]))
+    assert "| DiffusionNFT, no CFG |" in (top / "summary.md").read_text()
+    assert PIL.Image.open(top / "stage3_learning_speed.png").width > 100
 
     out = top / "seed-0"
     script = BLOCK_NETWORK + f"from uae_hf.cli import main; main(['demo', '--quick', '--output-dir', {str(out)!r}])"
@@ -40,10 +49,10 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     curves = results["curves"]
     assert len(curves["understanding"]["reward"]) == results["config"]["understanding_steps"]
     assert len(curves["understanding"]["completions/mean_length"]) == results["config"]["understanding_steps"]
-    assert len(curves["generation"]["reward"]) == results["config"]["generation_steps"]
-    assert len(curves["generation_nft"]["reward"]) == results["config"]["generation_nft_steps"]
-    for stage in ("generation", "generation_nft"):  # validated before training, then during it
-        assert curves[stage]["eval_step"][0] == 0 and curves[stage]["eval_step"][-1] == results["config"][f"{stage}_steps"]
+    for stage in STAGE3:  # trained for its steps, validated before training, then during it
+        steps = results["config"]["generation_nft_steps" if stage == "generation_nft" else "generation_steps"]
+        assert len(curves[stage]["reward"]) == steps
+        assert curves[stage]["eval_step"][0] == 0 and curves[stage]["eval_step"][-1] == steps
         assert all(0 < reward <= 1 for reward in curves[stage]["eval_reward"])
     assert len(curves["pretrain"]["loss"]) == results["config"]["pretrain_steps"]
 
@@ -76,10 +85,29 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert PIL.Image.open(tmp_path / "rec" / "reconstructions" / "scene.png").size == (32, 32)
 
-    # a second run in the same folder reloads every finished stage instead of training it again
+    # a second run in the same folder reloads every finished stage instead of training it again, and keeps its times
     first = results["stages"]
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     again = json.loads((out / "results.json").read_text())
     assert again["stages"] == first
-    assert again["timings_s"]["total"] < results["timings_s"]["total"]
+    assert {stage: again["timings_s"][stage] for stage in STAGES} == {stage: results["timings_s"][stage] for stage in STAGES}
+    assert again["timings_s"]["total"] > sum(results["timings_s"][stage] for stage in STAGES)
+
+    # other settings: refused in one line naming the difference, before anything is trained; --overwrite retrains
+    # the stages they touch (here the Flow-GRPO runs of stage 3) and reloads the others
+    records = {stage: (out / "stages" / stage / STAGE_RECORD).read_text() for stage in STAGES}
+    full = BLOCK_NETWORK + f"from uae_hf.cli import main; main(['demo', '--output-dir', {str(out)!r}])"
+    other_beta = script.replace("'--quick',", "'--quick', '--generation-beta', '0.01',")
+    for refused, difference in ((full, "quick True (now False)"), (other_beta, "generation_beta 0.0 (now 0.01)")):
+        result = subprocess.run([sys.executable, "-c", refused], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 2 and difference in result.stderr and "--overwrite" in result.stderr, result.stderr[-3000:]
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert records == {stage: (out / "stages" / stage / STAGE_RECORD).read_text() for stage in STAGES}
+    result = subprocess.run([sys.executable, "-c", other_beta.replace("'--quick',", "'--quick', '--overwrite',")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    retrained = [stage for stage in STAGES if (out / "stages" / stage / STAGE_RECORD).read_text() != records[stage]]
+    assert retrained == ["generation", "generation_cfg_free"]
+    record = json.loads((out / "stages" / "generation" / STAGE_RECORD).read_text())
+    assert record["settings"]["generation_beta"] == 0.01 and record["settings"]["versions"]["torch"]

@@ -74,6 +74,10 @@ def test_demo_config_rejects_budgets_that_cannot_run():
     assert ToyDemoConfig.quick_run(seed=3).seed == 3 and ToyDemoConfig.quick_run().pretrain_steps == 10
     # a full run's config says it is not the plumbing check (its report then carries no "quick run" note)
     assert ToyDemoConfig().quick is False and ToyDemoConfig.quick_run().quick is True
+    # and the two never share a folder by default (a full run would otherwise find the quick one's stages)
+    assert ToyDemoConfig().output_dir == "outputs/demo" and ToyDemoConfig.quick_run().output_dir == "outputs/demo-quick"
+    with pytest.raises(ValueError, match="stage3_learning_rate"):
+        ToyDemoConfig(stage3_learning_rate=0.0)
 
 
 def test_sft_rows_are_prompt_completion_conversations_mostly_terse():

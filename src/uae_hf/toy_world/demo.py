@@ -2,11 +2,15 @@
 
 Stages, each with the library's own trainer: SFT of the encoder on mostly terse captions (TRL's `SFTTrainer`: a
 stand-in for a VLM's habit of short captions), decoder pre-training on detailed captions, cold start, stage 2 (GRPO
-on the encoder, the decoder as reward) and stage 3 (the decoder learns from the reward, the encoder frozen), once with
-each objective (Flow-GRPO and DiffusionNFT) from the same stage-2 models, so the report compares them; the final
-pipeline keeps `stage3_objective`'s.
+on the encoder, the decoder as reward) and stage 3 (the decoder learns from the reward, the encoder frozen) from the
+same stage-2 models three times: Flow-GRPO with its CFG sampler, Flow-GRPO without CFG (sampled as DiffusionNFT is)
+and DiffusionNFT, so the report compares the objectives both ways; the final pipeline keeps `stage3_objective`'s.
+
+Each stage records the settings it was made with; a rerun in the same folder reloads the stages whose settings
+match and refuses the others, naming the difference, unless `overwrite` retrains them.
 """
 
+import importlib.metadata
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -44,18 +48,36 @@ from .world import (
     toy_world_dataset,
 )
 
-STAGES = ("sft", "pretrain", "cold_start", "understanding", "generation", "generation_nft")
+STAGES = ("sft", "pretrain", "cold_start", "understanding", "generation", "generation_cfg_free", "generation_nft")
 STAGE_TITLES = {
     "sft": "encoder SFT (mostly terse captions)",
     "pretrain": "decoder pre-training (detailed captions)",
     "cold_start": "cold start (semantic reconstruction loss)",
     "understanding": "stage 2: GRPO on the encoder",
     "generation": "stage 3: Flow-GRPO on the decoder",
+    "generation_cfg_free": "stage 3: Flow-GRPO on the decoder (sampled without CFG)",
     "generation_nft": "stage 3: DiffusionNFT on the decoder (sampled without CFG)",
 }
-STAGE3 = ("generation", "generation_nft")  # each starts from the stage-2 models; its DiT LoRA is removed after scoring
+STAGE3 = ("generation", "generation_cfg_free", "generation_nft")  # each from the stage-2 models; LoRA dropped after
+STAGE3_TRAINER = {"generation": "generation", "generation_cfg_free": "generation", "generation_nft": "generation_nft"}
+CFG_FREE = ("generation_cfg_free", "generation_nft")  # trained, validated and scored without CFG
 STAGE3_CURVES = ("reward", "timing/rollout_s", "timing/reward_s", "timing/update_s", "caption_words/mean")
-STAGE_RECORD = "demo_stage.json"  # a finished stage: its held-out scores, training curves and time
+STAGE_RECORD = "demo_stage.json"  # a finished stage: its settings, held-out scores, training curves and time
+# The config fields each stage reads itself ("models": the built models and backbone); a stage's settings are these,
+# its predecessors' (a stage-3 run's are those up to stage 2), the fields every stage reads, and the package versions.
+STAGE_FIELDS = {
+    "models": ("backbone_steps", "vae_steps", "vision_steps"),
+    "sft": ("sft_steps", "sft_level_weights", "batch_size"),
+    "pretrain": ("pretrain_steps", "batch_size"),
+    "cold_start": ("cold_start_steps",),
+    "understanding": ("understanding_steps", "understanding_beta"),
+    "generation": ("generation_steps", "generation_beta", "stage3_learning_rate", "validation_rows"),
+    "generation_cfg_free": ("generation_steps", "generation_beta", "stage3_learning_rate", "validation_rows"),
+    "generation_nft": ("generation_nft_steps", "generation_nft_beta", "stage3_learning_rate", "validation_rows"),
+}
+SHARED_FIELDS = ("seed", "quick", "train_rows", "eval_rows", "num_inference_steps", "guidance_scale",
+                 "max_caption_tokens")
+PACKAGES = ("uae_hf", "torch", "transformers", "diffusers", "trl", "peft", "accelerate")
 REFERENCE_ADAPTER = "ref"  # TRL's GRPO keeps its frozen copy of a PEFT model's starting adapter under this name
 LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -86,6 +108,11 @@ class ToyDemoConfig:
     )
     generation_steps: int = field(default=60, metadata={"help": "Stage 3 Flow-GRPO steps (8 images x 8 draws)."})
     generation_nft_steps: int = field(default=60, metadata={"help": "Stage 3 DiffusionNFT steps (8 images x 8 draws)."})
+    stage3_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of every stage-3 run."})
+    generation_beta: float = field(default=0.0, metadata={"help": "Stage 3 Flow-GRPO KL weight (0: no KL)."})
+    generation_nft_beta: float = field(
+        default=1.0, metadata={"help": "Stage 3 DiffusionNFT beta of the implicit policies v_old +- beta (v - v_old)."}
+    )
     stage3_objective: str = field(
         default="generation_nft", metadata={"help": "Stage 3 run whose DiT LoRA the final pipeline keeps.",
                                             "choices": list(STAGE3)}
@@ -94,13 +121,16 @@ class ToyDemoConfig:
     guidance_scale: float = field(default=2.0, metadata={"help": "Decoder CFG scale everywhere."})
     max_caption_tokens: int = field(default=24, metadata={"help": "Caption length limit."})
     quick: bool = field(default=False, metadata={"help": "Plumbing-check budgets (set by `quick_run()`): scores mean nothing."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Retrain the stages in output_dir made with other settings (else refuse)."}
+    )
 
     @classmethod
     def quick_run(cls, **overrides) -> "ToyDemoConfig":
         """The same path with tiny budgets, to check the plumbing (its scores mean nothing): for CI and a first look."""
         budgets = dict(train_rows=128, eval_rows=8, validation_rows=4, backbone_steps=15, vae_steps=10, vision_steps=10, batch_size=8,
                        sft_steps=5, pretrain_steps=10, cold_start_steps=1, understanding_steps=2, generation_steps=2,
-                       generation_nft_steps=2, num_inference_steps=4, quick=True)
+                       generation_nft_steps=2, num_inference_steps=4, quick=True, output_dir="outputs/demo-quick")
         return cls(**(budgets | overrides))
 
     def __post_init__(self):
@@ -110,6 +140,10 @@ class ToyDemoConfig:
             raise ValueError(f"every step and row count must be at least 1, got {too_small}")
         if self.train_rows < 64:
             raise ValueError(f"train_rows={self.train_rows}: the RL stages draw 8 images per step, pass at least 64")
+        if self.stage3_learning_rate <= 0 or self.generation_beta < 0 or self.generation_nft_beta <= 0:
+            raise ValueError(f"stage3_learning_rate={self.stage3_learning_rate}, generation_beta={self.generation_beta}, "
+                             f"generation_nft_beta={self.generation_nft_beta}: pass a positive learning rate and "
+                             "DiffusionNFT beta, and a non-negative Flow-GRPO beta")
         if self.stage3_objective not in STAGE3:
             raise ValueError(f"stage3_objective={self.stage3_objective!r}: choose one of {STAGE3}")
         weights = self.sft_level_weights
@@ -191,9 +225,9 @@ def _common_args(config: ToyDemoConfig, output_dir: Path, **kwargs) -> dict:
 
 
 class ToyWorldDemo:
-    """Runs the recipe stage by stage. Each stage saves its weights and scores under `stages/NAME/`; running again
-    in the same folder reloads finished stages instead of training them again (delete a stage folder to redo it
-    and every later stage)."""
+    """Runs the recipe stage by stage. Each stage saves its weights, settings and scores under `stages/NAME/`;
+    running again in the same folder reloads the stages finished with the same settings instead of training them
+    again (delete a stage folder to redo it and every later stage)."""
 
     def __init__(self, config: ToyDemoConfig):
         self.config = config
@@ -204,15 +238,15 @@ class ToyWorldDemo:
         self.results: dict = {"config": asdict(config), "stages": {}, "curves": {}, "timings_s": {}}
 
     # ------------------------------------------------------------------------------------------------------ plumbing
-    def _build(self) -> None:
+    def _build(self, rebuild: bool) -> None:
         config, models = self.config, self.out / "models"
         self.train = toy_world_dataset(config.train_rows, "train", config.seed)
         held_out = toy_world_dataset(config.eval_rows, "test", config.seed)
         self.validation = toy_world_dataset(config.validation_rows, "validation", config.seed).select_columns(["image"])
-        if not (self.backbone_dir / "model.safetensors").exists():
+        if rebuild:
             train_toy_backbone(self.backbone_dir, steps=config.backbone_steps, seed=config.seed)
-        if not (models / "projector" / "config.json").exists():
             build_toy_world_models(models, vae_steps=config.vae_steps, vision_steps=config.vision_steps, seed=config.seed)
+            (models / STAGE_RECORD).write_text(json.dumps({"settings": self.settings("models")}, indent=1))
         self.pipeline = load_uae_pipeline(models / "decoder", models / "encoder", models / "projector").to(self.device)
         # the decoder reads captions with the LLM's base weights; encoder adapters only change the captions written
         self.pipeline.register_to_config(conditioning_with_encoder_adapters=False)
@@ -227,17 +261,56 @@ class ToyWorldDemo:
             decoder_guidance_scale=self.guidance(stage), reward_backbones=["toyworld"],
             backbone_checkpoints={"toyworld": str(self.backbone_dir)}, max_completion_length=config.max_caption_tokens,
         )
-        return TRAINERS[stage][0](**_common_args(config, self.stages_dir / stage, **kwargs), **shared)
+        trainer = STAGE3_TRAINER.get(stage, stage)
+        return TRAINERS[trainer][0](**_common_args(config, self.stages_dir / stage, **kwargs), **shared)
 
     def guidance(self, stage: str) -> float:
-        """The decoder's CFG scale for `stage`'s training and scoring: DiffusionNFT trains and samples without CFG."""
-        return 1.0 if stage == "generation_nft" else self.config.guidance_scale
+        """The decoder's CFG scale for `stage`'s training and scoring (the `CFG_FREE` runs: none)."""
+        return 1.0 if stage in CFG_FREE else self.config.guidance_scale
+
+    def settings(self, stage: str) -> dict:
+        """What `stage` was made with: the config fields it and its predecessors read, and the package versions."""
+        order = ("models", *STAGES)
+        before = order[:order.index("understanding") + 1] if stage in STAGE3 else order[:order.index(stage)]
+        names = sorted(set(SHARED_FIELDS).union(*(STAGE_FIELDS[s] for s in (*before, stage))))
+        config = asdict(self.config)
+        return {name: config[name] for name in names} | {
+            "versions": {package: importlib.metadata.version(package) for package in PACKAGES}
+        }
+
+    def _stages_to_train(self) -> list[str]:
+        """The stages ("models" first) that are not finished here with this run's settings, and every stage after
+        one of them; raises before anything is trained if a finished one was made with other settings (unless
+        `overwrite`)."""
+        to_train: list[str] = []
+        for stage in ("models", *STAGES):
+            if any(done not in STAGE3 for done in to_train) or not self._reusable(stage):
+                to_train.append(stage)
+        return to_train
+
+    def _reusable(self, stage: str) -> bool:
+        """Whether `stage` is finished here with this run's settings; raises if it was made with others (unless
+        `overwrite`: then it is trained again)."""
+        path = (self.out / "models" if stage == "models" else self.stages_dir / stage) / STAGE_RECORD
+        if not path.exists():
+            return False
+        made_with = json.loads(path.read_text()).get("settings", {})
+        wanted = json.loads(json.dumps(self.settings(stage)))  # as JSON stores it (tuples become lists)
+        different = {name: (made_with.get(name, "unrecorded"), value) for name, value in wanted.items()
+                     if made_with.get(name, "unrecorded") != value}
+        if not different:
+            return True
+        if self.config.overwrite:
+            return False
+        named = ", ".join(f"{name} {old!r} (now {new!r})" for name, (old, new) in different.items())
+        raise ValueError(f"{path.parent} was made with other settings: {named}. Pass --overwrite to retrain it and "
+                         "the stages after it, or choose another --output-dir")
 
     def _finish(self, stage: str, seconds: float, curves: dict) -> None:
         scores = self.score(self.pipeline, self.guidance(stage))
         grid = reconstruction_grid(self.score.images[:16], scores.pop("reconstructions")[:16], scores["captions"][:16])
         grid.save(self.out / f"reconstructions_{STAGES.index(stage) + 1}_{stage}.png")
-        record = {"scores": scores, "curves": curves, "seconds": seconds}
+        record = {"settings": self.settings(stage), "scores": scores, "curves": curves, "seconds": seconds}
         (self.stages_dir / stage).mkdir(parents=True, exist_ok=True)
         (self.stages_dir / stage / STAGE_RECORD).write_text(json.dumps(record, indent=1))
         self._keep(stage, record)
@@ -347,23 +420,30 @@ class ToyWorldDemo:
     def generation(self) -> dict:
         """Stage 3 with Flow-GRPO on a DiT LoRA; captions from the frozen stage-2 encoder."""
         return self._decoder_rl("generation", self.config.generation_steps, timestep_fraction=0.5,
-                                same_noise_in_group=True, beta=0.0)
+                                same_noise_in_group=True, beta=self.config.generation_beta)
+
+    def generation_cfg_free(self) -> dict:
+        """Stage 3 with Flow-GRPO, trained, validated and scored without CFG: sampled as DiffusionNFT is, so the two
+        objectives can be compared on one sampler."""
+        return self._decoder_rl("generation_cfg_free", self.config.generation_steps, timestep_fraction=0.5,
+                                same_noise_in_group=True, beta=self.config.generation_beta)
 
     def generation_nft(self) -> dict:
         """Stage 3 with DiffusionNFT on a DiT LoRA, from the same stage-2 models (unguided ODE rollouts: the
         initial noise is what varies within a group). CFG-free: validated and scored without CFG, as it samples.
         Rollouts take the Euler step the scoring pipeline samples with: on the toy world they also score higher than
         the reference's DPM-Solver++(2M) rollouts (seed 0, first 5 steps: 0.797 against 0.768)."""
-        return self._decoder_rl("generation_nft", self.config.generation_nft_steps, rollout_solver="euler")
+        return self._decoder_rl("generation_nft", self.config.generation_nft_steps, rollout_solver="euler",
+                                nft_beta=self.config.generation_nft_beta)
 
     def _decoder_rl(self, stage: str, steps: int, **settings) -> dict:
         """Train stage 3 with `stage`'s trainer; validation round trips (with the sampler the objective trains for,
         `guidance(stage)`) are scored before training and every sixth of it. No EMA: what is scored is what is kept."""
-        trainer = TRAINERS[stage][1](
+        trainer = TRAINERS[STAGE3_TRAINER[stage]][1](
             self.pipeline.vlm, self.pipeline, train_dataset=self.train.select_columns(["image"]),
             eval_dataset=self.validation, processing_class=self.pipeline.processor,
             args=self._args(stage, max_steps=steps, per_device_train_batch_size=64, num_generations=8,
-                            learning_rate=1e-3, decoder_lora_r=16, decoder_lora_alpha=32,
+                            learning_rate=self.config.stage3_learning_rate, decoder_lora_r=16, decoder_lora_alpha=32,
                             eval_strategy="steps", eval_steps=max(1, steps // 6), per_device_eval_batch_size=64,
                             log_reconstructions_steps=max(1, steps // 4), ema_decay=None, **settings),
         )
@@ -390,15 +470,17 @@ class ToyWorldDemo:
         """Build (or reload) the models, run (or reload) every stage, save the final pipeline, write the report."""
         torch.set_flush_denormal(True)  # tiny models on CPU slow down several-fold on denormal floats otherwise
         self.out.mkdir(parents=True, exist_ok=True)
+        to_train = self._stages_to_train()
         started = time.perf_counter()
-        self._build()
+        self._build(rebuild="models" in to_train)
         self.results["timings_s"]["build"] = time.perf_counter() - started
+        reloaded_seconds = 0.0
         for stage in STAGES:
-            record_path = self.stages_dir / stage / STAGE_RECORD
-            if record_path.exists():
+            if stage not in to_train:
                 if stage not in STAGE3:  # a stage-3 run leaves nothing behind for the next stage
                     getattr(self, f"load_{stage}")()
-                self._keep(stage, json.loads(record_path.read_text()))
+                self._keep(stage, json.loads((self.stages_dir / stage / STAGE_RECORD).read_text()))
+                reloaded_seconds += self.results["timings_s"][stage]
                 continue
             stage_start = time.perf_counter()
             curves = getattr(self, stage)()
@@ -408,7 +490,8 @@ class ToyWorldDemo:
         self._keep_stage3(self.config.stage3_objective)
         self.pipeline.unload_encoder_adapter()  # saved on its own: stages/understanding
         self.pipeline.save_pretrained(self.out / "pipeline")
-        self.results["timings_s"]["total"] = time.perf_counter() - started
+        # what making everything took: reloaded stages count the time they took when they were trained
+        self.results["timings_s"]["total"] = time.perf_counter() - started + reloaded_seconds
         write_report(self.results, self.out, STAGE_TITLES)
         return self.results
 

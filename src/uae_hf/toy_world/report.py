@@ -45,8 +45,13 @@ def _plot_stage_scores(path: Path, stages: dict) -> None:
     plt.close(figure)
 
 
-STAGE3_RUNS = {"generation": ("Flow-GRPO", "tab:purple"), "generation_nft": ("DiffusionNFT", "tab:green")}
+STAGE3_RUNS = {  # stage → (label, colour)
+    "generation": ("Flow-GRPO, CFG", "tab:purple"),
+    "generation_cfg_free": ("Flow-GRPO, no CFG", "tab:orange"),
+    "generation_nft": ("DiffusionNFT, no CFG", "tab:green"),
+}
 STEP_TIMES = ("timing/rollout_s", "timing/reward_s", "timing/update_s")
+SPEED_POINTS = (1 / 6, 1 / 3, 2 / 3, 1)  # of a run's steps: steps 10, 20, 40 and 60 of the default 60
 
 
 def _seconds_at(curves: dict, steps: list[int]) -> list[float]:
@@ -55,8 +60,42 @@ def _seconds_at(curves: dict, steps: list[int]) -> list[float]:
     return [sum(per_step[:step]) for step in steps]
 
 
+def learning_speed(curves: dict) -> dict[str, dict[str, list[float]]]:
+    """Per stage-3 run: its validation reward gain over its own start (x 100) at `SPEED_POINTS` of its steps (those
+    it validated at), and the training seconds it took to get there."""
+    speed = {}
+    for stage in STAGE3_RUNS:
+        run = curves.get(stage, {})
+        if not run.get("eval_reward"):
+            continue
+        validated = dict(zip(run["eval_step"], run["eval_reward"]))
+        steps = [step for step in dict.fromkeys(round(point * run["eval_step"][-1]) for point in SPEED_POINTS)
+                 if step in validated and step > 0]
+        speed[stage] = {"step": steps, "gain": [100 * (validated[step] - validated[0]) for step in steps],
+                        "seconds": _seconds_at(run, steps)}
+    return speed
+
+
+def _speed_rows(speeds: list[dict]) -> tuple[str, list[str]]:
+    """A table header and one row per stage-3 run: gain and seconds at each step, mean [min, max] over `speeds`."""
+    runs = [stage for stage in STAGE3_RUNS if all(stage in speed for speed in speeds)]
+    if not runs:
+        return "", []
+    steps = speeds[0][runs[0]]["step"]
+    header = ("| run | " + " | ".join(f"gain at step {step} | seconds to step {step}" for step in steps) + " |\n"
+              + "|---|" + "---|---|" * len(steps))
+    rows = []
+    for stage in runs:
+        cells = []
+        for index in range(len(steps)):
+            cells.append(_spread([speed[stage]["gain"][index] for speed in speeds], "+.2f"))
+            cells.append(_spread([speed[stage]["seconds"][index] for speed in speeds], ".0f"))
+        rows.append(f"| {STAGE3_RUNS[stage][0]} | " + " | ".join(cells) + " |")
+    return header, rows
+
+
 def _plot_objectives(path: Path, curves: dict) -> None:
-    """Stage 3's objectives side by side: training reward per step, validation reward per step and per second."""
+    """Stage 3's runs side by side: training reward per step, validation reward per step and per second."""
     figure, axes = plt.subplots(1, 3, figsize=(15, 3.6))
     for stage, (label, colour) in STAGE3_RUNS.items():
         run = curves.get(stage, {})
@@ -76,26 +115,38 @@ def _plot_objectives(path: Path, curves: dict) -> None:
     plt.close(figure)
 
 
-def steps_to_reach(curves: dict) -> dict | None:
-    """When DiffusionNFT's validation reward first reached Flow-GRPO's final one: the step, and that step as a share
-    of Flow-GRPO's steps (`None` where either run is missing; `step` is `None` if it never did)."""
-    flow, nft = curves.get("generation", {}), curves.get("generation_nft", {})
-    if not flow.get("eval_reward") or not nft.get("eval_reward"):
-        return None
-    target = flow["eval_reward"][-1]
-    step = next((s for s, r in zip(nft["eval_step"], nft["eval_reward"]) if r >= target), None)
-    return {"target": target, "step": step, "flow_grpo_steps": flow["eval_step"][-1],
-            "share": None if step is None else step / max(1, flow["eval_step"][-1])}
+def _plot_learning_speed(path: Path, runs: list[dict]) -> None:
+    """Validation gain over each run's own start per step and per training second: mean over seeds, [min, max] band."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for stage, (label, colour) in STAGE3_RUNS.items():
+        curves = [run[stage] for run in runs if run.get(stage, {}).get("eval_reward")]
+        if len(curves) != len(runs):
+            continue
+        steps = curves[0]["eval_step"]
+        gains = [[100 * (reward - run["eval_reward"][0]) for reward in run["eval_reward"]] for run in curves]
+        seconds = [_seconds_at(run, steps) for run in curves]
+        mean = [sum(column) / len(column) for column in zip(*gains)]
+        low, high = [min(column) for column in zip(*gains)], [max(column) for column in zip(*gains)]
+        for axis, x in zip(axes, (steps, [sum(column) / len(column) for column in zip(*seconds)])):
+            axis.plot(x, mean, marker="o", color=colour, label=label)
+            axis.fill_between(x, low, high, color=colour, alpha=0.15)
+    for axis, xlabel in zip(axes, ("step", "training seconds (mean over seeds)")):
+        axis.axhline(0, color="black", linewidth=0.6)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("validation reward gain (x 100)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"stage 3 from the same stage-2 models, {len(runs)} seeds: mean and [min, max]")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
-def _reach_sentence(reach: dict | None) -> str:
-    if reach is None:
-        return ""
-    if reach["step"] is None:
-        return (f"DiffusionNFT did not reach Flow-GRPO's final validation reward ({reach['target']:.4f}, after "
-                f"{reach['flow_grpo_steps']} steps) within its run.")
-    return (f"DiffusionNFT reached Flow-GRPO's final validation reward ({reach['target']:.4f}, after "
-            f"{reach['flow_grpo_steps']} steps) at step {reach['step']} ({reach['share']:.0%} of Flow-GRPO's steps).")
+def _speed_note(validation_rows: int) -> str:
+    return f"""Validation reward gain over each run's own start (x 100; {validation_rows} validation scenes, each run
+validated with the sampler it trains: Flow-GRPO, CFG with CFG, the others without), and the training seconds
+(rollouts, rewards, updates; validation excluded) to reach that step. Flow-GRPO, no CFG against DiffusionNFT compares
+the objectives on one sampler; Flow-GRPO, CFG against DiffusionNFT compares each with its own."""
 
 
 QUICK_NOTE = """
@@ -119,8 +170,8 @@ def write_report(results: dict, out: Path, stage_titles: dict[str, str]) -> None
         _plot_curves(out / "reward_per_step.png", [("stage 2 (GRPO on the encoder)", understanding["reward"],
                                                     "tab:blue")], "reward per step")
     if any(curves.get(stage, {}).get("reward") for stage in STAGE3_RUNS):
-        plots["stage3_objectives.png"] = ("Stage 3, Flow-GRPO and DiffusionNFT from the same stage-2 models: reward per "
-                                          "step and per second")
+        plots["stage3_objectives.png"] = ("Stage 3, Flow-GRPO (with and without CFG) and DiffusionNFT from the same "
+                                          "stage-2 models: reward per step and per second")
         _plot_objectives(out / "stage3_objectives.png", curves)
     if understanding.get("completions/mean_length"):
         plots["caption_length_per_step.png"] = "Caption length per step of stage 2: the aha curve"
@@ -136,6 +187,7 @@ def write_report(results: dict, out: Path, stage_titles: dict[str, str]) -> None
     plots["scores_per_stage.png"] = "Held-out scores after each stage"
     _plot_stage_scores(out / "scores_per_stage.png", stages)
 
+    speed_header, speed_rows = _speed_rows([learning_speed(curves)])
     rows = []
     for stage in stage_order:
         if stage not in stages:
@@ -166,10 +218,16 @@ CFG {config['guidance_scale']} except for DiffusionNFT, which trains and samples
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Both stage-3 rows start from the stage-2 models, each trained, validated and scored with the sampler it is meant
-for (Flow-GRPO: SDE rollouts and CFG {config['guidance_scale']} sampling; DiffusionNFT: ODE sampling without CFG);
+The stage-3 rows all start from the stage-2 models, each trained, validated and scored with its own sampler
+(Flow-GRPO: SDE rollouts, and CFG {config['guidance_scale']} or none; DiffusionNFT: ODE rollouts without CFG);
 the final pipeline keeps the {stage_titles.get(config.get('stage3_objective', ''), 'last')} run.
-{_reach_sentence(steps_to_reach(curves))}
+
+### Stage 3 learning speed
+
+{_speed_note(config['validation_rows'])}
+
+{speed_header}
+{chr(10).join(speed_rows)}
 
 - *Unified-Bench*: 100 × mean cosine of the toy backbone's embeddings of reconstruction and original.
 - *attribute accuracy*: the toy backbone reads shape, colour, size, position and background from the
@@ -219,23 +277,24 @@ def _spread(values: list[float], form: str) -> str:
 
 
 def write_summary(runs: dict[int, dict], out: Path, stage_titles: dict[str, str]) -> dict:
-    """`summary.json` and `summary.md` in `out` for the demo's results of several seeds (seed → results): the mean
-    and [min, max] over seeds of every table entry, and of DiffusionNFT's steps to Flow-GRPO's final reward."""
+    """`summary.json`, `summary.md` and `stage3_learning_speed.png` in `out` for the demo's results of several seeds
+    (seed → results): the mean and [min, max] over seeds of every table entry and of stage 3's learning speed."""
     out = Path(out)
     seeds = sorted(runs)
     stages = [stage for stage in stage_titles if all(stage in runs[seed]["stages"] for seed in seeds)]
     table = {stage: {name: [read(runs[seed]["stages"][stage]) for seed in seeds] for name, read, _ in COLUMNS}
              | {"time (s)": [runs[seed]["timings_s"][stage] for seed in seeds]} for stage in stages}
-    reach = [steps_to_reach(runs[seed]["curves"]) for seed in seeds]
+    speeds = [learning_speed(runs[seed]["curves"]) for seed in seeds]
     totals = [runs[seed]["timings_s"]["total"] / 60 for seed in seeds]
-    summary = {"seeds": seeds, "table": table, "steps_to_reach": reach, "total_minutes": totals}
+    summary = {"seeds": seeds, "table": table, "learning_speed": dict(zip(seeds, speeds)), "total_minutes": totals}
     with open(out / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=2)
     header = " | ".join(name for name, _, _ in COLUMNS)
     rows = [f"| {stage_titles[stage]} | " + " | ".join(_spread(table[stage][name], form) for name, _, form in COLUMNS)
             + f" | {_spread(table[stage]['time (s)'], '.0f')} |" for stage in stages]
-    shares = [r["share"] for r in reach if r is not None and r["share"] is not None]
-    reached = sum(r is not None and r["step"] is not None for r in reach)
+    speed_header, speed_rows = _speed_rows(speeds)
+    if speed_rows:
+        _plot_learning_speed(out / "stage3_learning_speed.png", [runs[seed]["curves"] for seed in seeds])
     text = f"""# UAE on the toy world, {len(seeds)} seeds
 
 Seeds {', '.join(map(str, seeds))}; each cell is the mean over seeds and [min, max]. Each seed's own report:
@@ -245,8 +304,14 @@ Seeds {', '.join(map(str, seeds))}; each cell is the mean over seeds and [min, m
 |---|{'---|' * (len(COLUMNS) + 1)}
 {chr(10).join(rows)}
 
-DiffusionNFT reached Flow-GRPO's final validation reward in {reached} of {len(seeds)} seeds{
-f", at {_spread(shares, '.0%')} of Flow-GRPO's steps" if shares else ""}.
+## Stage 3 learning speed
+
+{_speed_note(runs[seeds[0]]['config']['validation_rows'])}
+
+{speed_header}
+{chr(10).join(speed_rows)}
+
+![](stage3_learning_speed.png)
 """
     (out / "summary.md").write_text(text)
     return summary

@@ -178,8 +178,12 @@ def _unknown(names: list[str], known: list[str], prefix: str = "") -> str:
 
 
 class RecipeParser(TrlParser):
-    """`TrlParser` whose mistakes are one line the user can act on (`CommandLineError`): no usage dump, and for a
-    misspelt option or recipe key the closest valid names."""
+    """`TrlParser` whose mistakes are one line the user can act on (`CommandLineError`): no usage dump, no abbreviated
+    options (a typo is an error, never a prefix of a valid option), and for a misspelt option or recipe key the
+    closest valid names."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise CommandLineError(f"{message} (uae-hf train --help lists every option)")
@@ -204,13 +208,16 @@ class RecipeParser(TrlParser):
 
 
 class _StageParser(argparse.ArgumentParser):
+    def __init__(self):
+        super().__init__(add_help=False, allow_abbrev=False)
+
     def error(self, message):
         raise CommandLineError(f"{message} (uae-hf train --help lists every option)")
 
 
 def recipe_stage(argv: list[str] | None) -> str:
     """The stage a command line trains: `--stage`, else the `--config` recipe's `stage:`, else "understanding"."""
-    parser = _StageParser(add_help=False)
+    parser = _StageParser()
     parser.add_argument("--stage", choices=list(TRAINERS))
     parser.add_argument("--config")
     known, _ = parser.parse_known_args(argv)
@@ -226,6 +233,36 @@ def recipe_stage(argv: list[str] | None) -> str:
     return stage
 
 
+def _no_gpu_message(argv: list[str] | None) -> str:
+    if "--config" not in (argv or []):
+        return ("no --config recipe, so TRL's defaults apply, which train in bf16 on a GPU, and this machine has none: "
+                "pass --config examples/recipes/understanding_tiny.yaml (the offline twins, on the CPU) or another "
+                "recipe, or --use_cpu true --bf16 false")
+    return ("this recipe trains in bf16 on a GPU (bf16: true) and this machine has none: run it on a GPU, or pass "
+            "--use_cpu true --bf16 false to train on the CPU (slow at real size; the *_tiny.yaml recipes are sized "
+            "for a CPU)")
+
+
+def _check_hub_access(token: str | None) -> None:
+    """Before any model loads: pushing needs the Hub reachable and a token that it accepts."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise CommandLineError("--push_to_hub true, but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub (the "
+                               "run saves to output_dir; push later with huggingface_hub's upload_folder)")
+    token = token or huggingface_hub.get_token()
+    if token is None:
+        raise CommandLineError("--push_to_hub true, but no Hugging Face token is set: log in first (hf auth login) "
+                               "or pass --hub_token")
+    try:
+        huggingface_hub.whoami(token=token)
+    except Exception as error:  # connection errors of every kind, an expired or wrong token
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandLineError(f"--push_to_hub true, but the Hub cannot be reached with this token ({reason}): "
+                               "check the network and hf auth whoami, or drop --push_to_hub") from error
+
+
 def main(argv: list[str] | None = None):
     """`uae-hf train`: parse the recipe and flags, then train. Mistakes in them, and a backbone that cannot be
     loaded, raise `CommandLineError` (one line, exit status 2)."""
@@ -235,8 +272,12 @@ def main(argv: list[str] | None = None):
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except (OSError, yaml.YAMLError) as error:
         raise CommandLineError(f"cannot read the --config recipe: {error}") from error
-    except ValueError as error:  # a value the configs' own checks refuse (stage, group size, bf16 without a GPU, ...)
+    except ValueError as error:  # a value the configs' own checks refuse (stage, group size, ...)
+        if "bf16/gpu" in str(error):  # transformers' words for bf16 asked for where there is no GPU
+            raise CommandLineError(_no_gpu_message(argv)) from error
         raise CommandLineError(str(error)) from error
+    if training_args.push_to_hub:
+        _check_hub_access(training_args.hub_token)
     try:
         return train(script_args, training_args, model_args)
     except BackboneUnavailableError as error:
