@@ -84,6 +84,7 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     result = subprocess.run([sys.executable, "-c", reconstruct], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert PIL.Image.open(tmp_path / "rec" / "reconstructions" / "scene.png").size == (32, 32)
+    assert "tie_word_embeddings" not in result.stderr and "Warning" not in result.stderr  # quiet unless --verbose
 
     # a second run in the same folder reloads every finished stage instead of training it again, and keeps its times
     first = results["stages"]

@@ -148,7 +148,8 @@ def caption_images(
     other_kwargs = config.update(**{"max_new_tokens": max_new_tokens, **generate_kwargs})  # e.g. stopping_criteria
     processors = other_kwargs.pop("logits_processor", None) or []
     if do_sample:
-        config.update(temperature=temperature, **({"top_p": top_p} if top_p is not None else {}))
+        # do_sample with them: transformers warns of sampling flags on a greedy config
+        config.update(do_sample=True, temperature=temperature, **({"top_p": top_p} if top_p is not None else {}))
         processors = [*processors, PerItemSampling(config, _generators_per_image(generator, len(images)), vlm.device)]
     # our sampler decides each token and greedy decoding takes it: the warpers are the sampler's, not generate's
     config.update(do_sample=False, **{name: None for name, _, _ in _WARPERS})
