@@ -113,6 +113,7 @@ SAME_CROP_ATOL = 1e-4  # PIL vs torchvision resampling differ by one or two grey
 SHIFTED_CROP_ATOL = 1e-2  # a one-pixel crop shift on a random-weight, patch-32 twin
 
 
+@pytest.mark.outcome
 @pytest.mark.parametrize("size", [(96, 96), (125, 96)])
 def test_official_protocol_agrees_with_default(size, backbone_checkpoints, photos):
     """The two protocols differ only in preprocessing (and LongCLIP's precision on CUDA), so on the twins they agree
@@ -197,6 +198,7 @@ PIXEL_GREY_LEVELS = 1.5
 FEATURE_ATOL = 1.5e-3
 
 
+@pytest.mark.outcome
 @pytest.mark.parametrize("name", ["clip", "dinov2", "dinov3", "longclip", "siglip"])
 def test_embed_pixels_agrees_with_embed(name, backbone_checkpoints, photos):
     """The cold-start loss (`embed_pixels`, differentiable) and the reward and metric (`embed`, PIL images) see the same

@@ -29,6 +29,7 @@ def held_out():
     return list(dataset["image"]), ground_truth(dataset)
 
 
+@pytest.mark.outcome
 def test_backbone_reads_attributes_of_held_out_scenes(backbone_dir, held_out):
     images, truth = held_out
     model = ToyWorldVisionModel.from_pretrained(backbone_dir)

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import PIL.Image
 import pytest
@@ -70,8 +71,11 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
                  "stages/cold_start/projector/config.json", "pipeline/model_index.json"):
         assert (out / name).exists(), name
 
-    for card in (out / "stages").glob("*/README.md"):  # model cards never carry the user's local paths
+    cards = [*(out / "stages").glob("*/README.md"), out / "pipeline" / "README.md"]
+    assert len(cards) == len(STAGES) + 1
+    for card in cards:  # model cards never carry the user's local paths
         assert str(tmp_path) not in card.read_text(), card
+    assert "toyworld" in (out / "pipeline" / "README.md").read_text()  # the final pipeline's score
 
     image = tmp_path / "scene.png"
     toy_world_dataset(1, "test", seed=0)[0]["image"].save(image)  # a held-out scene
@@ -85,6 +89,15 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert PIL.Image.open(tmp_path / "rec" / "reconstructions" / "scene.png").size == (32, 32)
     assert "tie_word_embeddings" not in result.stderr and "Warning" not in result.stderr  # quiet unless --verbose
+
+    # the README's Python round trip, as written there, on this run's folder (from another working directory)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    snippet = next(block for block in readme.split("```python")[1:] if "outputs/demo/pipeline" in block).split("```")[0]
+    snippet = snippet.replace("outputs/demo", str(out)).replace('"scene.png"', repr(str(image)))
+    result = subprocess.run([sys.executable, "-c", BLOCK_NETWORK + snippet], capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path / "rec")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert PIL.Image.open(tmp_path / "rec" / "reconstruction.png").size == (32, 32) and result.stdout.strip()
 
     # a second run in the same folder reloads every finished stage instead of training it again, and keeps its times
     first = results["stages"]

@@ -44,6 +44,7 @@ def _linear_probe_accuracy(vlm, processor, attribute: str = "position") -> float
 
 
 @pytest.mark.slow  # 300 steps of vision pre-training: 1-2 min on 2 CPU cores
+@pytest.mark.outcome
 def test_vision_pretraining_makes_position_linearly_readable_from_pooled_tokens(encoder_dir):
     vlm = AutoModelForImageTextToText.from_pretrained(encoder_dir)
     processor = AutoProcessor.from_pretrained(encoder_dir)

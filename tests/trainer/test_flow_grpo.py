@@ -59,6 +59,7 @@ def test_timestep_window_restricts_the_trained_steps(fresh_pipe, config):
 
 
 @pytest.mark.slow
+@pytest.mark.outcome
 def test_an_update_climbs_its_objective_and_only_the_lora_changes(fresh_pipe, config, monkeypatch):
     """What a Flow-GRPO step must do, whatever the seed: after one optimizer step on a rollout, the advantage-weighted
     log-probability of that rollout's transitions has risen (to first order the change is the gradient times the

@@ -91,6 +91,7 @@ def test_a_failed_reconstruction_gives_that_sample_no_reward(pipe, backbone_chec
 
 
 @pytest.mark.slow
+@pytest.mark.outcome
 def test_grpo_raises_the_reconstruction_reward(tiny_dir, pipe, processor, config, photos_dataset):
     """A seeded run: the decoder's reward, not noise, drives the policy (fixed noise: reward = f(caption))."""
     args = config(max_steps=40, per_device_train_batch_size=8, num_generations=8, reward_fixed_noise=True,

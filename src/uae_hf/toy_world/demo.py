@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText
 from trl import SFTConfig, SFTTrainer
 
+from ..hub import pipeline_model_card
 from ..models.projector import UAEProjector
 from ..pipelines.uae_reconstruction.loading import load_uae_pipeline
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import (
@@ -489,7 +490,9 @@ class ToyWorldDemo:
                 self._drop_dit_lora()
         self._keep_stage3(self.config.stage3_objective)
         self.pipeline.unload_encoder_adapter()  # saved on its own: stages/understanding
-        self.pipeline.save_pretrained(self.out / "pipeline")
+        final_score = {"toyworld": self.results["stages"][self.config.stage3_objective]["unified_bench"]}
+        self.pipeline.save_pretrained(self.out / "pipeline", model_card=pipeline_model_card(
+            self.pipeline, "your-username/uae-toy-world", unified_bench=final_score))
         # what making everything took: reloaded stages count the time they took when they were trained
         self.results["timings_s"]["total"] = time.perf_counter() - started + reloaded_seconds
         write_report(self.results, self.out, STAGE_TITLES)
