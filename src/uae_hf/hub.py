@@ -1,5 +1,7 @@
 """Model cards for what uae_hf saves and pushes."""
 
+import json
+import os
 from importlib.resources import files
 from pathlib import Path
 
@@ -19,12 +21,34 @@ _MODE_DESCRIPTIONS = {
 LOCAL_CHECKPOINT = "a local checkpoint"
 
 
-def hub_id_of(module) -> str | None:
-    """The Hub id a module was loaded from; `None` for a local folder (cards never carry a user's paths)."""
-    name = getattr(getattr(module, "config", None), "_name_or_path", None)
+def _hub_id(name: str | None) -> str | None:
+    """`name` if it is a Hub id; `None` for a local folder or nothing."""
     if not name or Path(name).is_absolute() or Path(name).exists() or name.startswith((".", "~")):
         return None
     return str(name)
+
+
+def hub_id_of(module) -> str | None:
+    """The Hub id a module was loaded from; `None` for a local folder (cards never carry a user's paths)."""
+    return _hub_id(getattr(getattr(module, "config", None), "_name_or_path", None))
+
+
+def make_adapter_config_portable(folder) -> None:
+    """Rewrite `folder/adapter_config.json`'s `base_model_name_or_path` so that it names no folder of the writing
+    machine: a Hub id stays; a local folder becomes its path relative to `folder` (it resolves wherever the two are
+    moved together); a path that no longer exists becomes `None`. No adapter config: nothing to do."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    base = config.get("base_model_name_or_path")
+    if _hub_id(base) is not None or base is None:
+        return
+    resolved = Path(base).expanduser()
+    config["base_model_name_or_path"] = (
+        Path(os.path.relpath(resolved.resolve(), path.parent.resolve())).as_posix() if resolved.exists() else None
+    )
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def model_source(module) -> str:

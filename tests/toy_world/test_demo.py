@@ -76,6 +76,9 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     for card in cards:  # model cards never carry the user's local paths
         assert str(tmp_path) not in card.read_text(), card
     assert "toyworld" in (out / "pipeline" / "README.md").read_text()  # the final pipeline's score
+    for stage in ("sft", "understanding"):  # adapters name their base from their own folder (it moves with them)
+        config = json.loads((out / "stages" / stage / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "../../models/encoder", config
 
     image = tmp_path / "scene.png"
     toy_world_dataset(1, "test", seed=0)[0]["image"].save(image)  # a held-out scene

@@ -1,7 +1,9 @@
 """DecoderPretrainingTrainer (rectified flow on long captions) and ColdStartTrainer (semantic loss through the
 sampler)."""
 
+import json
 import statistics
+from pathlib import Path
 
 import datasets
 import pytest
@@ -105,7 +107,10 @@ def test_cold_start_llm_adapter_saves_as_a_peft_folder(fresh_pipe, config, tiny_
     trainer = ColdStartTrainer(decoder=fresh_pipe, args=args, train_dataset=photos4)
     trainer.train()
     trainer.save_model(str(tmp_path / "cs"))
-    assert (tmp_path / "cs" / "encoder_adapter" / "adapter_config.json").exists()
+    config = json.loads((tmp_path / "cs" / "encoder_adapter" / "adapter_config.json").read_text())
+    base = config["base_model_name_or_path"]  # from the adapter's folder, never this machine's absolute path
+    assert not Path(base).is_absolute() and (tmp_path / "cs" / "encoder_adapter" / base).resolve() == \
+        (tiny_dir / "encoder").resolve(), base
     assert not (tmp_path / "cs" / "projector").exists()
     other = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector")
     other.load_encoder_adapter(tmp_path / "cs" / "encoder_adapter")

@@ -1,6 +1,8 @@
 """UnifiedGRPOTrainer: GRPO on the encoder, the decoder as reward ("Generation for Understanding")."""
 
+import json
 import statistics
+from pathlib import Path
 
 import datasets
 import evaluate
@@ -123,6 +125,9 @@ def test_adapter_saves_reloads_and_reproduces_greedy_captions(tiny_dir, pipe, pr
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     assert (out / "processor_config.json").exists() or (out / "preprocessor_config.json").exists()
     assert not any(path.name.startswith("diffusion_pytorch_model") for path in out.rglob("*"))  # decoder not saved
+    # its base is named as a path from the adapter folder, never this machine's absolute path
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert not Path(base).is_absolute() and (out / base).resolve() == (tiny_dir / "encoder").resolve(), base
     card = (out / "README.md").read_text()
     assert "UnifiedGRPOTrainer" in card and "clip" in card and "peft" in card  # the card names its trainer
     assert list((tmp_path / "run" / "reconstructions").glob("step-*.png"))

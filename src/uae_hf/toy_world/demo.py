@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText
 from trl import SFTConfig, SFTTrainer
 
-from ..hub import pipeline_model_card
+from ..hub import make_adapter_config_portable, pipeline_model_card
 from ..models.projector import UAEProjector
 from ..pipelines.uae_reconstruction.loading import load_uae_pipeline
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import (
@@ -209,8 +209,9 @@ def sft_dataset(train: datasets.Dataset, weights, seed: int) -> datasets.Dataset
 
 
 def _save(trainer) -> None:
-    """The stage's weights in their loaders' layouts, with a model card."""
+    """The stage's weights in their loaders' layouts (an adapter's base named portably), with a model card."""
     trainer.save_model()
+    make_adapter_config_portable(trainer.args.output_dir)
     trainer.create_model_card(model_name=f"uae-toy-world-{Path(trainer.args.output_dir).name}",
                               dataset_name="uae_hf.toy_world")
 

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
+from ..hub import make_adapter_config_portable
 from ..rewards.similarity import ImageSimilarity
 from ..sampling.flow_sde import decode_latents, sample_trajectory
 from ..seeding import stream_seed
@@ -162,6 +163,7 @@ class ColdStartTrainer(DecoderTrainer):
         if "llm_lora" in parts:
             self.decoder.vlm.save_pretrained(output_dir / "encoder_adapter", state_dict=submodule_weights(weights, "vlm"))
             self.decoder.processor.save_pretrained(output_dir / "encoder_adapter")
+            make_adapter_config_portable(output_dir / "encoder_adapter")
 
     def saved_files(self) -> list[tuple[str, str, str]]:
         parts = set(self.args.cold_start_trainable)

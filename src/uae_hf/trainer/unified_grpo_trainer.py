@@ -14,7 +14,7 @@ from transformers import CompileConfig
 from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from trl import GRPOTrainer
 
-from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of, model_source
+from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of, make_adapter_config_portable, model_source
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import adapters_disabled, caption_messages
 from .checkpointing import AtomicCheckpoints
 from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
@@ -235,6 +235,11 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
         return rewards
 
     # ----------------------------------------------------------------------------------------------------- model card
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """As TRL saves, with the adapter config naming its base portably (`make_adapter_config_portable`)."""
+        super()._save(output_dir, state_dict)
+        make_adapter_config_portable(output_dir or self.args.output_dir)
+
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
         """Write `output_dir/README.md` from `model_cards/unified_grpo_encoder.md`."""
         if not self.is_world_process_zero():
