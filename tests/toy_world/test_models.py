@@ -51,5 +51,8 @@ def test_vision_pretraining_makes_position_linearly_readable_from_pooled_tokens(
     untrained = _linear_probe_accuracy(vlm, processor)
     accuracy = pretrain_toy_vision(vlm, processor, steps=300, seed=0)  # half the demo's budget (which reaches 1.0)
     pretrained = _linear_probe_accuracy(vlm, processor)
-    assert untrained < 0.3 and pretrained > 0.7, (untrained, pretrained)  # chance: 1/9; measured 0.17 -> 0.84
+    # chance: 1/9. Measured 0.168 untrained everywhere; pretrained 0.668-0.844 over ATen native (AVX-512) / avx2 /
+    # default kernels (oneDNN capped to match) and 1, 2, 4 threads: 0.84 native, 0.676 avx2 with 2 threads (the
+    # AVX2-only machine's 0.676), 0.668 default. The bound sits below that spread and far above the untrained 0.17.
+    assert untrained < 0.3 and pretrained > 0.55, (untrained, pretrained)
     assert accuracy["colour"] > 0.9 and accuracy["size"] > 0.9 and accuracy["background"] > 0.9, accuracy
