@@ -85,8 +85,8 @@ LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|
 
 @dataclass
 class ToyDemoConfig:
-    """Sizes and budgets of the toy-world demo; the defaults are the full run (18 min measured on the project's
-    2-core CPU)."""
+    """Sizes and budgets of the toy-world demo; the defaults are the full run (about 21 min on the project's 2-core
+    CPU)."""
 
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where models, stages and the report go."})
     seed: int = field(default=0, metadata={"help": "Seed of the world, the models and every stage."})
