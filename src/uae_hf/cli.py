@@ -345,15 +345,18 @@ def _cmd_reconstruct(args) -> None:
         unique_names(paths)  # the same image twice fails here, before any model loads
     except ValueError as error:
         raise CommandLineError(str(error)) from None
-    readable, originals = [], []
+    readable, originals, errors = [], [], []
     for path in paths:  # every image read before the pipeline loads; an unreadable one is skipped and reported
         try:
             originals.append(load_image(path, str(path)))
             readable.append(path)
         except (OSError, ValueError) as error:
-            print(f"uae-hf: skipped {error}", file=sys.stderr)  # the message names the file
+            errors.append(str(error))  # it names the file
     if not readable:
-        raise CommandLineError(f"none of the {len(paths)} image(s) could be read (see above): nothing to reconstruct")
+        more = f" (and {len(errors) - 1} more unreadable image(s))" if len(errors) > 1 else ""
+        raise CommandLineError(f"{errors[0]}{more}: nothing to reconstruct")
+    for error in errors:
+        print(f"uae-hf: skipped {error}", file=sys.stderr)
     pipeline = _load_pipeline(args)
     rows = reconstruct(
         pipeline, readable, originals, Path(args.output_dir), args.batch_size, args.seed, **_generate_kwargs(args)
