@@ -36,15 +36,18 @@ def hub_id_of(module) -> str | None:
 def make_adapter_config_portable(folder) -> None:
     """Rewrite `folder/adapter_config.json`'s `base_model_name_or_path` so that it names no folder of the writing
     machine: a Hub id stays; a local folder becomes its path relative to `folder` (it resolves wherever the two are
-    moved together); a path that no longer exists becomes `None`. No adapter config: nothing to do."""
+    moved together; one already written so stays); a path that no longer exists becomes `None`. No adapter config:
+    nothing to do."""
     path = Path(folder) / "adapter_config.json"
     if not path.is_file():
         return
     config = json.loads(path.read_text())
     base = config.get("base_model_name_or_path")
-    if _hub_id(base) is not None or base is None:
+    if base is None or _hub_id(base) is not None:
         return
     resolved = Path(base).expanduser()
+    if not resolved.is_absolute() and (path.parent / resolved).exists():
+        return  # already a path from the adapter folder
     config["base_model_name_or_path"] = (
         Path(os.path.relpath(resolved.resolve(), path.parent.resolve())).as_posix() if resolved.exists() else None
     )
