@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default=None,
                       help="where models, stages and the report go (default: outputs/demo, with --quick outputs/demo-quick)")
     demo.add_argument("--quick", action="store_true",
-                      help="the same path with tiny budgets that only check the plumbing (18-24 s measured on a 2-core CPU)")
+                      help="the same path with tiny budgets that only check the plumbing (32 s measured on a 2-core CPU)")
     demo.add_argument("--overwrite", action="store_true",
                       help="retrain the stages in --output-dir that were made with other settings (else the demo refuses)")
     for name, kind, help_text in [
