@@ -209,9 +209,8 @@ def sft_dataset(train: datasets.Dataset, weights, seed: int) -> datasets.Dataset
 
 
 def _save(trainer) -> None:
-    """The stage's weights in their loaders' layouts (an adapter's base named portably), with a model card."""
+    """The stage's weights in their loaders' layouts, with a model card."""
     trainer.save_model()
-    make_adapter_config_portable(trainer.args.output_dir)
     trainer.create_model_card(model_name=f"uae-toy-world-{Path(trainer.args.output_dir).name}",
                               dataset_name="uae_hf.toy_world")
 
@@ -343,6 +342,7 @@ class ToyWorldDemo:
         )
         trainer.train()
         _save(trainer)
+        make_adapter_config_portable(trainer.args.output_dir)  # TRL's SFTTrainer writes the base's local path
         vlm.eval()
         return _history(trainer, "loss")
 
