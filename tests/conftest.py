@@ -14,28 +14,32 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-# Prepended to scripts run in fresh interpreters: the same network block as the test session.
+# Prepended to scripts run in fresh interpreters: the same network block as the test session. Names other than this
+# machine's own do not resolve, as on a machine without a network, whatever the machine running the tests has.
 BLOCK_NETWORK = """
 import socket
 def _blocked(*args, **kwargs):
     raise RuntimeError("network access attempted in an offline test")
+_getaddrinfo = socket.getaddrinfo
+def _resolve_local_only(host, *args, **kwargs):
+    if host not in (None, "localhost", "127.0.0.1", "::1"):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (offline test)")
+    return _getaddrinfo(host, *args, **kwargs)
 socket.socket.connect = _blocked
 socket.socket.connect_ex = _blocked
 socket.create_connection = _blocked
+socket.getaddrinfo = _resolve_local_only
 """
 
 
 @pytest.fixture(autouse=True, scope="session")
 def block_network():
-    """Any socket connection in the test session fails loudly."""
-
-    def blocked(*args, **kwargs):
-        raise RuntimeError("network access attempted in an offline test")
-
-    saved = socket.socket.connect, socket.socket.connect_ex, socket.create_connection
-    socket.socket.connect = socket.socket.connect_ex = socket.create_connection = blocked
+    """Any socket connection in the test session fails loudly; only this machine's own names resolve."""
+    saved = socket.socket.connect, socket.socket.connect_ex, socket.create_connection, socket.getaddrinfo
+    block = {}
+    exec(BLOCK_NETWORK, block)
     yield
-    socket.socket.connect, socket.socket.connect_ex, socket.create_connection = saved
+    socket.socket.connect, socket.socket.connect_ex, socket.create_connection, socket.getaddrinfo = saved
 
 
 @pytest.fixture(scope="session")

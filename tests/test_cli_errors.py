@@ -71,6 +71,20 @@ def test_an_unavailable_backbone_in_python_says_how_to_pass_a_folder():
         ImageEmbedder("clip", "/no/such/folder/clip")
 
 
+def test_an_uncached_backbone_with_the_hub_out_of_reach_fails_at_once(monkeypatch):
+    """Today (online mode, no network): huggingface_hub retries for about 25 s, then says it could not connect."""
+    from huggingface_hub import constants
+
+    from uae_hf import ImageEmbedder
+    from uae_hf.rewards.similarity import BackboneUnavailableError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online mode; the network block resolves no name
+    with pytest.raises(BackboneUnavailableError, match="huggingface.co does not resolve.*not in the local Hugging "
+                       "Face cache.*checkpoints=") as info:
+        ImageEmbedder("clip", "nobody/no-such-clip")
+    assert info.value.backbone == "clip"
+
+
 def test_bench_argument_mistakes(image, tmp_path, capsys):
     out = ["--output-dir", str(tmp_path / "out")]
     # today: "reference folder ... does not exist"
@@ -188,7 +202,9 @@ def test_pushing_without_the_hub_or_a_token_is_refused_before_training(monkeypat
     flags = ["train", "--use_cpu", "true", "--bf16", "false", "--push_to_hub", "true", "--output_dir", str(tmp_path)]
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert "HF_HUB_OFFLINE is set" in fails(flags, capsys)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, but no name resolves (the network block)
+    assert "huggingface.co does not resolve" in fails(flags, capsys)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # behind a proxy the name is the proxy's to resolve
     monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))

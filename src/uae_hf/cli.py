@@ -103,6 +103,7 @@ HARMLESS_WARNINGS = (
     # an encoder adapter with its own embeddings and head (the demo's): inference never merges it
     r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
     r"No LoRA keys associated to \w+",  # a DiT LoRA file holds no text-encoder keys, by design
+    r"Setting accelerator to CPU\. If you have GPU",  # DeepSpeed, imported by accelerate, on a machine without one
 )
 _HARMLESS = re.compile("|".join(HARMLESS_WARNINGS))
 
@@ -139,6 +140,9 @@ def _quiet_libraries(verbose: bool, data: bool = False):
             for handler in library.get_logger().handlers:
                 handler.addFilter(hide)
                 restore.callback(handler.removeFilter, hide)
+        deepspeed = logging.getLogger("DeepSpeed")  # its logger, made on import: the filter is there before
+        deepspeed.addFilter(hide)
+        restore.callback(deepspeed.removeFilter, hide)
         restore.enter_context(warnings.catch_warnings())
         for pattern in HARMLESS_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
@@ -567,9 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(argv: list[str], verbose: bool) -> None:
     if argv[:1] == ["train"]:  # TRL-style: every UnifiedGRPOConfig field from --config YAML or --flags
-        from .trainer.train_script import main as train_main
-
         with _quiet_libraries(verbose, data=True):
+            from .trainer.train_script import main as train_main
+
             train_main([arg for arg in argv[1:] if arg != "--verbose"])
         return
     args = build_parser().parse_args(argv)

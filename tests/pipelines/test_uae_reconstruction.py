@@ -503,6 +503,21 @@ def test_a_hub_source_is_kept_in_the_saved_configs(pipe, tmp_path):
     assert "_name_or_path" not in json.loads((tmp_path / "saved" / "vae" / "config.json").read_text())
 
 
+def test_push_to_hub_without_the_hub_fails_before_saving_anything(pipe, monkeypatch, tmp_path):
+    """Today: diffusers' bare `ConnectError` from `create_repo`."""
+    import tempfile
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the folder to upload would be saved
+    with pytest.raises(ConnectionError, match="cannot push to me/uae: the Hub cannot be reached: HF_HUB_OFFLINE"):
+        pipe.push_to_hub("me/uae")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online mode; the network block resolves no name
+    with pytest.raises(ConnectionError, match="huggingface.co does not resolve.*save_pretrained"):
+        pipe.push_to_hub("me/uae")
+    assert not list(tmp_path.iterdir())
+
+
 def test_several_images_per_prompt_with_one_generator_per_output_row(pipe, photos):
     """SD3 takes one generator per output row; each image's caption follows the first of its rows."""
     rows = [torch.Generator().manual_seed(i) for i in range(4)]

@@ -21,6 +21,7 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| stage 3: DiffusionNFT on the decoder (sampled without CFG) |" in result.stdout  # the summary table
+    assert "Setting accelerator to CPU" not in result.stderr  # DeepSpeed's, imported by the trainers: quiet too
 
     # the summary: mean and [min, max] of every table entry over the two seeds' own results
     runs = [json.loads((top / f"seed-{seed}" / "results.json").read_text()) for seed in (0, 1)]

@@ -136,6 +136,27 @@ def _unavailable_reason(checkpoint: str, error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _fail_fast_if_unreachable(backbone: str, checkpoint: str) -> None:
+    """A Hub id that is not in the local cache, with the Hub out of reach: fail now, not after huggingface_hub's
+    retries (about 25 s per backbone)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(checkpoint).expanduser().exists() or constants.HF_HUB_OFFLINE:
+        return  # a folder; or transformers fails fast itself
+    from ..pipelines.uae_reconstruction.hub_access import hub_unreachable_reason
+
+    unreachable = hub_unreachable_reason()
+    if unreachable is None:
+        return
+    try:
+        cached = isinstance(try_to_load_from_cache(checkpoint, "config.json"), str)
+    except ValueError:  # not a repo id: transformers says what is wrong with it
+        return
+    if not cached:
+        raise BackboneUnavailableError(backbone, checkpoint, ConnectionError(
+            f"the Hub cannot be reached ({unreachable}) and it is not in the local Hugging Face cache"))
+
+
 # PIL resampling filters → `F.interpolate` modes, as transformers' torchvision backend maps them
 _INTERPOLATION = {
     PILImageResampling.NEAREST: "nearest-exact",
@@ -200,6 +221,7 @@ class ImageEmbedder:
                              f"checkpoints={{{backbone!r}: 'path/to/{backbone}'}}")
         self.device = torch.device(device)
         self.dtype = dtype
+        _fail_fast_if_unreachable(backbone, self.checkpoint)
         try:
             model = self.backbone.load(self.checkpoint, dtype)
             self.processor = _image_processor(self.checkpoint, clip_format=self.backbone.load is _clip_vision)

@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..cli import CommandLineError
+from ..pipelines.uae_reconstruction.hub_access import push_access_problem
 from ..rewards.similarity import BACKBONES, BackboneUnavailableError
 from ..sample_data import skimage_photos
 from . import TRAINERS
@@ -245,22 +246,10 @@ def _no_gpu_message(argv: list[str] | None) -> str:
 
 def _check_hub_access(token: str | None) -> None:
     """Before any model loads: pushing needs the Hub reachable and a token that it accepts."""
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise CommandLineError("--push_to_hub true, but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub (the "
-                               "run saves to output_dir; push later with huggingface_hub's upload_folder)")
-    token = token or huggingface_hub.get_token()
-    if token is None:
-        raise CommandLineError("--push_to_hub true, but no Hugging Face token is set: log in first (hf auth login) "
-                               "or pass --hub_token")
-    try:
-        huggingface_hub.whoami(token=token)
-    except Exception as error:  # connection errors of every kind, an expired or wrong token
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CommandLineError(f"--push_to_hub true, but the Hub cannot be reached with this token ({reason}): "
-                               "check the network and hf auth whoami, or drop --push_to_hub") from error
+    problem = push_access_problem(token)
+    if problem is not None:
+        raise CommandLineError(f"--push_to_hub true, but {problem}; or drop --push_to_hub (the run saves to "
+                               "output_dir; push later with huggingface_hub's upload_folder)")
 
 
 def main(argv: list[str] | None = None):

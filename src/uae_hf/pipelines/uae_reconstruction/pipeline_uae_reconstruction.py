@@ -31,7 +31,7 @@ from transformers import (
 # The modules a saved folder carries beside `pipeline.py`. diffusers copies only the ones `pipeline.py` imports itself
 # (so each is imported here), and on a later load in the same process it re-runs `pipeline.py` but keeps the siblings
 # of the earlier load (every local folder shares one `diffusers_modules.local` package): forget those first.
-SIBLING_MODULES = ("attention_processor", "captioning", "conditioning", "image_input", "pipeline_output")
+SIBLING_MODULES = ("attention_processor", "captioning", "conditioning", "hub_access", "image_input", "pipeline_output")
 if __package__ and __package__.split(".")[0] == "diffusers_modules":
     for _name in SIBLING_MODULES:
         sys.modules.pop(f"{__package__}.{_name}", None)
@@ -47,6 +47,7 @@ from .conditioning import (  # noqa: E402
     encode_generate_prompts,
     generate_prompt_ids,
 )
+from .hub_access import push_access_problem  # noqa: E402
 from .image_input import array_to_image, to_rgb  # noqa: E402
 from .pipeline_output import UAEReconstructionPipelineOutput  # noqa: E402
 
@@ -626,11 +627,16 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
         token: str | None = None,
         create_pr: bool = False,
     ) -> str:
-        """Upload the self-loading folder (see `save_pretrained`) to the Hub and return the commit URL."""
+        """Upload the self-loading folder (see `save_pretrained`) to the Hub and return the commit URL. Without a
+        reachable Hub or an accepted token, raises `ConnectionError` before saving anything."""
         import tempfile
 
         from huggingface_hub import HfApi
 
+        problem = push_access_problem(token)
+        if problem is not None:
+            raise ConnectionError(f"cannot push to {repo_id}: {problem}. The pipeline is unchanged; "
+                                  "`save_pretrained(folder)` keeps it until you can push")
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
