@@ -68,12 +68,23 @@ def assert_log_history_saved(out: Path, steps: int) -> None:
     assert any("train_loss" in record for record in state["log_history"])  # the run's summary record
 
 
+def tensorboard_events(output_dir: Path):
+    """Everything the run's TensorBoard event files hold (the Trainer writes them under output_dir)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(output_dir.rglob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    events = EventAccumulator(str(files[0]), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
 @pytest.mark.slow
 def test_train_runs_the_tiny_recipe_with_no_other_argument(tmp_path):
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / "understanding_tiny.yaml"
     result = subprocess.run(
         [sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--max_steps", "3",
-         "--log_reconstructions_steps", "1"],
+         "--log_reconstructions_steps", "1", "--logging_steps", "1", "--report_to", "tensorboard"],
         cwd=tmp_path, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -81,6 +92,12 @@ def test_train_runs_the_tiny_recipe_with_no_other_argument(tmp_path):
     for name in ("adapter_model.safetensors", "adapter_config.json", "README.md", "reconstructions/step-000001.png"):
         assert (out / name).exists(), name
     assert_log_history_saved(out, steps=3)
+    # TensorBoard: the grids beside the Trainer's curves (reward, caption length), step by step
+    events = tensorboard_events(out)
+    assert events.Images("train/reconstructions")[0].width == PIL.Image.open(out / "reconstructions" / "step-000001.png").width
+    assert [event.step for event in events.Images("train/reconstructions")] == [1, 2, 3]
+    for curve in ("train/reward", "train/completions/mean_length"):
+        assert [event.step for event in events.Scalars(curve)] == [1, 2, 3], curve
     assert (tmp_path / "outputs" / "tiny-models" / "decoder" / "model_index.json").exists()  # built on demand
 
 
@@ -88,13 +105,18 @@ def test_train_runs_the_tiny_recipe_with_no_other_argument(tmp_path):
 def test_train_runs_the_tiny_generation_recipe(tmp_path):
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / "generation_tiny.yaml"
     result = subprocess.run(
-        [sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--max_steps", "2"],
+        [sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--max_steps", "2",
+         "--log_reconstructions_steps", "1", "--report_to", "tensorboard"],
         cwd=tmp_path, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "outputs" / "generation-tiny"
     assert (out / "pytorch_lora_weights.safetensors").exists() and "flow-grpo" in (out / "README.md").read_text()
     assert_log_history_saved(out, steps=2)
+    events = tensorboard_events(out)  # a diffusers model: its config as the TensorBoard callback records a model's
+    assert [event.step for event in events.Images("train/reconstructions")] == [1, 2]
+    config = json.loads(events.Tensors("model_config/text_summary")[0].tensor_proto.string_val[0])
+    assert config["_class_name"] == "SD3Transformer2DModel"
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -402,6 +403,73 @@ def _cmd_demo(args) -> None:
     print(f"report: {out / 'report.md'}; pipeline: {out / 'pipeline'} ({results['timings_s']['total'] / 60:.1f} min)")
 
 
+def _backbone_checkpoints(args) -> dict[str, str]:
+    try:
+        return dict(item.split("=", 1) for item in args.checkpoint)
+    except ValueError:
+        raise CommandLineError("--checkpoint takes BACKBONE=PATH_OR_ID") from None
+
+
+def _without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """`argv` without `options` and their values (`--name value` or `--name=value`)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in options:
+            skip = True
+        elif not item.startswith(tuple(f"{option}=" for option in options)):
+            kept.append(item)
+    return kept
+
+
+def _cmd_app(args) -> None:
+    """`uae-hf app`: the Gradio app of `uae_hf.app` on `--pipeline` (or the tiny twins)."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError as error:
+        raise CommandLineError("app runs on Gradio: pip install 'uae-hf[app]'") from error
+    from .app import RoundTripApp, build_app, write_space
+    from .rewards.similarity import BackboneUnavailableError
+
+    checkpoints = _backbone_checkpoints(args)
+    if args.write_space:
+        if not args.pipeline:
+            raise CommandLineError("--write-space needs --pipeline: the Hub repo (or a folder the Space holds) it runs")
+        flags = _without_options(args.argv[1:], ("--write-space", "--host", "--port", "--pipeline"))
+        print(f"wrote a Space to {write_space(args.write_space, args.pipeline, flags)}")
+        return
+    device = _device(args)
+    if args.pipeline:
+        source = args.pipeline
+        pipeline = _load_pipeline(args)
+    else:
+        from .pipelines import load_uae_pipeline
+        from .tiny_models import build_tiny_models
+
+        tiny = build_tiny_models(Path(tempfile.mkdtemp(prefix="uae-tiny-twins-")), with_t5=False)
+        source = "tiny twins (uae-hf tiny-models)"
+        pipeline = load_uae_pipeline(tiny / "decoder", tiny / "encoder", tiny / "projector",
+                                     torch_dtype=_torch_dtype(args, device)).to(device)
+        if args.encoder_adapter:
+            pipeline.load_encoder_adapter(args.encoder_adapter)
+        from .metrics.unified_bench.unified_bench import backbones_of
+
+        used = backbones_of(args.backbones)  # each scored with its twin, unless --checkpoint says otherwise
+        checkpoints = {path.name: str(path) for path in (tiny / "backbones").iterdir() if path.name in used} | checkpoints
+    fixed = {key: value for key, value in _generate_kwargs(args).items()
+             if key in ("height", "width", "conditioning_mode")}
+    try:
+        app = RoundTripApp(pipeline, source, args.backbones, checkpoints, device, args.backbone_dtype, args.batch_size,
+                           **fixed)
+    except BackboneUnavailableError as error:
+        raise CommandLineError(f"cannot load the {error.backbone} backbone ({error.checkpoint}): {error.reason}. "
+                               f"Point it at a local copy with --checkpoint {error.backbone}=PATH") from error
+    defaults = {"steps": args.num_inference_steps, "guidance": args.guidance_scale,
+                "temperature": args.temperature, "max_tokens": args.max_new_tokens, "seed": args.seed}
+    build_app(app, defaults).queue().launch(server_name=args.host, server_port=args.port, show_error=True)
+
+
 def _cmd_bench(args) -> None:
     if bool(args.images_dir) == bool(args.dataset):
         raise CommandLineError("pass exactly one of --images-dir or --dataset")
@@ -416,10 +484,7 @@ def _cmd_bench(args) -> None:
     if args.reconstructions and not Path(args.reconstructions).is_dir():
         state = "is a file, not a folder" if Path(args.reconstructions).exists() else "does not exist"
         raise CommandLineError(f"--reconstructions {args.reconstructions} {state}")
-    try:
-        checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
-    except ValueError:
-        raise CommandLineError("--checkpoint takes BACKBONE=PATH_OR_ID") from None
+    checkpoints = _backbone_checkpoints(args)
     if args.protocol == "official" and args.backbone_dtype != "float32":
         raise CommandLineError("--protocol official sets the backbones' precision as the official scorer does "
                                "(float32; LongCLIP float16 on CUDA): drop --backbone-dtype")
@@ -533,6 +598,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose_argument(convert)
     convert.set_defaults(func=_cmd_convert_release)
 
+    app = commands.add_parser("app", help="a Gradio app: round-trip uploaded images and score them with "
+                              "Unified-Bench (pip install 'uae-hf[app]')")
+    app.add_argument("--pipeline", default=None, help="pipeline folder or Hub repo (default: the offline tiny twins, "
+                     "built into a temporary folder, scored with the twin backbones)")
+    app.add_argument("--backbones", default="default", help='"default" (the paper\'s four) or e.g. "clip+dinov2"')
+    app.add_argument("--checkpoint", action="append", default=[], metavar="BACKBONE=PATH",
+                     help="replace a backbone's checkpoint, e.g. a local copy (repeatable)")
+    app.add_argument("--backbone-dtype", choices=DTYPES[1:], default="float32", help="dtype of the scoring backbones")
+    _add_generation_arguments(app, steps=28, tokens=128)
+    app.add_argument("--host", default=None, help="address to listen on (default: GRADIO_SERVER_NAME, else 127.0.0.1; "
+                     "0.0.0.0 for every interface)")
+    app.add_argument("--port", type=positive_int, default=None,
+                     help="port to listen on (default: GRADIO_SERVER_PORT, else 7860)")
+    app.add_argument("--write-space", default=None, metavar="DIR",
+                     help="write a Hugging Face Space (app.py, requirements.txt, README.md) that runs this app with "
+                     "these flags into DIR, and exit")
+    _add_verbose_argument(app)
+    app.set_defaults(func=_cmd_app)
+
     commands.add_parser(
         "train", help="train a UAE stage: uae-hf train --config recipe.yaml [--any_config_field value ...]",
         add_help=False,
@@ -577,6 +661,7 @@ def _run(argv: list[str], verbose: bool) -> None:
             train_main([arg for arg in argv[1:] if arg != "--verbose"])
         return
     args = build_parser().parse_args(argv)
+    args.argv = argv
     with _quiet_libraries(args.verbose, data=args.command in ("bench", "demo")):
         args.func(args)
 

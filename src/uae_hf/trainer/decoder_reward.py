@@ -1,11 +1,14 @@
 """The decoder as every UAE trainer holds it: the pipeline, the reconstruction reward built from a config, and the
 grids of originals, captions and reconstructions the trainers log."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import torch
 from diffusers import StableDiffusion3Pipeline
+from transformers.integrations import TensorBoardCallback
 
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline
 from ..rewards.reconstruction import ReconstructionBatch, ReconstructionReward
@@ -69,17 +72,21 @@ def build_reconstruction_reward(decoder, args: ReconstructionArguments) -> Recon
 
 class ReconstructionGrids:
     """Trainer mixin: keeps the latest scored batch of reconstructions (`last_batch`) and, every
-    `log_reconstructions_steps` steps, saves a grid of it under `output_dir/reconstructions/step-N.png` (and to wandb
-    when it is active)."""
+    `log_reconstructions_steps` steps (from the first), saves a grid of it under `output_dir/reconstructions/step-N.png`
+    and logs it to the trackers of `report_to` that take images (`log_image_to_trackers`). N is the optimizer step the
+    batch is for, the step at which the Trainer logs its reward."""
 
     last_batch: ReconstructionBatch | None = None
     _last_grid_step = -1
 
     def _keep_batch(self, batch: ReconstructionBatch) -> None:
         self.last_batch = batch
-        args, step = self.args, self.state.global_step
+        args, done = self.args, self.state.global_step
         every = args.log_reconstructions_steps
-        if not every or step % every or step == self._last_grid_step or not self.accelerator.is_main_process:
+        if not every or done % every or not self.accelerator.is_main_process:
+            return
+        step = done + 1  # the batch feeds the coming optimizer step: the Trainer logs its reward at that step
+        if step == self._last_grid_step:
             return
         self._last_grid_step = step
         count = args.num_logged_reconstructions
@@ -92,8 +99,42 @@ class ReconstructionGrids:
         folder = Path(args.output_dir, "reconstructions")
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"step-{step:06d}.png")
-        if args.report_to and "wandb" in args.report_to:
-            import wandb
+        log_image_to_trackers(self, "train/reconstructions", grid, step)
 
-            if wandb.run is not None:
-                wandb.log({"reconstructions": wandb.Image(grid)}, step=step)
+
+class DiffusersTensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoard callback for a trained diffusers model: it records the model's config as text, but
+    through `config.to_json_string()`, which a diffusers config (a `FrozenDict`) lacks; this records it as JSON."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        config = getattr(model, "config", None)
+        if self.tb_writer is not None and state.is_world_process_zero and isinstance(config, dict):
+            self.tb_writer.add_text("model_config", json.dumps(config, indent=2, sort_keys=True, default=str))
+
+
+def use_diffusers_tensorboard(trainer) -> None:
+    """Swap the Trainer's TensorBoard callback (`report_to` tensorboard) for `DiffusersTensorBoardCallback`."""
+    callbacks = trainer.callback_handler.callbacks
+    for index, callback in enumerate(callbacks):
+        if type(callback) is TensorBoardCallback:
+            callbacks[index] = DiffusersTensorBoardCallback(tb_writer=callback.tb_writer)
+
+
+def log_image_to_trackers(trainer, tag: str, image: PIL.Image.Image, step: int) -> None:
+    """Log `image` at `step` to every tracker of `trainer.args.report_to` that takes images, beside the Trainer's own
+    scalars: TensorBoard through its callback's writer; wandb and trackio in the run their callbacks started, keyed by
+    `train/global_step` as those callbacks key the scalars."""
+    report_to = trainer.args.report_to or []
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+            callback.tb_writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+    if "wandb" in report_to:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.log({tag: wandb.Image(image), "train/global_step": step})
+    if "trackio" in report_to:
+        import trackio
+
+        trackio.log({tag: trackio.Image(image), "train/global_step": step})

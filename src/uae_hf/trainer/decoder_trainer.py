@@ -23,7 +23,13 @@ from ..images import load_image
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline, caption_images
 from ..seeding import seeded_generators, stream_seed
 from .checkpointing import AtomicCheckpoints
-from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
+from .decoder_reward import (
+    ReconstructionGrids,
+    as_decoder,
+    build_reconstruction_reward,
+    check_image_column,
+    use_diffusers_tensorboard,
+)
 from .decoder_training_config import DIT_LORA_TARGETS, DecoderTrainingConfig
 from .frozen_sharding import decoder_models, shard_frozen_models
 from .model_card import card_tags, latest_metrics
@@ -129,6 +135,7 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
             cast_training_params(trained, torch.float32)
         super().__init__(model=trained, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          data_collator=list, callbacks=callbacks, optimizers=optimizers)
+        use_diffusers_tensorboard(self)
         self.decoder.to(self.accelerator.device)
         if self.encoder is not None:
             self.encoder.to(self.accelerator.device)

@@ -47,7 +47,8 @@ class ReconstructionArguments:
     Parameters that control logging and memory:
         log_reconstructions_steps (`int`, defaults to `50`):
             Every N steps, save a grid of originals, captions and reconstructions under
-            `output_dir/reconstructions/` (and to wandb when it is active); 0 disables.
+            `output_dir/reconstructions/` and log it to the trackers of `report_to` that take images (TensorBoard,
+            wandb, trackio); 0 disables.
         num_logged_reconstructions (`int`, defaults to `4`):
             Rows of that grid.
         activation_checkpointing (`bool`, defaults to `True`):
@@ -92,7 +93,8 @@ class ReconstructionArguments:
     )
     backbone_dtype: str = field(default="float32", metadata={"help": "Backbone dtype: float32, bfloat16, float16."})
     log_reconstructions_steps: int = field(
-        default=50, metadata={"help": "Save a grid of originals, captions and reconstructions every N steps (0: off)."}
+        default=50, metadata={"help": "Save a grid of originals, captions and reconstructions every N steps, and log it to "
+                                  "the report_to trackers that take images (0: off)."}
     )
     num_logged_reconstructions: int = field(default=4, metadata={"help": "Rows of the reconstruction grid."})
     # transformers defaults checkpointing to off; the decoder's memory needs it on. The deprecated alias
