@@ -161,6 +161,8 @@ def test_space_app_round_trips_an_uploaded_photo_in_a_real_browser(pipe, backbon
         browser.get(url)
         wait = WebDriverWait(browser, 120)
         upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#original input[type=file]"))
+        browser.find_element(By.ID, "run-round-trip").click()  # nothing uploaded yet: said in the page
+        wait.until(lambda d: "Upload an image or pick a sample photo first" in d.find_element(By.TAG_NAME, "body").text)
         photos[1].save(photo := tmp_path / "coffee.png")
         upload.send_keys(str(photo))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#original img"))

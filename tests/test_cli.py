@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from uae_hf.cli import main
+
+from conftest import BLOCK_NETWORK
 
 
 def test_tiny_models_command(tmp_path, capsys):
@@ -102,17 +105,22 @@ def test_train_runs_the_tiny_recipe_with_no_other_argument(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_runs_the_tiny_generation_recipe(tmp_path):
+@pytest.mark.parametrize("tracker", ["tensorboard", "trackio"])
+def test_train_runs_the_tiny_generation_recipe_and_logs_grids_to_the_tracker(tracker, tmp_path):
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / "generation_tiny.yaml"
     result = subprocess.run(
-        [sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--max_steps", "2",
-         "--log_reconstructions_steps", "1", "--report_to", "tensorboard"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        [sys.executable, "-c", BLOCK_NETWORK + "from uae_hf.cli import main; main()", "train", "--config", str(recipe),
+         "--max_steps", "2", "--log_reconstructions_steps", "1", "--report_to", tracker, "--project", "uae-tiny"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900, env={**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio")},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "outputs" / "generation-tiny"
     assert (out / "pytorch_lora_weights.safetensors").exists() and "flow-grpo" in (out / "README.md").read_text()
     assert_log_history_saved(out, steps=2)
+    if tracker == "trackio":  # local and offline: the run's grids among its media, beside its metrics database
+        assert len(list((tmp_path / "trackio" / "media" / "uae-tiny").rglob("*.png"))) == 2
+        assert (tmp_path / "trackio" / "uae-tiny.db").is_file()
+        return
     events = tensorboard_events(out)  # a diffusers model: its config as the TensorBoard callback records a model's
     assert [event.step for event in events.Images("train/reconstructions")] == [1, 2]
     config = json.loads(events.Tensors("model_config/text_summary")[0].tensor_proto.string_val[0])
