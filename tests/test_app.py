@@ -114,6 +114,34 @@ def _wait_for_server(url: str, process: subprocess.Popen, timeout: float = 300) 
     raise AssertionError(f"the app did not answer at {url} within {timeout} s")
 
 
+@pytest.mark.slow
+def test_app_on_the_twins_answers_gradio_clients(photos, tmp_path):
+    """`uae-hf app` with no pipeline: the tiny twins, scored with the paper's four backbones' twins; its API as a
+    Space's users call it (gradio_client)."""
+    from gradio_client import Client, handle_file
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", BLOCK_NETWORK + f"from uae_hf.cli import main; main(['app', '--port', '{port}'])"],
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_server(f"http://127.0.0.1:{port}/", server)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        photos[2].save(photo := tmp_path / "chelsea.png")
+        _, caption, note, scores, settings = client.predict(handle_file(str(photo)), 2, 5.0, 0.7, 8, 0,
+                                                            api_name="/run_round_trip")
+        with pytest.raises(Exception, match="Upload an image"):
+            client.predict(None, 2, 5.0, 0.7, 8, 0, api_name="/run_round_trip")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert note.startswith("Caption: ") and settings["pipeline"].startswith("tiny twins")
+    assert [row[0] for row in scores["data"]] == ["clip", "dinov2", "dinov3", "longclip", "overall"]
+    assert settings["num_inference_steps"] == 2 and settings["seed"] == 0 and isinstance(caption, str)
+
+
 @pytest.fixture()
 def browser(tmp_path):
     if not (CHROMIUM and CHROMEDRIVER):

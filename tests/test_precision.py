@@ -126,6 +126,14 @@ def _train_script_decoder(tiny_dir, tmp_path, **_):
     return trainer.decoder
 
 
+def _app_pipeline(tiny_dir, saved_fp32=None, **_):
+    """The pipeline `uae-hf app --dtype bfloat16` round-trips with: a saved folder's, or the tiny twins'."""
+    source = ["--pipeline", str(saved_fp32)] if saved_fp32 else []
+    args = cli.build_parser().parse_args(["app", *source, "--dtype", "bfloat16", "--device", "cpu", "--backbones", "clip",
+                                          "--checkpoint", f"clip={tiny_dir / 'backbones' / 'clip'}"])
+    return cli._app_round_trips(args).pipeline
+
+
 ENTRY_POINTS = {
     "load_uae_pipeline": lambda tiny_dir, **_: load_uae_pipeline(
         tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector", torch_dtype=BF16),
@@ -142,6 +150,8 @@ ENTRY_POINTS = {
     "uae-hf convert-release --dtype": _convert_release,
     "uae-hf reconstruct --dtype": _cli_pipeline,
     "uae-hf train --dtype": _train_script_decoder,
+    "uae-hf app --dtype": _app_pipeline,
+    "uae-hf app --dtype (tiny twins)": lambda tiny_dir, **_: _app_pipeline(tiny_dir),
     "uae-hf train --projector new": lambda tiny_dir, **_: _assemble_decoder(
         str(tiny_dir / "decoder"), str(tiny_dir / "encoder"), "new", BF16),
 }

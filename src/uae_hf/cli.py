@@ -423,27 +423,19 @@ def _without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
     return kept
 
 
-def _cmd_app(args) -> None:
-    """`uae-hf app`: the Gradio app of `uae_hf.app` on `--pipeline` (or the tiny twins)."""
-    try:
-        import gradio  # noqa: F401
-    except ImportError as error:
-        raise CommandLineError("app runs on Gradio: pip install 'uae-hf[app]'") from error
-    from .app import RoundTripApp, build_app, write_space
+def _app_round_trips(args):
+    """The app's `RoundTripApp`: `--pipeline` (or the tiny twins, built into a temporary folder and scored with the
+    twin backbones) in `--dtype` on `--device`, and the scoring backbones."""
+    from .app import RoundTripApp
     from .rewards.similarity import BackboneUnavailableError
 
     checkpoints = _backbone_checkpoints(args)
-    if args.write_space:
-        if not args.pipeline:
-            raise CommandLineError("--write-space needs --pipeline: the Hub repo (or a folder the Space holds) it runs")
-        flags = _without_options(args.argv[1:], ("--write-space", "--host", "--port", "--pipeline"))
-        print(f"wrote a Space to {write_space(args.write_space, args.pipeline, flags)}")
-        return
     device = _device(args)
     if args.pipeline:
         source = args.pipeline
         pipeline = _load_pipeline(args)
     else:
+        from .metrics.unified_bench.unified_bench import backbones_of
         from .pipelines import load_uae_pipeline
         from .tiny_models import build_tiny_models
 
@@ -453,18 +445,33 @@ def _cmd_app(args) -> None:
                                      torch_dtype=_torch_dtype(args, device)).to(device)
         if args.encoder_adapter:
             pipeline.load_encoder_adapter(args.encoder_adapter)
-        from .metrics.unified_bench.unified_bench import backbones_of
-
         used = backbones_of(args.backbones)  # each scored with its twin, unless --checkpoint says otherwise
         checkpoints = {path.name: str(path) for path in (tiny / "backbones").iterdir() if path.name in used} | checkpoints
     fixed = {key: value for key, value in _generate_kwargs(args).items()
              if key in ("height", "width", "conditioning_mode")}
     try:
-        app = RoundTripApp(pipeline, source, args.backbones, checkpoints, device, args.backbone_dtype, args.batch_size,
-                           **fixed)
+        return RoundTripApp(pipeline, source, args.backbones, checkpoints, device, args.backbone_dtype,
+                            args.batch_size, **fixed)
     except BackboneUnavailableError as error:
         raise CommandLineError(f"cannot load the {error.backbone} backbone ({error.checkpoint}): {error.reason}. "
                                f"Point it at a local copy with --checkpoint {error.backbone}=PATH") from error
+
+
+def _cmd_app(args) -> None:
+    """`uae-hf app`: the Gradio app of `uae_hf.app`, or with `--write-space` the Space that runs it."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError as error:
+        raise CommandLineError("app runs on Gradio: pip install 'uae-hf[app]'") from error
+    from .app import build_app, write_space
+
+    if args.write_space:
+        if not args.pipeline:
+            raise CommandLineError("--write-space needs --pipeline: the Hub repo (or a folder the Space holds) it runs")
+        flags = _without_options(args.argv[1:], ("--write-space", "--host", "--port", "--pipeline"))
+        print(f"wrote a Space to {write_space(args.write_space, args.pipeline, flags)}")
+        return
+    app = _app_round_trips(args)
     defaults = {"steps": args.num_inference_steps, "guidance": args.guidance_scale,
                 "temperature": args.temperature, "max_tokens": args.max_new_tokens, "seed": args.seed}
     build_app(app, defaults).queue().launch(server_name=args.host, server_port=args.port, show_error=True)
