@@ -178,7 +178,9 @@ def test_space_app_round_trips_an_uploaded_photo_in_a_real_browser(pipe, backbon
              "--max-new-tokens", "8", "--temperature", "0.7", "--seed", "3", "--height", "64", "--width", "64"]
     space = write_space(tmp_path / "space", str(tmp_path / "pipeline"), flags)
     port = _free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    # the server samples the caption on as many threads as this process, so that it draws the same tokens
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     server = subprocess.Popen(
         [sys.executable, "-c", BLOCK_NETWORK + f"import runpy; runpy.run_path({str(space / 'app.py')!r})"],
         cwd=space, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
