@@ -49,10 +49,18 @@ def rank_marker(completions, **kwargs):
     return [float(rank)] * len(completions)
 
 
+def even_token_share(completions, completion_ids, **kwargs):
+    """An extra reward of weight 1, exact given the tokens: the share of even token ids. On the random twins the
+    decoder's rewards of one group agree to ~5e-5 while the engines compute them ~1e-6 apart (float rounding), so
+    advantages from them alone differ by a few percent between engines; this reward's spread makes the advantages, and
+    so the comparison with DDP, well conditioned (the decoder's rewards are compared with DDP's directly)."""
+    return [sum(token % 2 == 0 for token in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
 extra = {}
 if stage == "understanding":
-    settings |= dict(reward_weights=[1.0, 0.0])
-    extra = dict(reward_funcs=[rank_marker],
+    settings |= dict(reward_weights=[1.0, 0.0, 1.0])
+    extra = dict(reward_funcs=[rank_marker, even_token_share],
                  peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
 else:
     settings |= dict(decoder_lora_r=4, decoder_lora_alpha=8)
