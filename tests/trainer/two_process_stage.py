@@ -50,10 +50,8 @@ def rank_marker(completions, **kwargs):
 
 
 def even_token_share(completions, completion_ids, **kwargs):
-    """An extra reward of weight 1, exact given the tokens: the share of even token ids. On the random twins the
-    decoder's rewards of one group agree to ~5e-5 while the engines compute them ~1e-6 apart (float rounding), so
-    advantages from them alone differ by a few percent between engines; this reward's spread makes the advantages, and
-    so the comparison with DDP, well conditioned (the decoder's rewards are compared with DDP's directly)."""
+    """An extra reward of weight 1, exact given the tokens (the share of even token ids): its spread keeps GRPO's
+    advantages, and so the comparison with DDP, well conditioned (why: UPDATE_TOLERANCE in test_multi_process.py)."""
     return [sum(token % 2 == 0 for token in ids) / max(len(ids), 1) for ids in completion_ids]
 
 
