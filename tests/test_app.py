@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import BLOCK_NETWORK
+from network_block import BLOCK_NETWORK
 
 pytest.importorskip("gradio", reason="the app needs the app extra: pip install 'uae-hf[app]'")
 

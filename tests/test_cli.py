@@ -11,7 +11,7 @@ import torch
 
 from uae_hf.cli import main
 
-from conftest import BLOCK_NETWORK
+from network_block import BLOCK_NETWORK
 
 
 def test_tiny_models_command(tmp_path, capsys):

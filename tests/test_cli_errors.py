@@ -8,7 +8,7 @@ import pytest
 
 from uae_hf.cli import main
 
-from conftest import BLOCK_NETWORK
+from network_block import BLOCK_NETWORK
 
 
 def fails(argv, capsys) -> str:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BLOCK_NETWORK
+from network_block import BLOCK_NETWORK
 
 import uae_hf
 from uae_hf.toy_world import ToyWorldVisionModel, toy_image_processor

@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 import jinja2.meta
 import pytest
-from conftest import BLOCK_NETWORK
+from network_block import BLOCK_NETWORK
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_DIR = REPO / "model_cards"

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from conftest import BLOCK_NETWORK
+from network_block import BLOCK_NETWORK
 
 from uae_hf import build_tiny_models
 

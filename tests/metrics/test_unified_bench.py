@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import BLOCK_NETWORK
+from network_block import BLOCK_NETWORK
 
 import uae_hf
 from uae_hf.metrics import METRICS_DIR

@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import BLOCK_NETWORK
+from network_block import BLOCK_NETWORK
 
 from uae_hf import UAEReconstructionPipeline
 from uae_hf.hub import pipeline_model_card

@@ -10,7 +10,7 @@ from uae_hf.toy_world import toy_world_dataset
 from uae_hf.toy_world.demo import STAGE3, STAGE_RECORD, STAGES
 from uae_hf.toy_world.report import learning_speed
 
-from conftest import BLOCK_NETWORK
+from network_block import BLOCK_NETWORK
 
 
 @pytest.mark.slow
