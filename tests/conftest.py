@@ -13,7 +13,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from network_block import BLOCK_NETWORK  # noqa: E402
 
-torch.set_num_threads(2)
+# Two threads per test process: with pytest-xdist's workers (pyproject's addopts), the cores shared among them, and the
+# subprocesses tests start (CLI, demo) inherit the same share.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each builds its own twins; the multi-process module keeps one busy)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture(autouse=True, scope="session")
