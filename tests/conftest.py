@@ -92,3 +92,10 @@ def photos():
 @pytest.fixture(scope="session")
 def backbone_checkpoints(tiny_dir):
     return {name: str(tiny_dir / "backbones" / name) for name in ("clip", "dinov2", "dinov3", "longclip", "siglip")}
+
+
+def pytest_collection_modifyitems(items):
+    """Modules holding `slow` tests first (each module stays on one xdist worker): the long ones start while the short
+    ones fill the other workers, instead of one starting last and running alone."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)
