@@ -191,6 +191,41 @@ def test_the_ema_is_on_by_default_and_blends_every_step_as_the_reference(fresh_p
             torch.testing.assert_close(blended[name], ema[name], rtol=1e-5, atol=1e-7)
 
 
+def test_evaluate_scores_the_saved_ema_as_a_fresh_pipeline_loading_it_does(fresh_pipe, config, tiny_dir, tmp_path,
+                                                                           monkeypatch):
+    """With the EMA on (the default), `save_model` writes the EMA; the logged `eval_*` numbers are that saved LoRA's,
+    as a fresh pipeline that loads it scores it (DiffusionNFT's reference evaluates its EMA too)."""
+    photos = skimage_photos(64)
+    train, held_out = photos.select(range(4)), photos.select(range(4, 6))
+    trainer = DiffusionNFTTrainer(model=fresh_pipe.vlm, decoder=fresh_pipe, train_dataset=train, eval_dataset=held_out,
+                                  args=config(max_steps=2, learning_rate=5e-2, eval_strategy="steps", eval_steps=2),
+                                  processing_class=fresh_pipe.processor)
+    trainer.train()
+    logged = next(record for record in trainer.state.log_history if "eval_reward" in record)
+    assert logged["step"] == 2
+    trainer.save_model(str(tmp_path / "lora"))
+    live_weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="image"):  # fails inside the swap: the live weights are back all the same
+        trainer.evaluate(held_out.rename_column("image", "picture"))
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, live_weights[name]), name
+
+    fresh = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", tiny_dir / "projector")
+    fresh.load_lora_weights(tmp_path / "lora", weight_name=LORA_WEIGHT_NAME)
+    fresh.fuse_lora()  # the saved LoRA is the DiT's own now; the scoring trainer's new LoRA starts at zero
+    fresh.unload_lora_weights()
+    scorer = DiffusionNFTTrainer(model=fresh.vlm, decoder=fresh, train_dataset=train, eval_dataset=held_out,
+                                 args=config(output_dir=str(tmp_path / "scorer")), processing_class=fresh.processor)
+    saved = scorer.evaluate()
+    with monkeypatch.context() as patch:  # the live weights, for scale: what evaluate() scored before
+        patch.setattr(trainer, "ema", None)
+        live = trainer.evaluate()
+    for name in ("eval_reward", "eval_reconstruction/clip"):
+        assert logged[name] == pytest.approx(saved[name], abs=1e-6), name
+    assert abs(live["eval_reward"] - saved["eval_reward"]) > 1e-4
+
+
 def test_trains_the_dit_lora_and_saves_it_as_diffusers_loads_it(fresh_pipe, config, tiny_dir, tmp_path):
     trainer = make(fresh_pipe, config(max_steps=2, learning_rate=5e-2, ema_decay=None))
     assert not isinstance(trainer, FlowGRPOTrainer) and trainer.model is fresh_pipe.transformer

@@ -41,8 +41,8 @@ class DecoderRLConfig(DecoderTrainingConfig):
         disable_dropout (`bool`, defaults to `False`):
             Set every dropout of the DiT (the LoRA's included) to 0. Rollouts always sample in eval mode.
         ema_decay (`float`, *optional*):
-            Keep an exponential moving average of the trained weights and save it instead of the live ones
-            (Flow-GRPO's SD3 recipes and DiffusionNFT: 0.9). Its decay warms up as `min(decay, (1 + s) / (10 + s))`
+            Keep an exponential moving average of the trained weights; save and evaluate it instead of the live
+            ones (Flow-GRPO's SD3 recipes and DiffusionNFT: 0.9). Its decay warms up as `min(decay, (1 + s) / (10 + s))`
             after optimizer step `s` (counted from 1), as the references' EMA computes it.
         ema_update_interval (`int`, defaults to `8`):
             The EMA blends after the optimizer steps `s` with `s + 1` a multiple of this (7, 15, ... for Flow-GRPO's
@@ -75,7 +75,7 @@ class DecoderRLConfig(DecoderTrainingConfig):
         default=False, metadata={"help": "Set every dropout of the DiT (LoRA's included) to 0."}
     )
     ema_decay: float | None = field(
-        default=None, metadata={"help": "Exponential moving average of the trained weights (saved when set)."}
+        default=None, metadata={"help": "Exponential moving average of the trained weights (saved and evaluated when set)."}
     )
     ema_update_interval: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
 

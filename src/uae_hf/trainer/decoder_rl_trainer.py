@@ -115,6 +115,15 @@ class DecoderRLTrainer(DecoderTrainer):
     def evaluation_loss(self, model, rows, generator) -> None:
         return None  # an RL surrogate has no held-out meaning: evaluation reports the round trip alone
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """[`DecoderTrainer.evaluate`] of what `save_model` writes: with an EMA, the EMA's weights (as the Flow-GRPO
+        and DiffusionNFT references evaluate theirs), so the logged `eval_*` numbers are the saved LoRA's; the live
+        weights are back afterwards."""
+        if self.ema is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        with self.ema.swapped_in(self.accelerator.unwrap_model(self.model)):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
     # ------------------------------------------------------------------------------------------------------- rollout
     def _micro_seed(self, stream: int) -> int:
         """The seed of `stream` at this step, process and micro-step: each micro-batch of an accumulation window

@@ -32,8 +32,8 @@ class DiffusionNFTConfig(DecoderRLConfig):
         weight_decay (`float`, defaults to `1e-4`), lr_scheduler_type (`str`, defaults to `"constant"`):
             The reference's AdamW settings.
         ema_decay (`float`, defaults to `0.9`), ema_update_interval (`int`, defaults to `1`):
-            The reference's EMA of the trained weights (what gets saved): blended after every optimizer step `s`
-            with decay `min(0.9, (1 + s) / (10 + s))`. `ema_decay=None` saves the live weights.
+            The reference's EMA of the trained weights (what gets saved and evaluated): blended after every
+            optimizer step `s` with decay `min(0.9, (1 + s) / (10 + s))`. `ema_decay=None` saves the live weights.
 
     Rollouts are sampled by the old policy θ_old, deterministically (`rollout_solver`, the DiT reading `⌊1000σ⌋` as
     the reference's sampler gives it) and unguided; each keeps only its clean latents. Each sample trains on
@@ -69,7 +69,7 @@ class DiffusionNFTConfig(DecoderRLConfig):
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
     ema_decay: float | None = field(
-        default=0.9, metadata={"help": "Exponential moving average of the trained weights (saved; None: off)."}
+        default=0.9, metadata={"help": "Exponential moving average of the trained weights (saved and evaluated; None: off)."}
     )
     ema_update_interval: int = field(default=1, metadata={"help": "Optimizer steps between EMA updates."})
 
