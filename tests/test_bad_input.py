@@ -13,6 +13,9 @@ import torch
 from uae_hf import UAEProjector, UAEReconstructionPipeline, load_uae_pipeline
 from uae_hf.cli import main
 from uae_hf.images import load_image, load_images
+from uae_hf.metrics.round_trip_bench import references_from_folder, run_bench
+
+from test_cli_errors import unloadable_pipeline
 
 RANDOM = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
 
@@ -73,7 +76,8 @@ def test_decompression_bomb_says_how_to_allow_it(tmp_path, monkeypatch):
                                          r"If you trust the file, raise PIL\.Image\.MAX_IMAGE_PIXELS\.$"):
         load_image(path, "image[0]")
     with pytest.raises(SystemExit, match=r"cannot read image .*big\.png.*decompression bomb"):
-        main(["reconstruct", path, "--pipeline", "unused", "--output-dir", str(tmp_path / "out")])
+        main(["reconstruct", path, "--pipeline", str(unloadable_pipeline(tmp_path / "unloadable")), "--output-dir",
+              str(tmp_path / "out")])
 
 
 @pytest.mark.parametrize("items, error, match", [
@@ -187,6 +191,19 @@ def test_metric_errors_name_the_input(bench, case):
     kwargs, error, match = METRIC_ERRORS[case]
     with pytest.raises(error, match=match):
         bench.compute(**kwargs)
+
+
+def test_a_reconstruction_folder_that_pairs_with_nothing_fails_before_the_backbones_load(tmp_path):
+    """Today: `no readable (reference, reconstruction) pair to score`, once the backbones have loaded."""
+    references, reconstructions = tmp_path / "references", tmp_path / "reconstructions"
+    for folder, name in ((references, "photo.png"), (reconstructions, "other.png")):
+        folder.mkdir()
+        PIL.Image.fromarray(RANDOM).save(folder / name)
+    # a backbone that cannot load: the error comes before it is tried
+    with pytest.raises(ValueError, match=r"its images \(other\.png\) match none of the references \(photo\.png\); "
+                       r"name each reconstruction as its reference \(photo\.png, photo\.\* or recon_photo\.\*\)$"):
+        run_bench(references_from_folder(references), tmp_path / "out", reconstructions_dir=reconstructions,
+                  config_name="clip", checkpoints={"clip": str(tmp_path / "no-clip")})
 
 
 def test_metric_scores_odd_sizes_and_forms_correctly(bench):

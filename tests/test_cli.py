@@ -12,6 +12,7 @@ import torch
 from uae_hf.cli import main
 
 from network_block import BLOCK_NETWORK
+from test_cli_errors import unloadable_pipeline
 
 
 def test_tiny_models_command(tmp_path, capsys):
@@ -44,14 +45,68 @@ def test_reconstruct_writes_images_captions_and_grid(pipe, photos, tmp_path):
     assert [row["caption"] for row in again] == [row["caption"] for row in rows]
 
 
+def test_reconstruct_with_a_plain_sd3_pipeline_captions_with_the_encoder_in_text_mode(tiny_dir, photos, tmp_path):
+    """Today: `StableDiffusion3Pipeline.__call__() got an unexpected keyword argument 'image'`, after loading."""
+    photos[0].save(tmp_path / "photo.png")
+    out = tmp_path / "out"
+    main(["reconstruct", str(tmp_path / "photo.png"), "--pipeline", str(tiny_dir / "decoder"), "--encoder",
+          str(tiny_dir / "encoder"), "--output-dir", str(out), "--num-inference-steps", "2", "--max-new-tokens", "6"])
+    [row] = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert row["image"] == str(tmp_path / "photo.png") and PIL.Image.open(row["reconstruction"]).size == (64, 64)
+
+
+def test_bench_names_reconstructions_that_match_no_reference(photos, backbone_checkpoints, tmp_path, capsys):
+    """Today: a reconstruction named unlike every reference is left out without a word, exit status 0."""
+    references, reconstructions = tmp_path / "references", tmp_path / "reconstructions"
+    references.mkdir()
+    reconstructions.mkdir()
+    photos[0].save(references / "photo.png")
+    photos[0].save(reconstructions / "recon_photo.png")
+    photos[1].save(reconstructions / "photo-2.png")
+    main(["bench", "--images-dir", str(references), "--reconstructions", str(reconstructions), "--output-dir",
+          str(tmp_path / "out"), "--backbones", "clip", "--checkpoint", f"clip={backbone_checkpoints['clip']}"])
+    assert "1 reconstruction(s) match no reference in --images-dir, not scored: photo-2.png" in capsys.readouterr().err
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert [row["image"] for row in scores["per_image"]] == ["photo"]
+    assert [item["image"] for item in scores["skipped"]] == ["photo-2.png"]
+
+
+def test_peft_notices_about_the_demo_adapters_are_quiet_unless_verbose(tmp_path):
+    """Today `uae-hf demo` prints PEFT's `Could not find a config file in ../../models/encoder` (an adapter whose base
+    is a relative path, saved offline) and `Model has tie_word_embeddings=True and a tied layer is part of the adapter`
+    (an adapter with its own embeddings): real PEFT calls here, inside the CLI's quiet context."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from uae_hf.cli import _quiet_libraries
+
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, tie_word_embeddings=True)
+
+    def notices(verbose: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with _quiet_libraries(verbose):
+                model = get_peft_model(LlamaForCausalLM(config),
+                                       LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+                model.peft_config["default"].base_model_name_or_path = "../../models/encoder"
+                model.save_pretrained(tmp_path / f"adapter-{verbose}")
+        return [str(warning.message) for warning in caught
+                if str(warning.message).startswith(("Model has `tie_word_embeddings=True`", "Could not find a config"))]
+
+    assert notices(verbose=False) == []
+    assert len(notices(verbose=True)) == 2
+
+
 def test_reconstruct_skips_and_names_unreadable_files_before_loading_the_pipeline(pipe, photos, tmp_path, capsys):
     """Today: the first bad file stops the run (bench skips and reports it)."""
     bad, missing, good = tmp_path / "broken.png", tmp_path / "missing.png", tmp_path / "good.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     photos[0].save(good)
     with pytest.raises(SystemExit, match=r"broken\.png.*\(and 1 more unreadable image\(s\)\): nothing to"):
-        main(["reconstruct", str(bad), str(missing), "--pipeline", "unused", "--output-dir", str(tmp_path / "out")])
-    assert capsys.readouterr().err.count("\n") == 1  # one line ("unused" is no pipeline: nothing loaded it)
+        main(["reconstruct", str(bad), str(missing), "--pipeline", str(unloadable_pipeline(tmp_path / "unloadable")),
+              "--output-dir", str(tmp_path / "out")])
+    assert capsys.readouterr().err.count("\n") == 1  # one line (that pipeline fails to load: nothing loaded it)
     pipe.save_pretrained(tmp_path / "pipeline")
     main(["reconstruct", str(bad), str(good), "--pipeline", str(tmp_path / "pipeline"), "--output-dir",
           str(tmp_path / "out"), "--num-inference-steps", "2", "--max-new-tokens", "60", "--temperature", "1"])

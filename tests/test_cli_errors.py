@@ -1,9 +1,12 @@
 """Mistakes a user can act on end as one line, `uae-hf: <message>` with exit status 2, naming the way out."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import PIL.Image
 import pytest
 
 from uae_hf.cli import main
@@ -26,6 +29,115 @@ def image(photos, tmp_path):
     path = tmp_path / "photo.png"
     photos[0].save(path)
     return path
+
+
+def unloadable_pipeline(folder: Path) -> Path:
+    """A folder that passes the CLI's checks as a UAE pipeline (its model_index.json says so) but holds no model: a
+    command given it fails when the pipeline loads, so an error that names something else came first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": ["pipeline", "UAEReconstructionPipeline"]}))
+    return folder
+
+
+# What an argument mistake may import: nothing that loads a model (torch alone takes seconds to import).
+HEAVY_MODULES = ("torch", "transformers", "diffusers", "datasets", "evaluate", "trl", "peft", "gradio")
+
+RUN_MISTAKES = BLOCK_NETWORK + """
+import contextlib, io, json, sys
+from uae_hf.cli import main
+outcomes = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        try:
+            main(argv)
+            outcomes[name] = [0, stderr.getvalue()]
+        except SystemExit as exit:
+            outcomes[name] = [exit.code, stderr.getvalue()]
+print(json.dumps({"outcomes": outcomes, "imported": [name for name in json.loads(sys.argv[2]) if name in sys.modules]}))
+"""
+
+
+def argument_mistakes(tiny_dir: Path, photo: PIL.Image.Image, folder: Path) -> dict[str, tuple[list[str], str]]:
+    """Each argument mistake that needs no model: its `uae-hf` arguments, and what its one-line error says."""
+    images, empty, unmatched = folder / "images", folder / "empty", folder / "unmatched"
+    for path in (images, empty, unmatched):
+        path.mkdir()
+    photo.save(images / "photo.png")
+    photo.save(unmatched / "other.png")
+    image, sd3, encoder = str(images / "photo.png"), str(tiny_dir / "decoder"), str(tiny_dir / "encoder")
+    pipeline = str(unloadable_pipeline(folder / "pipeline"))
+    other = folder / "other-pipeline"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    out = ["--output-dir", str(folder / "out")]
+    reconstruct = ["reconstruct", image, *out, "--pipeline"]
+    bench = ["bench", "--images-dir", str(images), *out]
+    recipe = folder / "recipe.yaml"
+    recipe.write_text("per_device_eval_batch_size: -2\nuse_cpu: true\n")
+    return {
+        "missing image": (["reconstruct", str(images / "missing.png"), *out, "--pipeline", pipeline],
+                          "missing.png: no such image file: nothing to reconstruct"),
+        "folder as image": (["reconstruct", str(images), *out, "--pipeline", pipeline],
+                            "is a folder: pass the image files in it"),
+        "no model_index.json": ([*reconstruct, str(empty)], "not a pipeline folder (it has no model_index.json)"),
+        "another diffusers pipeline": ([*reconstruct, str(other)], "is a StableDiffusionPipeline, not a UAE pipeline"),
+        "plain SD3 without --encoder": ([*reconstruct, sd3], "is a plain StableDiffusion3Pipeline: it has no encoder to "
+                                        "caption images. Pass --encoder"),
+        "plain SD3 in embeddings mode": ([*reconstruct, sd3, "--encoder", encoder, "--conditioning-mode", "embeddings"],
+                                         "--conditioning-mode embeddings needs a projector"),
+        "--encoder with a UAE pipeline": ([*reconstruct, pipeline, "--encoder", encoder], "drop --encoder"),
+        "missing --encoder": ([*reconstruct, sd3, "--encoder", str(folder / "no-vlm")], "no-vlm: no such folder"),
+        "--encoder-adapter not an adapter": ([*reconstruct, pipeline, "--encoder-adapter", str(images)],
+                                             "not a PEFT adapter folder (it has no adapter_config.json)"),
+        "empty --images-dir": (["bench", "--images-dir", str(empty), *out, "--pipeline", pipeline],
+                               "--images-dir: no images"),
+        "unknown backbone": ([*bench, "--reconstructions", str(images), "--backbones", "clip+dino"],
+                             "unknown backbone 'dino' (did you mean dinov2 or dinov3?)"),
+        "checkpoint of an unscored backbone": (
+            [*bench, "--reconstructions", str(images), "--backbones", "clip", "--checkpoint", "siglip=x/y"],
+            "--checkpoint siglip=x/y: siglip is not scored (--backbones clip: clip)"),
+        "missing checkpoint folder": ([*bench, "--reconstructions", str(images), "--checkpoint", "clip=/no/clip"],
+                                      "--checkpoint clip=/no/clip: no such folder"),
+        "no reconstruction matches": ([*bench, "--reconstructions", str(unmatched)],
+                                      "its images (other.png) match none of the references (photo.png)"),
+        "bench: no model_index.json": ([*bench, "--pipeline", str(empty)], "not a pipeline folder"),
+        "bench: --batch-size -1": ([*bench, "--pipeline", pipeline, "--batch-size", "-1"],
+                                   "argument --batch-size: -1 is not a positive integer"),
+        "app: no model_index.json": (["app", "--pipeline", str(empty)], "not a pipeline folder"),
+        "train: --max_steps 0": (["train", "--max_steps", "0"], "--max_steps 0 trains nothing"),
+        "train: --per_device_train_batch_size 0": (["train", "--per_device_train_batch_size", "0"],
+                                                   "--per_device_train_batch_size 0: pass a positive number"),
+        "train: the recipe's per_device_eval_batch_size": (["train", "--config", str(recipe)],
+                                                           "--per_device_eval_batch_size -2: pass a positive number"),
+        "train: --gradient-accumulation-steps=0": (["train", "--gradient-accumulation-steps=0"],
+                                                   "--gradient_accumulation_steps 0: pass a positive number"),
+    }
+
+
+def test_argument_mistakes_are_one_line_before_any_model_library_loads(tiny_dir, photos, tmp_path):
+    """Today 8-43 s each (on a 2-core machine), as torch, diffusers and evaluate load first; a plain SD3 folder ends
+    in a traceback after loading, `--max_steps 0` trains a step, a negative batch size says `maxlen must be
+    non-negative`. All run in one fresh interpreter, which must not have imported a model library at the end."""
+    mistakes = argument_mistakes(tiny_dir, photos[0], tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_MISTAKES, json.dumps({name: argv for name, (argv, _) in mistakes.items()}),
+         json.dumps(HEAVY_MODULES)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    for name, (_, expected) in mistakes.items():
+        status, stderr = report["outcomes"][name]
+        assert status == 2 and stderr.startswith("uae-hf: ") and stderr.count("\n") == 1, (name, stderr)
+        assert expected in stderr, (name, stderr)
+    assert report["imported"] == []
+
+
+def test_the_cli_knows_every_registered_backbone():
+    """The CLI checks backbone names from its own list, without the registry's module (torch, transformers)."""
+    from uae_hf import BACKBONES, PAPER_BACKBONES
+    from uae_hf.cli import BACKBONE_NAMES, DEFAULT_BACKBONES
+
+    assert sorted(BACKBONE_NAMES) == sorted(BACKBONES) and sorted(DEFAULT_BACKBONES) == sorted(PAPER_BACKBONES)
 
 
 def test_a_missing_pipeline_is_one_line_without_a_traceback(image, tmp_path):
@@ -52,6 +164,7 @@ def test_pipeline_folder_mistakes(image, tmp_path, capsys):
 def test_an_unavailable_backbone_names_itself_and_the_local_copy_flag(image, tmp_path, capsys):
     """Today: `OSError: We couldn't connect to 'https://huggingface.co'`, with a traceback."""
     (tmp_path / "recon").mkdir()
+    PIL.Image.open(image).save(tmp_path / "recon" / "photo.png")
     stderr = fails(["bench", "--images-dir", str(image.parent), "--reconstructions", str(tmp_path / "recon"),
                     "--output-dir", str(tmp_path / "out"), "--backbones", "clip",
                     "--checkpoint", "clip=nobody/no-such-clip"], capsys)

@@ -131,6 +131,7 @@ def _app_pipeline(tiny_dir, saved_fp32=None, **_):
     source = ["--pipeline", str(saved_fp32)] if saved_fp32 else []
     args = cli.build_parser().parse_args(["app", *source, "--dtype", "bfloat16", "--device", "cpu", "--backbones", "clip",
                                           "--checkpoint", f"clip={tiny_dir / 'backbones' / 'clip'}"])
+    cli._check_app(args)  # what `uae-hf app` checks and finds first
     return cli._app_round_trips(args).pipeline
 
 

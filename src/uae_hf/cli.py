@@ -5,6 +5,7 @@ import contextlib
 import difflib
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import sys
 import tempfile
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -104,6 +106,8 @@ HARMLESS_WARNINGS = (
     # an encoder adapter with its own embeddings and head (the demo's): inference never merges it
     r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
     r"No LoRA keys associated to \w+",  # a DiT LoRA file holds no text-encoder keys, by design
+    # PEFT saving an adapter whose base is a relative path (the demo's) offline: no UAE stage changes the vocabulary
+    r"Could not find a config file in .* - will assume that the vocabulary was not modified",
     r"Setting accelerator to CPU\. If you have GPU",  # DeepSpeed, imported by accelerate, on a machine without one
 )
 _HARMLESS = re.compile("|".join(HARMLESS_WARNINGS))
@@ -115,6 +119,22 @@ class _HideHarmless(logging.Filter):
 
 
 @contextlib.contextmanager
+def _quiet_hub(verbose: bool):
+    """Within: no download bars from huggingface_hub (restored on the way out); `verbose`: as it has them. Cheap: the
+    argument checks that may download (a `--pipeline` Hub repo) run in it before any other library loads."""
+    import huggingface_hub.utils
+
+    if verbose or huggingface_hub.utils.are_progress_bars_disabled():
+        yield
+        return
+    huggingface_hub.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        huggingface_hub.utils.enable_progress_bars()
+
+
+@contextlib.contextmanager
 def _quiet_libraries(verbose: bool, data: bool = False):
     """Within: no loading bars from huggingface_hub, transformers, diffusers (and datasets, evaluate with `data`), no
     `HARMLESS_WARNINGS`; the commands' own progress bars stay. Everything is restored on the way out. `verbose`: as
@@ -122,8 +142,6 @@ def _quiet_libraries(verbose: bool, data: bool = False):
     if verbose:
         yield
         return
-    import huggingface_hub.utils
-
     # each library's module with {is,enable,disable}_progress_bar (datasets.utils.tqdm is also a class's name)
     loggers = [importlib.import_module(f"{name}.utils.logging") for name in ("transformers", "diffusers")]
     bars = loggers + [importlib.import_module(name) for name in ("datasets.utils.tqdm", "evaluate.utils.logging")
@@ -133,9 +151,7 @@ def _quiet_libraries(verbose: bool, data: bool = False):
             if library.is_progress_bar_enabled():
                 library.disable_progress_bar()
                 restore.callback(library.enable_progress_bar)
-        if not huggingface_hub.utils.are_progress_bars_disabled():
-            huggingface_hub.utils.disable_progress_bars()
-            restore.callback(huggingface_hub.utils.enable_progress_bars)
+        restore.enter_context(_quiet_hub(verbose))
         hide = _HideHarmless()
         for library in loggers:
             for handler in library.get_logger().handlers:
@@ -226,6 +242,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, steps: int, token
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the first image (image i uses seed + i)")
     parser.add_argument("--encoder-adapter", default=None, metavar="DIR",
                         help="a PEFT adapter folder to load on the encoder, e.g. a stage-2 output (default: none)")
+    parser.add_argument("--encoder", default=None, metavar="VLM",
+                        help="with a plain StableDiffusion3Pipeline as --pipeline: the chat VLM (folder or Hub id) "
+                        "that captions; the decoder then draws from the captions in text mode")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the pipeline folder's own code (by default a UAE pipeline is rebuilt from uae_hf's "
                         "classes and no code from the folder or repo runs)")
@@ -293,33 +312,112 @@ def _pipeline_folder(source: str) -> tuple[Path, str | None]:
     return folder, folder.name if folder.parent.name == "snapshots" else None
 
 
-def _pipeline_settings(args) -> tuple[Path, dict]:
-    """The `--pipeline` folder, and what identifies the pipeline `_load_pipeline` will make of it (for `bench`)."""
+@dataclass
+class PipelineSource:
+    """What `--pipeline` names, found before any model loads: its local folder, its Hub revision (for a Hub repo),
+    and whether it is a plain SD3 pipeline (no encoder: `--encoder` captions, the decoder draws in text mode)."""
+
+    folder: Path
+    revision: str | None
+    plain_sd3: bool
+
+
+UAE_PIPELINE_CLASS = "UAEReconstructionPipeline"
+PLAIN_SD3_CLASS = "StableDiffusion3Pipeline"
+
+
+def _looks_like_a_path(value: str) -> bool:
+    """Whether `value` can only be a local path (no Hub id, `owner/name`, is written like it)."""
+    return Path(value).is_absolute() or value.startswith((".", "~")) or value.count("/") > 1 or "\\" in value
+
+
+def _check_model_folder(argument: str, value: str, marker: str, what: str) -> None:
+    """A local `value` (given as `argument`, e.g. `--encoder DIR`) must be a folder holding `marker`
+    (`CommandLineError` if not); a Hub id is left to the loader."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / marker).is_file():
+            raise CommandLineError(f"{argument}: not {what} (it has no {marker})")
+    elif path.exists():
+        raise CommandLineError(f"{argument} is a file, not {what}")
+    elif _looks_like_a_path(value):
+        raise CommandLineError(f"{argument}: no such folder")
+
+
+def _pipeline_source(args, download: bool = True) -> PipelineSource | None:
+    """`--pipeline` with `--encoder`, `--encoder-adapter` and `--conditioning-mode`, checked without loading a model
+    (a Hub repo is downloaded, unless `download` is False: then only a local folder is checked, and `None` returned
+    for a Hub id)."""
+    if not download and not Path(args.pipeline).expanduser().exists():
+        return None
     folder, revision = _pipeline_folder(args.pipeline)
+    try:
+        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as error:
+        raise CommandLineError(f"--pipeline {args.pipeline}: cannot read its model_index.json ({error})") from error
+    class_name = class_name[-1] if isinstance(class_name, list) else class_name
+    plain_sd3 = class_name == PLAIN_SD3_CLASS
+    if class_name not in (UAE_PIPELINE_CLASS, PLAIN_SD3_CLASS):
+        raise CommandLineError(f"--pipeline {args.pipeline} is a {class_name}, not a UAE pipeline: pass a folder "
+                               "written by UAEReconstructionPipeline.save_pretrained or uae-hf convert-release (or a "
+                               f"plain {PLAIN_SD3_CLASS} with --encoder)")
+    if plain_sd3 and not args.encoder:
+        raise CommandLineError(f"--pipeline {args.pipeline} is a plain {PLAIN_SD3_CLASS}: it has no encoder to caption "
+                               "images. Pass --encoder (a chat VLM folder or Hub id, e.g. Qwen/Qwen2.5-VL-3B-Instruct) "
+                               "to caption with it and draw from the captions in text mode, or a UAE pipeline")
+    if plain_sd3 and args.conditioning_mode == "embeddings":
+        raise CommandLineError(f"--conditioning-mode embeddings needs a projector, which the plain {PLAIN_SD3_CLASS} "
+                               f"--pipeline {args.pipeline} lacks: leave --conditioning-mode out (text mode)")
+    if args.encoder and not plain_sd3:
+        raise CommandLineError(f"--encoder is for a plain {PLAIN_SD3_CLASS} --pipeline; {args.pipeline} is a UAE "
+                               "pipeline with its own encoder: drop --encoder (--encoder-adapter loads an adapter "
+                               "on it)")
+    if args.encoder:
+        _check_model_folder(f"--encoder {args.encoder}", args.encoder, "config.json", "a model folder")
+    if args.encoder_adapter:
+        _check_model_folder(f"--encoder-adapter {args.encoder_adapter}", args.encoder_adapter, "adapter_config.json",
+                           "a PEFT adapter folder")
+    return PipelineSource(folder, revision, plain_sd3)
+
+
+def _local_fingerprint(source: str | None) -> tuple[str | None, str | None]:
+    """A local folder's resolved path and `_folder_fingerprint`; a Hub id (or `None`) as it is, without one."""
+    if source and Path(source).is_dir():
+        return str(Path(source).resolve()), _folder_fingerprint(Path(source))
+    return source, None
+
+
+def _pipeline_settings(args, source: PipelineSource) -> dict:
+    """What identifies the pipeline `_load_pipeline` will make of `source` (for `bench`)."""
     device = _device(args)
     dtype = _torch_dtype(args, device)
-    adapter = args.encoder_adapter
-    local_adapter = Path(adapter) if adapter and Path(adapter).is_dir() else None
-    return folder, {
-        "pipeline": args.pipeline if revision else str(folder.resolve()),
-        "revision": revision,
-        "folder_fingerprint": None if revision else _folder_fingerprint(folder),
-        "encoder_adapter": str(local_adapter.resolve()) if local_adapter else adapter,
-        "encoder_adapter_fingerprint": _folder_fingerprint(local_adapter) if local_adapter else None,
+    adapter, adapter_fingerprint = _local_fingerprint(args.encoder_adapter)
+    settings = {
+        "pipeline": args.pipeline if source.revision else str(source.folder.resolve()),
+        "revision": source.revision,
+        "folder_fingerprint": None if source.revision else _folder_fingerprint(source.folder),
+        "encoder_adapter": adapter,
+        "encoder_adapter_fingerprint": adapter_fingerprint,
         "trust_remote_code": args.trust_remote_code,
         "dtype": str(dtype).removeprefix("torch.") if dtype else "as stored",
         "device": device,
     }
+    if args.encoder:  # only then: earlier runs' settings have no such key
+        settings["encoder"], settings["encoder_fingerprint"] = _local_fingerprint(args.encoder)
+    return settings
 
 
-def _load_pipeline(args, folder: Path | None = None):
-    """The `--pipeline` (already found at `folder`), with its `--encoder-adapter`, in `--dtype` on `--device`."""
-    from .pipelines import load_saved_pipeline
+def _load_pipeline(args, source: PipelineSource):
+    """The `--pipeline` found at `source` (a plain SD3 one with `--encoder`, in text mode), with its
+    `--encoder-adapter`, in `--dtype` on `--device`."""
+    from .pipelines import load_saved_pipeline, load_uae_pipeline
 
-    folder = folder or _pipeline_folder(args.pipeline)[0]
     device = _device(args)
-    pipeline = load_saved_pipeline(folder, trust_remote_code=args.trust_remote_code,
-                                   torch_dtype=_torch_dtype(args, device))
+    dtype = _torch_dtype(args, device)
+    if source.plain_sd3:
+        pipeline = load_uae_pipeline(source.folder, args.encoder, conditioning_mode="text", torch_dtype=dtype)
+    else:
+        pipeline = load_saved_pipeline(source.folder, trust_remote_code=args.trust_remote_code, torch_dtype=dtype)
     if args.encoder_adapter:
         pipeline.load_encoder_adapter(args.encoder_adapter)
     return pipeline.to(device)
@@ -341,15 +439,27 @@ def _console_caption(caption: str) -> str:
     return f"{caption[:CONSOLE_CAPTION_CHARS]!r}... ({len(caption.split())} words)"
 
 
-def _cmd_reconstruct(args) -> None:
-    from .images import load_image
+def _check_reconstruct(args) -> None:
+    """The images (each given once, some of them files) and the pipeline, before any model loads."""
     from .metrics.round_trip_bench import unique_names
 
     paths = [Path(p) for p in args.images]
     try:
-        unique_names(paths)  # the same image twice fails here, before any model loads
+        unique_names(paths)  # the same image twice
     except ValueError as error:
         raise CommandLineError(str(error)) from None
+    problems = [f"{path} is a folder: pass the image files in it" if path.is_dir() else f"{path}: no such image file"
+                for path in paths if not path.is_file()]
+    if len(problems) == len(paths):  # else the files that are there run, and the others are named as skipped
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CommandLineError(f"{problems[0]}{more}: nothing to reconstruct")
+    args.pipeline_source = _pipeline_source(args)
+
+
+def _cmd_reconstruct(args) -> None:
+    from .images import load_image
+
+    paths = [Path(p) for p in args.images]
     readable, originals, errors = [], [], []
     for path in paths:  # every image read before the pipeline loads; an unreadable one is skipped and reported
         try:
@@ -362,7 +472,7 @@ def _cmd_reconstruct(args) -> None:
         raise CommandLineError(f"{errors[0]}{more}: nothing to reconstruct")
     for error in errors:
         print(f"uae-hf: skipped {error}", file=sys.stderr)
-    pipeline = _load_pipeline(args)
+    pipeline = _load_pipeline(args, args.pipeline_source)
     rows = reconstruct(
         pipeline, readable, originals, Path(args.output_dir), args.batch_size, args.seed, **_generate_kwargs(args)
     )
@@ -396,18 +506,39 @@ def _cmd_demo(args) -> None:
         summary = run_demo_seeds(config, args.seeds)
         print((out / "summary.md").read_text())
         print(f"summary: {out / 'summary.md'}; each seed's report and pipeline under {out}/seed-N "
-              f"({sum(summary['total_minutes']):.1f} min in all)")
+              f"(this run: {sum(summary['run_minutes']):.1f} min)")
         return
     results = run_demo(config)
     print((out / "report.md").read_text().split("## Plots")[0])
-    print(f"report: {out / 'report.md'}; pipeline: {out / 'pipeline'} ({results['timings_s']['total'] / 60:.1f} min)")
+    print(f"report: {out / 'report.md'}; pipeline: {out / 'pipeline'} (this run: {results['timings_s']['run'] / 60:.1f} min)")
+
+
+# The scoring backbones' registry names (`uae_hf.rewards.similarity.BACKBONES`, whose module loads torch and
+# transformers), to refuse a misspelt one before anything loads; a test keeps them equal to the registry's.
+BACKBONE_NAMES = ("clip", "dinov2", "dinov3", "longclip", "siglip", "toyworld")
+DEFAULT_BACKBONES = ("clip", "dinov2", "dinov3", "longclip")  # `--backbones default`: the paper's four
 
 
 def _backbone_checkpoints(args) -> dict[str, str]:
+    """`--checkpoint BACKBONE=PATH ...` as a dict, once `--backbones` and every `--checkpoint` are checked: known
+    backbones, checkpoints only for those scored, and a local checkpoint a model folder."""
     try:
-        return dict(item.split("=", 1) for item in args.checkpoint)
+        checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     except ValueError:
         raise CommandLineError("--checkpoint takes BACKBONE=PATH_OR_ID") from None
+    used = DEFAULT_BACKBONES if args.backbones == "default" else tuple(args.backbones.split("+"))
+    for name in used:
+        if name not in BACKBONE_NAMES:
+            close = sorted(difflib.get_close_matches(name, BACKBONE_NAMES, n=2))
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise CommandLineError(f"--backbones {args.backbones}: unknown backbone {name!r}{hint}; choose from "
+                                   f"{', '.join(BACKBONE_NAMES)}, joined with '+', or default (the paper's four)")
+    for name, checkpoint in checkpoints.items():
+        if name not in used:
+            raise CommandLineError(f"--checkpoint {name}={checkpoint}: {name} is not scored (--backbones "
+                                   f"{args.backbones}: {'+'.join(used)})")
+        _check_model_folder(f"--checkpoint {name}={checkpoint}", checkpoint, "config.json", "a model folder")
+    return checkpoints
 
 
 def _without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
@@ -429,11 +560,11 @@ def _app_round_trips(args):
     from .app import RoundTripApp
     from .rewards.similarity import BackboneUnavailableError
 
-    checkpoints = _backbone_checkpoints(args)
+    checkpoints = args.checkpoints
     device = _device(args)
     if args.pipeline:
         source = args.pipeline
-        pipeline = _load_pipeline(args)
+        pipeline = _load_pipeline(args, args.pipeline_source)
     else:
         from .metrics.unified_bench.unified_bench import backbones_of
         from .pipelines import load_uae_pipeline
@@ -457,19 +588,33 @@ def _app_round_trips(args):
                                f"Point it at a local copy with --checkpoint {error.backbone}=PATH") from error
 
 
+def _check_app(args) -> None:
+    """Gradio, the backbones and the pipeline (a local one only, for `--write-space`), before any model loads."""
+    if importlib.util.find_spec("gradio") is None:
+        raise CommandLineError("app runs on Gradio: pip install 'uae-hf[app]'")
+    if args.write_space and not args.pipeline:
+        raise CommandLineError("--write-space needs --pipeline: the Hub repo (or a folder the Space holds) it runs")
+    args.checkpoints = _backbone_checkpoints(args)
+    if args.pipeline:
+        args.pipeline_source = _pipeline_source(args, download=not args.write_space)
+    elif args.encoder:
+        raise CommandLineError("--encoder is for a plain SD3 --pipeline; without --pipeline the app runs the tiny "
+                               "twins, which have their own encoder")
+
+
 def _cmd_app(args) -> None:
     """`uae-hf app`: the Gradio app of `uae_hf.app`, or with `--write-space` the Space that runs it."""
-    try:
-        import gradio  # noqa: F401
-    except ImportError as error:
-        raise CommandLineError("app runs on Gradio: pip install 'uae-hf[app]'") from error
     from .app import build_app, write_space
 
     if args.write_space:
-        if not args.pipeline:
-            raise CommandLineError("--write-space needs --pipeline: the Hub repo (or a folder the Space holds) it runs")
-        flags = _without_options(args.argv[1:], ("--write-space", "--host", "--port", "--pipeline"))
-        print(f"wrote a Space to {write_space(args.write_space, args.pipeline, flags)}")
+        flags = _without_options(args.argv[1:], ("--write-space", "--host", "--port", "--pipeline", "--encoder",
+                                                 "--encoder-adapter", "--checkpoint"))
+        try:  # local folders are copied into the Space
+            space = write_space(args.write_space, args.pipeline, flags, args.encoder, args.encoder_adapter,
+                                _backbone_checkpoints(args))
+        except ValueError as error:
+            raise CommandLineError(str(error)) from None
+        print(f"wrote a Space to {space}")
         return
     app = _app_round_trips(args)
     defaults = {"steps": args.num_inference_steps, "guidance": args.guidance_scale,
@@ -477,7 +622,11 @@ def _cmd_app(args) -> None:
     build_app(app, defaults).queue().launch(server_name=args.host, server_port=args.port, show_error=True)
 
 
-def _cmd_bench(args) -> None:
+def _check_bench(args) -> None:
+    """Every bench argument that needs no model: the sources, the backbones, the pipeline, the pairing of
+    `--reconstructions` with `--images-dir`."""
+    from .metrics.round_trip_bench import no_pair_message, pairing_summary, references_from_folder
+
     if bool(args.images_dir) == bool(args.dataset):
         raise CommandLineError("pass exactly one of --images-dir or --dataset")
     if args.images_dir and Path(args.images_dir).is_file():
@@ -491,40 +640,60 @@ def _cmd_bench(args) -> None:
     if args.reconstructions and not Path(args.reconstructions).is_dir():
         state = "is a file, not a folder" if Path(args.reconstructions).exists() else "does not exist"
         raise CommandLineError(f"--reconstructions {args.reconstructions} {state}")
-    checkpoints = _backbone_checkpoints(args)
+    if args.encoder and not args.pipeline:
+        raise CommandLineError("--encoder is for a plain SD3 --pipeline: drop it, or pass the --pipeline")
+    args.checkpoints = _backbone_checkpoints(args)
     if args.protocol == "official" and args.backbone_dtype != "float32":
         raise CommandLineError("--protocol official sets the backbones' precision as the official scorer does "
                                "(float32; LongCLIP float16 on CUDA): drop --backbone-dtype")
+    args.references = None
+    if args.images_dir:
+        try:
+            references = references_from_folder(args.images_dir, args.protocol)
+        except ValueError as error:
+            raise CommandLineError(f"--images-dir: {error}") from error
+        args.references = references[: args.limit] if args.limit else references
+    if args.references and args.reconstructions:
+        paired, unmatched = pairing_summary(args.references, args.reconstructions, args.protocol)
+        if not paired:
+            message = no_pair_message(args.references, args.reconstructions, unmatched)
+            raise CommandLineError(f"--reconstructions: {message}")
+        if unmatched:
+            names = ", ".join(path.relative_to(args.reconstructions).as_posix() for path in unmatched)
+            print(f"uae-hf: {len(unmatched)} reconstruction(s) match no reference in --images-dir, not scored: "
+                  f"{names}", file=sys.stderr)
+    args.pipeline_source = _pipeline_source(args) if args.pipeline else None
+
+
+def _cmd_bench(args) -> None:
     from .metrics.round_trip_bench import (
         ResumeError,
         bench_settings,
         prepare_round_trip_dir,
         references_from_dataset,
-        references_from_folder,
         run_bench,
     )
     from .rewards.similarity import BackboneUnavailableError
 
-    try:
-        if args.images_dir:
-            references = references_from_folder(args.images_dir, args.protocol)
-        else:
+    references = args.references
+    if references is None:
+        try:
             references = references_from_dataset(args.dataset, args.split, args.image_column)
-    except ValueError as error:
-        raise CommandLineError(str(error)) from error
-    references = references[: args.limit] if args.limit else references
+        except ValueError as error:
+            raise CommandLineError(str(error)) from error
+        references = references[: args.limit] if args.limit else references
     pipeline, pipeline_settings, call_kwargs = None, None, {}
     try:
         if args.pipeline:
-            folder, pipeline_settings = _pipeline_settings(args)
+            pipeline_settings = _pipeline_settings(args, args.pipeline_source)
             call_kwargs = _generate_kwargs(args)
             # a folder that cannot be resumed is refused before the pipeline loads (run_bench checks again)
             settings = bench_settings(references, pipeline_settings, seed=args.seed, **call_kwargs)
             prepare_round_trip_dir(args.output_dir, settings, overwrite=args.overwrite)
-            pipeline = _load_pipeline(args, folder)
+            pipeline = _load_pipeline(args, args.pipeline_source)
         report = run_bench(
             references, args.output_dir, pipeline=pipeline, reconstructions_dir=args.reconstructions,
-            config_name=args.backbones, checkpoints=checkpoints, device=_device(args), dtype=args.backbone_dtype,
+            config_name=args.backbones, checkpoints=args.checkpoints, device=_device(args), dtype=args.backbone_dtype,
             batch_size=args.batch_size, seed=args.seed, protocol=args.protocol, pipeline_settings=pipeline_settings,
             **call_kwargs,
         )
@@ -569,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(reconstructions/<stem>.png; <file name>.png for images that share a stem)")
     _add_generation_arguments(rec, steps=40, tokens=512)
     _add_verbose_argument(rec)
-    rec.set_defaults(func=_cmd_reconstruct)
+    rec.set_defaults(func=_cmd_reconstruct, check=_check_reconstruct)
 
     bench = commands.add_parser("bench", help="Unified-Bench: round trip a set of images, then score and report")
     source = bench.add_argument_group("reference images (one of)")
@@ -596,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--limit", type=positive_int, default=None, help="only the first N references (default: all)")
     _add_generation_arguments(bench, steps=40, tokens=512)
     _add_verbose_argument(bench)
-    bench.set_defaults(func=_cmd_bench)
+    bench.set_defaults(func=_cmd_bench, check=_check_bench)
 
     convert = commands.add_parser("convert-release", help="the released UAE model → a self-loading pipeline folder")
     convert.add_argument("source", help="local copy of the release, or its Hub id (zhiyuanyan1/UAE)")
@@ -622,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write a Hugging Face Space (app.py, requirements.txt, README.md) that runs this app with "
                      "these flags into DIR, and exit")
     _add_verbose_argument(app)
-    app.set_defaults(func=_cmd_app)
+    app.set_defaults(func=_cmd_app, check=_check_app)
 
     commands.add_parser(
         "train", help="train a UAE stage: uae-hf train --config recipe.yaml [--any_config_field value ...]",
@@ -660,8 +829,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_BATCH_COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+
+
+def check_training_counts(values) -> None:
+    """`uae-hf train`'s batch sizes and step counts (attributes of `values`; an absent one passes) that would train
+    nothing, or fail deep inside a trainer (`maxlen must be non-negative`), refused by flag (`CommandLineError`). A
+    negative `max_steps` trains `num_train_epochs` epochs, as in transformers."""
+    for name in TRAINING_BATCH_COUNTS:
+        value = getattr(values, name, 1)
+        if value < 1:
+            raise CommandLineError(f"--{name} {value:g}: pass a positive number")
+    max_steps, epochs = getattr(values, "max_steps", -1), getattr(values, "num_train_epochs", 1)
+    if max_steps == 0:
+        raise CommandLineError("--max_steps 0 trains nothing: pass a positive number of steps, or -1 (the default) to "
+                               "train for --num_train_epochs")
+    if max_steps < 0 and epochs <= 0:
+        raise CommandLineError(f"--num_train_epochs {epochs:g} trains nothing: pass a positive number of epochs, or "
+                               "--max_steps N")
+
+
+def _given_training_counts(argv: list[str]) -> argparse.Namespace:
+    """The `check_training_counts` values that the `--config` recipe and the flags set (a flag wins over the recipe),
+    read without TRL, whose import takes seconds; values not set, or not numbers, are left out (the full parse
+    reports those)."""
+    parser = _Parser(prog="uae-hf train", add_help=False)
+    parser.add_argument("--config")
+    names = (*TRAINING_BATCH_COUNTS, "max_steps", "num_train_epochs")
+    for name in names:  # both spellings, as transformers' HfArgumentParser accepts them
+        parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name)
+    flags, _ = parser.parse_known_args(argv)
+    values = {}
+    if flags.config:
+        import yaml
+
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            recipe = yaml.safe_load(Path(flags.config).read_text())
+            values = {name: recipe[name] for name in names if isinstance(recipe, dict) and name in recipe}
+    values |= {name: getattr(flags, name) for name in names if getattr(flags, name) is not None}
+    numbers = {}
+    for name, value in values.items():
+        with contextlib.suppress(TypeError, ValueError):
+            numbers[name] = float(value)
+    return argparse.Namespace(**numbers)
+
+
 def _run(argv: list[str], verbose: bool) -> None:
     if argv[:1] == ["train"]:  # TRL-style: every UnifiedGRPOConfig field from --config YAML or --flags
+        check_training_counts(_given_training_counts(argv[1:]))  # before TRL and the models load
         with _quiet_libraries(verbose, data=True):
             from .trainer.train_script import main as train_main
 
@@ -669,6 +884,10 @@ def _run(argv: list[str], verbose: bool) -> None:
         return
     args = build_parser().parse_args(argv)
     args.argv = argv
+    check = getattr(args, "check", None)
+    if check is not None:  # every argument that needs no model, before the libraries load (may store on args)
+        with _quiet_hub(args.verbose):
+            check(args)
     with _quiet_libraries(args.verbose, data=args.command in ("bench", "demo")):
         args.func(args)
 

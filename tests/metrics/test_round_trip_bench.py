@@ -197,18 +197,21 @@ def test_official_duplicate_file_names_count_once_in_every_field(score_folder, p
     assert scores["unified_bench"] == 100 * scores["summary"]["overall_average"]
 
 
-def test_official_empty_reconstruction_folder_gives_an_empty_summary(score_folder, reference_dir, tmp_path):
-    """Score_i2i.py writes its JSON, with an empty summary, for a folder without reconstructions; the default
-    protocol still refuses to score nothing."""
+def test_official_empty_reconstruction_folder_gives_an_empty_summary(score_folder, reference_dir, backbone_checkpoints,
+                                                                     tmp_path):
+    """Score_i2i.py writes its JSON, with an empty summary, for a folder without reconstructions, and so does
+    `run_bench`; the default protocol refuses to score nothing, and `uae-hf bench` under either protocol."""
     (tmp_path / "empty").mkdir()
-    scores = score_folder(reference_dir, tmp_path / "empty", tmp_path / "out")
+    scores = run_bench(references_from_folder(reference_dir), tmp_path / "out", reconstructions_dir=tmp_path / "empty",
+                       checkpoints={name: backbone_checkpoints[name] for name in PAPER_BACKBONES}, protocol="official")
     assert {key: scores[key] for key in ("model_types", "similarities_by_model", "statistics_by_model", "summary")} == {
         "model_types": list(OFFICIAL_BACKBONES), "similarities_by_model": dict.fromkeys(OFFICIAL_BACKBONES, {}),
         "statistics_by_model": {}, "summary": {}}
     assert scores["num_images"] == 0 and scores["unified_bench"] is None and len(scores["skipped"]) == 3
     assert "no pair scored" in (tmp_path / "out" / "scores.md").read_text()
-    with pytest.raises(SystemExit, match="no readable"):
-        score_folder(reference_dir, tmp_path / "empty", tmp_path / "default", protocol="default")
+    for protocol in ("official", "default"):
+        with pytest.raises(SystemExit, match="no reconstruction to score in .*empty'"):
+            score_folder(reference_dir, tmp_path / "empty", tmp_path / protocol, protocol=protocol)
 
 
 def test_official_pairing_by_name_then_stem_or_recon_prefix(tmp_path):

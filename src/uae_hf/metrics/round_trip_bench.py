@@ -32,7 +32,6 @@ from pathlib import Path
 
 import PIL.Image
 
-from ..images import load_image, to_rgb
 from ..visualization import reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -58,9 +57,12 @@ class ReferenceImage:
     source: object  # a path, or an image from a dataset row
     origin: str = ""
 
-    def load(self, rgb=to_rgb) -> PIL.Image.Image:
-        """The image as RGB, converted by `rgb` (`to_rgb`, or `pil_rgb` as Score_i2i.py decodes)."""
-        return load_image(self.source, f"reference {self.name!r}", rgb)
+    def load(self, rgb=None) -> PIL.Image.Image:
+        """The image as RGB, converted by `rgb` (default `uae_hf.images.to_rgb`; `pil_rgb` as Score_i2i.py
+        decodes)."""
+        from ..images import load_image, to_rgb  # torch and diffusers: this module lists files without them
+
+        return load_image(self.source, f"reference {self.name!r}", rgb or to_rgb)
 
     @property
     def file_name(self) -> str:
@@ -283,9 +285,13 @@ def run_round_trip(
     return done, skipped, reused
 
 
-def pair_reconstructions(references: list[ReferenceImage], folder: str | Path) -> tuple[list, list[dict]]:
+def pair_reconstructions(references: list[ReferenceImage], folder: str | Path) -> tuple[list, list[dict], list[Path]]:
     """Match each reference to the image in `folder` with its file name (`x.png`), else to one whose stem is its file
-    name (`x.png.*`) or its name (`x.*`), each optionally `recon_`-prefixed; unmatched references are reported."""
+    name (`x.png.*`) or its name (`x.*`), each optionally `recon_`-prefixed.
+
+    Returns (pairs, the references without a reconstruction as report items, the images in `folder` that match no
+    reference).
+    """
     folder = Path(folder)
     files = sorted(folder.iterdir()) if folder.is_dir() else []
     paths = [path for path in files if path.suffix.lower() in IMAGE_SUFFIXES]
@@ -304,7 +310,8 @@ def pair_reconstructions(references: list[ReferenceImage], folder: str | Path) -
         else:
             missing.append({"image": ref.name, "error": f"no reconstruction named {ref.file_name}, {ref.file_name}.* "
                             f"or {ref.name}.* (optionally {RECONSTRUCTION_PREFIX}-prefixed) in {str(folder)!r}"})
-    return pairs, missing
+    paired = {path for _, path in pairs}
+    return pairs, missing, [path for path in paths if path not in paired]
 
 
 def match_reconstructions_officially(references: list[ReferenceImage], folder: str | Path):
@@ -348,6 +355,30 @@ def pair_reconstructions_officially(references: list[ReferenceImage], folder: st
     return matches, pairs, missing
 
 
+def pairing_summary(references: list[ReferenceImage], folder: str | Path,
+                    protocol: str = "default") -> tuple[int, list[Path]]:
+    """How many references `folder`'s reconstructions pair with, and the image files in it that match no reference,
+    as `run_bench` pairs them with `protocol`; read from file names alone."""
+    if protocol == "official":
+        matches = match_reconstructions_officially(references, folder)
+        return sum(ref is not None for _, ref in matches), [path for path, ref in matches if ref is None]
+    pairs, _, unmatched = pair_reconstructions(references, folder)
+    return len(pairs), unmatched
+
+
+def no_pair_message(references: list[ReferenceImage], folder: str | Path, unmatched: list[Path]) -> str:
+    """Why no reconstruction in `folder` pairs with a reference: a few of each named, and how to name them."""
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    folder, example = Path(folder), references[0].file_name
+    found = (f"its images ({some([path.relative_to(folder).as_posix() for path in unmatched])}) match" if unmatched
+             else "it holds no image to match")
+    return (f"no reconstruction to score in {str(folder)!r}: {found} none of the references "
+            f"({some([ref.file_name for ref in references])}); name each reconstruction as its reference ({example}, "
+            f"{Path(example).stem}.* or {RECONSTRUCTION_PREFIX}{Path(example).stem}.*)")
+
+
 def official_fields(backbones, rows_by_file: dict[str, dict | None]) -> dict:
     """Score_i2i.py's JSON fields from per-image rows keyed by reconstruction file name (`None`: a failed pair, kept
     in `similarities_by_model` and `total_images` but out of every mean). `overall_average` is not x100; `best_model`
@@ -375,13 +406,16 @@ def official_fields(backbones, rows_by_file: dict[str, dict | None]) -> dict:
             "summary": summary}
 
 
-def score_pairs(pairs, metric, captions: dict[str, dict] | None = None, rgb=to_rgb):
+def score_pairs(pairs, metric, captions: dict[str, dict] | None = None, rgb=None):
     """Score (reference, reconstruction path) pairs with the Unified-Bench metric; unreadable files are skipped, and
-    images are made RGB by `rgb`.
+    images are made RGB by `rgb` (default `uae_hf.images.to_rgb`).
 
     Returns (metric results, per-image rows, skipped items, (originals, reconstructions)); the results are `None`
     when no pair could be read.
     """
+    from ..images import load_image, to_rgb
+
+    rgb = rgb or to_rgb
     scored, originals, reconstructions, skipped = [], [], [], []
     for ref, reconstruction_path in pairs:
         try:
@@ -536,6 +570,14 @@ def run_bench(
     settings = bench_settings(references, pipeline_settings, reconstructions_dir, seed, scoring, **call_kwargs)
     if pipeline is not None:  # before anything loads: a folder that cannot be resumed fails at once
         prepare_round_trip_dir(output_dir, settings, overwrite)
+    if reconstructions_dir is not None and protocol == "official":
+        matches, pairs, missing = pair_reconstructions_officially(references, reconstructions_dir)
+    elif reconstructions_dir is not None:  # a folder that pairs with nothing fails before the backbones load
+        pairs, missing, unmatched = pair_reconstructions(references, reconstructions_dir)
+        if not pairs:
+            raise ValueError(no_pair_message(references, Path(reconstructions_dir), unmatched))
+        missing += [{"image": path.name, "error": f"reconstruction {str(path)!r} matches no reference (not scored)"}
+                    for path in unmatched]
     output_dir.mkdir(parents=True, exist_ok=True)
     # Load the backbones before the long round trip, so a bad backbone name or checkpoint fails early.
     metric = evaluate.load(
@@ -551,10 +593,6 @@ def run_bench(
         # each reference with its own reconstruction: files in the folder from other runs are never picked up
         pairs = [(ref, folder / f"{ref.name}.png") for ref in references if ref.name not in failed]
         missing, matches = [], [(path, ref) for ref, path in pairs]
-    elif protocol == "official":
-        matches, pairs, missing = pair_reconstructions_officially(references, reconstructions_dir)
-    else:
-        pairs, missing = pair_reconstructions(references, reconstructions_dir)
     results, rows, unreadable, images = score_pairs(pairs, metric, captions, metric.similarity.rgb)
     if results is None and protocol != "official":  # Score_i2i.py writes its JSON with an empty summary instead
         raise ValueError("no readable (reference, reconstruction) pair to score")

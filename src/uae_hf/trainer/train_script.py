@@ -12,7 +12,7 @@ import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from ..cli import CommandLineError
+from ..cli import CommandLineError, check_training_counts
 from ..pipelines.uae_reconstruction.hub_access import push_access_problem
 from ..rewards.similarity import BACKBONES, BackboneUnavailableError
 from ..sample_data import skimage_photos
@@ -205,6 +205,7 @@ class RecipeParser(TrlParser):
             if not flags:
                 raise CommandLineError(f"unexpected argument(s) {remaining} (options are --name value)")
             raise CommandLineError(f"unknown option(s): {_unknown(flags, self._option_names(), prefix='--')}")
+        check_training_counts(namespace)  # before the configs' own checks, which name products of them
         return namespace, remaining
 
 
