@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from uae_hf.images import load_image
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
-MODES = ["RGB", "RGBA", "L", "LA", "P", "P+transparency", "CMYK", "I;16", "I", "F", "1", "uint16 array", "float array"]
+MODES = ["RGB", "RGBA", "L", "LA", "P", "P+transparency", "L+transparency", "RGB+transparency", "CMYK", "I;16", "I",
+         "F", "1", "uint16 array", "float array"]
 
 
 @st.composite
@@ -40,6 +41,12 @@ def images(draw, mode=None):
         image.info["transparency"] = 0
         index = np.asarray(image)[..., None]
         return image, np.where(index == 0, 255, np.asarray(image.convert("RGB"))).astype(np.uint8)
+    if mode in ("L+transparency", "RGB+transparency"):  # a PNG colour key: its pixels are transparent, white
+        image = PIL.Image.fromarray(rgb).convert(mode[:-13])
+        pixels = np.asarray(image)
+        image.info["transparency"] = int(pixels.flat[0]) if image.mode == "L" else tuple(map(int, pixels[0, 0]))
+        keyed = (pixels == pixels[0, 0]).reshape(height, width, -1).all(-1, keepdims=True)
+        return image, np.where(keyed, 255, np.asarray(image.convert("RGB"))).astype(np.uint8)
     image = PIL.Image.fromarray(rgb).convert(mode)
     return image, np.asarray(image.convert("RGB"))
 

@@ -2,6 +2,7 @@
 what the decoder draws (float arrays) into 8-bit images."""
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,17 @@ def _open(source, where: str) -> PIL.Image.Image:
 
 def pil_rgb(image: PIL.Image.Image, where: str = "image") -> PIL.Image.Image:
     """PIL's own `convert("RGB")`, as Unified-Bench's released scorer decodes its files: alpha is dropped (not
-    composited), 16-bit and float values are clipped to 0..255 (not scaled by their range). Premultiplied `La`, which
-    no image file holds and PIL converts only to `LA`, goes through `LA`."""
+    composited), 16-bit and float values are clipped to 0..255 (not scaled by their range). A PNG colour key is dropped
+    too: `convert("RGB")` keeps it in `info["transparency"]`, which the released stack's image processors
+    (transformers 4.56) ignored, and transformers 5's paint white. Premultiplied `La`, which no image file holds and
+    PIL converts only to `LA`, goes through `LA`."""
     if not isinstance(image, PIL.Image.Image):
         raise TypeError(f"{where}: expected a PIL.Image.Image, got {type(image).__name__}")
-    return (image.convert("LA") if image.mode == "La" else image).convert("RGB")
+    with warnings.catch_warnings():  # PIL's advice to convert a keyed palette to RGBA: the key is dropped here
+        warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
+        rgb = (image.convert("LA") if image.mode == "La" else image).convert("RGB")  # a new image, even from RGB
+    rgb.info.pop("transparency", None)
+    return rgb
 
 
 def load_image(item, where: str = "image", rgb=to_rgb) -> PIL.Image.Image:

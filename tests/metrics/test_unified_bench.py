@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import evaluate
@@ -49,16 +50,22 @@ def test_official_protocol_is_a_load_time_option(bench, backbone_checkpoints, ph
 
 def test_official_protocol_reads_files_as_score_i2i(bench, backbone_checkpoints, photos, tmp_path):
     """Score_i2i.py reads each file with `Image.open(path).convert("RGB")`, which drops alpha and clips 16-bit values
-    at 255; the default protocol composites on white and maps by range (0.016 to 0.53 lower per pair here). The
-    official means are Score_i2i.py's: Python floats summed pair by pair, backbones in its order."""
+    at 255, and its processors (transformers 4.56) ignore a PNG colour key that `convert("RGB")` keeps (transformers
+    5's paint it white); the default protocol composites on white and maps by range (0.016 to 0.53 lower per pair
+    here). The official means are Score_i2i.py's: Python floats summed pair by pair, backbones in its order."""
     transparent = photos[0].convert("RGBA")
     transparent.putalpha(PIL.Image.linear_gradient("L").resize(photos[0].size))
+    palette = photos[2].quantize(16)
     images = {"rgba.png": transparent, "la.png": transparent.convert("LA"),
-              "deep.png": PIL.Image.fromarray(np.asarray(photos[1].convert("L")).astype(np.uint16) * 257)}
+              "deep.png": PIL.Image.fromarray(np.asarray(photos[1].convert("L")).astype(np.uint16) * 257),
+              "keyed.png": palette}
     for name, image in images.items():
-        image.save(tmp_path / name)
+        image.save(tmp_path / name, transparency=_commonest(palette) if name == "keyed.png" else None)
     paths = [str(tmp_path / name) for name in images]
-    as_released = [PIL.Image.open(path).convert("RGB") for path in paths]
+    assert "transparency" in PIL.Image.open(paths[-1]).info
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's advice to convert a keyed palette to RGBA
+        as_released = [PIL.Image.fromarray(np.asarray(PIL.Image.open(path).convert("RGB"))) for path in paths]
     checkpoints = {name: backbone_checkpoints[name] for name in uae_hf.PAPER_BACKBONES}
     official = evaluate.load("unified_bench", checkpoints=checkpoints, protocol="official")
     results = official.compute(predictions=paths, references=as_released, return_per_image=True)
@@ -67,10 +74,32 @@ def test_official_protocol_reads_files_as_score_i2i(bench, backbone_checkpoints,
         assert row == pytest.approx(dict.fromkeys(row, 1.0), abs=1e-5)
     for name, values in results.items():
         if name in checkpoints:
-            assert values == sum(row[name] for row in results["per_image"]) / 3  # exactly, not to float32 rounding
+            assert values == sum(row[name] for row in results["per_image"]) / 4  # exactly, not to float32 rounding
     assert results["unified_bench"] == 100 * sum(results[name] for name in ("clip", "longclip", "dinov2", "dinov3")) / 4
     default = bench.compute(predictions=paths, references=as_released)
     assert all(default[name] < 0.99 for name in checkpoints)
+
+
+def _commonest(image: PIL.Image.Image) -> int:
+    """The commonest value of a one-band image: as a colour key, it makes many pixels transparent."""
+    return int(np.bincount(np.asarray(image).ravel()).argmax())
+
+
+def test_an_image_with_a_colour_key_scores_1_against_itself_as_one_without(bench, photos, tmp_path):
+    """Default rules: a PNG colour key is transparency (composited on white), so the keyed file is another image than
+    its unkeyed twin, and each scores 1.0 against itself. Before, the key survived `to_rgb` for a grey image: the
+    reference cache (keyed by pixels) served the unkeyed twin's embedding, while transformers 5 painted the keyed
+    prediction's key white."""
+    grey = photos[0].convert("L")  # its commonest level, black, covers 11% of it
+    grey.save(plain := tmp_path / "plain.png")
+    grey.save(keyed := tmp_path / "keyed.png", transparency=_commonest(grey))
+    assert "transparency" in PIL.Image.open(keyed).info
+    results = bench.compute(predictions=[str(plain), str(keyed), str(keyed)],
+                            references=[str(plain), str(keyed), str(plain)], return_per_image=True)
+    plain_row, keyed_row, across = results["per_image"]
+    assert plain_row == pytest.approx(dict.fromkeys(plain_row, 1.0), abs=1e-5)
+    assert keyed_row == pytest.approx(dict.fromkeys(keyed_row, 1.0), abs=1e-5)
+    assert all(value < 0.999 for value in across.values())  # the key's pixels are white, not grey
 
 
 def test_paths_arrays_and_tensors_are_accepted(bench, photos, tmp_path):

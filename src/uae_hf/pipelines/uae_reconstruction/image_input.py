@@ -46,14 +46,19 @@ def array_to_image(array: np.ndarray, where: str = "image") -> PIL.Image.Image:
 def to_rgb(image, where: str = "image") -> PIL.Image.Image:
     """Convert a PIL image in any mode to 8-bit RGB; transparent pixels are composited on white.
 
-    Modes I;16 (0..65535) and I (0..255) follow [`array_to_image`]; F holds 0..255 as `Image.convert("F")` makes it, so
-    an F image in [0, 1] is refused as ambiguous. CMYK and other colour spaces use PIL's conversion (no ICC profile).
-    NaN and out-of-range values are errors naming `where`.
+    Transparent means an alpha channel, or a PNG colour key (`info["transparency"]`: palette entries, a grey level or
+    an RGB colour, 16-bit grey levels included), whose pixels are fully transparent; a 16-bit RGB key matches no pixel
+    (PIL keeps only 8 bits of such files). The result carries no key, so no image processor downstream applies it a
+    second time. Modes I;16 (0..65535) and I (0..255) follow
+    [`array_to_image`]; F holds 0..255 as `Image.convert("F")` makes it, so an F image in [0, 1] is refused as
+    ambiguous. CMYK and other colour spaces use PIL's conversion (no ICC profile). NaN and out-of-range values are
+    errors naming `where`.
     """
     if not isinstance(image, PIL.Image.Image):
         raise TypeError(f"{where}: expected a PIL.Image.Image, got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"{where}: the image is empty ({image.width}x{image.height} pixels)")
+    key = image.info.get("transparency")
     if image.mode == "F":
         array = np.asarray(image)
         if 0 < array.max() <= 1:
@@ -63,8 +68,13 @@ def to_rgb(image, where: str = "image") -> PIL.Image.Image:
             )
         image = PIL.Image.fromarray(_floats_to_uint8(array, where, 255.0))
     elif image.mode.startswith("I"):
-        image = array_to_image(np.asarray(image), where)
-    if image.mode in ("RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        array = np.asarray(image)
+        image = array_to_image(array, where)
+        if isinstance(key, int):  # PIL compares the key with 8-bit values only: match the 16-bit levels here
+            image.putalpha(PIL.Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8)))
+    elif image.mode in ("1", "L", "P", "RGB") and key is not None:
+        image = image.convert("RGBA")  # PIL turns each mode's key into alpha
+    if image.mode in ("RGBa", "La"):
         image = image.convert({"La": "LA"}.get(image.mode, "RGBA"))  # premultiplied La converts only to LA
     if image.mode in ("RGBA", "LA", "PA"):
         background = PIL.Image.new("RGB", image.size, (255, 255, 255))
