@@ -1,6 +1,7 @@
 """The Gradio app (`uae_hf.app`, `uae-hf app`): its round trip and bench on the twins, the Space it writes, and the
 whole page driven in a real headless browser (Debian's Chromium through its chromedriver, with Selenium)."""
 
+import json
 import os
 import shutil
 import socket
@@ -29,7 +30,7 @@ def app(pipe, backbone_checkpoints):
     return RoundTripApp(pipe, "tiny twins", "clip+dinov2", checkpoints, height=64, width=64)
 
 
-def test_round_trip_shows_the_caption_its_length_the_scores_and_the_settings(app, pipe, photos):
+def test_round_trip_shows_the_caption_its_length_the_scores_and_the_settings(app, pipe, photos, tmp_path):
     import torch
 
     result = app.round_trip(photos[0], **FAST)
@@ -37,15 +38,21 @@ def test_round_trip_shows_the_caption_its_length_the_scores_and_the_settings(app
                  guidance_scale=5.0, max_new_tokens=8, do_sample=False, height=64, width=64)
     assert result["caption"] == alone.captions[0]  # the seed draws the same round trip as a direct call
     assert np.array_equal(np.asarray(result["reconstruction"]), np.asarray(alone.images[0]))
-    assert result["tokens"] == len(pipe.processor.tokenizer(result["caption"], add_special_tokens=False).input_ids)
-    assert result["cut_by_length_limit"] == (result["tokens"] >= 8)
+    # the tokens the encoder drew, as the limit counts them: the twins draw 8 special ones, which the caption drops
+    # (counted from the caption, that was 0 tokens and not cut; elsewhere 10 for 8, as a "�" is several tokens)
+    assert result["tokens"] == 8 and result["cut_by_length_limit"]
     assert set(result["scores"]) == {"clip", "dinov2", "overall"}
     assert result["scores"]["overall"] == pytest.approx((result["scores"]["clip"] + result["scores"]["dinov2"]) / 2)
     assert result["settings"]["seed"] == 0 and result["settings"]["num_inference_steps"] == 2
     assert result["settings"]["scoring"]["config_name"] == "clip+dinov2"
+    (broken := tmp_path / "broken.png").write_bytes(b"not an image")  # an upload, as the page hands it over
+    with pytest.raises(ValueError, match=r"^Cannot read broken.png: it is not an image file, or a damaged one\."):
+        app.round_trip(str(broken), **FAST)
 
 
 def test_bench_tab_scores_uploaded_references_and_skips_an_unreadable_one(app, photos, tmp_path):
+    from uae_hf.app import _bench_grid, _bench_summary, _bench_table
+
     uploads = []
     for index, photo in enumerate(photos[:2]):
         photo.save(path := tmp_path / f"photo{index}.png")
@@ -55,10 +62,20 @@ def test_bench_tab_scores_uploaded_references_and_skips_an_unreadable_one(app, p
     assert report["num_images"] == 2 and [item["image"] for item in report["skipped"]] == ["broken"]
     assert set(report["backbones"]) == {"clip", "dinov2"} and 0 < report["unified_bench"] <= 100
     assert PIL.Image.open(tmp_path / "run" / "report" / "grid.png").width > 100
-    # scoring uploaded reconstructions instead: each paired with its reference by name
-    again = app.bench(uploads, [str(tmp_path / "run" / "report" / "reconstructions" / "photo0.png")], "default",
-                      **FAST, output_dir=tmp_path / "scored")
-    assert again["num_images"] == 1
+    # scoring uploaded reconstructions instead, each paired with its reference by name; the page shows every score
+    # ×100 (the backbones' cosines were unscaled in its text, ×100 in its table)
+    reconstruction = str(tmp_path / "run" / "report" / "reconstructions" / "photo0.png")
+    again = app.bench(uploads, [reconstruction], "default", **FAST, output_dir=tmp_path / "scored")
+    summary = _bench_summary(again)
+    assert again["num_images"] == 1 and summary.startswith(f"**Unified-Bench: {again['unified_bench']:.2f}** over 1")
+    assert f"{again['backbones']['clip']['mean']:.4f}" not in summary and "Skipped photo1" in summary
+    assert _bench_table(again) == [
+        *([name, round(100 * s["mean"], 2), round(100 * s["min"], 2), round(100 * s["max"], 2)]
+          for name, s in again["backbones"].items()),
+        ["overall (Unified-Bench)", round(again["unified_bench"], 2), None, None],
+    ]
+    grid = _bench_grid(again, tmp_path / "scored" / "references", tmp_path / "grid.png")
+    assert PIL.Image.open(grid).width > 100  # drawn again with the pair's score ×100
     with pytest.raises(ValueError, match="upload the reference images"):
         app.bench([], None, "default", **FAST, output_dir=tmp_path / "none")
 
@@ -73,20 +90,47 @@ def test_app_help_and_a_bad_backbone_are_one_line_errors(capsys):
         main(["app", "--write-space", "space"])
 
 
-def test_written_space_has_its_front_matter_and_runs_the_app_with_the_flags_given(tmp_path):
+def test_written_space_holds_what_it_runs_and_installs_its_requirements(tiny_dir, tmp_path):
+    """Hub ids stay Hub ids; local folders (a plain SD3 pipeline with its --encoder here, a backbone) and uae_hf itself
+    are copied into the Space, whose requirements.txt pip resolves offline from what this environment installed (it
+    named `uae-hf[app]`, which no package index serves)."""
     from huggingface_hub import SpaceCard
+    from packaging.requirements import Requirement
 
-    from uae_hf.cli import main
+    import uae_hf.cli
+    from uae_hf.cli import CommandLineError, main
 
     main(["app", "--pipeline", "someone/uae-pipeline", "--checkpoint", "clip=openai/clip-vit-base-patch32",
-          "--port=7000", "--num-inference-steps", "20", "--write-space", str(tmp_path / "space")])
-    card = SpaceCard.load(tmp_path / "space" / "README.md")
-    assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and card.data.models == ["someone/uae-pipeline"]
-    app_py = (tmp_path / "space" / "app.py").read_text()
-    assert "['app', '--pipeline', 'someone/uae-pipeline', '--checkpoint', 'clip=openai/clip-vit-base-patch32', " \
-           "'--num-inference-steps', '20']" in app_py  # where it listens is the Space's to choose
+          "--port=7000", "--num-inference-steps", "20", "--write-space", str(tmp_path / "hub")])
+    card = SpaceCard.load(tmp_path / "hub" / "README.md")
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py"
+    assert card.data.models == ["someone/uae-pipeline", "openai/clip-vit-base-patch32"]
+    app_py = (tmp_path / "hub" / "app.py").read_text()
+    assert "main(['app', '--pipeline', 'someone/uae-pipeline', '--checkpoint', 'clip=openai/clip-vit-base-patch32', " \
+           "'--num-inference-steps', '20'])" in app_py  # where it listens is the Space's to choose
     compile(app_py, "app.py", "exec")
-    assert (tmp_path / "space" / "requirements.txt").read_text().startswith("uae-hf[app]\ngradio==")
+
+    space = tmp_path / "space"
+    main(["app", "--pipeline", str(tiny_dir / "decoder"), "--encoder", str(tiny_dir / "encoder"), "--backbones", "clip",
+          "--checkpoint", f"clip={tiny_dir / 'backbones' / 'clip'}", "--write-space", str(space)])
+    app_py = (space / "app.py").read_text()
+    assert "main(['app', '--pipeline', str(HERE / 'pipeline'), '--encoder', str(HERE / 'encoder'), '--checkpoint', " \
+           "'clip=' + str(HERE / 'backbones/clip'), '--backbones', 'clip'])" in app_py and str(tiny_dir) not in app_py
+    for copy, original in (("pipeline", "decoder"), ("encoder", "encoder"), ("backbones/clip", "backbones/clip")):
+        assert sorted(path.relative_to(space / copy) for path in (space / copy).rglob("*")) == sorted(
+            path.relative_to(tiny_dir / original) for path in (tiny_dir / original).rglob("*")), copy
+    assert (space / "uae_hf" / "cli.py").read_text() == Path(uae_hf.cli.__file__).read_text()
+    assert (space / "uae_hf" / "model_cards" / "uae_reconstruction_pipeline.md").is_file()
+    assert SpaceCard.load(space / "README.md").data.models is None
+    requirements = (space / "requirements.txt").read_text().splitlines()
+    names = [Requirement(line).name for line in requirements]
+    assert "uae-hf" not in names and {"torch", "diffusers", "gradio", "scikit-image"} <= set(names)
+    resolved = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-r",
+                               "requirements.txt"], cwd=space, capture_output=True, text=True, timeout=300)
+    assert resolved.returncode == 0 and "Would install" not in resolved.stdout, resolved.stdout + resolved.stderr
+    with pytest.raises(CommandLineError, match="overlap: write the Space to another folder"):
+        main(["app", "--pipeline", str(space / "pipeline"), "--encoder", str(space / "encoder"),
+              "--write-space", str(space / "pipeline" / "space")])
 
 
 # --- the page in a real browser ----------------------------------------------------------------------------------
@@ -163,55 +207,102 @@ def browser(tmp_path):
     driver.quit()
 
 
+def _page_result(browser, previous):
+    """The round trip's caption, caption note and score table once the page shows a new one (else False)."""
+    from selenium.webdriver.common.by import By
+
+    caption = browser.find_element(By.CSS_SELECTOR, "#caption textarea").get_attribute("value")
+    table = browser.find_element(By.ID, "scores").text
+    busy = "captioning" in table + browser.find_element(By.ID, "caption").text  # the progress text
+    result = caption, browser.find_element(By.ID, "caption-note").text, table
+    return result if "overall" in table and not busy and result != previous else False
+
+
 @pytest.mark.slow
-def test_space_app_round_trips_an_uploaded_photo_in_a_real_browser(pipe, backbone_checkpoints, photos, browser,
-                                                                     tmp_path):
+def test_space_app_round_trips_uploads_as_the_cli_does_in_a_real_browser(pipe, backbone_checkpoints, photos, browser,
+                                                                         tmp_path):
+    """A Space written from local folders, run from its own copy of uae_hf: a 16-bit PNG and an RGBA PNG uploaded in
+    the page get the caption and the scores that `uae-hf reconstruct` and `uae-hf bench` give those files (the page
+    read a 16-bit PNG almost white, and dropped alpha); an unreadable upload and a click without one are each a
+    one-line message in the page, with no traceback in the server's log."""
     import torch
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     from uae_hf.app import write_space
+    from uae_hf.cli import main
 
     pipe.save_pretrained(tmp_path / "pipeline")
-    flags = ["--backbones", "clip+dinov2", "--checkpoint", f"clip={backbone_checkpoints['clip']}",
-             "--checkpoint", f"dinov2={backbone_checkpoints['dinov2']}", "--num-inference-steps", "2",
-             "--max-new-tokens", "8", "--temperature", "0.7", "--seed", "3", "--height", "64", "--width", "64"]
-    space = write_space(tmp_path / "space", str(tmp_path / "pipeline"), flags)
+    backbones = {name: backbone_checkpoints[name] for name in ("clip", "dinov2")}
+    generation = ["--num-inference-steps", "2", "--max-new-tokens", "8", "--temperature", "0.7", "--seed", "3",
+                  "--height", "64", "--width", "64"]
+    space = write_space(tmp_path / "space", str(tmp_path / "pipeline"), ["--backbones", "clip+dinov2", *generation],
+                        checkpoints=backbones)
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    deep = PIL.Image.fromarray(np.asarray(photos[1].convert("L")).astype(np.uint16) * 257)
+    deep.save(uploads / "deep.png")  # 16-bit grey
+    clear = photos[0].convert("RGBA")
+    clear.putalpha(PIL.Image.linear_gradient("L").resize(clear.size))
+    clear.save(uploads / "clear.png")  # transparent at the top, opaque at the bottom
+    (broken := tmp_path / "broken.png").write_bytes(b"not an image")
     port = _free_port()
     # the server samples the caption on as many threads as this process, so that it draws the same tokens
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
            "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    start = "import uae_hf; print('uae_hf from', uae_hf.__file__, flush=True); import runpy; "
     server = subprocess.Popen(
-        [sys.executable, "-c", BLOCK_NETWORK + f"import runpy; runpy.run_path({str(space / 'app.py')!r})"],
+        [sys.executable, "-c", BLOCK_NETWORK + start + f"runpy.run_path({str(space / 'app.py')!r})"],
         cwd=space, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    page = {}
     try:
         url = f"http://127.0.0.1:{port}/"
         _wait_for_server(url, server)
         browser.get(url)
-        wait = WebDriverWait(browser, 120)
-        upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#original input[type=file]"))
-        browser.find_element(By.ID, "run-round-trip").click()  # nothing uploaded yet: said in the page
+        wait = WebDriverWait(browser, 120, ignored_exceptions=[StaleElementReferenceException])  # the page redraws
+
+        def upload(path):  # the file input is drawn again after each upload
+            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#original input[type=file]")).send_keys(str(path))
+
+        wait.until(lambda d: d.find_element(By.ID, "run-round-trip")).click()  # nothing uploaded yet: said in the page
         wait.until(lambda d: "Upload an image or pick a sample photo first" in d.find_element(By.TAG_NAME, "body").text)
-        photos[1].save(photo := tmp_path / "coffee.png")
-        upload.send_keys(str(photo))
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#original img"))
+        upload(broken)
         browser.find_element(By.ID, "run-round-trip").click()
-        wait.until(lambda d: "overall" in d.find_element(By.ID, "scores").text)
-        caption = browser.find_element(By.CSS_SELECTOR, "#caption textarea").get_attribute("value")
-        table = browser.find_element(By.ID, "scores").text
-        note = browser.find_element(By.ID, "caption-note").text
+        wait.until(lambda d: "Cannot read broken.png: it is not an image file, or a damaged one. Upload a PNG"
+                   in d.find_element(By.TAG_NAME, "body").text)
+        result = None
+        for name in ("deep.png", "clear.png"):
+            upload(uploads / name)
+            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#original img").get_attribute("src").endswith(name))
+            browser.find_element(By.ID, "run-round-trip").click()
+            page[name] = result = wait.until(lambda d: _page_result(d, result))
         browser.save_screenshot(str(shot := tmp_path / "app.png"))
     finally:
         server.terminate()
         server.wait(timeout=60)
-    # the page shows the round trip that the same settings give in Python
-    expected = pipe(image=[photos[1]], generator=[torch.Generator().manual_seed(3)], num_inference_steps=2,
-                    max_new_tokens=8, do_sample=True, temperature=0.7, height=64, width=64).captions[0]
-    tokens = len(pipe.processor.tokenizer(expected, add_special_tokens=False).input_ids)
-    assert caption == expected and note.startswith(f"Caption: {tokens} tokens")
-    overall = float(table.split("overall")[1].split()[0])
-    assert 0 < overall <= 100 and "clip" in table and "dinov2" in table
+    assert "Traceback" not in server.stderr.read()
+    assert f"uae_hf from {space / 'uae_hf' / '__init__.py'}" in server.stdout.read()
+    # the CLI on the same files: each one's round trip, then the scores of its reconstruction
+    reconstructions = tmp_path / "cli" / "reconstructions"
+    for name in page:
+        main(["reconstruct", str(uploads / name), "--pipeline", str(tmp_path / "pipeline"), *generation,
+              "--output-dir", str(tmp_path / "cli" / name)])
+        shutil.copytree(tmp_path / "cli" / name / "reconstructions", reconstructions, dirs_exist_ok=True)
+    main(["bench", "--images-dir", str(uploads), "--reconstructions", str(reconstructions), "--backbones",
+          "clip+dinov2", *(f"--checkpoint={name}={path}" for name, path in backbones.items()),
+          "--output-dir", str(tmp_path / "cli" / "bench")])
+    report = json.loads((tmp_path / "cli" / "bench" / "scores.json").read_text())
+    scores = {row["file"]: row for row in report["per_image"]}
+    for name, (caption, note, table) in page.items():
+        row = json.loads((tmp_path / "cli" / name / "captions.jsonl").read_text())
+        assert caption == row["caption"], name
+        cells = table.split()
+        shown = {key: float(cells[cells.index(key) + 1]) for key in ("clip", "dinov2", "overall")}
+        assert shown == pytest.approx({key: 100 * scores[name][key] for key in shown}, abs=0.006), name  # 2 decimals
+        assert note.startswith("Caption: 8 tokens; cut by the max-tokens limit (8:"), note  # the twins never stop
+    assert page["deep.png"][0] != page["clear.png"][0]
     assert browser.find_elements(By.CSS_SELECTOR, "#reconstruction img")  # the redrawing is on the page
     pixels = np.asarray(PIL.Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape[1] >= 1000 and pixels.std() > 10  # a rendered page, not a blank one

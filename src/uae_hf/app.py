@@ -1,11 +1,14 @@
 """The UAE round trip and Unified-Bench in a Gradio app: `uae-hf app`, or a Hugging Face Space (`write_space`).
 
-Tab "Round trip": an uploaded image (or a bundled sample photo) beside its reconstruction, the caption between them
-(its length in tokens, whether the length limit cut it), the per-backbone scores and every setting used. Tab
-"Unified-Bench": uploaded references round-tripped (or uploaded reconstructions paired with them by name) and scored,
-with the table and the grid that `uae-hf bench` writes.
+Tab "Round trip": an uploaded image (or a bundled sample photo), read as `uae-hf reconstruct` reads files
+(`load_image`), beside its reconstruction, the caption between them (its length in tokens, whether the length limit
+cut it), the per-backbone scores and every setting used. Tab "Unified-Bench": uploaded references round-tripped (or
+uploaded reconstructions paired with them by name) and scored as `uae-hf bench` scores them, with its table and grid.
+Every score in the app is a cosine similarity ×100, as the paper's tables and Unified-Bench's overall number.
 """
 
+import importlib.metadata
+import importlib.resources
 import json
 import shutil
 import tempfile
@@ -68,26 +71,36 @@ class RoundTripApp:
         return {"pipeline": self.source, "seed": int(seed), **call_kwargs, "device": str(self.pipeline.device),
                 "dtype": str(self.pipeline.dtype).removeprefix("torch."), "scoring": self.scoring}
 
-    def round_trip(self, image: PIL.Image.Image, steps: int, guidance: float, temperature: float, max_tokens: int,
-                   seed: int) -> dict:
-        """One image's round trip (`seed` draws its caption and its noise, as image 0 of `uae-hf reconstruct`):
-        the reconstruction, the caption with its length, per-backbone scores ×100 and the settings."""
+    def round_trip(self, image, steps: int, guidance: float, temperature: float, max_tokens: int, seed: int) -> dict:
+        """One image's round trip, as image 0 of `uae-hf reconstruct` (`seed` draws its caption and its noise), on
+        `image` read as the CLI reads it (`load_image`: a file as uploaded, or a PIL image): the reconstruction, the
+        caption with the number of tokens the encoder drew for it, per-backbone scores ×100 and the settings. An
+        unreadable file is a `ValueError` that names it."""
         import torch
+        from transformers import StoppingCriteriaList
 
-        from .images import pil_rgb
+        from .pipelines.uae_reconstruction.captioning import _derived_generators
 
         kwargs = self.call_kwargs(steps, guidance, temperature, max_tokens)
-        original = pil_rgb(image, "the uploaded image")
-        out = self.pipeline(image=[original], generator=[torch.Generator().manual_seed(int(seed))], **kwargs)
-        caption = out.captions[0]
-        tokens = len(self.pipeline.processor.tokenizer(caption, add_special_tokens=False).input_ids)
+        original = _read_upload(image)
+        generator = torch.Generator().manual_seed(int(seed))
+        # the pipeline's call in its two steps, to count what the encoder draws: the caption, then the decoder
+        sampling = ("max_new_tokens", "do_sample", "temperature")
+        drawn = _DrawnTokens()
+        caption = self.pipeline.caption([original], **{key: kwargs[key] for key in sampling},
+                                        generator=_derived_generators([generator]),
+                                        stopping_criteria=StoppingCriteriaList([drawn]))[0]
+        out = self.pipeline.generate([caption], generator=[generator],
+                                     **{key: value for key, value in kwargs.items() if key not in sampling})
+        eos = self.pipeline.vlm.generation_config.eos_token_id
+        ended = bool(drawn.tokens) and drawn.tokens[-1] in ({eos} if isinstance(eos, int) else set(eos or ()))
         scores = self.metric.compute(predictions=out.images[:1], references=[original], return_per_image=True)
         per_backbone = {name: 100 * value for name, value in scores["per_image"][0].items()}
         return {
             "reconstruction": out.images[0],
             "caption": caption,
-            "tokens": tokens,
-            "cut_by_length_limit": tokens >= kwargs["max_new_tokens"],
+            "tokens": len(drawn.tokens) - ended,  # the end-of-text token not counted
+            "cut_by_length_limit": not ended and len(drawn.tokens) >= kwargs["max_new_tokens"],
             "cut_by_text_encoder": bool(out.truncated[0]) if out.truncated else False,
             "scores": {**per_backbone, "overall": scores["unified_bench"]},
             "settings": self.settings(seed, **kwargs),
@@ -116,6 +129,39 @@ class RoundTripApp:
                          pipeline_settings={"pipeline": self.source}, **scoring, **kwargs)
 
 
+def _read_upload(image) -> PIL.Image.Image:
+    """An upload (its file, as the browser sent it) or a PIL image as 8-bit RGB, read as the CLI reads images; a file
+    that is no image, or a damaged one, is a one-line `ValueError` naming it."""
+    from .images import load_image
+
+    if not isinstance(image, (str, Path)):
+        return load_image(image, "the image")
+    name = Path(image).name
+    try:
+        return load_image(image, name)
+    except ValueError as error:
+        if isinstance(error.__cause__, PIL.Image.DecompressionBombError) or error.__cause__ is None:
+            raise  # a readable file that is too large or holds values out of range: its own message says why
+        raise ValueError(f"Cannot read {name}: it is not an image file, or a damaged one. Upload a PNG, JPEG, "
+                         "WebP, BMP, TIFF or GIF file.") from error
+
+
+class _DrawnTokens:
+    """A stopping criterion for `generate` that stops nothing: it keeps the tokens drawn for one caption (the count the
+    max-new-tokens limit applies to, which a caption decoded and tokenized again need not have)."""
+
+    def __init__(self):
+        self.start, self.tokens = None, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        if self.start is None:
+            self.start = input_ids.shape[-1] - 1
+        self.tokens = input_ids[0, self.start :].tolist()
+        return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+
+
 def _copy_files(files: list[str], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for file in files:
@@ -126,7 +172,8 @@ def _copy_files(files: list[str], folder: Path) -> Path:
 def _caption_note(result: dict) -> str:
     notes = [f"{result['tokens']} tokens"]
     if result["cut_by_length_limit"]:
-        notes.append("cut by the max-tokens limit (raise it for the whole caption)")
+        notes.append(f"cut by the max-tokens limit ({result['settings']['max_new_tokens']}: raise it for the whole "
+                     "caption)")
     if result["cut_by_text_encoder"]:
         notes.append("longer than the decoder's text encoder reads (it used the start)")
     return "Caption: " + "; ".join(notes)
@@ -142,6 +189,36 @@ def _bench_table(report: dict) -> list[list]:
     if report["unified_bench"] is not None:
         rows.append(["overall (Unified-Bench)", round(report["unified_bench"], 2), None, None])
     return rows
+
+
+def _bench_summary(report: dict) -> str:
+    """The bench tab's one-line result, on the app's scale (`scores.md` gives the backbones' cosines unscaled)."""
+    protocol = f"{report['protocol']} protocol"
+    if report["unified_bench"] is None:
+        line = f"**Unified-Bench: no pair scored** ({protocol})"
+    else:
+        line = f"**Unified-Bench: {report['unified_bench']:.2f}** over {report['num_images']} images ({protocol})"
+    if report["skipped"]:
+        line += "\n\nSkipped " + "; ".join(f"{item['image']}: {item['error']}" for item in report["skipped"])
+    return line
+
+
+def _bench_grid(report: dict, references_dir: Path, path: Path, size: int = 8) -> str | None:
+    """`grid.png` drawn again with each pair's score ×100 (`uae-hf bench` writes the cosine); `None` without a pair."""
+    from .images import load_image, pil_rgb, to_rgb
+    from .visualization import reconstruction_grid
+
+    rows = report["per_image"][:size]
+    if not rows:
+        return None
+    rgb = pil_rgb if report["protocol"] == "official" else to_rgb
+    reconstruction_grid(
+        [load_image(references_dir / row["file"], row["file"], rgb) for row in rows],
+        [load_image(row["reconstruction"], row["reconstruction"], rgb) for row in rows],
+        [row.get("caption", "") for row in rows], names=[row["file"] for row in rows],
+        scores=[100 * row["overall"] for row in rows],
+    ).save(path)
+    return str(path)
 
 
 def build_app(app: RoundTripApp, defaults: dict | None = None, examples_dir: str | Path | None = None):
@@ -170,13 +247,15 @@ def build_app(app: RoundTripApp, defaults: dict | None = None, examples_dir: str
         return [steps, guidance, temperature, max_tokens, seed]
 
     def run_round_trip(image, steps, guidance, temperature, max_tokens, seed, progress=gr.Progress()):
-        if image is None:
-            raise gr.Error("Upload an image or pick a sample photo first.")
+        # the inputs as sent (preprocess=False): the upload is its file, which `round_trip` reads as the CLI reads
+        # files, and says in one line if it cannot (gr.Image would decode it first, with Gradio's generic error)
+        if not (image or {}).get("path"):
+            raise gr.Error("Upload an image or pick a sample photo first.", print_exception=False)
         progress(0, desc="captioning, then drawing")
         try:
-            result = app.round_trip(image, steps, guidance, temperature, max_tokens, seed)
+            result = app.round_trip(image["path"], steps, guidance, temperature, max_tokens, seed)
         except ValueError as error:
-            raise gr.Error(str(error)) from error
+            raise gr.Error(str(error), print_exception=False) from error
         return (result["reconstruction"], result["caption"], _caption_note(result), _scores_table(result["scores"]),
                 result["settings"])
 
@@ -187,18 +266,18 @@ def build_app(app: RoundTripApp, defaults: dict | None = None, examples_dir: str
             report = app.bench(references, reconstructions, protocol, steps, guidance, temperature, max_tokens, seed,
                                output_dir)
         except ValueError as error:
-            raise gr.Error(str(error)) from error
+            raise gr.Error(str(error), print_exception=False) from error
         report_dir = Path(output_dir, "report")
-        grid = report_dir / "grid.png"
-        return (report_dir.joinpath("scores.md").read_text(), _bench_table(report),
-                str(grid) if grid.exists() else None, str(report_dir / "scores.json"))
+        grid = _bench_grid(report, Path(output_dir, "references"), report_dir / "grid.png")
+        return _bench_summary(report), _bench_table(report), grid, str(report_dir / "scores.json")
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as blocks:
         gr.Markdown(f"# {TITLE}\nThe encoder captions the image; the decoder redraws it from the caption alone; "
                     "Unified-Bench scores how close the redrawing is (cosine similarity ×100, per backbone).")
         with gr.Tab("Round trip"):
             with gr.Row():
-                image = gr.Image(type="pil", label="Original", sources=["upload", "clipboard"], elem_id="original")
+                image = gr.Image(type="filepath", label="Original", sources=["upload", "clipboard"],
+                                 elem_id="original")
                 reconstruction = gr.Image(type="pil", label="Reconstruction", interactive=False,
                                           elem_id="reconstruction")
             caption = gr.Textbox(label="Caption", lines=3, interactive=False, elem_id="caption")
@@ -209,7 +288,8 @@ def build_app(app: RoundTripApp, defaults: dict | None = None, examples_dir: str
                                   elem_id="scores")
             used = gr.JSON(label="Settings used", elem_id="settings")
             gr.Examples([[str(path)] for path in examples], inputs=[image], label="Sample photos (scikit-image)")
-            button.click(run_round_trip, [image, *settings], [reconstruction, caption, caption_note, scores, used])
+            button.click(run_round_trip, [image, *settings], [reconstruction, caption, caption_note, scores, used],
+                         preprocess=False)
         with gr.Tab("Unified-Bench"):
             with gr.Row():
                 references = gr.File(file_count="multiple", file_types=["image"], label="Reference images",
@@ -234,30 +314,98 @@ def build_app(app: RoundTripApp, defaults: dict | None = None, examples_dir: str
 
 SPACE_APP = '''"""The UAE round trip and Unified-Bench for {pipeline} (written by uae_hf.app.write_space)."""
 
-from uae_hf.cli import main
+from pathlib import Path
 
-main({argv!r})
+from uae_hf.cli import main  # the copy of uae_hf beside this file
+
+HERE = Path(__file__).parent  # what this Space holds is named from here, wherever it runs
+main([{argv}])
 '''
 
 
+def space_requirements() -> list[str]:
+    """What the Space's copy of uae_hf needs, as pip installs it from PyPI: this package's dependencies and its `app`
+    extra's, with their version bounds."""
+    from packaging.requirements import Requirement
+
+    lines = []
+    for text in importlib.metadata.requires("uae-hf") or ():
+        requirement = Requirement(text)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": "app"}):
+            extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+            line = f"{requirement.name}{extras}{requirement.specifier}"
+            if line not in lines:
+                lines.append(line)
+    return lines
+
+
+def _copy_package(folder: Path) -> None:
+    """This uae_hf into `folder/uae_hf`: its package folder and the card templates installed as
+    `uae_hf.model_cards` (from the repository's top-level `model_cards/`)."""
+    target = folder / "uae_hf"
+    shutil.rmtree(target, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(Path(__file__).parent, target, ignore=ignore)
+    if not (target / "model_cards").is_dir():
+        shutil.copytree(Path(str(importlib.resources.files("uae_hf.model_cards"))), target / "model_cards",
+                        ignore=ignore)
+
+
+def _space_source(source: str, folder: Path, name: str, flag: str) -> tuple[str, bool]:
+    """`source` as the Space names it: a Hub id as it is, or a local folder copied to `folder/name` (returned
+    relative to the Space, with `True`)."""
+    local = Path(source).expanduser()
+    if not local.exists():
+        return source, False
+    local, target = local.resolve(), (folder / name).resolve()
+    if target != local:
+        if target in local.parents or local in target.parents:
+            raise ValueError(f"{flag} {source} and the Space's copy of it, {target}, overlap: write the Space to "
+                             "another folder")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(local, target, ignore=shutil.ignore_patterns(".git", ".cache"))
+    return name, True
+
+
 def write_space(folder: str | Path, pipeline: str, app_args: list[str] | tuple[str, ...] = (),
-                requirement: str = "uae-hf[app]", title: str = "UAE round trip") -> Path:
-    """Write a Gradio Space for `pipeline` (a Hub id, or a folder the Space holds) into `folder`: `app.py` runs
-    `uae-hf app --pipeline PIPELINE *app_args`, `requirements.txt` installs `requirement` (point it at where uae_hf
-    installs from), and `README.md` carries the Space's front matter. Upload it with
-    `huggingface_hub.upload_folder(repo_id=..., repo_type="space", folder_path=folder)`."""
+                encoder: str | None = None, encoder_adapter: str | None = None,
+                checkpoints: dict[str, str] | None = None, title: str = "UAE round trip") -> Path:
+    """Write a Gradio Space into `folder` that runs `uae-hf app --pipeline PIPELINE *app_args` (with `--encoder`,
+    `--encoder-adapter` and `--checkpoint BACKBONE=PATH` for `encoder`, `encoder_adapter` and `checkpoints`).
+
+    The Space holds what it runs: each of these given as a local folder is copied into it (`pipeline/`, `encoder/`,
+    `encoder_adapter/`, `backbones/<name>/`; a Hub id stays a Hub id), and so is this uae_hf package (`uae_hf/`,
+    which `app.py` imports), whose dependencies `requirements.txt` lists as pip installs them from PyPI.
+    `README.md` carries the Space's front matter. Upload it with
+    `huggingface_hub.upload_folder(repo_id=..., repo_type="space", folder_path=folder)`.
+    """
     import gradio
     from huggingface_hub import SpaceCard, SpaceCardData
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    argv = ["app", "--pipeline", str(pipeline), *map(str, app_args)]
-    (folder / "app.py").write_text(SPACE_APP.format(pipeline=pipeline, argv=argv))
-    (folder / "requirements.txt").write_text(f"{requirement}\ngradio=={gradio.__version__}\n")
+    sources = [("--pipeline", "pipeline", None, pipeline), ("--encoder", "encoder", None, encoder),
+               ("--encoder-adapter", "encoder_adapter", None, encoder_adapter)]
+    sources += [("--checkpoint", f"backbones/{name}", name, path) for name, path in (checkpoints or {}).items()]
+    argv, hub_ids = ["'app'"], []
+    for flag, name, backbone, source in sources:
+        if source is None:
+            continue
+        where, local = _space_source(str(source), folder, name, flag)
+        prefix = f"{backbone}=" if backbone else ""
+        copy = f"str(HERE / {where!r})"
+        argv += [repr(flag), (f"{prefix!r} + {copy}" if prefix else copy) if local else repr(prefix + where)]
+        hub_ids += [] if local else [where]
+    argv += map(repr, map(str, app_args))
+    _copy_package(folder)
+    if pipeline not in hub_ids:
+        pipeline = f"pipeline/ (a copy of {Path(pipeline).resolve().name})"
+    (folder / "app.py").write_text(SPACE_APP.format(pipeline=pipeline, argv=", ".join(argv)))
+    (folder / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")
     data = SpaceCardData(title=title, sdk=SPACE_SDK, sdk_version=gradio.__version__, app_file="app.py",
-                         models=[pipeline] if not Path(pipeline).exists() else None, tags=["uae", "uae_hf"])
+                         models=hub_ids or None, tags=["uae", "uae_hf"])
     card = SpaceCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\nImage → caption → image with `{pipeline}`, and "
-                     "Unified-Bench on uploaded images. Run it locally with `uae-hf app --pipeline "
-                     f"{pipeline}`.\n\nSettings: `{json.dumps(argv[3:])}`\n")
+                     "Unified-Bench on uploaded images. Run it locally with `pip install -r requirements.txt` and "
+                     f"`python app.py` in this folder.\n\nSettings: `{json.dumps(list(map(str, app_args)))}`\n")
     card.save(folder / "README.md")
     return folder
