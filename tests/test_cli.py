@@ -60,15 +60,19 @@ def test_bench_names_reconstructions_that_match_no_reference(photos, backbone_ch
     references, reconstructions = tmp_path / "references", tmp_path / "reconstructions"
     references.mkdir()
     reconstructions.mkdir()
-    photos[0].save(references / "photo.png")
-    photos[0].save(reconstructions / "recon_photo.png")
-    photos[1].save(reconstructions / "photo-2.png")
+    for name in ("photo.png", "zebra.png"):
+        photos[0].save(references / name)
+    for name, photo in (("recon_photo.png", photos[0]), ("photo-2.png", photos[1]), ("zebra.png", photos[2])):
+        photo.save(reconstructions / name)
     main(["bench", "--images-dir", str(references), "--reconstructions", str(reconstructions), "--output-dir",
-          str(tmp_path / "out"), "--backbones", "clip", "--checkpoint", f"clip={backbone_checkpoints['clip']}"])
-    assert "1 reconstruction(s) match no reference in --images-dir, not scored: photo-2.png" in capsys.readouterr().err
+          str(tmp_path / "out"), "--backbones", "clip", "--checkpoint", f"clip={backbone_checkpoints['clip']}",
+          "--limit", "1"])
+    # zebra.png is zebra's, a reference beyond --limit: left out, but not named as matching nothing
+    assert "uae-hf: 1 reconstruction(s) match no reference in --images-dir, not scored: photo-2.png\n" in \
+        capsys.readouterr().err
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert [row["image"] for row in scores["per_image"]] == ["photo"]
-    assert [item["image"] for item in scores["skipped"]] == ["photo-2.png"]
+    assert [item["image"] for item in scores["skipped"]] == ["photo-2.png", "zebra.png"]
 
 
 def test_peft_notices_about_the_demo_adapters_are_quiet_unless_verbose(tmp_path):

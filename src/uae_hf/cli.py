@@ -423,6 +423,15 @@ def _load_pipeline(args, source: PipelineSource):
     return pipeline.to(device)
 
 
+def _check_output_folder(argument: str, folder: str) -> None:
+    if Path(folder).is_file():
+        raise CommandLineError(f"{argument} {folder} is a file: pass a folder to write into")
+
+
+def _check_tiny_models(args) -> None:
+    _check_output_folder("output_dir", args.output_dir)
+
+
 def _cmd_tiny_models(args) -> None:
     from .tiny_models import build_tiny_models
 
@@ -453,6 +462,7 @@ def _check_reconstruct(args) -> None:
     if len(problems) == len(paths):  # else the files that are there run, and the others are named as skipped
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CommandLineError(f"{problems[0]}{more}: nothing to reconstruct")
+    _check_output_folder("--output-dir", args.output_dir)
     args.pipeline_source = _pipeline_source(args)
 
 
@@ -481,6 +491,16 @@ def _cmd_reconstruct(args) -> None:
     skipped = f"; skipped {len(paths) - len(readable)} unreadable image(s)" if len(readable) < len(paths) else ""
     print(f"wrote {len(rows)} reconstructions, captions.jsonl (whole captions) and grid.png to {args.output_dir}"
           f"{skipped}")
+
+
+def _check_convert_release(args) -> None:
+    """A local release folder that is there, and a destination that is no file, before any model loads."""
+    source, fix = Path(args.source).expanduser(), "pass the release's folder, or its Hub id (zhiyuanyan1/UAE)"
+    if source.is_file():
+        raise CommandLineError(f"source {args.source} is a file: {fix}")
+    if not source.exists() and _looks_like_a_path(args.source):
+        raise CommandLineError(f"source {args.source}: no such folder; {fix}")
+    _check_output_folder("destination", args.destination)
 
 
 def _cmd_convert_release(args) -> None:
@@ -642,26 +662,29 @@ def _check_bench(args) -> None:
         raise CommandLineError(f"--reconstructions {args.reconstructions} {state}")
     if args.encoder and not args.pipeline:
         raise CommandLineError("--encoder is for a plain SD3 --pipeline: drop it, or pass the --pipeline")
+    _check_output_folder("--output-dir", args.output_dir)
     args.checkpoints = _backbone_checkpoints(args)
     if args.protocol == "official" and args.backbone_dtype != "float32":
         raise CommandLineError("--protocol official sets the backbones' precision as the official scorer does "
                                "(float32; LongCLIP float16 on CUDA): drop --backbone-dtype")
-    args.references = None
+    args.references = None  # a --dataset's are read once its library has loaded
     if args.images_dir:
         try:
-            references = references_from_folder(args.images_dir, args.protocol)
+            every_reference = references_from_folder(args.images_dir, args.protocol)
         except ValueError as error:
             raise CommandLineError(f"--images-dir: {error}") from error
-        args.references = references[: args.limit] if args.limit else references
-    if args.references and args.reconstructions:
-        paired, unmatched = pairing_summary(args.references, args.reconstructions, args.protocol)
-        if not paired:
-            message = no_pair_message(args.references, args.reconstructions, unmatched)
-            raise CommandLineError(f"--reconstructions: {message}")
-        if unmatched:
-            names = ", ".join(path.relative_to(args.reconstructions).as_posix() for path in unmatched)
-            print(f"uae-hf: {len(unmatched)} reconstruction(s) match no reference in --images-dir, not scored: "
-                  f"{names}", file=sys.stderr)
+        args.references = every_reference[: args.limit] if args.limit else every_reference
+        if args.reconstructions:
+            paired, unmatched = pairing_summary(args.references, args.reconstructions, args.protocol)
+            if not paired:
+                message = no_pair_message(args.references, args.reconstructions, unmatched)
+                raise CommandLineError(f"--reconstructions: {message}")
+            # named: the images that pair with no reference at all (not those of references beyond --limit)
+            _, unmatched = pairing_summary(every_reference, args.reconstructions, args.protocol)
+            if unmatched:
+                names = ", ".join(path.relative_to(args.reconstructions).as_posix() for path in unmatched)
+                print(f"uae-hf: {len(unmatched)} reconstruction(s) match no reference in --images-dir, not scored: "
+                      f"{names}", file=sys.stderr)
     args.pipeline_source = _pipeline_source(args) if args.pipeline else None
 
 
@@ -729,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("output_dir", help="folder to write encoder/, decoder/, projector/, backbones/ into")
     tiny.add_argument("--no-t5", action="store_true", help="build the decoder without its optional T5 encoder")
     _add_verbose_argument(tiny)
-    tiny.set_defaults(func=_cmd_tiny_models)
+    tiny.set_defaults(func=_cmd_tiny_models, check=_check_tiny_models)
 
     rec = commands.add_parser("reconstruct", help="image → caption → image with a saved UAE pipeline")
     rec.add_argument("images", nargs="+", help="image files")
@@ -772,7 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("destination", help="folder to write (loads with DiffusionPipeline.from_pretrained)")
     _add_model_arguments(convert, device=False)
     _add_verbose_argument(convert)
-    convert.set_defaults(func=_cmd_convert_release)
+    convert.set_defaults(func=_cmd_convert_release, check=_check_convert_release)
 
     app = commands.add_parser("app", help="a Gradio app: round-trip uploaded images and score them with "
                               "Unified-Bench (pip install 'uae-hf[app]')")
@@ -834,7 +857,7 @@ TRAINING_BATCH_COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_s
 
 def check_training_counts(values) -> None:
     """`uae-hf train`'s batch sizes and step counts (attributes of `values`; an absent one passes) that would train
-    nothing, or fail deep inside a trainer (`maxlen must be non-negative`), refused by flag (`CommandLineError`). A
+    nothing, or fail deep inside a trainer or its configuration, refused by flag (`CommandLineError`). A
     negative `max_steps` trains `num_train_epochs` epochs, as in transformers."""
     for name in TRAINING_BATCH_COUNTS:
         value = getattr(values, name, 1)

@@ -534,7 +534,9 @@ def run_bench(
         references: the originals (see `references_from_folder`, `references_from_dataset`).
         output_dir: where everything is written.
         pipeline: a `UAEReconstructionPipeline`-like callable; `None` with `reconstructions_dir` scores only.
-        reconstructions_dir: reconstructions named like the references (optionally `recon_`-prefixed).
+        reconstructions_dir: reconstructions named like the references (optionally `recon_`-prefixed). Images in it
+            that pair with no reference are reported in `skipped`; if none pairs, `ValueError` before the backbones
+            load (the official protocol writes its report instead, see `protocol`).
         config_name, checkpoints, device, dtype: the metric's backbones and where they run.
         batch_size (`int`, defaults to 8): images per pipeline call and per backbone pass.
         seed (`int`, defaults to 0): reference i is drawn with noise seed `seed + i`.
@@ -576,8 +578,8 @@ def run_bench(
         pairs, missing, unmatched = pair_reconstructions(references, reconstructions_dir)
         if not pairs:
             raise ValueError(no_pair_message(references, Path(reconstructions_dir), unmatched))
-        missing += [{"image": path.name, "error": f"reconstruction {str(path)!r} matches no reference (not scored)"}
-                    for path in unmatched]
+        missing += [{"image": path.name, "error": f"reconstruction {str(path)!r} pairs with none of the references "
+                     "given (not scored)"} for path in unmatched]
     output_dir.mkdir(parents=True, exist_ok=True)
     # Load the backbones before the long round trip, so a bad backbone name or checkpoint fails early.
     metric = evaluate.load(
