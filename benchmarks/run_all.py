@@ -10,6 +10,7 @@ import argparse
 import json
 import time
 
+import cli_argument_errors
 import decoder_rl_step
 import flow_grpo_step
 import grpo_overhead
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "sharding_memory": sharding_memory,
     "real_size_memory": real_size_memory,
     "import_time": import_time,
+    "cli_argument_errors": cli_argument_errors,
 }
 
 # (label, how to read it from the figures, target, whether lower is better)
@@ -54,6 +56,8 @@ TARGETS = [
      0.6, True),
     ("stage-3 frozen encoder per process, sharded / DDP", lambda f: f["sharding_memory"]["stage3_frozen_encoder_vs_ddp"],
      0.6, True),
+    ("slowest CLI argument error (s)", lambda f: max(row["seconds"] for row in f["cli_argument_errors"]["mistakes"].values()),
+     2.0, True),
 ]
 
 
