@@ -37,6 +37,7 @@ TEMPLATE_VARIABLES = {
         model_name="tiny-uae", repo_id="user/tiny-uae", encoder="org/encoder", decoder="org/decoder",
         conditioning_mode="embeddings", conditioning_description="hidden states through the projector",
         decoder_details="MMDiT, 2 layers", projector="8 → 16 → 32, GELU", encoder_adapter="default",
+        encoder_adapter_folder="encoder_adapter", conditioning_without_encoder_adapters=True,
         unified_bench={"clip": 51.5, "overall": 50.25},
     ),
     "uae_stage_weights.md": dict(

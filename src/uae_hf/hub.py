@@ -59,13 +59,16 @@ def model_source(module) -> str:
     return hub_id_of(module) or LOCAL_CHECKPOINT
 
 
-def pipeline_model_card(pipe, repo_id: str, unified_bench: dict[str, float] | None = None) -> str:
+def pipeline_model_card(pipe, repo_id: str, unified_bench: dict[str, float] | None = None,
+                        encoder_adapter_folder: str | None = None) -> str:
     """Render the model card of a `UAEReconstructionPipeline` (base models, tags, usage, Unified-Bench scores).
 
     Args:
         pipe: the pipeline to describe.
         repo_id (`str`): where it will live (used in the loading snippet).
         unified_bench (`dict[str, float]`, *optional*): scores ×100 by backbone (and `overall`), rendered as a table.
+        encoder_adapter_folder (`str`, *optional*): the folder's subfolder holding a PEFT adapter of the encoder that
+            the pipeline runs with (loaded after the pipeline, as the card shows; the scores are with it).
     """
     encoder, decoder = model_source(pipe.vlm), model_source(pipe.transformer)
     mode = pipe.config.conditioning_mode
@@ -96,6 +99,8 @@ def pipeline_model_card(pipe, repo_id: str, unified_bench: dict[str, float] | No
         f"{transformer_config.joint_attention_dim}",
         projector=projector,
         encoder_adapter=", ".join(adapters) or None,
+        encoder_adapter_folder=encoder_adapter_folder,
+        conditioning_without_encoder_adapters=not getattr(pipe.config, "conditioning_with_encoder_adapters", True),
         unified_bench=unified_bench,
     )
     return str(card)

@@ -1,14 +1,18 @@
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import PIL.Image
 import pytest
+import torch
+
+from uae_hf import load_saved_pipeline
 
 from uae_hf.toy_world import toy_world_dataset
 from uae_hf.toy_world.demo import STAGE3, STAGE_RECORD, STAGES
-from uae_hf.toy_world.report import learning_speed
+from uae_hf.toy_world.report import learning_speed, timing_text
 
 from network_block import BLOCK_NETWORK
 
@@ -22,6 +26,14 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| stage 3: DiffusionNFT on the decoder (sampled without CFG) |" in result.stdout  # the summary table
     assert "Setting accelerator to CPU" not in result.stderr  # DeepSpeed's, imported by the trainers: quiet too
+    # a progress bar per stage and one line per stage; the Trainer's log dictionaries only in trainer_state.json
+    for logged in ("{'loss'", "'eval_reward'", "{'train_runtime'"):
+        assert logged not in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
+    for index, stage in enumerate(STAGES):
+        assert result.stdout.count(f"[{stage}] trained in ") == 2, stage  # once per seed
+        assert f"{index + 1}/{len(STAGES)} {stage}" in result.stderr, stage
+        state = json.loads((top / "seed-0" / "stages" / stage / "trainer_state.json").read_text())
+        assert any("loss" in record for record in state["log_history"]), stage
 
     # the summary: mean and [min, max] of every table entry over the two seeds' own results
     runs = [json.loads((top / f"seed-{seed}" / "results.json").read_text()) for seed in (0, 1)]
@@ -81,36 +93,55 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
         config = json.loads((out / "stages" / stage / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == "../../models/encoder", config
 
+    # the final pipeline, loaded as the report says (with its encoder adapter), scores what the report and card say
+    pipeline = results["pipeline"]
+    printed = f"{pipeline['unified_bench']:.2f}"
+    card = (out / "pipeline" / "README.md").read_text()
+    assert f"| {printed} |" in card and "encoder_adapter" in card
+    assert f"it scores **Unified-Bench {printed}**" in report
+    assert (out / "pipeline" / "encoder_adapter" / "adapter_model.safetensors").read_bytes() == \
+        (out / "stages" / "understanding" / "adapter_model.safetensors").read_bytes()
+    command = next(line.strip().strip("`") for line in report.splitlines() if line.strip().startswith("`uae-hf bench "))
+    scoring = BLOCK_NETWORK + f"from uae_hf.cli import main; main({shlex.split(command)[1:]!r})"
+    result = subprocess.run([sys.executable, "-c", scoring], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"**Unified-Bench: {printed}** over {results['config']['eval_rows']} images" in result.stdout, result.stdout
+    assert "tie_word_embeddings" not in result.stderr and "Warning" not in result.stderr  # quiet unless --verbose
+    # in bfloat16 too, every component and the adapter as asked; the adapter also loads as a Hub repo's subfolder
+    bf16 = load_saved_pipeline(out / "pipeline", torch_dtype=torch.bfloat16)
+    bf16.load_encoder_adapter(str(out / "pipeline"), adapter_kwargs={"subfolder": "encoder_adapter"})  # as the card
+    dtypes = {name: {p.dtype for p in module.parameters()}
+              for name, module in bf16.components.items() if isinstance(module, torch.nn.Module)}
+    assert set(dtypes) >= {"vlm", "transformer", "projector"} and all(found == {torch.bfloat16}
+                                                                     for found in dtypes.values()), dtypes
+    assert any("lora_" in name for name, _ in bf16.vlm.named_parameters())
     image = tmp_path / "scene.png"
     toy_world_dataset(1, "test", seed=0)[0]["image"].save(image)  # a held-out scene
-    reconstruct = BLOCK_NETWORK + (
-        "from uae_hf.cli import main; main(['reconstruct', " + repr(str(image)) + ", '--pipeline', "
-        + repr(str(out / "pipeline")) + ", '--output-dir', " + repr(str(tmp_path / "rec"))
-        + ", '--height', '32', '--width', '32', '--num-inference-steps', '4', '--temperature', '0', "
-        + "'--encoder-adapter', " + repr(str(out / "stages" / "understanding")) + "])"
-    )
-    result = subprocess.run([sys.executable, "-c", reconstruct], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert PIL.Image.open(tmp_path / "rec" / "reconstructions" / "scene.png").size == (32, 32)
-    assert "tie_word_embeddings" not in result.stderr and "Warning" not in result.stderr  # quiet unless --verbose
 
     # the README's Python round trip, as written there, on this run's folder (from another working directory)
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     snippet = next(block for block in readme.split("```python")[1:] if "outputs/demo/pipeline" in block).split("```")[0]
     snippet = snippet.replace("outputs/demo", str(out)).replace('"scene.png"', repr(str(image)))
     result = subprocess.run([sys.executable, "-c", BLOCK_NETWORK + snippet], capture_output=True, text=True,
-                            timeout=600, cwd=tmp_path / "rec")
+                            timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert PIL.Image.open(tmp_path / "rec" / "reconstruction.png").size == (32, 32) and result.stdout.strip()
+    assert PIL.Image.open(tmp_path / "reconstruction.png").size == (32, 32) and result.stdout.strip()
 
-    # a second run in the same folder reloads every finished stage instead of training it again, and keeps its times
+    # a second run in the same folder reloads every finished stage instead of training it again, says so, keeps their
+    # times and gives its own apart; the pipeline it saves again scores the same
     first = results["stages"]
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     again = json.loads((out / "results.json").read_text())
-    assert again["stages"] == first
+    assert again["stages"] == first and again["pipeline"] == results["pipeline"]
+    assert again["reloaded"] == ["models", *STAGES] and results["reloaded"] == []
     assert {stage: again["timings_s"][stage] for stage in STAGES} == {stage: results["timings_s"][stage] for stage in STAGES}
-    assert again["timings_s"]["total"] > sum(results["timings_s"][stage] for stage in STAGES)
+    assert again["timings_s"]["total"] == pytest.approx(
+        again["timings_s"]["run"] + sum(results["timings_s"][stage] for stage in ("build", *STAGES)))
+    for stage in STAGES:
+        assert f"[{stage}] reloaded (trained in {results['timings_s'][stage]:.0f} s by an earlier run)" in result.stdout
+    assert timing_text(again).startswith("This run: ") and timing_text(again) in result.stdout  # the report's head
+    assert f"(this run: {again['timings_s']['run'] / 60:.1f} min)" in result.stdout
 
     # other settings: refused in one line naming the difference, before anything is trained; --overwrite retrains
     # the stages they touch (here the Flow-GRPO runs of stage 3) and reloads the others

@@ -4,14 +4,17 @@ Stages, each with the library's own trainer: SFT of the encoder on mostly terse 
 stand-in for a VLM's habit of short captions), decoder pre-training on detailed captions, cold start, stage 2 (GRPO
 on the encoder, the decoder as reward) and stage 3 (the decoder learns from the reward, the encoder frozen) from the
 same stage-2 models three times: Flow-GRPO with its CFG sampler, Flow-GRPO without CFG (sampled as DiffusionNFT is)
-and DiffusionNFT, so the report compares the objectives both ways; the final pipeline keeps `stage3_objective`'s.
+and DiffusionNFT, so the report compares the objectives both ways. The final `pipeline/` fuses `stage3_objective`'s
+DiT LoRA and carries the stage-2 encoder LoRA beside it (`pipeline/encoder_adapter/`); its score is on its card.
 
 Each stage records the settings it was made with; a rerun in the same folder reloads the stages whose settings
-match and refuses the others, naming the difference, unless `overwrite` retrains them.
+match (and says so) and refuses the others, naming the difference, unless `overwrite` retrains them.
 """
 
 import importlib.metadata
 import json
+import shlex
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -23,7 +26,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from peft import LoraConfig, PeftModel
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, ProgressCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from ..hub import make_adapter_config_portable, pipeline_model_card
@@ -40,7 +43,7 @@ from ..trainer.decoder_trainer import LORA_WEIGHT_NAME
 from ..visualization import reconstruction_grid
 from .backbone import attribute_accuracy, predict_attributes, train_toy_backbone
 from .models import build_toy_world_models
-from .report import write_report, write_summary
+from .report import timing_text, write_report, write_summary
 from .world import (
     DETAIL_LEVELS,
     IMAGE_SIZE,
@@ -80,6 +83,9 @@ SHARED_FIELDS = ("seed", "quick", "train_rows", "eval_rows", "num_inference_step
                  "max_caption_tokens")
 PACKAGES = ("uae_hf", "torch", "transformers", "diffusers", "trl", "peft", "accelerate")
 REFERENCE_ADAPTER = "ref"  # TRL's GRPO keeps its frozen copy of a PEFT model's starting adapter under this name
+FINAL_ENCODER_ADAPTER = "encoder_adapter"  # pipeline/'s subfolder with the stage-2 encoder LoRA (see `_save_pipeline`)
+SCORING_BATCH = 64  # held-out round trips per pipeline call
+HELD_OUT = "held_out"  # the held-out scenes as PNG files, for `uae-hf bench` (the report's command)
 LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -166,7 +172,7 @@ class HeldOutScorer:
         self.config = config
 
     @torch.no_grad()
-    def __call__(self, pipeline, guidance_scale: float, batch_size: int = 64) -> dict:
+    def __call__(self, pipeline, guidance_scale: float, batch_size: int = SCORING_BATCH) -> dict:
         config = self.config
         trips = list(round_trip(
             pipeline, self.images, batch_size, config.seed, do_sample=False, max_new_tokens=config.max_caption_tokens,
@@ -208,9 +214,35 @@ def sft_dataset(train: datasets.Dataset, weights, seed: int) -> datasets.Dataset
     })
 
 
+class StageProgress(TrainerCallback):
+    """A stage's progress bar over its optimizer steps, in place of the Trainer's, which also prints every log
+    dictionary (they stay in the stage's `trainer_state.json`)."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc=self.description, unit="step", leave=False, dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def _train(trainer) -> None:
+    stage = Path(trainer.args.output_dir).name
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(StageProgress(f"{STAGES.index(stage) + 1}/{len(STAGES)} {stage}"))
+    trainer.train()
+
+
 def _save(trainer) -> None:
-    """The stage's weights in their loaders' layouts, with a model card."""
+    """The stage's weights in their loaders' layouts, its `trainer_state.json` (the log history), a model card."""
     trainer.save_model()
+    trainer.save_state()
     trainer.create_model_card(model_name=f"uae-toy-world-{Path(trainer.args.output_dir).name}",
                               dataset_name="uae_hf.toy_world")
 
@@ -247,7 +279,6 @@ class ToyWorldDemo:
         if rebuild:
             train_toy_backbone(self.backbone_dir, steps=config.backbone_steps, seed=config.seed)
             build_toy_world_models(models, vae_steps=config.vae_steps, vision_steps=config.vision_steps, seed=config.seed)
-            (models / STAGE_RECORD).write_text(json.dumps({"settings": self.settings("models")}, indent=1))
         self.pipeline = load_uae_pipeline(models / "decoder", models / "encoder", models / "projector").to(self.device)
         # the decoder reads captions with the LLM's base weights; encoder adapters only change the captions written
         self.pipeline.register_to_config(conditioning_with_encoder_adapters=False)
@@ -316,12 +347,15 @@ class ToyWorldDemo:
         (self.stages_dir / stage / STAGE_RECORD).write_text(json.dumps(record, indent=1))
         self._keep(stage, record)
 
-    def _keep(self, stage: str, record: dict) -> None:
+    def _keep(self, stage: str, record: dict, reloaded: bool = False) -> None:
+        """Take a finished stage's record into the results and print its one line."""
         self.results["stages"][stage] = record["scores"]
         self.results["curves"][stage] = record["curves"]
         self.results["timings_s"][stage] = record["seconds"]
         scores = record["scores"]
-        tqdm.write(f"[{stage}] Unified-Bench {scores['unified_bench']:.2f}, attribute accuracy "
+        made = f"reloaded (trained in {record['seconds']:.0f} s by an earlier run)" if reloaded else \
+            f"trained in {record['seconds']:.0f} s"
+        tqdm.write(f"[{stage}] {made}: Unified-Bench {scores['unified_bench']:.2f}, attribute accuracy "
                    f"{scores['attribute_accuracy']['mean']:.3f}, caption words {scores['caption']['words']:.2f}")
 
     # -------------------------------------------------------------------------------------------------------- stages
@@ -340,7 +374,7 @@ class ToyWorldDemo:
             train_dataset=sft_dataset(self.train, config.sft_level_weights, config.seed),
             processing_class=self.pipeline.processor,
         )
-        trainer.train()
+        _train(trainer)
         _save(trainer)
         make_adapter_config_portable(trainer.args.output_dir)  # TRL's SFTTrainer writes the base's local path
         vlm.eval()
@@ -356,7 +390,7 @@ class ToyWorldDemo:
             "pretrain", pretrain_full_dit=True, max_steps=config.pretrain_steps,
             per_device_train_batch_size=config.batch_size, learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=min(20, config.pretrain_steps // 10),
             adam_beta2=0.99, weight_decay=0.0, caption_column="caption"))
-        trainer.train()
+        _train(trainer)
         _save(trainer)
         return _history(trainer, "loss")
 
@@ -372,7 +406,7 @@ class ToyWorldDemo:
         trainer = ColdStartTrainer(decoder=self.pipeline, train_dataset=self.train, args=self._args(
             "cold_start", max_steps=self.config.cold_start_steps, per_device_train_batch_size=8, learning_rate=1e-4,
             caption_column="caption", cold_start_trainable=["projector"]))
-        trainer.train()
+        _train(trainer)
         _save(trainer)
         return _history(trainer, "loss")
 
@@ -401,7 +435,7 @@ class ToyWorldDemo:
                             decoder_text_encoder="frozen", reward_batch_size=64,
                             log_reconstructions_steps=max(1, config.understanding_steps // 4)),
         )
-        trainer.train()
+        _train(trainer)
         if REFERENCE_ADAPTER in policy.peft_config:
             policy.delete_adapter(REFERENCE_ADAPTER)
         _save(trainer)
@@ -450,7 +484,7 @@ class ToyWorldDemo:
                             log_reconstructions_steps=max(1, steps // 4), ema_decay=None, **settings),
         )
         before = trainer.evaluate()  # `train()` starts a fresh log history: kept here
-        trainer.train()
+        _train(trainer)
         _save(trainer)
         curves = _history(trainer, *STAGE3_CURVES)
         evaluations = [dict(before, step=0)] + [record for record in trainer.state.log_history if "eval_reward" in record]
@@ -467,6 +501,55 @@ class ToyWorldDemo:
         self.pipeline.fuse_lora()
         self.pipeline.unload_lora_weights()
 
+    def _save_pipeline(self) -> None:
+        """`pipeline/`, the final model: the decoder (the cold-start projector; stage 3's `stage3_objective` LoRA fused
+        into the DiT), the encoder's base weights, which the decoder reads captions with, and in `encoder_adapter/` the
+        stage-2 encoder LoRA that writes the captions. The LoRA stays an adapter: merged, it would also change how the
+        decoder reads captions, which it was trained to read with the base weights. The card's score is this folder's,
+        scored here as loaded that way (pipeline plus adapter)."""
+        folder = self.out / "pipeline"
+        self._keep_stage3(self.config.stage3_objective)
+        self.pipeline.unload_encoder_adapter()  # the pipeline saves the base encoder; the adapter goes beside it
+        self.pipeline.save_pretrained(folder)
+        adapter = folder / FINAL_ENCODER_ADAPTER
+        adapter.mkdir(exist_ok=True)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copyfile(self.stages_dir / "understanding" / name, adapter / name)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "../vlm"  # the pipeline's encoder: the base the LoRA was trained on
+        (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        self.pipeline.load_encoder_adapter(str(adapter))
+        scores = self.score(self.pipeline, self.guidance(self.config.stage3_objective))
+        self.results["pipeline"] = {"unified_bench": scores["unified_bench"], "stage": self.config.stage3_objective,
+                                    "guidance_scale": self.guidance(self.config.stage3_objective),
+                                    "command": self._bench_command()}
+        (folder / "README.md").write_text(pipeline_model_card(
+            self.pipeline, "your-username/uae-toy-world", unified_bench={"toyworld": scores["unified_bench"]},
+            encoder_adapter_folder=FINAL_ENCODER_ADAPTER))
+        tqdm.write(f"[pipeline] Unified-Bench {scores['unified_bench']:.2f}: {folder} with its {FINAL_ENCODER_ADAPTER}")
+
+    def _bench_command(self) -> str:
+        """The `uae-hf bench` command that scores `pipeline/` (with its encoder adapter) on `held_out/` as the demo
+        does: its settings, float32 (as the demo runs), one seed per scene from `seed`, greedy captions."""
+        config, pipeline = self.config, self.out / "pipeline"
+        arguments = [
+            "uae-hf", "bench", "--images-dir", self.out / HELD_OUT, "--pipeline", pipeline,
+            "--encoder-adapter", pipeline / FINAL_ENCODER_ADAPTER, "--backbones", "toyworld",
+            "--checkpoint", f"toyworld={self.backbone_dir}", "--height", IMAGE_SIZE, "--width", IMAGE_SIZE,
+            "--num-inference-steps", config.num_inference_steps,
+            "--guidance-scale", self.guidance(config.stage3_objective), "--temperature", 0,
+            "--max-new-tokens", config.max_caption_tokens, "--seed", config.seed, "--batch-size", SCORING_BATCH,
+            "--dtype", "float32", "--output-dir", self.out / "bench", "--overwrite",
+        ]
+        return shlex.join(str(argument) for argument in arguments)
+
+    def _save_held_out(self) -> None:
+        """The held-out scenes as `held_out/scene_NNN.png`, in order: what `uae-hf bench` reads to score `pipeline/`."""
+        folder = self.out / HELD_OUT
+        folder.mkdir(exist_ok=True)
+        for index, image in enumerate(self.score.images):
+            image.save(folder / f"scene_{index:03d}.png")
+
     # ----------------------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
         """Build (or reload) the models, run (or reload) every stage, save the final pipeline, write the report."""
@@ -474,28 +557,34 @@ class ToyWorldDemo:
         self.out.mkdir(parents=True, exist_ok=True)
         to_train = self._stages_to_train()
         started = time.perf_counter()
+        timings = self.results["timings_s"]
         self._build(rebuild="models" in to_train)
-        self.results["timings_s"]["build"] = time.perf_counter() - started
-        reloaded_seconds = 0.0
+        models_record = self.out / "models" / STAGE_RECORD
+        if "models" in to_train:
+            timings["build"] = time.perf_counter() - started
+            models_record.write_text(json.dumps({"settings": self.settings("models"), "seconds": timings["build"]},
+                                                indent=1))
+        else:  # the time it took when it was built (not recorded before the demo recorded it)
+            timings["build"] = json.loads(models_record.read_text()).get("seconds", 0.0)
+        self._save_held_out()
         for stage in STAGES:
             if stage not in to_train:
                 if stage not in STAGE3:  # a stage-3 run leaves nothing behind for the next stage
                     getattr(self, f"load_{stage}")()
-                self._keep(stage, json.loads((self.stages_dir / stage / STAGE_RECORD).read_text()))
-                reloaded_seconds += self.results["timings_s"][stage]
+                self._keep(stage, json.loads((self.stages_dir / stage / STAGE_RECORD).read_text()), reloaded=True)
                 continue
             stage_start = time.perf_counter()
             curves = getattr(self, stage)()
             self._finish(stage, time.perf_counter() - stage_start, curves)
             if stage in STAGE3:
                 self._drop_dit_lora()
-        self._keep_stage3(self.config.stage3_objective)
-        self.pipeline.unload_encoder_adapter()  # saved on its own: stages/understanding
-        final_score = {"toyworld": self.results["stages"][self.config.stage3_objective]["unified_bench"]}
-        self.pipeline.save_pretrained(self.out / "pipeline", model_card=pipeline_model_card(
-            self.pipeline, "your-username/uae-toy-world", unified_bench=final_score))
-        # what making everything took: reloaded stages count the time they took when they were trained
-        self.results["timings_s"]["total"] = time.perf_counter() - started + reloaded_seconds
+        self._save_pipeline()
+        self.results["reloaded"] = [stage for stage in ("models", *STAGES) if stage not in to_train]
+        timings["run"] = time.perf_counter() - started
+        # what making everything took: reloaded parts count the time they took when they were made
+        timings["total"] = timings["run"] + sum(timings["build" if stage == "models" else stage]
+                                                for stage in self.results["reloaded"])
+        tqdm.write(f"[time] {timing_text(self.results)}")
         write_report(self.results, self.out, STAGE_TITLES)
         return self.results
 

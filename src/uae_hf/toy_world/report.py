@@ -1,6 +1,7 @@
 """The demo's report folder: `results.json`, `report.md` and PNG plots (training curves and per-stage scores)."""
 
 import json
+import shlex
 from pathlib import Path
 
 import matplotlib
@@ -149,6 +150,20 @@ validated with the sampler it trains: Flow-GRPO, CFG with CFG, the others withou
 the objectives on one sampler; Flow-GRPO, CFG against DiffusionNFT compares each with its own."""
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def timing_text(results: dict) -> str:
+    """This run's time and, when it reloaded what an earlier run made, what it reloaded and what that took then."""
+    timings, reloaded = results["timings_s"], results.get("reloaded", [])
+    if not reloaded:
+        return f"Total time: {_duration(timings['total'])}."
+    earlier = timings["total"] - timings["run"]
+    return (f"This run: {_duration(timings['run'])}; it reloaded {', '.join(reloaded)}, made by an earlier run in "
+            f"{_duration(earlier)} (a reloaded stage's time is that run's); {_duration(timings['total'])} in all.")
+
+
 QUICK_NOTE = """
 > **A quick run** (`--quick`): budgets small enough only to check that every stage runs end to end. Its scores,
 > captions and curves mean nothing about the method; `uae-hf demo` without `--quick` is the run that does.
@@ -188,6 +203,7 @@ def write_report(results: dict, out: Path, stage_titles: dict[str, str]) -> None
     _plot_stage_scores(out / "scores_per_stage.png", stages)
 
     speed_header, speed_rows = _speed_rows([learning_speed(curves)])
+    reloaded = results.get("reloaded", [])
     rows = []
     for stage in stage_order:
         if stage not in stages:
@@ -197,7 +213,7 @@ def write_report(results: dict, out: Path, stage_titles: dict[str, str]) -> None
             f"| {stage_order.index(stage) + 1}. {stage_titles[stage]} | {s['unified_bench']:.2f} | "
             f"{s['attribute_accuracy']['mean']:.3f} | {s['attribute_accuracy']['all']:.3f} | "
             f"{s['caption']['words']:.2f} | {s['caption']['recall']:.3f} | {s['caption']['precision']:.3f} | "
-            f"{results['timings_s'].get(stage, 0.0):.0f} |"
+            f"{results['timings_s'].get(stage, 0.0):.0f}{' (reloaded)' if stage in reloaded else ''} |"
         )
     examples = []
     for stage in stage_order:
@@ -207,12 +223,13 @@ def write_report(results: dict, out: Path, stage_titles: dict[str, str]) -> None
         f"**{stage_order.index(s) + 1}. {stage_titles[s]}**\n\n![](reconstructions_{stage_order.index(s) + 1}_{s}.png)\n"
         for s in stage_order if s in stages
     )
-    config = results["config"]
+    config, pipeline = results["config"], results["pipeline"]
     text = f"""# UAE on the toy world
 
 The whole recipe, trained from scratch on 32-pixel scenes (one shape: {', '.join(f'{k} ({len(v)})' for k, v in ATTRIBUTES.items())}), scored on
 {config['eval_rows']} held-out scenes after every stage (greedy captions, {config['num_inference_steps']} decoder steps,
-CFG {config['guidance_scale']} except for DiffusionNFT, which trains and samples without CFG, seed {config['seed']}). Total time: {results['timings_s']['total'] / 60:.1f} min.
+CFG {config['guidance_scale']} except for DiffusionNFT, which trains and samples without CFG, seed {config['seed']}).
+{timing_text(results)}
 {QUICK_NOTE if config.get('quick') else ''}
 | stage | Unified-Bench (toy backbone) | attribute accuracy | all attributes right | caption words | caption attributes right (of 5) | caption precision | time (s) |
 |---|---|---|---|---|---|---|---|
@@ -220,7 +237,8 @@ CFG {config['guidance_scale']} except for DiffusionNFT, which trains and samples
 
 The stage-3 rows all start from the stage-2 models, each trained, validated and scored with its own sampler
 (Flow-GRPO: SDE rollouts, and CFG {config['guidance_scale']} or none; DiffusionNFT: ODE rollouts without CFG);
-the final pipeline keeps the {stage_titles.get(config.get('stage3_objective', ''), 'last')} run.
+the final pipeline keeps the {stage_titles[pipeline['stage']]} run. Saved with that LoRA fused into its DiT
+(`pipeline/`, see Files), it scores **Unified-Bench {pipeline['unified_bench']:.2f}**, the score on its model card.
 
 ### Stage 3 learning speed
 
@@ -254,8 +272,18 @@ scenes enlarged pixel for pixel), the caption the encoder wrote underneath. Scen
 - `models/`: the toy backbone, the encoder / decoder / projector built from scratch.
 - `stages/*/`: each stage's trained weights (encoder LoRA of stage 2, DiT LoRA of stage 3, cold-start projector)
   with model cards.
-- `pipeline/`: the final UAE pipeline (stage-2 LoRA merged into the encoder, stage-3 LoRA fused into the DiT):
-  `uae-hf reconstruct IMAGE --pipeline {out / 'pipeline'} --output-dir OUT --height 32 --width 32`.
+- `pipeline/`: the final UAE pipeline, with its model card: the decoder (the DiT LoRA of
+  `stages/{pipeline['stage']}` fused into the DiT, the cold-start projector), the encoder's base weights, which the
+  decoder reads captions with, and in `pipeline/encoder_adapter/` the stage-2 encoder LoRA (`stages/understanding`'s)
+  that writes the captions. Load that LoRA with the pipeline (`--encoder-adapter`, `pipe.load_encoder_adapter`): it is
+  not merged into the encoder, because merged it would also change how the decoder reads captions. So loaded,
+  `pipeline/` scores {pipeline['unified_bench']:.2f} on the held-out scenes (`held_out/`) with this command:
+
+  `{pipeline['command']}`
+
+  A scene of your own:
+
+  `uae-hf reconstruct IMAGE --pipeline {shlex.quote(str(out / 'pipeline'))} --encoder-adapter {shlex.quote(str(out / 'pipeline' / 'encoder_adapter'))} --height 32 --width 32 --num-inference-steps {config['num_inference_steps']} --guidance-scale {pipeline['guidance_scale']} --temperature 0 --output-dir OUT`
 """
     (out / "report.md").write_text(text)
 
@@ -286,7 +314,8 @@ def write_summary(runs: dict[int, dict], out: Path, stage_titles: dict[str, str]
              | {"time (s)": [runs[seed]["timings_s"][stage] for seed in seeds]} for stage in stages}
     speeds = [learning_speed(runs[seed]["curves"]) for seed in seeds]
     totals = [runs[seed]["timings_s"]["total"] / 60 for seed in seeds]
-    summary = {"seeds": seeds, "table": table, "learning_speed": dict(zip(seeds, speeds)), "total_minutes": totals}
+    summary = {"seeds": seeds, "table": table, "learning_speed": dict(zip(seeds, speeds)), "total_minutes": totals,
+               "run_minutes": [runs[seed]["timings_s"]["run"] / 60 for seed in seeds]}
     with open(out / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=2)
     header = " | ".join(name for name, _, _ in COLUMNS)
