@@ -2,15 +2,18 @@
 
 accelerate enables FSDP and DeepSpeed only for accelerator devices: on a CPU host an FSDP config with `use_cpu: true`
 silently runs DDP, and DeepSpeed finds no backend. Importing this module (before accelerate builds its state) flips
-exactly one guard: `PartialState._prepare_backend` reports a process that `accelerate launch` started for FSDP or
-DeepSpeed (with `use_cpu: false`) as one of a multi-accelerator launch with the gloo backend, and the device stays the
-CPU (`ACCELERATE_TORCH_DEVICE=cpu`). DDP needs no flip: `use_cpu: true` is accelerate's own CPU DDP. DeepSpeed
-runs on its CPU accelerator (`DS_ACCELERATOR=cpu`). Everything after that, accelerate's preparation, FSDP2's
-`fully_shard`, DeepSpeed's engine and ZeRO stages, is the engines' own code.
+two guards. `PartialState._prepare_backend` reports a process that `accelerate launch` started for FSDP or DeepSpeed
+(with `use_cpu: false`) as one of a multi-accelerator launch with the gloo backend, and the device stays the CPU
+(`ACCELERATE_TORCH_DEVICE=cpu`); DDP needs no flip: `use_cpu: true` is accelerate's own CPU DDP. And transformers
+accepts a recipe's `bf16: true` as on a bf16 GPU (it asks for `use_cpu` otherwise, which would turn the engine into
+CPU DDP), so a recipe trains in the precision it names. DeepSpeed runs on its CPU accelerator (`DS_ACCELERATOR=cpu`).
+Everything after that, accelerate's preparation and mixed precision, FSDP2's `fully_shard`, DeepSpeed's engine, bf16
+mode and ZeRO stages, is the engines' own code.
 """
 
 import os
 
+import transformers.training_args
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
@@ -30,3 +33,4 @@ def _gloo_as_accelerator_backend(self, cpu=False, sagemaker_dp=False, backend=No
 
 
 PartialState._prepare_backend = _gloo_as_accelerator_backend
+transformers.training_args.is_torch_bf16_gpu_available = lambda *args, **kwargs: True

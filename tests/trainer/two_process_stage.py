@@ -1,14 +1,14 @@
-"""One stage on several processes (run by tests/trainer/test_multi_process.py under `torch.distributed.run` or
-`accelerate launch`, on CPU with gloo). Each process writes its trained weights (whole, gathered where an engine
+"""One stage on several processes (run by tests/trainer/test_multi_process.py under `accelerate launch`, through
+forked_runs.py, on CPU with gloo). Each process writes its trained weights (whole, gathered where an engine
 shards them) before and after training, what it computed locally at each step, how many optimizer steps it took,
 and (process 0) the logged history.
 
 Usage: two_process_stage.py STAGE TINY_MODELS_DIR OUTPUT_DIR [ENGINE [RESUME_FROM]]
 
-ENGINE: "fsdp2", "zero2" or "zero3" under `accelerate launch` with the matching config of examples/accelerate/ (the CPU
-host runs that engine: cpu_engines.py); "ddp" or none: DDP on the CPU (`use_cpu`). A "-bf16" suffix loads every model
-in bfloat16, as real runs do (the config then sets bf16 mixed precision). RESUME_FROM: a checkpoint folder of
-an earlier run of the same stage and engine to resume from. Flow-GRPO keeps an EMA (blended every step) as
+STAGE: a stage of `uae-hf train`, or "pretrain-full" (pre-training of the whole DiT, not a LoRA). ENGINE: "fsdp2",
+"zero2" or "zero3" under `accelerate launch` with the matching config of examples/accelerate/ (the CPU host runs that
+engine: cpu_engines.py); "ddp" or none: DDP on the CPU (`use_cpu`). RESUME_FROM: a checkpoint folder of an earlier
+run of the same stage and engine to resume from. Flow-GRPO keeps an EMA (blended every step) as
 DiffusionNFT does by default, so that the copies of the trained weights (EMA, DiffusionNFT's old policy) are saved,
 resumed and gathered under every engine.
 """
@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-engine, _, precision = (sys.argv[4] if len(sys.argv) > 4 else "ddp").partition("-")
+engine = sys.argv[4] if len(sys.argv) > 4 else "ddp"
 resume_from = sys.argv[5] if len(sys.argv) > 5 else None
 if engine != "ddp":
     import cpu_engines  # noqa: F401  (before accelerate builds its state)
@@ -34,10 +34,9 @@ from uae_hf.sample_data import skimage_photos
 from uae_hf.trainer.frozen_sharding import decoder_models
 from uae_hf.trainer.sharded_parameters import full_values, trained_parameters
 
-stage, tiny_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
+(stage, _, variant), tiny_dir, out = sys.argv[1].partition("-"), sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])
-pipe = load_uae_pipeline(f"{tiny_dir}/decoder", f"{tiny_dir}/encoder", f"{tiny_dir}/projector",
-                         torch_dtype=torch.bfloat16 if precision == "bf16" else None)
+pipe = load_uae_pipeline(f"{tiny_dir}/decoder", f"{tiny_dir}/encoder", f"{tiny_dir}/projector")
 settings = dict(
     max_steps=3, learning_rate=5e-2 if stage in ("understanding", "generation") else 1e-3, save_strategy="steps",
     save_steps=2, decoder_num_inference_steps=3, ddp_backend="gloo", use_cpu=engine == "ddp",
@@ -66,6 +65,8 @@ if stage == "generation":
     settings |= dict(ema_decay=0.5, ema_update_interval=1)
 if stage == "cold_start":
     settings |= dict(cold_start_trainable=["projector", "llm_lora"])
+if variant == "full":
+    settings |= dict(pretrain_full_dit=True)
 trainer_class = STAGES[stage][1]
 trainer = trainer_class(model=pipe.vlm, decoder=pipe, args=tiny_config(stage, tiny_dir, f"{out}/run", **settings),
                         train_dataset=skimage_photos(32), processing_class=pipe.processor, **extra)
@@ -128,21 +129,13 @@ def frozen_models() -> dict[str, list[str]]:
     return {"sharded": sharded, "whole": sorted(frozen.keys() - set(sharded))}
 
 
-def parameter_dtypes() -> dict[str, list[str]]:
-    """The dtypes of the trained parameters (as the engine holds them) and of every frozen model's parameters."""
-    trained = trained_parameters(trainer.accelerator.unwrap_model(trainer.model)).values()
-    frozen = [p for module in pipe.components.values() if isinstance(module, torch.nn.Module)
-              for p in module.parameters() if not p.requires_grad]
-    return {"trained": sorted({str(p.dtype) for p in trained}), "frozen": sorted({str(p.dtype) for p in frozen})}
-
-
+os.makedirs(out, exist_ok=True)
 save_file(trained_weights(), f"{out}/initial{rank}.safetensors")
 trainer.train(resume_from_checkpoint=resume_from)
 save_file(trained_weights(), f"{out}/rank{rank}.safetensors")
 with open(f"{out}/rank{rank}.json", "w") as file:
     json.dump({"local": record.steps, "log_history": trainer.state.log_history,
                "world_size": trainer.accelerator.num_processes, "optimizer_steps": optimizer_steps.steps,
-               "dtypes": parameter_dtypes(),
                "frozen_models": frozen_models(),
                "distributed_type": str(trainer.accelerator.distributed_type)}, file)
 trainer.accelerator.end_training()  # tears the process group down before exit (gloo's threads can abort at exit)

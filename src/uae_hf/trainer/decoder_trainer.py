@@ -286,7 +286,12 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the trained parts (`save_parts`) from whole tensors, whatever engine shards them: every process
-        gathers, process 0 writes (`Trainer` would gather the whole model, frozen weights included)."""
+        gathers, process 0 writes (`Trainer` would gather the whole model, frozen weights included). A checkpoint of a
+        model that trains whole under FSDP with `SHARDED_STATE_DICT` holds its shards only, as `Trainer`'s do; the
+        final save writes it whole."""
+        if _internal_call and self._fsdp_checkpoints_model() and "SHARDED" in str(
+                self.accelerator.state.fsdp_plugin.state_dict_type):
+            return
         weights = self.trained_weights()
         self._save(output_dir, state_dict=weights)
         if self.args.push_to_hub and not _internal_call:
@@ -309,13 +314,18 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         return {}
 
     def _save_resume_state(self, folder: Path) -> None:
-        """The trained weights as they are (the saved parts may hold their EMA instead) and their copies, exactly."""
-        state = self.trained_weights()
+        """The trained weights as they are (the saved parts may hold their EMA instead) and their copies, exactly. A
+        model that trains whole under FSDP is accelerate's to checkpoint (whole or sharded, as `fsdp_state_dict_type`
+        says): its copies only."""
+        state = {} if self._fsdp_checkpoints_model() else self.trained_weights()
         if not self.args.should_save:
             return
         for prefix, copy in self.weight_copies().items():
             state |= {f"{prefix}.{name}": value for name, value in copy.weights.items()}
         save_file({name: value.contiguous() for name, value in state.items()}, folder / RESUME_STATE_NAME)
+
+    def _save_trained_state(self, output_dir: str) -> None:
+        """Nothing more under FSDP: `resume_state.safetensors` holds the trained weights (`_save_resume_state`)."""
 
     def _resume_state(self, checkpoint) -> dict[str, torch.Tensor]:
         path = Path(checkpoint) / RESUME_STATE_NAME
@@ -325,8 +335,12 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         return load_file(path)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """The trained weights, written into the parameters whatever engine shards them (for DeepSpeed, `Trainer`
-        loads its engine's checkpoint instead); the weight copies follow in `_load_optimizer_and_scheduler`."""
+        """The trained weights, written into the parameters whatever engine shards them (for DeepSpeed, and for a model
+        that trains whole under FSDP, `Trainer` loads the engine's checkpoint instead); the weight copies follow in
+        `_load_optimizer_and_scheduler`."""
+        if self._fsdp_checkpoints_model():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
         state = self._resume_state(resume_from_checkpoint)
         parameters = trained_parameters(self.accelerator.unwrap_model(model or self.model))
         saved = {name for name in state if name.partition(".")[0] not in self.weight_copies()}

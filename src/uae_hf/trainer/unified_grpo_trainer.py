@@ -7,6 +7,8 @@ from pathlib import Path
 
 import datasets
 import torch
+from accelerate.utils import save_fsdp_model
+from accelerate.utils.constants import FSDP_MODEL_NAME
 from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -21,7 +23,7 @@ from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstructio
 from .frozen_sharding import decoder_models, shard_frozen_models
 from .health import HealthWarnings
 from .model_card import card_tags, latest_metrics
-from .sharded_parameters import whole_model_loading
+from .sharded_parameters import full_values, trained_parameters, whole_model_loading
 from .unified_grpo_config import UnifiedGRPOConfig
 
 
@@ -234,11 +236,39 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
         self._metrics[mode]["reward/groups_without_variation"].append(stalled)
         return rewards
 
+    # ------------------------------------------------------------------------------------------- saving under FSDP
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, except under FSDP with a PEFT adapter: every process gathers the adapter's weights
+        only, where `Trainer` would gather the whole encoder to process 0 at every save."""
+        policy = self.accelerator.unwrap_model(self.model)
+        if not (self.is_fsdp_enabled and isinstance(policy, PeftModel)):
+            super().save_model(output_dir, _internal_call)
+            return
+        self._save(output_dir, state_dict=full_values(trained_parameters(policy)))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_trained_state(self, output_dir: str) -> None:
+        """The adapter's weights, whole, in the file `Trainer` resumes an FSDP model from (`pytorch_model_fsdp.bin`,
+        loaded non-strictly for an adapter): accelerate's own adapter-only save keeps a tied output head, the size of
+        the token embeddings (torch's `ignore_frozen_params` drops a frozen weight under its first name only).
+        `SHARDED_STATE_DICT`, and a model with frozen weights but no adapter, are saved as accelerate saves them."""
+        fsdp = self.accelerator.state.fsdp_plugin
+        policy = self.accelerator.unwrap_model(self.model)
+        if not (isinstance(policy, PeftModel) and "FULL_STATE_DICT" in str(fsdp.state_dict_type)):
+            save_fsdp_model(fsdp, self.accelerator, self.model, output_dir, adapter_only=True)
+            return
+        weights = {name: value.cpu() for name, value in full_values(trained_parameters(policy)).items()}
+        if self.args.should_save:
+            torch.save(weights, Path(output_dir, f"{FSDP_MODEL_NAME}.bin"))
+
     # ----------------------------------------------------------------------------------------------------- model card
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """As TRL saves, with the adapter config naming its base portably (`make_adapter_config_portable`)."""
+        """As TRL saves, with the adapter config naming its base portably (`make_adapter_config_portable`), by the
+        process that wrote it (DeepSpeed calls `_save` on every process: another one would read it mid-write)."""
         super()._save(output_dir, state_dict)
-        make_adapter_config_portable(output_dir or self.args.output_dir)
+        if self.args.should_save:
+            make_adapter_config_portable(output_dir or self.args.output_dir)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
         """Write `output_dir/README.md` from `model_cards/unified_grpo_encoder.md`."""
