@@ -6,6 +6,11 @@ os.environ["HF_EVALUATE_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Two threads per test process: with pytest-xdist's workers (pyproject's addopts), the cores shared among them. Set
+# before torch loads, so that this process starts as the subprocesses tests start (CLI, demo), which inherit it.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 import socket  # noqa: E402
 
@@ -13,11 +18,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from network_block import BLOCK_NETWORK  # noqa: E402
 
-# Two threads per test process: with pytest-xdist's workers (pyproject's addopts), the cores shared among them, and the
-# subprocesses tests start (CLI, demo) inherit the same share.
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-THREADS = max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 torch.set_num_threads(THREADS)
 
 

@@ -120,7 +120,7 @@ def _train_script_decoder(tiny_dir, tmp_path, **_):
     from uae_hf.trainer.train_script import main as train_main
 
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / "generation_tiny.yaml"
-    trainer = train_main(["--config", str(recipe), "--max_steps", "1", "--dtype", "bfloat16", "--bf16", "true",
+    trainer = train_main(["--config", str(recipe), "--max_steps", "1", "--dtype", "bfloat16", "--bf16", "true", "--use_cpu", "true",
                           "--output_dir", str(tmp_path / "run"), "--tiny_models_dir", str(tiny_dir),
                           "--log_reconstructions_steps", "0"])
     return trainer.decoder
