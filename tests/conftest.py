@@ -94,8 +94,19 @@ def backbone_checkpoints(tiny_dir):
     return {name: str(tiny_dir / "backbones" / name) for name in ("clip", "dinov2", "dinov3", "longclip", "siglip")}
 
 
+# The two longest modules (~14 and ~5 min of one worker's time, 2 cores, 2026-12-07): first, so that they start at
+# once on different workers while the other modules fill in around them.
+LONGEST_MODULES = ("trainer/test_multi_process.py", "toy_world/test_demo.py")
+
+
 def pytest_collection_modifyitems(items):
-    """Modules holding `slow` tests first (each module stays on one xdist worker): the long ones start while the short
-    ones fill the other workers, instead of one starting last and running alone."""
+    """The longest modules first, then those holding `slow` tests (each module stays on one xdist worker), so that no
+    long module starts last and runs alone."""
     slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module not in slow_modules)
+
+    def rank(item) -> int:
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(LONGEST_MODULES) if path.endswith(name)),
+                    len(LONGEST_MODULES) + (item.module not in slow_modules))
+
+    items.sort(key=rank)
