@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from uae_hf.sampling import cps_step, dpm2_step, flow_step, sample_trajectory, schedule, sde_step
+from uae_hf.decoders import SD3Family
+from uae_hf.sampling import cps_step, dpm2_step, flow_step, sample_trajectory, sde_step
 
 
 def generators(n, offset=0):
@@ -20,7 +21,7 @@ def test_noise_level_zero_reproduces_the_diffusers_sd3_euler_sampler_exactly(pip
     conditioning = pipe.encode_captions(CAPTIONS, mode)
     latents = pipe.prepare_latents(2, pipe.transformer.config.in_channels, 64, 64, torch.float32,
                                    torch.device("cpu"), generators(2))
-    trajectory = sample_trajectory(pipe, conditioning, latents, 5, 5.0, noise_level=0.0, method="sde")
+    trajectory = sample_trajectory(SD3Family(pipe), conditioning, latents, 5, 5.0, noise_level=0.0, method="sde")
     assert torch.equal(trajectory.latents[:, -1], expected)
     assert trajectory.latents.shape == (2, 6, *latents.shape[1:]) and trajectory.log_probs.shape == (2, 5)
 
@@ -111,24 +112,24 @@ def test_dpm2_without_a_previous_step_is_euler_s_step():
 def test_dpm2_trajectories_are_deterministic_and_differ_from_euler_after_two_steps(pipe):
     conditioning = pipe.encode_captions(CAPTIONS)
     latents = pipe.prepare_latents(2, 16, 64, 64, torch.float32, torch.device("cpu"), generators(2))
-    euler = sample_trajectory(pipe, conditioning, latents, 5, 1.0, noise_level=0.0)
-    dpm2 = sample_trajectory(pipe, conditioning, latents, 5, 1.0, noise_level=0.0, method="dpm2")
+    euler = sample_trajectory(SD3Family(pipe), conditioning, latents, 5, 1.0, noise_level=0.0)
+    dpm2 = sample_trajectory(SD3Family(pipe), conditioning, latents, 5, 1.0, noise_level=0.0, method="dpm2")
     assert torch.equal(dpm2.log_probs, torch.zeros(2, 5))
     torch.testing.assert_close(dpm2.latents[:, :3], euler.latents[:, :3], rtol=1e-5, atol=1e-5)  # first order from σ = 1
     assert not torch.allclose(dpm2.latents[:, 3], euler.latents[:, 3], atol=1e-4)  # the multistep correction
     with pytest.raises(ValueError, match="deterministic"):
-        sample_trajectory(pipe, conditioning, latents, 5, 1.0, noise_level=0.7, method="dpm2")
+        sample_trajectory(SD3Family(pipe), conditioning, latents, 5, 1.0, noise_level=0.7, method="dpm2")
     with pytest.raises(ValueError, match="choose from"):
-        sample_trajectory(pipe, conditioning, latents, 5, 1.0, method="heun")
+        sample_trajectory(SD3Family(pipe), conditioning, latents, 5, 1.0, method="heun")
 
 
 def test_trajectories_are_reproducible_per_sample(pipe):
     conditioning = pipe.encode_captions(CAPTIONS)
     latents = pipe.prepare_latents(2, 16, 64, 64, torch.float32, torch.device("cpu"), generators(2))
-    first = sample_trajectory(pipe, conditioning, latents, 4, 4.5, generator=generators(2, 10))
-    second = sample_trajectory(pipe, conditioning, latents, 4, 4.5, generator=generators(2, 10))
+    first = sample_trajectory(SD3Family(pipe), conditioning, latents, 4, 4.5, generator=generators(2, 10))
+    second = sample_trajectory(SD3Family(pipe), conditioning, latents, 4, 4.5, generator=generators(2, 10))
     assert torch.equal(first.latents, second.latents) and torch.equal(first.log_probs, second.log_probs)
-    timesteps, sigmas = schedule(pipe, 4, 64, 64, "cpu")
+    timesteps, sigmas = SD3Family(pipe).schedule(4, 64, 64, "cpu")
     assert torch.equal(first.timesteps, timesteps) and sigmas[0] == 1 and sigmas[-1] == 0
 
 
@@ -147,7 +148,7 @@ def test_a_text_mask_on_a_dit_without_the_masked_processor_is_refused(pipe, tiny
     """diffusers' own processor would drop the mask (a logged warning) and attend each caption's batch padding."""
     from diffusers import SD3Transformer2DModel
 
-    from uae_hf.sampling.flow_sde import velocity
+    velocity = SD3Family(pipe).velocity
 
     conditioning = pipe.encode_captions(CAPTIONS, "embeddings")
     assert conditioning["joint_attention_kwargs"] is not None  # unequal lengths: a mask
@@ -162,10 +163,10 @@ def test_a_text_mask_on_a_dit_without_the_masked_processor_is_refused(pipe, tiny
 def test_detaching_the_unconditional_branch_trains_the_conditional_one_alone(pipe):
     """`v = sg(u) + w·(c - sg(u))` has the guided value and backpropagates as `w·c`; undetached it is
     `(1 - w)·u + w·c`, whose gradient differs."""
-    from uae_hf.sampling.flow_sde import velocity
+    velocity = SD3Family(pipe).velocity
 
     conditioning = pipe.encode_captions(CAPTIONS, "embeddings")
-    timestep = schedule(pipe, 4, 64, 64, "cpu")[0][1]
+    timestep = SD3Family(pipe).schedule(4, 64, 64, "cpu")[0][1]
     latents = torch.randn(2, pipe.transformer.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     direction = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
     w = 4.5

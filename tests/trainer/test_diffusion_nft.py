@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 
 from uae_hf import DiffusionNFTConfig, DiffusionNFTTrainer, FlowGRPOTrainer, load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
-from uae_hf.sampling.flow_sde import velocity
+from uae_hf.decoders import SD3Family
 from uae_hf.trainer.diffusion_nft_trainer import TRAINING_NOISE_STREAM, adaptive_flow_loss, diffusion_nft_loss
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -58,7 +58,8 @@ def test_gradient_at_the_old_policy_is_the_advantage_weighted_flow_matching_grad
             t = trajectory.sigmas[indices[:, position]].view(-1, 1, 1, 1)
             noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])
             x_t = (1 - t) * x0 + t * noise
-            v = velocity(model, x_t, trajectory.timesteps[indices[:, position]], rollout["conditioning"], 1.0)
+            v = SD3Family(fresh_pipe).velocity(model, x_t, trajectory.timesteps[indices[:, position]],
+                                               rollout["conditioning"], 1.0)
             expected_loss = (advantages.double() * adaptive_flow_loss(v, x_t, x0, t)).mean()
             (expected_loss.float() / len(steps)).backward()
         expected = lora_gradients(trainer)

@@ -68,7 +68,7 @@ def test_an_update_climbs_its_objective_and_only_the_lora_changes(fresh_pipe, co
     (An end-to-end "the reward rises in 40 steps" test stood here; on the twins, whose random CLIP scores every
     reconstruction within ±0.002, it passed on 3 of 8 seeds before the trainer split, so it measured luck.)"""
     from uae_hf.sampling import flow_step
-    from uae_hf.sampling.flow_sde import velocity
+    from uae_hf.decoders import SD3Family
 
     base = {name: p.detach().clone() for name, p in fresh_pipe.transformer.named_parameters()}
     args = config(max_steps=1, per_device_train_batch_size=8, num_generations=8, decoder_num_inference_steps=6,
@@ -84,8 +84,8 @@ def test_an_update_climbs_its_objective_and_only_the_lora_changes(fresh_pipe, co
     with torch.no_grad(), fresh_pipe.masked_attention():
         changes = []
         for index in range(6):
-            v = velocity(fresh_pipe.transformer, trajectory.latents[:, index], trajectory.timesteps[index],
-                         rollout["conditioning"], args.decoder_guidance_scale)
+            v = SD3Family(fresh_pipe).velocity(fresh_pipe.transformer, trajectory.latents[:, index], trajectory.timesteps[index],
+                                               rollout["conditioning"], args.decoder_guidance_scale)
             step = flow_step("sde", v, trajectory.latents[:, index], trajectory.sigmas, index, args.sde_noise_level,
                              prev_sample=trajectory.latents[:, index + 1])
             changes.append(step.log_prob - trajectory.log_probs[:, index])

@@ -12,9 +12,8 @@ from transformers import TrainerCallback
 
 from uae_hf import FlowGRPOTrainer
 from uae_hf.sample_data import skimage_photos
-from uae_hf.sampling import schedule
-from uae_hf.trainer import flow_grpo_trainer
-from uae_hf.trainer.decoder_training_config import DIT_LORA_TARGETS
+from uae_hf.decoders import SD3Family
+from uae_hf.decoders.sd3 import SD3_LORA_TARGETS
 
 
 @pytest.fixture()
@@ -89,16 +88,16 @@ def test_frozen_reference_follows_the_trained_dit_and_starts_at_zero_kl(fresh_pi
 def test_kl_is_flow_grpo_s_mean_distance_over_two_std_t_squared(fresh_pipe, config, monkeypatch):
     a, shift = 0.7, 0.1
     trainer = make(fresh_pipe, config(beta=1.0, max_steps=1, timestep_fraction=1.0, sde_noise_level=a))
-    real = flow_grpo_trainer.velocity
+    real = SD3Family.velocity
 
     def velocity(*args, **kwargs):  # the reference's (gradient-free) velocity, moved by a known constant
         v = real(*args, **kwargs)
         return v if torch.is_grad_enabled() else v + shift
 
-    monkeypatch.setattr(flow_grpo_trainer, "velocity", velocity)
+    monkeypatch.setattr(SD3Family, "velocity", velocity)
     trainer.train()
     (logged,) = [record["kl"] for record in trainer.state.log_history if "kl" in record]
-    sigmas = schedule(fresh_pipe, 4, 64, 64, "cpu")[1].double().tolist()
+    sigmas = SD3Family(fresh_pipe).schedule(4, 64, 64, "cpu")[1].double().tolist()
     expected = []
     for index in range(4):
         sigma, sigma_next = sigmas[index], sigmas[index + 1]
@@ -109,7 +108,7 @@ def test_kl_is_flow_grpo_s_mean_distance_over_two_std_t_squared(fresh_pipe, conf
 
 
 def test_rollouts_sample_in_eval_mode_and_dropout_can_be_disabled(fresh_pipe, config):
-    lora = LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian", target_modules=DIT_LORA_TARGETS,
+    lora = LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian", target_modules=list(SD3_LORA_TARGETS),
                       lora_dropout=0.5)
     trainer = make(fresh_pipe, config(max_steps=3, learning_rate=5e-2, disable_dropout=True), lora)
     modes = []  # (gradients enabled, training) of every DiT call
@@ -200,16 +199,16 @@ def test_the_first_nine_of_ten_steps_train(fresh_pipe, config, monkeypatch):
     """`int(10 · 0.99) = 9`: steps 0-8, every update (they were drawn at random before); a window's first N."""
     trainer = make(fresh_pipe, config(decoder_num_inference_steps=10, timestep_fraction=0.99, max_steps=1))
     assert trainer._trained_steps() == list(range(9))
-    trained, real = [], flow_grpo_trainer.velocity
+    trained, real = [], SD3Family.velocity
 
-    def velocity(model, latents, timestep, *args, **kwargs):
+    def velocity(family, model, latents, timestep, *args, **kwargs):
         if torch.is_grad_enabled():
             trained.append(float(timestep))
-        return real(model, latents, timestep, *args, **kwargs)
+        return real(family, model, latents, timestep, *args, **kwargs)
 
-    monkeypatch.setattr(flow_grpo_trainer, "velocity", velocity)
+    monkeypatch.setattr(SD3Family, "velocity", velocity)
     trainer.train()
-    timesteps = schedule(fresh_pipe, 10, 64, 64, "cpu")[0]
+    timesteps = SD3Family(fresh_pipe).schedule(10, 64, 64, "cpu")[0]
     assert trained == timesteps[:9].tolist()
     trainer.args.timestep_window, trainer.args.timestep_fraction = "3:10", 0.5
     assert trainer._trained_steps() == [3, 4, 5, 6, 7]
@@ -285,13 +284,14 @@ def test_the_update_detaches_the_unconditional_branch_when_asked(fresh_pipe, con
     """Off by default, as in Flow-GRPO's SD3 script (its update backpropagates through both CFG branches)."""
     assert config().detach_unconditional is False
     trainer = make(fresh_pipe, config(max_steps=1, detach_unconditional=True))
-    calls, real = [], flow_grpo_trainer.velocity
+    calls, real = [], SD3Family.velocity
 
     def velocity(*args, **kwargs):
-        calls.append((torch.is_grad_enabled(), kwargs.get("detach_unconditional", False)))
+        if torch.is_grad_enabled():  # the updates' calls (the rollouts' sample without gradients)
+            calls.append((True, kwargs.get("detach_unconditional", False)))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(flow_grpo_trainer, "velocity", velocity)
+    monkeypatch.setattr(SD3Family, "velocity", velocity)
     trainer.train()
     assert calls and set(calls) == {(True, True)}
 

@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..decoders import decoder_family
 from ..images import decoded_images, load_image
 from ..seeding import seeded_generators, stream_seed
 from .similarity import ImageSimilarity
@@ -42,7 +43,8 @@ class ReconstructionReward:
     """Reward = weighted cosine similarity of the original image and the decoder's reconstruction from the caption.
 
     Args:
-        decoder (`UAEReconstructionPipeline`): the frozen decoder; its `generate` draws the reconstructions.
+        decoder (`DiffusionPipeline`): the frozen decoder, a `UAEReconstructionPipeline` or a pipeline of any
+            supported family (`uae_hf.decoders`); its family's `generate` draws the reconstructions.
         similarity (`ImageSimilarity`): the rewarded backbones (the Unified-Bench core: same numbers as the metric).
         weights (`dict[str, float]`, *optional*): per-backbone weights; equal by default.
         heldout (`ImageSimilarity`, *optional*): backbones that are logged but never rewarded (reward hacking shows
@@ -79,7 +81,8 @@ class ReconstructionReward:
         total = sum(weights.values())
         if total <= 0:
             raise ValueError(f"backbone weights must sum to a positive number, got {weights}")
-        self.decoder = decoder
+        self.decoder_family = decoder_family(decoder)
+        self.decoder = self.decoder_family.pipe
         self.similarity = similarity
         self.weights = {name: weight / total for name, weight in weights.items()}
         self.heldout = heldout
@@ -102,13 +105,13 @@ class ReconstructionReward:
         images = []
         for start in range(0, len(captions), self.batch_size):
             chunk = captions[start : start + self.batch_size]
-            arrays = self.decoder.generate(
+            arrays = self.decoder_family.generate(
                 chunk,
                 num_images_per_prompt=self.reconstructions_per_caption,
                 generator=self.noise_generators(len(chunk), step),
                 output_type="np",
                 **self.generate_kwargs,
-            ).images
+            )
             images.extend(decoded_images(arrays))
         return images
 
@@ -139,9 +142,9 @@ class ReconstructionReward:
         rewards = per_decode.view(len(captions), m).mean(dim=1)
         metrics["reconstruction/nan_count"] = float(torch.isnan(rewards).sum())
         metrics |= caption_metrics(captions, completion_ids)
-        mode = self.generate_kwargs.get("conditioning_mode") or self.decoder.config.conditioning_mode
+        mode = self.generate_kwargs.get("conditioning_mode") or self.decoder_family.conditioning_mode
         if mode == "text":
-            metrics["reconstruction/truncated_rate"] = float(np.mean(self.decoder.caption_truncation(captions)))
+            metrics["reconstruction/truncated_rate"] = float(np.mean(self.decoder_family.caption_truncation(captions)))
         return ReconstructionBatch(originals, captions, reconstructions[::m], [float(r) for r in rewards], metrics)
 
     def __call__(self, prompts, completions, completion_ids=None, image=None, images=None, trainer_state=None,

@@ -1,15 +1,15 @@
 """Stochastic sampling with log-probabilities for rectified-flow decoders (Flow-GRPO, DESIGN.md §4).
 
-Convention (diffusers SD3): `x_σ = (1 - σ) x0 + σ ε`, velocity `v = ε - x0`, σ runs from 1 to 0, `dt = σ_next - σ`.
-With `noise_level = 0` both steps reduce to diffusers' deterministic Euler step. `"dpm2"` is a deterministic
-second-order multistep solver (DiffusionNFT's rollout sampler).
+Convention (diffusers' flow matching): `x_σ = (1 - σ) x0 + σ ε`, velocity `v = ε - x0`, σ runs from 1 to 0,
+`dt = σ_next - σ`. With `noise_level = 0` both steps reduce to diffusers' deterministic Euler step. `"dpm2"` is a
+deterministic second-order multistep solver (DiffusionNFT's rollout sampler). The sampler knows no model family: the
+decoder's schedule and velocity come from its [`~uae_hf.decoders.DecoderFamily`].
 """
 
 import math
 from dataclasses import dataclass
 
 import torch
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -146,53 +146,6 @@ def flow_step(method: str, velocity, sample, sigmas: torch.Tensor, index: int, n
     return STEPS[method](velocity, sample, sigmas[index], sigmas[index + 1], noise_level, **kwargs)
 
 
-def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict, guidance_scale: float,
-             detach_unconditional: bool = False):
-    """The decoder's velocity at `latents`, with classifier-free guidance when `guidance_scale > 1`.
-
-    `conditioning` is what `UAEReconstructionPipeline.encode_captions` returns. `timestep` is one value or one per
-    item. Every input is cast to the DiT's dtype here, at the boundary (float32 latents or embeddings from a float32
-    projector beside a bf16 DiT), so no model is ever upcast; the prediction comes back in the DiT's dtype.
-
-    Args:
-        detach_unconditional (`bool`, defaults to `False`): stop gradients through the unconditional branch of the
-            guidance, so `v = sg(u) + w·(c - sg(u))` backpropagates as `w·c` alone. Same value; only gradients change.
-    """
-    guided = guidance_scale > 1
-    embeds, pooled = conditioning["prompt_embeds"], conditioning["pooled_prompt_embeds"]
-    model_input = latents
-    if guided:
-        embeds = torch.cat([conditioning["negative_prompt_embeds"], embeds])
-        pooled = torch.cat([conditioning["negative_pooled_prompt_embeds"], pooled])
-        model_input = torch.cat([latents, latents])
-    dit = getattr(transformer, "module", transformer)  # a DistributedDataParallel wrapper holds the DiT
-    attention_kwargs = conditioning.get("joint_attention_kwargs") or {}
-    if "encoder_attention_mask" in attention_kwargs:
-        # `masked_attention` sets every layer's processor at once, so the first block's tells (an O(1) look on the
-        # sampler's hot path; by class name, which a remote-code copy of the pipeline shares)
-        processor = type(dit.transformer_blocks[0].attn.processor).__name__
-        if processor != "MaskedJointAttnProcessor":  # diffusers' own would drop the mask: padding attended
-            raise ValueError(
-                f"the text mask of captions of different lengths needs the masked joint attention, but the DiT runs "
-                f"{processor}: call it inside `with pipe.masked_attention():` (or masked_attention(transformer))"
-            )
-    dtype = dit.dtype
-    prediction = transformer(
-        hidden_states=model_input.to(dtype),
-        timestep=timestep.expand(model_input.shape[0]),
-        encoder_hidden_states=embeds.to(dtype),
-        pooled_projections=pooled.to(dtype),
-        joint_attention_kwargs=conditioning.get("joint_attention_kwargs"),
-        return_dict=False,
-    )[0]
-    if not guided:
-        return prediction
-    unconditional, conditional = prediction.chunk(2)
-    if detach_unconditional:
-        unconditional = unconditional.detach()
-    return unconditional + guidance_scale * (conditional - unconditional)
-
-
 def dpm2_step(velocity: torch.Tensor, sample: torch.Tensor, sigmas: torch.Tensor, index: int,
               previous_x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Step `index` of DPM-Solver++(2M) on the flow ODE, in data prediction `x0 = x - σ·v` and half-log-SNR
@@ -217,21 +170,6 @@ def dpm2_step(velocity: torch.Tensor, sample: torch.Tensor, sigmas: torch.Tensor
     return (sigma_next / sigma) * sample - (1 - sigma_next) * math.expm1(-h) * data, x0
 
 
-def schedule(pipe, num_inference_steps: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(timesteps, sigmas)` exactly as the SD3 pipeline sets them (shift, dynamic shifting included)."""
-    scheduler_kwargs = {}
-    if pipe.scheduler.config.get("use_dynamic_shifting", False):
-        patch = pipe.transformer.config.patch_size
-        image_seq_len = (height // pipe.vae_scale_factor // patch) * (width // pipe.vae_scale_factor // patch)
-        config = pipe.scheduler.config
-        scheduler_kwargs["mu"] = calculate_shift(
-            image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5), config.get("max_shift", 1.16),
-        )
-    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device, **scheduler_kwargs)
-    return timesteps, pipe.scheduler.sigmas.to(device)
-
-
 @dataclass
 class Trajectory:
     """A batch of sampled trajectories.
@@ -249,7 +187,7 @@ class Trajectory:
 
 
 def sample_trajectory(
-    pipe,
+    family,
     conditioning: dict,
     latents: torch.Tensor,
     num_inference_steps: int,
@@ -261,14 +199,15 @@ def sample_trajectory(
     checkpoint_steps: bool = False,
     integer_timesteps: bool = False,
 ) -> Trajectory:
-    """Sample a batch from initial `latents` (already scaled noise, `pipe.prepare_latents`), recording every step.
+    """Sample a batch from initial `latents` (spatial noise, `family.initial_noise`), recording every step.
 
     The one sampler of `uae_hf`: Flow-GRPO's rollouts (stochastic, under `torch.no_grad()`) and cold start's
     differentiable reconstructions (`noise_level=0`: diffusers' Euler step, gradients enabled) both run it.
 
     Args:
-        pipe: the SD3-family pipeline (its scheduler's schedule and, unless `transformer` is given, its DiT).
-        conditioning: from `pipe.encode_captions` (embeddings or text mode).
+        family (`DecoderFamily`): the decoder (`uae_hf.decoders.decoder_family(pipe)`): its schedule, velocity and,
+            unless `transformer` is given, its DiT.
+        conditioning: from `family.encode_captions`.
         latents: `(batch, C, H, W)` initial noise.
         num_inference_steps, guidance_scale: as in the pipeline.
         noise_level (`float`, defaults to 0.7), method (`"sde"` or `"cps"`): the stochastic step; or `"dpm2"`, the
@@ -287,15 +226,14 @@ def sample_trajectory(
     if checkpoint_steps and noise_level > 0:
         raise ValueError("checkpoint_steps recomputes steps in the backward pass, so they must be deterministic "
                          f"(noise_level=0), got noise_level={noise_level}")
-    transformer = transformer if transformer is not None else pipe.transformer
-    height = latents.shape[-2] * pipe.vae_scale_factor
-    width = latents.shape[-1] * pipe.vae_scale_factor
-    timesteps, sigmas = schedule(pipe, num_inference_steps, height, width, latents.device)
+    transformer = transformer if transformer is not None else family.transformer
+    height, width = family.image_size(latents)
+    timesteps, sigmas = family.schedule(num_inference_steps, height, width, latents.device)
 
     def step(x: torch.Tensor, index: int, previous_x0: torch.Tensor | None):
         """`(x_next, log_prob, x0)`: x0 is kept for the multistep solver's next step."""
         timestep = (sigmas[index].float() * 1000).long() if integer_timesteps else timesteps[index]
-        v = velocity(transformer, x, timestep, conditioning, guidance_scale)
+        v = family.velocity(transformer, x, timestep, conditioning, guidance_scale)
         if method == "dpm2":
             x_next, x0 = dpm2_step(v, x, sigmas, index, previous_x0)
             return x_next, torch.zeros(len(x), device=x.device), x0
@@ -312,11 +250,3 @@ def sample_trajectory(
         states.append(x)
         log_probs.append(log_prob)
     return Trajectory(torch.stack(states, dim=1), torch.stack(log_probs, dim=1), timesteps, sigmas)
-
-
-def decode_latents(pipe, latents: torch.Tensor, output_type: str = "np"):
-    """Final latents → images, as the SD3 pipeline decodes them (differentiable with `output_type="pt"` when
-    gradients are enabled)."""
-    latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    images = pipe.vae.decode(latents, return_dict=False)[0]
-    return pipe.image_processor.postprocess(images, output_type=output_type)

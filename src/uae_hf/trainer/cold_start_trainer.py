@@ -14,9 +14,10 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
+from ..decoders.sd3 import SD3Family
 from ..hub import make_adapter_config_portable
 from ..rewards.similarity import ImageSimilarity
-from ..sampling.flow_sde import decode_latents, sample_trajectory
+from ..sampling.flow_sde import sample_trajectory
 from ..seeding import stream_seed
 from .cold_start_config import ColdStartConfig
 from .decoder_trainer import (
@@ -51,7 +52,8 @@ class ColdStartModel(nn.Module):
     def __init__(self, decoder, similarity: ImageSimilarity, weights: dict[str, float], args: ColdStartConfig):
         super().__init__()
         self.vlm, self.projector, self.transformer = decoder.vlm, decoder.projector, decoder.transformer
-        self.helpers = {"decoder": decoder, "similarity": similarity}  # frozen, not submodules
+        # frozen, not submodules
+        self.helpers = {"decoder": decoder, "family": SD3Family(decoder), "similarity": similarity}
         self.weights = weights
         self.args = args
 
@@ -63,18 +65,18 @@ class ColdStartModel(nn.Module):
 
     def reconstruct(self, captions: list[str], generator: torch.Generator) -> torch.Tensor:
         """Captions → images in [0, 1], differentiable w.r.t. every trainable part."""
-        decoder, args = self.helpers["decoder"], self.args
+        decoder, family, args = self.helpers["decoder"], self.helpers["family"], self.args
         conditioning = decoder.encode_captions(captions, "embeddings")
         shape = (len(captions), self.transformer.config.in_channels,
                  args.decoder_height // decoder.vae_scale_factor, args.decoder_width // decoder.vae_scale_factor)
         device = conditioning["prompt_embeds"].device
         noise = torch.randn(shape, generator=generator).to(device)
         trajectory = sample_trajectory(
-            decoder, conditioning, noise, args.decoder_num_inference_steps, args.decoder_guidance_scale,
+            family, conditioning, noise, args.decoder_num_inference_steps, args.decoder_guidance_scale,
             noise_level=0.0, transformer=self.transformer,
             checkpoint_steps=args.cold_start_checkpointing and torch.is_grad_enabled(),
         )
-        return decode_latents(decoder, trajectory.latents[:, -1], "pt").float()
+        return family.decode(trajectory.latents[:, -1], "pt").float()
 
     def forward(self, originals: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
         reconstructions = self.reconstruct(captions, generator)
@@ -119,7 +121,7 @@ class ColdStartTrainer(DecoderTrainer):
 
     def build_trained_model(self, peft_config, train_dataset) -> torch.nn.Module:
         decoder, args = self.decoder, self.args
-        if decoder.projector is None or decoder.vlm is None:
+        if getattr(decoder, "projector", None) is None or getattr(decoder, "vlm", None) is None:
             raise ValueError("ColdStartTrainer trains the UAE-native path: the decoder needs `vlm`, `processor` and "
                              "`projector`")
         parts = set(args.cold_start_trainable)

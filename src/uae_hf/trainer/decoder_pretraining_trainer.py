@@ -11,7 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from torch import nn
 
-from ..sampling.flow_sde import velocity
+from ..decoders.sd3 import SD3Family
 from .decoder_pretraining_config import DecoderPretrainingConfig
 from .decoder_trainer import (
     DIT_LORA_FILE,
@@ -31,7 +31,8 @@ class DecoderPretrainingModel(nn.Module):
         super().__init__()
         self.projector = decoder.projector
         self.transformer = decoder.transformer
-        self.helpers = {"decoder": decoder}  # not submodules: frozen, and not the Trainer's to save or shard
+        # not submodules: frozen, and not the Trainer's to save or shard
+        self.helpers = {"decoder": decoder, "family": SD3Family(decoder)}
         self.args = args
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(decoder.scheduler.config)
 
@@ -59,7 +60,8 @@ class DecoderPretrainingModel(nn.Module):
         timesteps = schedule.timesteps[indices].to(latents.device)
         sigmas = schedule.sigmas[indices].to(latents.device, latents.dtype).view(batch, 1, 1, 1)
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        prediction = velocity(self.transformer, (1 - sigmas) * latents + sigmas * noise, timesteps, conditioning, 1.0)
+        prediction = self.helpers["family"].velocity(self.transformer, (1 - sigmas) * latents + sigmas * noise,
+                                                     timesteps, conditioning, 1.0)
         weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
         per_sample = (weighting.float() * (prediction.float() - (noise - latents).float()) ** 2).flatten(1).mean(1)
         return per_sample.mean()
@@ -101,7 +103,7 @@ class DecoderPretrainingTrainer(DecoderTrainer):
 
     def build_trained_model(self, peft_config, train_dataset) -> torch.nn.Module:
         decoder, args = self.decoder, self.args
-        if decoder.projector is None or decoder.vlm is None:
+        if getattr(decoder, "projector", None) is None or getattr(decoder, "vlm", None) is None:
             raise ValueError("DecoderPretrainingTrainer trains the UAE-native path: the decoder needs its `vlm`, "
                              "`processor` and `projector`")
         if train_dataset is not None and args.caption_column not in (train_dataset.column_names or [args.caption_column]):

@@ -7,27 +7,12 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import StableDiffusion3Pipeline
 from transformers.integrations import TensorBoardCallback
 
-from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline
 from ..rewards.reconstruction import ReconstructionBatch, ReconstructionReward
 from ..rewards.similarity import ImageSimilarity
 from ..visualization import reconstruction_grid
 from .reconstruction_arguments import ReconstructionArguments
-
-
-def as_decoder(decoder) -> StableDiffusion3Pipeline:
-    """A UAE reconstruction pipeline (loaded from `uae_hf` or as remote code) or a plain SD3-family pipeline, which
-    then decodes in text mode."""
-    if isinstance(decoder, StableDiffusion3Pipeline) and hasattr(decoder, "generate"):
-        return decoder
-    if isinstance(decoder, StableDiffusion3Pipeline):
-        return UAEReconstructionPipeline.from_pipe(decoder, conditioning_mode="text")
-    raise TypeError(
-        f"decoder must be a UAEReconstructionPipeline or a diffusers StableDiffusion3Pipeline, got "
-        f"{type(decoder).__name__}"
-    )
 
 
 def check_image_column(dataset, name: str) -> None:

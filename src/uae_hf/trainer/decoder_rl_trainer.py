@@ -18,7 +18,7 @@ from trl.trainer.utils import disable_dropout_in_model
 from ..hub import MODEL_CARDS, hub_id_of
 from ..images import decoded_images
 from ..rewards.reconstruction import ReconstructionBatch, caption_metrics
-from ..sampling.flow_sde import Trajectory, decode_latents, sample_trajectory
+from ..sampling.flow_sde import Trajectory, sample_trajectory
 from ..seeding import seeded_generators, stream_seed
 from .decoder_rl_config import DecoderRLConfig
 from .decoder_trainer import CAPTION_STREAM, LORA_WEIGHT_NAME, DecoderTrainer, row_images, save_diffusers_model
@@ -181,33 +181,28 @@ class DecoderRLTrainer(DecoderTrainer):
     def _sample(self, rows: list[dict]) -> dict:
         """Caption, sample G reconstructions per caption, score them: the conditioning, the trajectory and this
         process's rewards (one per sample)."""
-        args, decoder, group = self.args, self.decoder, self.args.num_generations
+        args, family, group = self.args, self.decoder_family, self.args.num_generations
         noise_level, method, guidance = self.rollout_settings()
         start = time.perf_counter()
         originals = row_images(rows)
         captions = self.caption(originals, self._micro_seed(CAPTION_STREAM))
         captions_g = [caption for caption in captions for _ in range(group)]
         originals_g = [image for image in originals for _ in range(group)]
-        conditioning = decoder.encode_captions(captions_g, args.decoder_conditioning_mode)
+        family.check_size(args.decoder_height, args.decoder_width)
+        conditioning = family.encode_captions(captions_g, args.decoder_conditioning_mode)
         if args.same_noise_in_group:
             noise_seeds = self._generators(GROUP_NOISE_STREAM, len(originals), repeat=group)
         else:
             noise_seeds = self._generators(SAMPLE_NOISE_STREAM, len(captions_g))
-        scale = decoder.vae_scale_factor
-        latents = decoder.prepare_latents(
-            len(captions_g), decoder.transformer.config.in_channels, args.decoder_height, args.decoder_width,
-            torch.float32, self.accelerator.device, noise_seeds,
-        )
-        if latents.shape[-1] * scale != args.decoder_width or latents.shape[-2] * scale != args.decoder_height:
-            multiple = scale * decoder.transformer.config.patch_size
-            raise ValueError(f"decoder_height/width must be multiples of {multiple}")
+        latents = family.initial_noise(len(captions_g), args.decoder_height, args.decoder_width, noise_seeds,
+                                       self.accelerator.device)
         with self.rollout_policy() as dit:
             trajectory = sample_trajectory(
-                decoder, conditioning, latents, args.decoder_num_inference_steps, guidance, noise_level, method,
+                family, conditioning, latents, args.decoder_num_inference_steps, guidance, noise_level, method,
                 generator=self._generators(STEP_NOISE_STREAM, len(captions_g)), transformer=dit,
                 integer_timesteps=self.integer_rollout_timesteps,
             )
-        arrays = decode_latents(decoder, trajectory.latents[:, -1], "np")
+        arrays = family.decode(trajectory.latents[:, -1], "np")
         rollout_time = self._seconds_since(start)
 
         start = time.perf_counter()
@@ -354,7 +349,8 @@ class DecoderRLTrainer(DecoderTrainer):
         }
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
-        """A diffusers-style LoRA card: base decoder, objective, tags, and loading with `UAEReconstructionPipeline`."""
+        """A diffusers-style LoRA card: base decoder, objective, tags, and loading with `UAEReconstructionPipeline`
+        (SD3) or the family's stock pipeline."""
         if not self.is_world_process_zero():
             return
         args = self.args
@@ -372,6 +368,9 @@ class DecoderRLTrainer(DecoderTrainer):
             full_finetune=args.decoder_full_finetune,
             algorithm=self.algorithm,
             trainer=type(self).__name__,
+            uae_pipeline=hasattr(self.decoder, "vlm"),
+            pipeline_class=type(self.decoder).__name__,
+            family=self.decoder_family.name,
             settings=self.card_settings(),
             metrics={k: v for k, v in latest.items() if k.startswith(("reward", "reconstruction/"))},
         )

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer
 
+from ..decoders import decoder_family
 from ..hub import MODEL_CARDS, model_source
 from ..images import load_image
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline, caption_images
@@ -25,12 +26,11 @@ from ..seeding import seeded_generators, stream_seed
 from .checkpointing import AtomicCheckpoints
 from .decoder_reward import (
     ReconstructionGrids,
-    as_decoder,
     build_reconstruction_reward,
     check_image_column,
     use_diffusers_tensorboard,
 )
-from .decoder_training_config import DIT_LORA_TARGETS, DecoderTrainingConfig
+from .decoder_training_config import DecoderTrainingConfig
 from .frozen_sharding import decoder_models, shard_frozen_models
 from .model_card import card_tags, latest_metrics
 from .sharded_parameters import assign, full_values, trained_parameters, whole_model_loading
@@ -87,7 +87,9 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
     Args:
         model (`str`, `PreTrainedModel` or `None`): the frozen encoder that writes captions (for rollouts, for
             images without one, for `evaluate()`); `None` uses the decoder's own `vlm`.
-        decoder (`UAEReconstructionPipeline` or `StableDiffusion3Pipeline`): the decoder whose parts train.
+        decoder (`DiffusionPipeline`): the decoder whose parts train: a `UAEReconstructionPipeline`, or a pipeline of
+            a supported family (`uae_hf.decoders`: SD3, FLUX.1, FLUX.2 [klein], Qwen-Image), which reads captions
+            as text.
         args ([`DecoderTrainingConfig`] subclass): the stage's config.
         train_dataset, eval_dataset: datasets with an `image` (or `images`) column.
         processing_class: the encoder's processor (default: the decoder's `processor`).
@@ -110,14 +112,15 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         check_image_column(train_dataset, "train_dataset")
         for name, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]):
             check_image_column(dataset, f"eval_dataset[{name!r}]" if name else "eval_dataset")
-        self.decoder = as_decoder(decoder)
+        self.decoder_family = decoder_family(decoder)
+        self.decoder = self.decoder_family.pipe
         self.decoder.set_progress_bar_config(disable=True)
         if isinstance(model, str):
             processing_class = processing_class or AutoProcessor.from_pretrained(model)
             with whole_model_loading():  # frozen: no engine prepares it
                 model = AutoModelForImageTextToText.from_pretrained(model)
-        self.encoder = model if model is not None else self.decoder.vlm
-        self.caption_processor = processing_class or self.decoder.processor
+        self.encoder = model if model is not None else getattr(self.decoder, "vlm", None)
+        self.caption_processor = processing_class or getattr(self.decoder, "processor", None)
         for component in [*self.decoder.components.values(), self.encoder]:
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False).eval()
@@ -171,19 +174,18 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
     def add_dit_lora(self, transformer, peft_config=None) -> None:
         """The DiT LoRA: `peft_config`, or r=`decoder_lora_r`/alpha=`decoder_lora_alpha` on the joint attention."""
         lora = peft_config or LoraConfig(r=self.args.decoder_lora_r, lora_alpha=self.args.decoder_lora_alpha,
-                                         init_lora_weights="gaussian", target_modules=DIT_LORA_TARGETS)
+                                         init_lora_weights="gaussian",
+                                         target_modules=list(self.decoder_family.lora_target_modules))
         with torch.random.fork_rng():  # a seeded init that leaves the global RNG alone
             torch.manual_seed(self.args.seed)
             transformer.add_adapter(lora)
 
-    @staticmethod
-    def save_dit_lora(transformer, output_dir: Path, weights: dict[str, torch.Tensor]) -> None:
-        """The DiT LoRA as a diffusers LoRA file, with its adapter metadata so `alpha` survives; `weights` holds the
-        LoRA's whole values by parameter name."""
-        UAEReconstructionPipeline.save_lora_weights(
-            output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer, state_dict=weights),
-            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-            weight_name=LORA_WEIGHT_NAME,
+    def save_dit_lora(self, transformer, output_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+        """The DiT LoRA as the decoder family's diffusers LoRA file, with its adapter metadata so `alpha` survives;
+        `weights` holds the LoRA's whole values by parameter name."""
+        self.decoder_family.save_lora_weights(
+            output_dir, get_peft_model_state_dict(transformer, state_dict=weights),
+            transformer.peft_config["default"].to_dict(), LORA_WEIGHT_NAME,
         )
 
     # ----------------------------------------------------------------------------------------------------- training
@@ -206,7 +208,7 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         afterwards the trained modules' forwards are restored (accelerate wraps them for mixed precision), so the
         pipeline computes exactly what the saved weights compute in a fresh pipeline."""
         try:
-            with self.decoder.masked_attention():  # captions of different lengths share a batch in every DiT call
+            with self.decoder_family.masked_attention():  # captions of different lengths share a batch in every DiT call
                 return super().train(*args, **kwargs)
         finally:
             self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
@@ -240,7 +242,7 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         sums, count = defaultdict(float), 0
         try:
             for index, rows in enumerate(self.get_eval_dataloader(dataset)):
-                with torch.no_grad(), self.decoder.masked_attention():
+                with torch.no_grad(), self.decoder_family.masked_attention():
                     metrics = self.evaluation_metrics(model, rows, index)
                 for name, value in metrics.items():
                     if not np.isnan(value):

@@ -7,10 +7,6 @@ from transformers import TrainingArguments
 
 from .reconstruction_arguments import ReconstructionArguments
 
-DIT_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                    "attn.add_v_proj", "attn.to_add_out"]
-
-
 @dataclass
 class DecoderTrainingConfig(ReconstructionArguments, TrainingArguments):
     r"""

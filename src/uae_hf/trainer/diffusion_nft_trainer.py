@@ -11,7 +11,7 @@ log-probs, no ratio clipping, no CFG in training.
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..sampling.flow_sde import Trajectory, velocity
+from ..sampling.flow_sde import Trajectory
 from .decoder_rl_trainer import DecoderRLTrainer
 from .diffusion_nft_config import DiffusionNFTConfig
 from .weight_copy import WeightCopy
@@ -47,7 +47,8 @@ class DiffusionNFTTrainer(DecoderRLTrainer):
     Args:
         model (`str`, `PreTrainedModel` or `None`): the frozen encoder that writes the captions (default: the
             decoder's own `vlm`).
-        decoder (`UAEReconstructionPipeline` or `StableDiffusion3Pipeline`): the decoder whose DiT trains.
+        decoder (`DiffusionPipeline`): the decoder whose DiT trains: a `UAEReconstructionPipeline` or a pipeline of a
+            supported family (`uae_hf.decoders`).
         args ([`DiffusionNFTConfig`], *optional*): group, objective, old-policy, decoder and reward settings.
         train_dataset, eval_dataset: datasets with an `image` (or `images`) column.
         processing_class: the encoder's processor (default: the decoder's `processor`).
@@ -84,7 +85,12 @@ class DiffusionNFTTrainer(DecoderRLTrainer):
     integer_rollout_timesteps = True  # the reference's sampler gives its DiT ⌊1000σ⌋
 
     def rollout_settings(self) -> tuple[float, str, float]:
-        return 0.0, "dpm2" if self.args.rollout_solver == "dpm2" else "sde", 1.0  # deterministic, unguided
+        solver = "dpm2" if self.args.rollout_solver == "dpm2" else "sde"
+        return 0.0, solver, self._unguided  # deterministic, without classifier-free guidance
+
+    @property
+    def _unguided(self) -> float:
+        return self.decoder_family.unguided_scale(self.args.decoder_guidance_scale)
 
     def rollout_policy(self):
         """The old policy samples the rollouts (the reference samples with its "old" adapter)."""
@@ -121,13 +127,14 @@ class DiffusionNFTTrainer(DecoderRLTrainer):
             x_t = (1 - t) * x0 + t * noise
             # the old policy and the reference first: swapping weights under a graph that still needs them would
             # corrupt its backward pass
+            velocity = self.decoder_family.velocity
             with self.old_policy.swapped_in(dit):
-                v_old = velocity(dit, x_t, timestep, conditioning, 1.0)
+                v_old = velocity(dit, x_t, timestep, conditioning, self._unguided)
             v_ref = None
             if args.reference_weight > 0:
                 with torch.no_grad(), self._reference() as reference:
-                    v_ref = velocity(reference, x_t, timestep, conditioning, 1.0)
-            v = velocity(model, x_t, timestep, conditioning, 1.0)
+                    v_ref = velocity(reference, x_t, timestep, conditioning, self._unguided)
+            v = velocity(model, x_t, timestep, conditioning, self._unguided)
             per_sample = diffusion_nft_loss(v, v_old, x_t, x0, t, optimality, args.nft_beta,
                                             args.advantage_clip / args.nft_beta)
             loss = per_sample.mean().float()

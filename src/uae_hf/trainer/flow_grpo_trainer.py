@@ -9,7 +9,7 @@ checkpoints hold it.
 
 import torch
 
-from ..sampling.flow_sde import Trajectory, flow_step, mean_kl, velocity
+from ..sampling.flow_sde import Trajectory, flow_step, mean_kl
 from .decoder_rl_trainer import DecoderRLTrainer
 from .flow_grpo_config import FlowGRPOConfig
 
@@ -20,7 +20,8 @@ class FlowGRPOTrainer(DecoderRLTrainer):
     Args:
         model (`str`, `PreTrainedModel` or `None`): the frozen encoder that writes the captions (default: the
             decoder's own `vlm`).
-        decoder (`UAEReconstructionPipeline` or `StableDiffusion3Pipeline`): the decoder whose DiT trains.
+        decoder (`DiffusionPipeline`): the decoder whose DiT trains: a `UAEReconstructionPipeline` or a pipeline of a
+            supported family (`uae_hf.decoders`).
         args ([`FlowGRPOConfig`], *optional*): group, objective, sampler, decoder and reward settings.
         train_dataset, eval_dataset: datasets with an `image` (or `images`) column.
         processing_class: the encoder's processor (default: the decoder's `processor`).
@@ -54,7 +55,8 @@ class FlowGRPOTrainer(DecoderRLTrainer):
 
     @property
     def _guidance(self) -> float:
-        return self.args.decoder_guidance_scale if self.args.train_guidance else 1.0
+        scale = self.args.decoder_guidance_scale
+        return scale if self.args.train_guidance else self.decoder_family.unguided_scale(scale)
 
     def _trained_steps(self) -> list[int]:
         """The first `int(T·timestep_fraction)` steps (at least one) of `timestep_window`."""
@@ -94,8 +96,8 @@ class FlowGRPOTrainer(DecoderRLTrainer):
 
         def step_loss(position: int, index: int) -> torch.Tensor:
             sample, target = trajectory.latents[:, index], trajectory.latents[:, index + 1]
-            v = velocity(model, sample, trajectory.timesteps[index], conditioning, self._guidance,
-                         detach_unconditional=args.detach_unconditional)
+            v = self.decoder_family.velocity(model, sample, trajectory.timesteps[index], conditioning, self._guidance,
+                                             detach_unconditional=args.detach_unconditional)
             step = flow_step(args.sde_method, v, sample, trajectory.sigmas, index, args.sde_noise_level,
                              prev_sample=target)
             ratio = torch.exp(step.log_prob - trajectory.log_probs[:, index])
@@ -104,7 +106,8 @@ class FlowGRPOTrainer(DecoderRLTrainer):
             kl = torch.zeros((), device=loss.device)
             if args.beta > 0 and bool(step.std > 0):
                 with torch.no_grad(), self._reference() as reference:
-                    v_ref = velocity(reference, sample, trajectory.timesteps[index], conditioning, self._guidance)
+                    v_ref = self.decoder_family.velocity(reference, sample, trajectory.timesteps[index], conditioning,
+                                                         self._guidance)
                     ref = flow_step(args.sde_method, v_ref, sample, trajectory.sigmas, index, args.sde_noise_level,
                                     prev_sample=target)
                 kl = mean_kl(step, ref).mean()

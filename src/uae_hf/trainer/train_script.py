@@ -43,8 +43,9 @@ class UnifiedScriptArguments:
     image_size: int | None = field(default=None, metadata={"help": "Resize images to this square size (None: keep)."})
     decoder: str = field(
         default=TINY,
-        metadata={"help": "UAE pipeline folder or Hub repo (or a plain SD3 pipeline, text mode); 'tiny' for the "
-                  "offline twins."},
+        metadata={"help": "UAE pipeline folder or Hub repo, or a text-to-image pipeline of a supported family (SD3, "
+                  "FLUX.1, FLUX.2 [klein], Qwen-Image: text mode); 'tiny' for the offline UAE twin, 'tiny-<family>' "
+                  "(e.g. 'tiny-flux1') for that family's offline twin."},
     )
     projector: str | None = field(
         default=None,
@@ -60,9 +61,17 @@ def _twins(script_args: UnifiedScriptArguments) -> Path:
     from ..tiny_models import build_tiny_models
 
     folder = Path(script_args.tiny_models_dir)
-    if not (folder / "decoder" / "model_index.json").exists():
+    decoder = tiny_decoder_folder(folder, script_args.decoder) or folder / "decoder"
+    if not (decoder / "model_index.json").exists():
         build_tiny_models(folder)
     return folder
+
+
+def tiny_decoder_folder(twins: Path, decoder: str) -> Path | None:
+    """`tiny-<family>`: that family's twin under `twins/decoders/`; else `None`."""
+    if not decoder.startswith(f"{TINY}-"):
+        return None
+    return twins / "decoders" / decoder.removeprefix(f"{TINY}-").replace("-", "_")
 
 
 def _train_dataset(script_args: UnifiedScriptArguments) -> datasets.Dataset:
@@ -119,7 +128,7 @@ def train(script_args: UnifiedScriptArguments, training_args, model_args: ModelC
     trained parts, the trainer state (`trainer_state.json` with the log history) and the model card."""
     from ..pipelines import load_saved_pipeline, load_uae_pipeline
 
-    uses_twins = TINY in (model_args.model_name_or_path, script_args.decoder)
+    uses_twins = model_args.model_name_or_path == TINY or script_args.decoder.split("-")[0] == TINY
     twins = _twins(script_args) if uses_twins else None
     encoder = str(twins / "encoder") if model_args.model_name_or_path == TINY else model_args.model_name_or_path
     dtype = model_dtype(model_args.dtype)  # `dtype` loads every model: encoder, decoder, projector
@@ -128,6 +137,8 @@ def train(script_args: UnifiedScriptArguments, training_args, model_args: ModelC
     with whole_model_loading():
         if script_args.decoder == TINY:
             decoder = load_uae_pipeline(twins / "decoder", twins / "encoder", twins / "projector", torch_dtype=dtype)
+        elif script_args.decoder.startswith(f"{TINY}-"):
+            decoder = load_saved_pipeline(tiny_decoder_folder(twins, script_args.decoder), torch_dtype=dtype)
         elif script_args.projector:
             decoder = _assemble_decoder(script_args.decoder, encoder, script_args.projector, dtype)
         else:
@@ -136,9 +147,11 @@ def train(script_args: UnifiedScriptArguments, training_args, model_args: ModelC
                                           torch_dtype=dtype)
         # the decoder stages read captions with the decoder's own (frozen) encoder; stage 2 trains a LoRA on it when
         # the decoder reads the very checkpoint being trained (it decodes with the adapter disabled): one copy
-        shares_encoder = not understanding or (model_args.use_peft and same_checkpoint(decoder.vlm, encoder))
-        if decoder.vlm is not None and shares_encoder:
-            model = decoder.vlm
+        vlm = getattr(decoder, "vlm", None)  # a UAE pipeline's encoder; other families have none
+        reads_trained = model_args.use_peft and vlm is not None and same_checkpoint(vlm, encoder)
+        shares_encoder = not understanding or reads_trained
+        if vlm is not None and shares_encoder:
+            model = vlm
         else:
             model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=dtype or "auto")
     if uses_twins and training_args.backbone_checkpoints is None:

@@ -16,10 +16,11 @@ from transformers import CompileConfig
 from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from trl import GRPOTrainer
 
+from ..decoders import decoder_family
 from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of, make_adapter_config_portable, model_source
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import adapters_disabled, caption_messages
 from .checkpointing import AtomicCheckpoints
-from .decoder_reward import ReconstructionGrids, as_decoder, build_reconstruction_reward, check_image_column
+from .decoder_reward import ReconstructionGrids, build_reconstruction_reward, check_image_column
 from .frozen_sharding import decoder_models, shard_frozen_models
 from .health import HealthWarnings
 from .model_card import card_tags, latest_metrics
@@ -124,7 +125,8 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
         if not isinstance(args, UnifiedGRPOConfig):
             raise TypeError(f"args must be a UnifiedGRPOConfig, got {type(args).__name__}")
         check_generation_backend(args)
-        self.decoder = as_decoder(decoder)
+        self.decoder_family = decoder_family(decoder)
+        self.decoder = self.decoder_family.pipe
         self.decoder.set_progress_bar_config(disable=True)
         train_dataset = with_caption_prompt(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
@@ -188,14 +190,16 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         return policy.get_base_model() if isinstance(policy, PeftModel) else policy
 
-    def _decoder_reads_embeddings(self) -> bool:
-        mode = self.args.decoder_conditioning_mode or self.decoder.config.conditioning_mode
-        return mode == "embeddings"
+    def _decoder_caption_encoder(self):
+        """The model the decoder reads captions with, where it may be the encoder's checkpoint (embeddings mode's
+        `vlm`; Qwen-Image's Qwen2.5-VL text encoder), else `None`."""
+        return self.decoder_family.caption_encoder(self.args.decoder_conditioning_mode)
 
     def _check_decoder_text_path(self) -> None:
-        if not self._decoder_reads_embeddings():
+        reader = self._decoder_caption_encoder()
+        if reader is None:
             return
-        shared = self.decoder.vlm is self._policy_base_model()
+        shared = reader is self._policy_base_model()
         peft = isinstance(self.accelerator.unwrap_model(self.model), PeftModel)
         if self.args.decoder_text_encoder == "policy" and not shared:
             raise ValueError(
@@ -212,9 +216,9 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
     def _decoder_text_path(self):
         """While the reward decodes: the frozen base LLM (adapters off) or the policy, in eval mode either way."""
         policy = self.accelerator.unwrap_model(self.model)
-        shared = self._decoder_reads_embeddings() and self.decoder.vlm is self._policy_base_model()
+        vlm = self._decoder_caption_encoder()
+        shared = vlm is not None and vlm is self._policy_base_model()
         disable = shared and self.args.decoder_text_encoder == "frozen"
-        vlm = self.decoder.vlm
         was_training = vlm.training if vlm is not None else False
         with adapters_disabled(policy) if disable else contextlib.nullcontext():
             if vlm is not None:

@@ -1,0 +1,26 @@
+"""The decoder protocol's choice of family: by the pipeline's class, one line for any other pipeline."""
+
+import pytest
+from diffusers import DDPMPipeline, DDPMScheduler, StableDiffusion3Pipeline, UNet2DModel
+
+from uae_hf.decoders import SD3Family, decoder_family
+
+
+def test_a_pipeline_of_an_unsupported_family_gets_one_line_naming_the_supported_ones():
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    with pytest.raises(TypeError) as error:
+        decoder_family(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("decoder DDPMPipeline is not of a supported family")
+    assert "StableDiffusion3Pipeline (SD3)" in message
+
+
+def test_a_plain_sd3_pipeline_is_read_in_text_mode_sharing_its_components(tiny_dir):
+    plain = StableDiffusion3Pipeline.from_pretrained(tiny_dir / "decoder")
+    family = decoder_family(plain)
+    assert isinstance(family, SD3Family) and family.conditioning_mode == "text"
+    assert family.transformer is plain.transformer and family.pipe.vae is plain.vae
+    assert decoder_family(family) is family
+    assert family.caption_encoder() is None  # CLIP and T5 read captions: never the encoder being trained
