@@ -294,7 +294,7 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
             base_model=base_model or LOCAL_CHECKPOINT,
             base_model_path=base_model or "path/to/base-encoder",
             decoder=decoder_name,
-            conditioning_mode=args.decoder_conditioning_mode or self.decoder.config.conditioning_mode,
+            conditioning_mode=args.decoder_conditioning_mode or self.decoder_family.conditioning_mode,
             reward_backbones=", ".join(args.reward_backbones),
             heldout_backbones=", ".join(args.heldout_backbones) or "none",
             decoder_settings=f"{args.decoder_width}x{args.decoder_height}, {args.decoder_num_inference_steps} steps, "
