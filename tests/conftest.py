@@ -94,19 +94,30 @@ def backbone_checkpoints(tiny_dir):
     return {name: str(tiny_dir / "backbones" / name) for name in ("clip", "dinov2", "dinov3", "longclip", "siglip")}
 
 
-# The two longest modules (~14 and ~5 min of one worker's time, 2 cores, 2026-12-07): first, so that they start at
-# once on different workers while the other modules fill in around them.
-LONGEST_MODULES = ("trainer/test_multi_process.py", "toy_world/test_demo.py")
+# The longest xdist scopes (a module, or a class of one), longest first, as measured on 2 cores (2026-12-07): they are
+# handed out first, so that no long scope starts last and runs alone; the rest follow, those holding `slow` tests first.
+# pyproject's addopts keep this order (`--no-loadscope-reorder`: xdist would otherwise order scopes by test count).
+LONGEST_SCOPES = (
+    "trainer/test_multi_process.py::TestZeRO3",
+    "toy_world/test_demo.py",
+    "trainer/test_multi_process.py::TestRecipesUnderZeRO3",
+    "test_cli.py",
+    "trainer/test_multi_process.py::TestZeRO2",
+    "trainer/test_multi_process.py::TestRecipesUnderFSDP2",
+    "trainer/test_multi_process.py::TestFSDP2",
+    "trainer/test_multi_process.py::TestRecipesUnderZeRO2",
+    "trainer/test_multi_process.py::TestDDP",
+    "trainer/test_multi_process.py",
+)
 
 
 def pytest_collection_modifyitems(items):
-    """The longest modules first, then those holding `slow` tests (each module stays on one xdist worker), so that no
-    long module starts last and runs alone."""
-    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    """The longest scopes first, then the scopes holding `slow` tests, then the rest."""
+    slow_scopes = {item.nodeid.rsplit("::", 1)[0] for item in items if item.get_closest_marker("slow")}
 
     def rank(item) -> int:
-        path = item.path.as_posix()
-        return next((i for i, name in enumerate(LONGEST_MODULES) if path.endswith(name)),
-                    len(LONGEST_MODULES) + (item.module not in slow_modules))
+        scope = item.nodeid.rsplit("::", 1)[0]
+        return next((i for i, name in enumerate(LONGEST_SCOPES) if scope.endswith(name)),
+                    len(LONGEST_SCOPES) + (scope not in slow_scopes))
 
     items.sort(key=rank)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from datasets import concatenate_datasets
+from filelock import FileLock
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -47,7 +48,8 @@ UPDATE_TOLERANCE = {"understanding": 2e-3, "generation": 0.02, "generation_nft":
                     "cold_start": 2e-4}
 # The frozen decoder's rewards of the same captions under an engine and under DDP: ≤ 3.8e-6 apart, measured as above.
 FROZEN_DECODER_REWARD_TOLERANCE = 5e-5
-PORTS = count(29610)  # a launch takes its own port and one per run it forks
+# a launch takes its own port and one per run it forks; each xdist worker its own range (they launch at once)
+PORTS = count(29610 + 300 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")))
 
 
 def cpu_config(engine: str, folder: Path, mixed_precision: str | None = "no", **fsdp_config) -> Path:
@@ -119,35 +121,46 @@ def twin_flags(recipe: str, tiny_dir, photos: Path, output_dir: Path) -> list[st
             *[arg for name, value in REAL_SIZE_RECIPES[recipe].items() for arg in (f"--{name}", str(value))]]
 
 
-@pytest.fixture(scope="module")
-def launches(tiny_dir, tmp_path_factory):
-    """`launches(name)`: the folder and result of one launch per config, each launched once per module: "ddp" and
-    "fsdp2" run every stage (and its resumed run) in full precision; "fsdp2-as-shipped" every real-size recipe under
-    fsdp.yaml as shipped (bf16); "zero2" and "zero3" both, under their configs as shipped (which leave precision to
-    the runs: full precision for the stages, the recipes' bf16 for the recipes)."""
-    done = {}
+@pytest.fixture(scope="session")
+def shared_folder(tmp_path_factory, worker_id) -> Path:
+    """A folder that every xdist worker of this test run sees (each worker's own temporary folder is in it)."""
+    own = tmp_path_factory.getbasetemp()
+    return own if worker_id == "master" else own.parent
+
+
+@pytest.fixture(scope="session")
+def launches(tiny_dir, shared_folder):
+    """`launches(name)`: the folder and result of one launch, launched once per test run whichever xdist worker asks
+    first (the others wait for it, then read its files): "ddp", "fsdp2", "zero2" and "zero3" run every stage (and its
+    resumed run) in full precision (the DeepSpeed configs as shipped leave precision to the runs); "<engine>-recipes"
+    every real-size recipe under that engine's config as shipped (the recipes' bf16). Each test class below reads one
+    engine's launches, so the classes spread over the workers."""
 
     def launch(name: str) -> tuple[Path, subprocess.CompletedProcess]:
-        if name in done:
-            return done[name]
-        engine, as_shipped = name.removesuffix("-as-shipped"), name.endswith("-as-shipped") or "zero" in name
-        folder = tmp_path_factory.mktemp(name)
-        runs = [] if as_shipped and engine == "fsdp2" else [
-            run for stage in STAGES for run in stage_runs(stage, engine, tiny_dir, folder / stage)]
-        if as_shipped:
-            photos = folder / "photos"
-            concatenate_datasets([skimage_photos(32)] * 12).save_to_disk(photos)
-            runs += [[str(HERE / "recipe_first_step.py"), str(folder / recipe), "--config",
-                      str(RECIPES / f"{recipe}.yaml"), *twin_flags(recipe, tiny_dir, photos, folder / recipe / "run")]
-                     for recipe in REAL_SIZE_RECIPES]
-        config = cpu_config(engine, folder, mixed_precision=None if as_shipped else "no")
-        done[name] = folder, accelerate_launch(config, runs)
-        return done[name]
+        folder = shared_folder / f"launch-{name}"
+        with FileLock(str(shared_folder / f"launch-{name}.lock")):
+            result = folder / "launch.json"
+            if not result.exists():
+                folder.mkdir()
+                engine, recipes = name.removesuffix("-recipes"), name.endswith("-recipes")
+                if recipes:
+                    photos = folder / "photos"
+                    concatenate_datasets([skimage_photos(32)] * 12).save_to_disk(photos)
+                    runs = [[str(HERE / "recipe_first_step.py"), str(folder / recipe), "--config",
+                             str(RECIPES / f"{recipe}.yaml"), *twin_flags(recipe, tiny_dir, photos, folder / recipe / "run")]
+                            for recipe in REAL_SIZE_RECIPES]
+                else:
+                    runs = [run for stage in STAGES for run in stage_runs(stage, engine, tiny_dir, folder / stage)]
+                shipped = recipes or engine.startswith("zero")
+                done = accelerate_launch(cpu_config(engine, folder, mixed_precision=None if shipped else "no"), runs)
+                result.write_text(json.dumps({"returncode": done.returncode, "stderr": done.stderr[-8000:]}))
+            saved = json.loads(result.read_text())
+        return folder, subprocess.CompletedProcess(name, saved["returncode"], "", saved["stderr"])
 
     return launch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(launches):
     """`runs(stage, engine)`: the output folder and records of that two-process run (its resumed run's records beside
     it, in `out.parent / "resumed"`)."""
@@ -227,91 +240,174 @@ def update_difference(out: Path, reference: Path) -> float:
     return float((delta - delta_ref).norm() / delta_ref.norm())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
-def test_two_processes_train_one_model(stage, runs):
-    out, records = runs(stage, "ddp")
-    assert [record["world_size"] for record in records] == [2, 2]
-    assert [record["optimizer_steps"] for record in records] == [TRAINING_STEPS] * 2
-    assert_identical_trained_weights(out)
-    run = out / "run"  # checkpoints complete with both processes' RNG states, renamed into place
-    assert sorted(path.name for path in run.iterdir() if "checkpoint" in path.name) == ["checkpoint-2", "checkpoint-3"]
-    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {path.name for path in (run / "checkpoint-3").iterdir()}
-    logs = step_logs(records)
-    assert len(logs) == 3
-    for step, logged in enumerate(logs):
-        local = [record["local"][step] for record in records]
-        if stage == "pretrain":  # its one metric (the caption-dropout rate) may well agree on both processes
-            continue
-        if stage != "cold_start":  # the logged reward is the mean over both processes' completions
-            everyone = local[0]["rewards"] + local[1]["rewards"]
-            logged_reward = logged["rewards/reconstruction/mean" if stage == "understanding" else "reward"]
-            assert logged_reward == pytest.approx(np.nanmean(everyone), abs=1e-5)
-            assert np.nanmean(local[0]["rewards"]) != pytest.approx(np.nanmean(local[1]["rewards"]), abs=1e-6)
-        if stage == "understanding":  # an extra reward of weight 0: 0 on process 0, 1 on process 1
-            assert logged["rewards/rank_marker/mean"] == pytest.approx(0.5)
-        else:  # the stage's own metrics are recorded per process and logged as their mean
-            name = "semantic_similarity" if stage == "cold_start" else "reconstruction/clip"
-            values = [entry["metrics"][name] for entry in local]
-            assert values[0] != pytest.approx(values[1], abs=1e-6)
-            assert logged[name] == pytest.approx(np.mean(values), abs=1e-6)
+class EngineChecks:
+    """What every engine's launch must show; one subclass per engine (each its own xdist scope)."""
+
+    engine = ""
+
+    @pytest.mark.parametrize("stage", STAGES)
+    def test_resumes_exactly(self, stage, runs, launches):
+        """Resumed from checkpoint 2 of 3, a run ends where the uninterrupted one did, bit for bit: the trained weights
+        and their copies (EMA, old policy), on both processes."""
+        engine = self.engine
+        out, _ = runs(stage, engine)
+        resumed = out.parent / "resumed"
+        resumed_records = run_records(resumed, launches(engine)[1])
+        assert [record["optimizer_steps"] for record in resumed_records] == [1, 1]  # the one step left
+        final, resumed_final = load_file(out / "rank0.safetensors"), assert_identical_trained_weights(resumed)
+        assert all(torch.equal(resumed_final[name], final[name]) for name in final)
+        if stage != "understanding":  # what our trainers keep beside the weights
+            state = load_file(out / "run" / "checkpoint-3" / RESUME_STATE_NAME)
+            resumed_state = load_file(resumed / "run" / "checkpoint-3" / RESUME_STATE_NAME)
+            assert state.keys() == resumed_state.keys()
+            assert all(torch.equal(resumed_state[name], state[name]) for name in state)
 
 
 @pytest.mark.slow
-@pytest.mark.outcome  # its bounds on the difference from DDP are rounding that kernels move
-@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
-@pytest.mark.parametrize("stage", STAGES)
-def test_sharding_engines_train_as_ddp_does(stage, engine, runs, tiny_dir):
-    out, records = runs(stage, engine)
-    assert [record["distributed_type"] for record in records] == [f"DistributedType.{ENGINES[engine][1]}"] * 2
-    # one optimizer step per training step, however many backward passes a step takes (stage 3: one per timestep)
-    assert [record["optimizer_steps"] for record in records] == [TRAINING_STEPS] * 2
-    assert len(step_logs(records)) == TRAINING_STEPS
-    final = assert_identical_trained_weights(out)  # gathered whole on each process: the ranks agree
-    # under FSDP2 every frozen model (encoder, decoder parts) is sharded for inference too (shard_frozen_models)
-    for record in records:
-        frozen = record["frozen_models"]
-        assert "vae" in frozen["sharded" if engine == "fsdp2" else "whole"]
-        assert frozen["whole" if engine == "fsdp2" else "sharded"] == []
-        if stage in ("generation", "generation_nft", "pretrain"):  # they caption / read captions with the encoder
-            assert "encoder" in frozen["sharded" if engine == "fsdp2" else "whole"]
+class TestDDP(EngineChecks):
+    """`multi_gpu.yaml`: accelerate's CPU DDP, the reference of the sharding engines."""
 
-    checkpoint = out / "run" / "checkpoint-3"
-    assert checkpoint.is_dir() and not any(path.name.startswith("tmp-") for path in (out / "run").iterdir())
-    if engine == "fsdp2":  # what trains, not the frozen base gathered to process 0 (before: 115 tensors, LoRA 30)
-        assert checkpoint_weight_names(checkpoint) and all(
-            "lora_" in name or name.startswith("projector.") for name in checkpoint_weight_names(checkpoint))
-    saved = saved_weights(stage, checkpoint, final)
-    reloaded = reloaded_weights(stage, checkpoint, tiny_dir)
-    assert reloaded.keys() == final.keys()
-    assert all(torch.equal(reloaded[name], saved[name]) for name in final)  # whole tensors, written once
+    engine = "ddp"
 
-    # the same training as DDP: what training changed differs from DDP's by at most UPDATE_TOLERANCE of it
-    ddp_out, ddp_records = runs(stage, "ddp")
-    assert update_difference(out, ddp_out) < UPDATE_TOLERANCE[stage]
-    if stage == "understanding":  # the frozen decoder scores each process's captions as it does under DDP
-        for record, ddp_record in zip(records, ddp_records):
-            for step, ddp_step in zip(record["local"], ddp_record["local"], strict=True):
-                assert step["rewards"] == pytest.approx(ddp_step["rewards"], abs=FROZEN_DECODER_REWARD_TOLERANCE)
+    @pytest.mark.parametrize("stage", STAGES)
+    def test_two_processes_train_one_model(self, stage, runs):
+        out, records = runs(stage, "ddp")
+        assert [record["world_size"] for record in records] == [2, 2]
+        assert [record["optimizer_steps"] for record in records] == [TRAINING_STEPS] * 2
+        assert_identical_trained_weights(out)
+        run = out / "run"  # checkpoints complete with both processes' RNG states, renamed into place
+        assert sorted(path.name for path in run.iterdir() if "checkpoint" in path.name) == ["checkpoint-2", "checkpoint-3"]
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {path.name for path in (run / "checkpoint-3").iterdir()}
+        logs = step_logs(records)
+        assert len(logs) == 3
+        for step, logged in enumerate(logs):
+            local = [record["local"][step] for record in records]
+            if stage == "pretrain":  # its one metric (the caption-dropout rate) may well agree on both processes
+                continue
+            if stage != "cold_start":  # the logged reward is the mean over both processes' completions
+                everyone = local[0]["rewards"] + local[1]["rewards"]
+                logged_reward = logged["rewards/reconstruction/mean" if stage == "understanding" else "reward"]
+                assert logged_reward == pytest.approx(np.nanmean(everyone), abs=1e-5)
+                assert np.nanmean(local[0]["rewards"]) != pytest.approx(np.nanmean(local[1]["rewards"]), abs=1e-6)
+            if stage == "understanding":  # an extra reward of weight 0: 0 on process 0, 1 on process 1
+                assert logged["rewards/rank_marker/mean"] == pytest.approx(0.5)
+            else:  # the stage's own metrics are recorded per process and logged as their mean
+                name = "semantic_similarity" if stage == "cold_start" else "reconstruction/clip"
+                values = [entry["metrics"][name] for entry in local]
+                assert values[0] != pytest.approx(values[1], abs=1e-6)
+                assert logged[name] == pytest.approx(np.mean(values), abs=1e-6)
+
+
+class ShardingEngineChecks(EngineChecks):
+    """What a sharding engine's launch must show besides: it trains what DDP trains."""
+
+    @pytest.mark.outcome  # its bounds on the difference from DDP are rounding that kernels move
+    @pytest.mark.parametrize("stage", STAGES)
+    def test_trains_as_ddp_does(self, stage, runs, tiny_dir):
+        engine = self.engine
+        out, records = runs(stage, engine)
+        assert [record["distributed_type"] for record in records] == [f"DistributedType.{ENGINES[engine][1]}"] * 2
+        # one optimizer step per training step, however many backward passes a step takes (stage 3: one per timestep)
+        assert [record["optimizer_steps"] for record in records] == [TRAINING_STEPS] * 2
+        assert len(step_logs(records)) == TRAINING_STEPS
+        final = assert_identical_trained_weights(out)  # gathered whole on each process: the ranks agree
+        # under FSDP2 every frozen model (encoder, decoder parts) is sharded for inference too (shard_frozen_models)
+        for record in records:
+            frozen = record["frozen_models"]
+            assert "vae" in frozen["sharded" if engine == "fsdp2" else "whole"]
+            assert frozen["whole" if engine == "fsdp2" else "sharded"] == []
+            if stage in ("generation", "generation_nft", "pretrain"):  # they caption / read captions with the encoder
+                assert "encoder" in frozen["sharded" if engine == "fsdp2" else "whole"]
+
+        checkpoint = out / "run" / "checkpoint-3"
+        assert checkpoint.is_dir() and not any(path.name.startswith("tmp-") for path in (out / "run").iterdir())
+        if engine == "fsdp2":  # what trains, not the frozen base gathered to process 0 (before: 115 tensors, LoRA 30)
+            assert checkpoint_weight_names(checkpoint) and all(
+                "lora_" in name or name.startswith("projector.") for name in checkpoint_weight_names(checkpoint))
+        saved = saved_weights(stage, checkpoint, final)
+        reloaded = reloaded_weights(stage, checkpoint, tiny_dir)
+        assert reloaded.keys() == final.keys()
+        assert all(torch.equal(reloaded[name], saved[name]) for name in final)  # whole tensors, written once
+
+        # the same training as DDP: what training changed differs from DDP's by at most UPDATE_TOLERANCE of it
+        ddp_out, ddp_records = runs(stage, "ddp")
+        assert update_difference(out, ddp_out) < UPDATE_TOLERANCE[stage]
+        if stage == "understanding":  # the frozen decoder scores each process's captions as it does under DDP
+            for record, ddp_record in zip(records, ddp_records):
+                for step, ddp_step in zip(record["local"], ddp_record["local"], strict=True):
+                    assert step["rewards"] == pytest.approx(ddp_step["rewards"], abs=FROZEN_DECODER_REWARD_TOLERANCE)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", list(ENGINES))
-@pytest.mark.parametrize("stage", STAGES)
-def test_engines_resume_exactly(stage, engine, runs, launches):
-    """Resumed from checkpoint 2 of 3, a run ends where the uninterrupted one did, bit for bit: the trained weights
-    and their copies (EMA, old policy), on both processes."""
-    out, _ = runs(stage, engine)
-    resumed = out.parent / "resumed"
-    resumed_records = run_records(resumed, launches(engine)[1])
-    assert [record["optimizer_steps"] for record in resumed_records] == [1, 1]  # the one step left
-    final, resumed_final = load_file(out / "rank0.safetensors"), assert_identical_trained_weights(resumed)
-    assert all(torch.equal(resumed_final[name], final[name]) for name in final)
-    if stage != "understanding":  # what our trainers keep beside the weights
-        state = load_file(out / "run" / "checkpoint-3" / RESUME_STATE_NAME)
-        resumed_state = load_file(resumed / "run" / "checkpoint-3" / RESUME_STATE_NAME)
-        assert state.keys() == resumed_state.keys()
-        assert all(torch.equal(resumed_state[name], state[name]) for name in state)
+class TestFSDP2(ShardingEngineChecks):
+    engine = "fsdp2"
+
+
+@pytest.mark.slow
+class TestZeRO2(ShardingEngineChecks):
+    engine = "zero2"
+
+
+@pytest.mark.slow
+class TestZeRO3(ShardingEngineChecks):
+    engine = "zero3"
+
+
+class RealSizeRecipeChecks:
+    """Every real-size recipe's first optimizer step under one engine's config as shipped; one subclass per engine."""
+
+    engine = ""
+
+    @pytest.mark.parametrize("recipe", list(REAL_SIZE_RECIPES))
+    def test_real_size_recipes_take_their_first_optimizer_step(self, recipe, launches, tiny_dir):
+        """Each real-size recipe with its own settings (the twins in place of its models) through `uae-hf train`, under each
+        shipped FSDP2 and DeepSpeed config as shipped: the engine takes its accumulation, batch size and bf16 from the
+        recipe (DeepSpeed's "auto" values; before, both DeepSpeed configs fixed an accumulation of 1 and transformers
+        refused every recipe), and its first optimizer step comes after the recipe's number of micro-batches, once."""
+        settings = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
+        engine = self.engine
+        folder, launch = launches(f"{engine}-recipes")
+        out = folder / recipe
+        accumulation = settings["gradient_accumulation_steps"]
+        batch = REAL_SIZE_RECIPES[recipe].get("per_device_train_batch_size", settings["per_device_train_batch_size"])
+        for record in run_records(out, launch):
+            assert record["distributed_type"] == f"DistributedType.{ENGINES[engine][1]}"
+            assert record["gradient_accumulation_steps"] == record["micro_batches"] == accumulation
+            assert record["per_device_train_batch_size"] == batch
+            assert record["optimizer_steps"] == [1] and record["global_step"] == 1
+            assert settings["bf16"] and record["mixed_precision"] == "bf16"
+            if engine == "fsdp2":  # fp32 masters of what trains, every frozen weight bf16
+                assert record["dtypes"] == {"trained": ["torch.float32"], "frozen": ["torch.bfloat16"]}
+            else:  # DeepSpeed's bf16 mode: bf16 weights (its fp32 masters live in its optimizer)
+                assert record["deepspeed"] == {"gradient_accumulation_steps": accumulation,
+                                               "train_micro_batch_size_per_gpu": batch, "bf16": {"enabled": True}}
+                assert record["dtypes"] == {"trained": ["torch.bfloat16"], "frozen": ["torch.bfloat16"]}
+        # the trained parts are saved whole (gathered), and load without the engine
+        run = out / "run"
+        if recipe.startswith("understanding"):
+            base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir / "encoder")
+            assert lora_parameters(PeftModel.from_pretrained(base, run))
+        else:
+            saved = load_file(run / LORA_WEIGHT_NAME)  # stage 3 saves its EMA: fp32 under every engine
+            assert saved and {value.dtype for value in saved.values()} == {
+                torch.float32 if engine == "fsdp2" or recipe.startswith("generation") else torch.bfloat16}
+        if recipe.startswith(("pretrain", "cold_start")):
+            assert sum(p.numel() for p in UAEProjector.from_pretrained(run / "projector").parameters()) > 0
+
+
+@pytest.mark.slow
+class TestRecipesUnderFSDP2(RealSizeRecipeChecks):
+    engine = "fsdp2"
+
+
+@pytest.mark.slow
+class TestRecipesUnderZeRO2(RealSizeRecipeChecks):
+    engine = "zero2"
+
+
+@pytest.mark.slow
+class TestRecipesUnderZeRO3(RealSizeRecipeChecks):
+    engine = "zero3"
 
 
 @pytest.mark.slow
@@ -333,45 +429,6 @@ def test_fsdp2_checkpoints_a_wholly_trained_model_sharded_when_asked(tiny_dir, t
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # written by each process
     assert load_file(checkpoint / RESUME_STATE_NAME) == {}
     assert not {"pytorch_model_fsdp.bin", "transformer", "projector"} & {path.name for path in checkpoint.iterdir()}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
-@pytest.mark.parametrize("recipe", list(REAL_SIZE_RECIPES))
-def test_real_size_recipes_take_their_first_optimizer_step_under_each_sharding_config(recipe, engine, launches,
-                                                                                       tiny_dir):
-    """Each real-size recipe with its own settings (the twins in place of its models) through `uae-hf train`, under each
-    shipped FSDP2 and DeepSpeed config as shipped: the engine takes its accumulation, batch size and bf16 from the
-    recipe (DeepSpeed's "auto" values; before, both DeepSpeed configs fixed an accumulation of 1 and transformers
-    refused every recipe), and its first optimizer step comes after the recipe's number of micro-batches, once."""
-    settings = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
-    folder, launch = launches("fsdp2-as-shipped" if engine == "fsdp2" else engine)
-    out = folder / recipe
-    accumulation = settings["gradient_accumulation_steps"]
-    batch = REAL_SIZE_RECIPES[recipe].get("per_device_train_batch_size", settings["per_device_train_batch_size"])
-    for record in run_records(out, launch):
-        assert record["distributed_type"] == f"DistributedType.{ENGINES[engine][1]}"
-        assert record["gradient_accumulation_steps"] == record["micro_batches"] == accumulation
-        assert record["per_device_train_batch_size"] == batch
-        assert record["optimizer_steps"] == [1] and record["global_step"] == 1
-        assert settings["bf16"] and record["mixed_precision"] == "bf16"
-        if engine == "fsdp2":  # fp32 masters of what trains, every frozen weight bf16
-            assert record["dtypes"] == {"trained": ["torch.float32"], "frozen": ["torch.bfloat16"]}
-        else:  # DeepSpeed's bf16 mode: bf16 weights (its fp32 masters live in its optimizer)
-            assert record["deepspeed"] == {"gradient_accumulation_steps": accumulation,
-                                           "train_micro_batch_size_per_gpu": batch, "bf16": {"enabled": True}}
-            assert record["dtypes"] == {"trained": ["torch.bfloat16"], "frozen": ["torch.bfloat16"]}
-    # the trained parts are saved whole (gathered), and load without the engine
-    run = out / "run"
-    if recipe.startswith("understanding"):
-        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir / "encoder")
-        assert lora_parameters(PeftModel.from_pretrained(base, run))
-    else:
-        saved = load_file(run / LORA_WEIGHT_NAME)  # stage 3 saves its EMA: fp32 under every engine
-        assert saved and {value.dtype for value in saved.values()} == {
-            torch.float32 if engine == "fsdp2" or recipe.startswith("generation") else torch.bfloat16}
-    if recipe.startswith(("pretrain", "cold_start")):
-        assert sum(p.numel() for p in UAEProjector.from_pretrained(run / "projector").parameters()) > 0
 
 
 def engine_environment(tmp_path: Path) -> dict:
