@@ -24,3 +24,22 @@ def test_a_plain_sd3_pipeline_is_read_in_text_mode_sharing_its_components(tiny_d
     assert family.transformer is plain.transformer and family.pipe.vae is plain.vae
     assert decoder_family(family) is family
     assert family.caption_encoder() is None  # CLIP and T5 read captions: never the encoder being trained
+
+
+def test_a_paired_round_trip_with_a_plain_sd3_decoder_is_the_uae_pipeline_s_text_mode(tiny_dir, photos):
+    """`PairedRoundTrip` (any chat VLM + any supported decoder) seeds captions and noise as the UAE pipeline does: with
+    SD3 and the same encoder, its round trip is the text-mode UAE pipeline's, caption for caption, pixel for pixel."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from uae_hf import PairedRoundTrip, load_uae_pipeline
+    from uae_hf.seeding import seeded_generators
+
+    settings = dict(height=32, width=32, num_inference_steps=2, max_new_tokens=12)
+    uae = load_uae_pipeline(tiny_dir / "decoder", tiny_dir / "encoder", conditioning_mode="text")
+    expected = uae(image=photos[:2], generator=seeded_generators([3, 4]), output_type="np", **settings)
+    vlm = AutoModelForImageTextToText.from_pretrained(tiny_dir / "encoder")
+    pair = PairedRoundTrip(vlm, AutoProcessor.from_pretrained(tiny_dir / "encoder"),
+                           StableDiffusion3Pipeline.from_pretrained(tiny_dir / "decoder"))
+    out = pair(image=photos[:2], generator=seeded_generators([3, 4]), output_type="np", **settings)
+    assert out.captions == expected.captions and all(out.captions)
+    assert (out.images == expected.images).all() and out.truncated == expected.truncated
