@@ -9,6 +9,8 @@ Layout written by [`build_tiny_models`]:
     OUT_DIR/decoder                StableDiffusion3Pipeline twin (MMDiT with qk-norm + dual attention, VAE,
                                    CLIP-L/G with projection, optional T5)
     OUT_DIR/projector              UAEProjector: encoder hidden size → decoder joint_attention_dim
+    OUT_DIR/decoders/flux1         FluxPipeline twin (FLUX.1-dev-like: guidance embedding, double + single blocks,
+                                   16-channel VAE, CLIP-L pooled + T5, dynamic shift)
     OUT_DIR/backbones/{clip,dinov2,dinov3,longclip,siglip}
 """
 
@@ -20,7 +22,14 @@ import diffusers
 import huggingface_hub
 import torch
 import transformers
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
 from tokenizers import pre_tokenizers
 from transformers import (
     BitImageProcessor,
@@ -29,6 +38,7 @@ from transformers import (
     CLIPModel,
     CLIPProcessor,
     CLIPTextConfig,
+    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     Dinov2Config,
@@ -287,7 +297,8 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def _clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int) -> CLIPTextModelWithProjection:
+def _clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int,
+                       model_class=CLIPTextModelWithProjection) -> CLIPTextModel | CLIPTextModelWithProjection:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -302,7 +313,7 @@ def _clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, projection_di
         hidden_act="gelu",
     )
     torch.manual_seed(SEED)
-    return CLIPTextModelWithProjection(config).eval()
+    return model_class(config).eval()
 
 
 @_quietly()
@@ -379,6 +390,55 @@ def build_tiny_decoder(
         tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(path)
+
+
+@_quietly()
+def build_tiny_flux_decoder(path: str | Path) -> None:
+    """FLUX.1-dev twin: `FluxTransformer2DModel` with the guidance embedding (one double and one single block), a
+    16-channel VAE with FLUX's scaling and shift, CLIP-L (`CLIPTextModel`, pooled) and T5, FLUX.1-dev's dynamically
+    shifted scheduler."""
+    tokenizer, tokenizer_2 = _clip_tokenizer(77), _t5_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer, hidden_size=32, projection_dim=32, model_class=CLIPTextModel)
+    torch.manual_seed(SEED)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, decoder_start_token_id=0)
+    ).eval()
+    torch.manual_seed(SEED)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels, packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's d_model
+        pooled_projection_dim=32,  # CLIP's hidden size
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
+        max_shift=1.15,
+    )
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer).save_pretrained(path)
 
 
 @_quietly()
@@ -470,5 +530,6 @@ def build_tiny_models(out_dir: str | Path, with_t5: bool = True) -> Path:
     build_tiny_encoder(out_dir / "encoder")
     build_tiny_decoder(out_dir / "decoder", with_t5=with_t5)
     build_tiny_projector(out_dir / "projector")
+    build_tiny_flux_decoder(out_dir / "decoders" / "flux1")
     build_tiny_backbones(out_dir / "backbones")
     return out_dir

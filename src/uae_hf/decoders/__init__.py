@@ -3,9 +3,10 @@ from the pipeline's class by [`decoder_family`]. Adding a family: one module wit
 in `FAMILIES`."""
 
 from .base import DecoderFamily
+from .flux import FluxFamily
 from .sd3 import SD3Family
 
-FAMILIES: tuple[type[DecoderFamily], ...] = (SD3Family,)
+FAMILIES: tuple[type[DecoderFamily], ...] = (SD3Family, FluxFamily)
 
 
 def supported_pipelines() -> str:
@@ -34,4 +35,4 @@ def decoder_family(decoder) -> DecoderFamily:
     return family(decoder)
 
 
-__all__ = ["FAMILIES", "DecoderFamily", "SD3Family", "decoder_family", "family_class", "supported_pipelines"]
+__all__ = ["FAMILIES", "DecoderFamily", "FluxFamily", "SD3Family", "decoder_family", "family_class", "supported_pipelines"]
