@@ -47,6 +47,19 @@ class PairedRoundTrip:
     def set_progress_bar_config(self, **kwargs) -> None:
         self.decoder.set_progress_bar_config(**kwargs)
 
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.dtype
+
+    def load_encoder_adapter(self, adapter_path: str, adapter_name: str = "default", **kwargs) -> None:
+        """Attach a PEFT adapter folder to the VLM and make it active (captioning then runs through it)."""
+        self.vlm.load_adapter(adapter_path, adapter_name=adapter_name, **kwargs)
+        self.vlm.set_adapter(adapter_name)
+
     def caption(self, image, instruction: str = CAPTION_INSTRUCTION, max_new_tokens: int = 512, do_sample: bool = True,
                 temperature: float = 0.7, top_p: float | None = None, **generate_kwargs) -> list[str]:
         """Caption one image or a list of them in one batch (see `caption_images`)."""
@@ -67,10 +80,17 @@ class PairedRoundTrip:
         if captions is None:
             captions = self.caption(image, instruction, max_new_tokens, do_sample, temperature, top_p,
                                     generator=_derived_generators(generator))
+        return self.generate(captions, height=height, width=width, num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, generator=generator, negative_prompt=negative_prompt,
+                             output_type=output_type)
+
+    @torch.no_grad()
+    def generate(self, captions: str | list[str], generator=None, output_type: str = "pil",
+                 **decoder_settings) -> UAEReconstructionPipelineOutput:
+        """The decoder half: one image per caption from the generator(s), with which captions its text encoder cut.
+        `decoder_settings`: `height`, `width`, `num_inference_steps`, `guidance_scale`, `negative_prompt`."""
         captions = [captions] if isinstance(captions, str) else list(captions)
-        images = self.decoder_family.generate(captions, height=height, width=width,
-                                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                              generator=generator, output_type=output_type,
-                                              conditioning_mode="text", negative_prompt=negative_prompt)
+        images = self.decoder_family.generate(captions, generator=generator, output_type=output_type,
+                                              conditioning_mode="text", **decoder_settings)
         return UAEReconstructionPipelineOutput(images=images, captions=captions,
                                                truncated=self.decoder_family.caption_truncation(captions))
