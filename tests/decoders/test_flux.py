@@ -77,6 +77,24 @@ def test_our_sampler_draws_what_the_stock_pipeline_draws(flux):
     other = family.generate(CAPTIONS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=1.0,
                             generator=generators())
     assert np.abs(other - ours).max() > 1e-3 and family.unguided_scale(GUIDANCE) == GUIDANCE
+    with pytest.raises(ValueError, match="reads no negative prompt"):
+        family.encode_captions(CAPTIONS, negative_prompt="blurry")
+    # T5's sequence is what the DiT reads: a caption is cut where T5 cuts it
+    assert family.caption_truncation(["a cat", " ".join(["cat"] * 20)], max_sequence_length=8) == [False, True]
+
+
+def test_a_dit_without_guidance_embedding_reads_no_guidance(flux):
+    """FLUX.1-schnell's layout: no guidance input, so the scale changes nothing, as in the stock pipeline."""
+    config = dict(flux.transformer.config) | {"guidance_embeds": False}
+    torch.manual_seed(0)
+    schnell = FluxPipeline(**flux.components | {"transformer": type(flux.transformer).from_config(config).eval()})
+    schnell.set_progress_bar_config(disable=True)
+    family = decoder_family(schnell)
+    settings = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2)
+    ours = family.generate(CAPTIONS, guidance_scale=GUIDANCE, generator=generators(), **settings)
+    stock = schnell(CAPTIONS, guidance_scale=GUIDANCE, generator=generators(), output_type="np", **settings).images
+    assert np.abs(uint8(ours) - uint8(stock)).max() <= 1
+    assert np.array_equal(ours, family.generate(CAPTIONS, guidance_scale=1.0, generator=generators(), **settings))
 
 
 def test_the_sde_step_log_prob_rescores_as_sampled(flux):
