@@ -11,6 +11,9 @@ Layout written by [`build_tiny_models`]:
     OUT_DIR/projector              UAEProjector: encoder hidden size → decoder joint_attention_dim
     OUT_DIR/decoders/flux1         FluxPipeline twin (FLUX.1-dev-like: guidance embedding, double + single blocks,
                                    16-channel VAE, CLIP-L pooled + T5, dynamic shift)
+    OUT_DIR/decoders/qwen_image    QwenImagePipeline twin (dual-stream DiT, 3-D causal VAE, exponential dynamic shift,
+                                   Qwen2.5-VL-Instruct text encoder whose template prefix is Qwen's 34 tokens;
+                                   text_encoder/ also holds its processor: an encoder twin)
     OUT_DIR/backbones/{clip,dinov2,dinov3,longclip,siglip}
 """
 
@@ -24,9 +27,12 @@ import torch
 import transformers
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -442,6 +448,47 @@ def build_tiny_flux_decoder(path: str | Path) -> None:
 
 
 @_quietly()
+def build_tiny_qwen_image_decoder(path: str | Path) -> None:
+    """Qwen-Image twin: `QwenImageTransformer2DModel` (two dual-stream blocks, 3-axis RoPE, no guidance embedding),
+    the 3-D causal VAE (16 latent channels with Qwen-Image's `latents_mean`/`latents_std`, 8x spatial downsampling),
+    Qwen-Image's scheduler (resolution-dependent exponential shift, terminal sigma 0.02) and a Qwen2.5-VL-Instruct
+    text encoder whose BPE learnt the pipeline's prompt template: its system turn is the very
+    `prompt_template_encode_start_idx` tokens the pipeline drops, as with Qwen2.5-VL's own vocabulary.
+
+    `text_encoder/` holds a whole encoder twin (model and processor, as [`build_tiny_encoder`] writes one), so
+    `AutoModelForImageTextToText` / `AutoProcessor` load it as the VLM that a pipeline built with
+    `text_encoder=<that VLM>` shares with the encoder being trained."""
+    path = Path(path)
+    template = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                 transformer=None).prompt_template_encode
+    # the template's words learnt whole (the corpus runs out of pairs before 1000 merges)
+    corpus = [*_CORPUS, template.replace("<|im_start|>", "").replace("<|im_end|>", "").format("")]
+    build_tiny_encoder(path / "text_encoder", corpus=corpus, num_merges=1000)
+    text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder").eval()
+    torch.manual_seed(SEED)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,  # 16 latent channels, packed 2x2
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=ENCODER_HIDDEN_SIZE,  # the text encoder's hidden size
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True]).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5,
+        max_shift=0.9, shift_terminal=0.02, time_shift_type="exponential",
+    )
+    QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                      tokenizer=Qwen2Tokenizer.from_pretrained(path / "text_encoder"),
+                      transformer=transformer).save_pretrained(path)
+
+
+@_quietly()
 def build_tiny_projector(
     path: str | Path, encoder_hidden_size: int = ENCODER_HIDDEN_SIZE, joint_attention_dim: int = DECODER_JOINT_ATTENTION_DIM
 ) -> None:
@@ -531,5 +578,6 @@ def build_tiny_models(out_dir: str | Path, with_t5: bool = True) -> Path:
     build_tiny_decoder(out_dir / "decoder", with_t5=with_t5)
     build_tiny_projector(out_dir / "projector")
     build_tiny_flux_decoder(out_dir / "decoders" / "flux1")
+    build_tiny_qwen_image_decoder(out_dir / "decoders" / "qwen_image")
     build_tiny_backbones(out_dir / "backbones")
     return out_dir

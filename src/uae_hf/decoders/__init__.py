@@ -4,9 +4,10 @@ in `FAMILIES`."""
 
 from .base import DecoderFamily
 from .flux import FluxFamily
+from .qwen_image import QwenImageFamily
 from .sd3 import SD3Family
 
-FAMILIES: tuple[type[DecoderFamily], ...] = (SD3Family, FluxFamily)
+FAMILIES: tuple[type[DecoderFamily], ...] = (SD3Family, FluxFamily, QwenImageFamily)
 
 
 def supported_pipelines() -> str:
@@ -35,4 +36,4 @@ def decoder_family(decoder) -> DecoderFamily:
     return family(decoder)
 
 
-__all__ = ["FAMILIES", "DecoderFamily", "FluxFamily", "SD3Family", "decoder_family", "family_class", "supported_pipelines"]
+__all__ = ["FAMILIES", "DecoderFamily", "FluxFamily", "QwenImageFamily", "SD3Family", "decoder_family", "family_class", "supported_pipelines"]
