@@ -16,8 +16,9 @@ class UnifiedGRPOConfig(ReconstructionArguments, GRPOConfig):
 
     Parameters that control the decoder:
         decoder_text_encoder (`str`, defaults to `"frozen"`):
-            In embeddings mode, whether the decoder's LLM reads captions with the frozen base weights (`"frozen"`:
-            the policy's adapters disabled while decoding) or with the current `"policy"`.
+            Where the decoder reads captions with the model being trained (embeddings mode's LLM; Qwen-Image's text
+            encoder built as that model), whether it reads them with the frozen base weights (`"frozen"`: the
+            policy's adapters disabled while decoding) or with the current `"policy"`.
 
     Example:
 
@@ -30,8 +31,9 @@ class UnifiedGRPOConfig(ReconstructionArguments, GRPOConfig):
 
     decoder_text_encoder: str = field(
         default="frozen",
-        metadata={"help": "Embeddings mode: decode with the frozen base LLM ('frozen', adapters disabled) or with "
-                  "the current policy ('policy').", "choices": ["frozen", "policy"]},
+        metadata={"help": "Where the decoder reads captions with the model being trained (embeddings mode's LLM, "
+                  "Qwen-Image's text encoder): with its frozen base weights ('frozen', adapters disabled) or with the "
+                  "current policy ('policy').", "choices": ["frozen", "policy"]},
     )
 
     def __post_init__(self):

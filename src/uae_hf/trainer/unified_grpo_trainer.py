@@ -91,9 +91,11 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
 
     Args:
         model (`str` or `PreTrainedModel`): the encoder VLM being trained (a Hub id, a folder or a loaded model).
-        decoder (`UAEReconstructionPipeline` or `StableDiffusion3Pipeline`): the frozen decoder. In embeddings mode
-            its `vlm` may be the very object passed as `model` (one copy in memory); with a PEFT adapter the decoder
-            then reads captions with the adapter disabled (see `decoder_text_encoder`).
+        decoder (`DiffusionPipeline`): the frozen decoder, a `UAEReconstructionPipeline` or a pipeline of a
+            supported family (`uae_hf.decoders`). The model it reads captions with (embeddings mode's `vlm`; the
+            `text_encoder` of a family whose text encoder is the encoder's checkpoint, as Qwen-Image's Qwen2.5-VL)
+            may be the very object passed as `model` (one copy in memory); with a PEFT adapter the decoder then reads
+            captions with the adapter disabled (see `decoder_text_encoder`).
         args ([`UnifiedGRPOConfig`], *optional*): training, decoder and reward settings.
         train_dataset, eval_dataset: datasets with an `image` (or `images`) column; without a `prompt` column the
             UAE captioning prompt is added.
@@ -202,9 +204,10 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
         shared = reader is self._policy_base_model()
         peft = isinstance(self.accelerator.unwrap_model(self.model), PeftModel)
         if self.args.decoder_text_encoder == "policy" and not shared:
+            name = next(key for key, component in self.decoder.components.items() if component is reader)
             raise ValueError(
-                'decoder_text_encoder="policy" decodes captions with the model being trained, so the decoder\'s `vlm` '
-                "must be that model: build the decoder with vlm=<the model you pass as `model`>"
+                f'decoder_text_encoder="policy" decodes captions with the model being trained, so the decoder\'s '
+                f"`{name}` must be that model: build the decoder with {name}=<the model you pass as `model`>"
             )
         if self.args.decoder_text_encoder == "frozen" and shared and not peft:
             raise ValueError(
