@@ -36,8 +36,8 @@ class FluxFamily(DecoderFamily):
         dimension to select rows by)."""
         self.check_conditioning_mode(conditioning_mode)
         if negative_prompt is not None:
-            raise ValueError(f"the {self.name} decoder reads no negative prompt (its guidance is the distilled guidance "
-                             "embedding, one pass per step): pass negative_prompt=None")
+            raise ValueError(f"the {self.name} decoder reads no negative prompt (its guidance is the distilled "
+                             "guidance embedding, one pass per step): pass negative_prompt=None")
         prompt_embeds, pooled_prompt_embeds, _ = self.pipe.encode_prompt(
             captions, device=self.pipe._execution_device, num_images_per_prompt=num_images_per_prompt,
             max_sequence_length=max_sequence_length or T5_MAX_SEQUENCE_LENGTH,
@@ -67,8 +67,9 @@ class FluxFamily(DecoderFamily):
             sigmas = None
         patch = 2 * pipe.vae_scale_factor  # one packed token per 2x2 latent pixels
         image_seq_len = (height // patch) * (width // patch)
-        mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
         timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
         return timesteps, pipe.scheduler.sigmas.to(device)
 
