@@ -11,6 +11,7 @@ import json
 import time
 
 import cli_argument_errors
+import decoder_families
 import decoder_rl_step
 import flow_grpo_step
 import grpo_overhead
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "grpo_overhead": grpo_overhead,
     "flow_grpo_step": flow_grpo_step,
     "decoder_rl_step": decoder_rl_step,
+    "decoder_families": decoder_families,
     "stage_memory": stage_memory,
     "sharding_memory": sharding_memory,
     "real_size_memory": real_size_memory,
@@ -44,6 +46,10 @@ TARGETS = [
     ("pipeline batch 8 / batch 1 (images/s)", lambda f: f["reconstruction_throughput"]["batch_8_over_batch_1"], None,
      False),
     ("Flow-GRPO update, timestep_fraction 0.5 / 1.0", lambda f: f["flow_grpo_step"]["update_ratio"], None, True),
+    ("Flow-GRPO rollout / stock pipeline call (worst family)",
+     lambda f: f["decoder_families"]["worst_rollout_over_stock"], 1.10, True),
+    ("reward decoding / stock pipeline call (worst family)", lambda f: f["decoder_families"]["worst_reward_over_stock"],
+     1.10, True),
     ("DiffusionNFT / Flow-GRPO step time per image", lambda f: f["decoder_rl_step"]["nft_over_flow_grpo_time"], None,
      True),
     ("DiffusionNFT / Flow-GRPO step memory per image", lambda f: f["decoder_rl_step"]["nft_over_flow_grpo_memory"],

@@ -5,6 +5,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -54,6 +55,35 @@ def test_reconstruct_with_a_plain_sd3_pipeline_captions_with_the_encoder_in_text
           str(tiny_dir / "encoder"), "--output-dir", str(out), "--num-inference-steps", "2", "--max-new-tokens", "6"])
     [row] = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert row["image"] == str(tmp_path / "photo.png") and PIL.Image.open(row["reconstruction"]).size == (64, 64)
+
+
+@pytest.mark.parametrize("family", ["flux1", "qwen_image"])
+def test_bench_round_trips_with_a_vlm_and_a_decoder_of_another_family(family, tiny_dir, photos, backbone_checkpoints,
+                                                                      tmp_path):
+    """`--pipeline` of a supported family + `--encoder`: the paired round trip, as `PairedRoundTrip` gives it in
+    Python for image 0's seed, with the family's own guidance default."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from uae_hf import PairedRoundTrip, load_saved_pipeline
+
+    references = tmp_path / "references"
+    references.mkdir()
+    photos[0].save(references / "photo.png")
+    decoder = tiny_dir / "decoders" / family
+    main(["bench", "--images-dir", str(references), "--pipeline", str(decoder), "--encoder", str(tiny_dir / "encoder"),
+          "--output-dir", str(tmp_path / "out"), "--backbones", "clip", "--checkpoint",
+          f"clip={backbone_checkpoints['clip']}", "--num-inference-steps", "2", "--max-new-tokens", "6", "--height",
+          "32", "--width", "32"])
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
+    [row] = scores["per_image"]
+    pair = PairedRoundTrip(AutoModelForImageTextToText.from_pretrained(tiny_dir / "encoder"),
+                           AutoProcessor.from_pretrained(tiny_dir / "encoder"), load_saved_pipeline(decoder))
+    expected = pair(image=[photos[0]], generator=[torch.Generator().manual_seed(0)], num_inference_steps=2,
+                    max_new_tokens=6, height=32, width=32)
+    assert row["caption"] == expected.captions[0]
+    saved = np.asarray(PIL.Image.open(next((tmp_path / "out").rglob("photo*.png"))).convert("RGB"), dtype=int)
+    assert np.abs(saved - np.asarray(expected.images[0], dtype=int)).max() <= 1
+    assert scores["settings"]["round_trip"]["guidance_scale"] == pair.decoder_family.default_guidance_scale
 
 
 def test_bench_names_reconstructions_that_match_no_reference(photos, backbone_checkpoints, tmp_path, capsys):

@@ -17,6 +17,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .decoders import FAMILY_OF_PIPELINE, supported_pipelines
+
 
 class CommandLineError(SystemExit):
     """A mistake the user can act on: `main` prints `uae-hf: <message>` (no traceback) and exits with status 2."""
@@ -209,10 +211,23 @@ def reconstruct(
     return rows
 
 
+def _guidance_scale(args) -> float:
+    """`--guidance-scale`, else the decoder's default: the UAE pipeline's (SD3's) 5.0, or another family's own."""
+    if args.guidance_scale is not None:
+        return args.guidance_scale
+    source = getattr(args, "pipeline_source", None)
+    text_to_image = source.text_to_image_class if source else None
+    if text_to_image in (None, SD3_CLASS):
+        return UAE_GUIDANCE_SCALE
+    from .decoders import family_class
+
+    return family_class([text_to_image]).default_guidance_scale
+
+
 def _generate_kwargs(args) -> dict:
     kwargs = {
         "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
+        "guidance_scale": _guidance_scale(args),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "do_sample": args.temperature > 0,
@@ -228,7 +243,9 @@ def _generate_kwargs(args) -> dict:
 
 def _add_generation_arguments(parser: argparse.ArgumentParser, steps: int, tokens: int) -> None:
     parser.add_argument("--num-inference-steps", type=positive_int, default=steps, help="decoder sampling steps")
-    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="the decoder's guidance scale (default: its own; 5.0 for a UAE or SD3 pipeline, 3.5 for "
+                        "FLUX.1-dev's guidance embedding, 4.0 for Qwen-Image's true CFG)"),
     parser.add_argument("--height", type=positive_int, default=None,
                         help="output height (default: the decoder's native size)")
     parser.add_argument("--width", type=positive_int, default=None,
@@ -243,8 +260,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, steps: int, token
     parser.add_argument("--encoder-adapter", default=None, metavar="DIR",
                         help="a PEFT adapter folder to load on the encoder, e.g. a stage-2 output (default: none)")
     parser.add_argument("--encoder", default=None, metavar="VLM",
-                        help="with a plain StableDiffusion3Pipeline as --pipeline: the chat VLM (folder or Hub id) "
-                        "that captions; the decoder then draws from the captions in text mode")
+                        help="with a text-to-image --pipeline (StableDiffusion3Pipeline, FluxPipeline, "
+                        "Flux2KleinPipeline, QwenImagePipeline): the chat VLM (folder or Hub id) that captions; the "
+                        "decoder then draws from the captions in text mode")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the pipeline folder's own code (by default a UAE pipeline is rebuilt from uae_hf's "
                         "classes and no code from the folder or repo runs)")
@@ -315,15 +333,17 @@ def _pipeline_folder(source: str) -> tuple[Path, str | None]:
 @dataclass
 class PipelineSource:
     """What `--pipeline` names, found before any model loads: its local folder, its Hub revision (for a Hub repo),
-    and whether it is a plain SD3 pipeline (no encoder: `--encoder` captions, the decoder draws in text mode)."""
+    and, for a text-to-image pipeline of a supported family (no encoder: `--encoder` captions, the decoder draws
+    from the captions as text prompts), its class name."""
 
     folder: Path
     revision: str | None
-    plain_sd3: bool
+    text_to_image_class: str | None
 
 
 UAE_PIPELINE_CLASS = "UAEReconstructionPipeline"
-PLAIN_SD3_CLASS = "StableDiffusion3Pipeline"
+SD3_CLASS = "StableDiffusion3Pipeline"
+UAE_GUIDANCE_SCALE = 5.0  # the UAE pipeline's (and SD3's) default; other families default to their own
 
 
 def _looks_like_a_path(value: str) -> bool:
@@ -356,28 +376,28 @@ def _pipeline_source(args, download: bool = True) -> PipelineSource | None:
     except (OSError, ValueError, AttributeError) as error:
         raise CommandLineError(f"--pipeline {args.pipeline}: cannot read its model_index.json ({error})") from error
     class_name = class_name[-1] if isinstance(class_name, list) else class_name
-    plain_sd3 = class_name == PLAIN_SD3_CLASS
-    if class_name not in (UAE_PIPELINE_CLASS, PLAIN_SD3_CLASS):
-        raise CommandLineError(f"--pipeline {args.pipeline} is a {class_name}, not a UAE pipeline: pass a folder "
-                               "written by UAEReconstructionPipeline.save_pretrained or uae-hf convert-release (or a "
-                               f"plain {PLAIN_SD3_CLASS} with --encoder)")
-    if plain_sd3 and not args.encoder:
-        raise CommandLineError(f"--pipeline {args.pipeline} is a plain {PLAIN_SD3_CLASS}: it has no encoder to caption "
+    text_to_image = class_name if class_name != UAE_PIPELINE_CLASS else None
+    if text_to_image and text_to_image not in FAMILY_OF_PIPELINE:
+        raise CommandLineError(f"--pipeline {args.pipeline} is a {class_name}, not a UAE pipeline nor a decoder uae_hf "
+                               "supports: pass a folder written by UAEReconstructionPipeline.save_pretrained or uae-hf "
+                               f"convert-release, or with --encoder one of {supported_pipelines()}")
+    if text_to_image and not args.encoder:
+        raise CommandLineError(f"--pipeline {args.pipeline} is a plain {class_name}: it has no encoder to caption "
                                "images. Pass --encoder (a chat VLM folder or Hub id, e.g. Qwen/Qwen2.5-VL-3B-Instruct) "
                                "to caption with it and draw from the captions in text mode, or a UAE pipeline")
-    if plain_sd3 and args.conditioning_mode == "embeddings":
-        raise CommandLineError(f"--conditioning-mode embeddings needs a projector, which the plain {PLAIN_SD3_CLASS} "
+    if text_to_image and args.conditioning_mode == "embeddings":
+        raise CommandLineError(f"--conditioning-mode embeddings needs a projector, which the plain {class_name} "
                                f"--pipeline {args.pipeline} lacks: leave --conditioning-mode out (text mode)")
-    if args.encoder and not plain_sd3:
-        raise CommandLineError(f"--encoder is for a plain {PLAIN_SD3_CLASS} --pipeline; {args.pipeline} is a UAE "
-                               "pipeline with its own encoder: drop --encoder (--encoder-adapter loads an adapter "
-                               "on it)")
+    if args.encoder and not text_to_image:
+        raise CommandLineError("--encoder is for a text-to-image --pipeline without an encoder (SD3, FLUX.1, ...); "
+                               f"{args.pipeline} is a UAE pipeline with its own encoder: drop --encoder "
+                               "(--encoder-adapter loads an adapter on it)")
     if args.encoder:
         _check_model_folder(f"--encoder {args.encoder}", args.encoder, "config.json", "a model folder")
     if args.encoder_adapter:
         _check_model_folder(f"--encoder-adapter {args.encoder_adapter}", args.encoder_adapter, "adapter_config.json",
                            "a PEFT adapter folder")
-    return PipelineSource(folder, revision, plain_sd3)
+    return PipelineSource(folder, revision, text_to_image)
 
 
 def _local_fingerprint(source: str | None) -> tuple[str | None, str | None]:
@@ -408,14 +428,22 @@ def _pipeline_settings(args, source: PipelineSource) -> dict:
 
 
 def _load_pipeline(args, source: PipelineSource):
-    """The `--pipeline` found at `source` (a plain SD3 one with `--encoder`, in text mode), with its
-    `--encoder-adapter`, in `--dtype` on `--device`."""
+    """The `--pipeline` found at `source` (a text-to-image one paired with `--encoder`: SD3 as a text-mode UAE
+    pipeline, another family as a `PairedRoundTrip`), with its `--encoder-adapter`, in `--dtype` on `--device`."""
     from .pipelines import load_saved_pipeline, load_uae_pipeline
 
     device = _device(args)
     dtype = _torch_dtype(args, device)
-    if source.plain_sd3:
+    if source.text_to_image_class == SD3_CLASS:
         pipeline = load_uae_pipeline(source.folder, args.encoder, conditioning_mode="text", torch_dtype=dtype)
+    elif source.text_to_image_class:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from .paired_round_trip import PairedRoundTrip
+
+        vlm = AutoModelForImageTextToText.from_pretrained(args.encoder, dtype=dtype or "auto")
+        decoder = load_saved_pipeline(source.folder, torch_dtype=dtype)
+        pipeline = PairedRoundTrip(vlm, AutoProcessor.from_pretrained(args.encoder), decoder)
     else:
         pipeline = load_saved_pipeline(source.folder, trust_remote_code=args.trust_remote_code, torch_dtype=dtype)
     if args.encoder_adapter:
@@ -618,7 +646,7 @@ def _check_app(args) -> None:
     if args.pipeline:
         args.pipeline_source = _pipeline_source(args, download=not args.write_space)
     elif args.encoder:
-        raise CommandLineError("--encoder is for a plain SD3 --pipeline; without --pipeline the app runs the tiny "
+        raise CommandLineError("--encoder is for a text-to-image --pipeline; without --pipeline the app runs the tiny "
                                "twins, which have their own encoder")
 
 
@@ -637,7 +665,7 @@ def _cmd_app(args) -> None:
         print(f"wrote a Space to {space}")
         return
     app = _app_round_trips(args)
-    defaults = {"steps": args.num_inference_steps, "guidance": args.guidance_scale,
+    defaults = {"steps": args.num_inference_steps, "guidance": _guidance_scale(args),
                 "temperature": args.temperature, "max_tokens": args.max_new_tokens, "seed": args.seed}
     build_app(app, defaults).queue().launch(server_name=args.host, server_port=args.port, show_error=True)
 
@@ -661,7 +689,8 @@ def _check_bench(args) -> None:
         state = "is a file, not a folder" if Path(args.reconstructions).exists() else "does not exist"
         raise CommandLineError(f"--reconstructions {args.reconstructions} {state}")
     if args.encoder and not args.pipeline:
-        raise CommandLineError("--encoder is for a plain SD3 --pipeline: drop it, or pass the --pipeline")
+        raise CommandLineError("--encoder is for a text-to-image --pipeline (SD3, FLUX.1, ...): drop it, or pass the "
+                               "--pipeline")
     _check_output_folder("--output-dir", args.output_dir)
     args.checkpoints = _backbone_checkpoints(args)
     if args.protocol == "official" and args.backbone_dtype != "float32":

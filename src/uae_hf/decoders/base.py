@@ -17,8 +17,9 @@ from ..sampling.flow_sde import sample_trajectory
 class DecoderFamily:
     """One diffusers pipeline, read the way its stock `__call__` reads it.
 
-    A subclass names the pipeline classes it reads (`pipeline_classes`, by diffusers class name; a subclass of one,
-    such as `UAEReconstructionPipeline`, counts), the DiT's LoRA targets, and implements the methods below.
+    A subclass (listed with the pipeline class it reads in `uae_hf.decoders.FAMILY_OF_PIPELINE`; a subclass of that
+    pipeline, such as `UAEReconstructionPipeline`, counts) names the DiT's LoRA targets and implements the methods
+    below.
 
     Args:
         pipe (`DiffusionPipeline`): the decoder; `self.pipe` may be a view of it the family needs (SD3: a
@@ -26,7 +27,6 @@ class DecoderFamily:
     """
 
     name = ""  # the family's name in messages and model cards, e.g. "FLUX.1"
-    pipeline_classes: tuple[str, ...] = ()  # the diffusers pipeline classes of the family
     lora_target_modules: tuple[str, ...] = ()  # the DiT's modules a decoder LoRA adapts by default
     conditioning_modes: tuple[str, ...] = ("text",)  # "embeddings": UAE-native conditioning (SD3 only)
     default_num_inference_steps = 28  # the stock pipeline's defaults

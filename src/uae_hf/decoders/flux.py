@@ -23,7 +23,6 @@ class FluxFamily(DecoderFamily):
     when `transformer.config.guidance_embeds` (FLUX.1-dev) and is ignored otherwise (FLUX.1-schnell)."""
 
     name = "FLUX.1"
-    pipeline_classes = ("FluxPipeline",)
     lora_target_modules = FLUX_LORA_TARGETS
     default_num_inference_steps = 28
     default_guidance_scale = 3.5

@@ -20,7 +20,6 @@ class QwenImageFamily(DecoderFamily):
     build the pipeline with `text_encoder=<that model>` and the trainer holds one copy ([`caption_encoder`])."""
 
     name = "Qwen-Image"
-    pipeline_classes = ("QwenImagePipeline",)
     lora_target_modules = QWEN_IMAGE_LORA_TARGETS
     default_num_inference_steps = 50
     default_guidance_scale = 4.0  # the stock `true_cfg_scale`

@@ -19,7 +19,6 @@ class SD3Family(DecoderFamily):
     sharing its components (no copies); a UAE pipeline (from `uae_hf` or as remote code) is read as it is."""
 
     name = "SD3"
-    pipeline_classes = ("StableDiffusion3Pipeline",)
     lora_target_modules = SD3_LORA_TARGETS
     conditioning_modes = CONDITIONING_MODES
 
