@@ -18,7 +18,7 @@ from trainer.tiny_trainer_configs import tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from uae_hf import DiffusionNFTTrainer, FlowGRPOTrainer, UnifiedGRPOTrainer
-from uae_hf.decoders import QwenImageFamily, decoder_family
+from uae_hf.decoders import QwenImageFamily, decoder_family, supported_pipelines
 from uae_hf.images import decoded_images
 from uae_hf.sample_data import skimage_photos
 from uae_hf.sampling.flow_sde import flow_step, sample_trajectory
@@ -67,6 +67,7 @@ def test_the_twin_drops_its_template_prefix_as_qwen_does(qwen):
 def test_our_sampler_draws_what_the_stock_pipeline_draws(qwen):
     family = decoder_family(qwen)
     assert isinstance(family, QwenImageFamily) and family.default_guidance_scale == 4.0
+    assert "QwenImagePipeline (Qwen-Image)" in supported_pipelines()  # named in any other pipeline's one line
     # the stock call guides with one negative prompt per caption (Qwen-Image's published " "); ours by default
     call = dict(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, num_images_per_prompt=2)
     guided = dict(negative_prompt=[" "] * len(CAPTIONS), true_cfg_scale=GUIDANCE, **call)
