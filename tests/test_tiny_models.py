@@ -16,8 +16,8 @@ def test_twins_are_byte_identical_across_builds(tiny_dir, tmp_path):
     assert again.keys() == first.keys()
     weights = [name for name in first if name.suffix == ".safetensors"]
     # encoder, 5 decoder models (CLIP-L/G, T5, MMDiT, VAE), projector, 5 backbones; FLUX.1: CLIP-L, T5, DiT, VAE;
-    # Qwen-Image: Qwen2.5-VL, DiT, VAE
-    assert len(weights) == 19
+    # Qwen-Image: Qwen2.5-VL, DiT, VAE; FLUX.2 [klein]: Qwen3, DiT, VAE
+    assert len(weights) == 22
     assert [name for name in first if first[name] != again[name]] == []
 
 

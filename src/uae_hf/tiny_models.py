@@ -11,6 +11,8 @@ Layout written by [`build_tiny_models`]:
     OUT_DIR/projector              UAEProjector: encoder hidden size → decoder joint_attention_dim
     OUT_DIR/decoders/flux1         FluxPipeline twin (FLUX.1-dev-like: guidance embedding, double + single blocks,
                                    16-channel VAE, CLIP-L pooled + T5, dynamic shift)
+    OUT_DIR/decoders/flux2_klein   Flux2KleinPipeline twin (FLUX.2 [klein] base-like: Flux2 DiT without guidance
+                                   embedding, batch-norm VAE, Qwen3 text encoder + chat template, not step-distilled)
     OUT_DIR/decoders/qwen_image    QwenImagePipeline twin (dual-stream DiT, 3-D causal VAE, exponential dynamic shift,
                                    Qwen2.5-VL-Instruct text encoder whose template prefix is Qwen's 34 tokens;
                                    text_encoder/ also holds its processor: an encoder twin)
@@ -27,8 +29,11 @@ import torch
 import transformers
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     QwenImagePipeline,
@@ -58,6 +63,8 @@ from transformers import (
     Qwen2Tokenizer,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
@@ -447,6 +454,69 @@ def build_tiny_flux_decoder(path: str | Path) -> None:
                  text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer).save_pretrained(path)
 
 
+# Qwen3's chat template for one plain turn per message (no tools): no default system turn, and with
+# `enable_thinking=False` an empty thinking block opens the assistant's turn, as FLUX.2 [klein] reads prompts.
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+FLUX2_KLEIN_TEXT_LAYERS = 28  # FLUX.2 [klein] stacks Qwen3's hidden states 9, 18 and 27: all intermediate here
+
+
+@_quietly()
+def build_tiny_flux2_klein_decoder(path: str | Path, is_distilled: bool = False) -> None:
+    """FLUX.2 [klein] twin: `Flux2Transformer2DModel` without a guidance embedding (two double- and two
+    single-stream blocks), `AutoencoderKLFlux2` (4 latent channels, 16 after 2x2 patchify, seeded batch-norm
+    statistics), a Qwen3 text encoder (`Qwen3ForCausalLM`, tied embeddings, q/k-norm) with Qwen3's chat template
+    and thinking tokens, the dynamically shifted scheduler. `is_distilled`: a step-distilled checkpoint (no CFG)."""
+    tokenizer = build_qwen_tokenizer(num_merges=200)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    hidden = 16  # small: 28 layers read 512 tokens per caption
+    torch.manual_seed(SEED)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=FLUX2_KLEIN_TEXT_LAYERS,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+        initializer_range=0.5,  # hidden states of a size that moves the DiT (at 0.02 captions barely would)
+        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )).eval()
+    torch.manual_seed(SEED)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels, patchified 2x2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * hidden,  # three Qwen3 layers stacked
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    ).eval()
+    vae.bn.running_mean.copy_(0.5 * torch.randn(vae.bn.num_features))  # so that de-normalising is not the identity
+    vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
+        max_shift=1.15,
+    )
+    Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                       transformer=transformer, is_distilled=is_distilled).save_pretrained(path)
+
+
 @_quietly()
 def build_tiny_qwen_image_decoder(path: str | Path) -> None:
     """Qwen-Image twin: `QwenImageTransformer2DModel` (two dual-stream blocks, 3-axis RoPE, no guidance embedding),
@@ -578,6 +648,7 @@ def build_tiny_models(out_dir: str | Path, with_t5: bool = True) -> Path:
     build_tiny_decoder(out_dir / "decoder", with_t5=with_t5)
     build_tiny_projector(out_dir / "projector")
     build_tiny_flux_decoder(out_dir / "decoders" / "flux1")
+    build_tiny_flux2_klein_decoder(out_dir / "decoders" / "flux2_klein")
     build_tiny_qwen_image_decoder(out_dir / "decoders" / "qwen_image")
     build_tiny_backbones(out_dir / "backbones")
     return out_dir
