@@ -107,6 +107,7 @@ LONGEST_SCOPES = (
     "trainer/test_multi_process.py::TestFSDP2",
     "trainer/test_multi_process.py::TestRecipesUnderZeRO2",
     "trainer/test_multi_process.py::TestDDP",
+    "trainer/test_multi_process.py::TestDecoderFamiliesUnderFSDP2",
     "trainer/test_multi_process.py",
 )
 

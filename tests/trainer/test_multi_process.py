@@ -99,6 +99,12 @@ def stage_runs(stage: str, engine: str, tiny_dir, folder: Path) -> list[list[str
             [script, stage, str(tiny_dir), str(folder / "resumed"), engine, str(run / "run" / "checkpoint-2")]]
 
 
+# the other decoder families' twins, each trained under FSDP2 with one stage-3 objective (both objectives covered;
+# what is family-specific under FSDP2 is the sharding of its DiT and its frozen text encoders and VAE, which either
+# objective exercises; the trainers' distributed code is the family-independent one the SD3 runs test)
+FAMILY_RUNS = ["generation-flux1", "generation_nft-qwen_image", "generation-flux2_klein"]
+
+
 # each real-size recipe → what its twin run changes to be feasible on 2 CPU processes, besides the models, data and
 # sizes every run swaps (`twin_flags`): 24 and 48 micro-batches of a group of 24 reconstructions are 576 and 1152
 # rollouts per process and step, so stage 3's groups shrink to 2 (accumulation, and so the count, as the recipe's)
@@ -143,7 +149,10 @@ def launches(tiny_dir, shared_folder):
             if not result.exists():
                 folder.mkdir()
                 engine, recipes = name.removesuffix("-recipes"), name.endswith("-recipes")
-                if recipes:
+                if name == "fsdp2-families":
+                    engine, script = "fsdp2", str(HERE / "two_process_stage.py")
+                    runs = [[script, run, str(tiny_dir), str(folder / run / "records"), engine] for run in FAMILY_RUNS]
+                elif recipes:
                     photos = folder / "photos"
                     concatenate_datasets([skimage_photos(32)] * 12).save_to_disk(photos)
                     runs = [[str(HERE / "recipe_first_step.py"), str(folder / recipe), "--config",
@@ -151,7 +160,7 @@ def launches(tiny_dir, shared_folder):
                             for recipe in REAL_SIZE_RECIPES]
                 else:
                     runs = [run for stage in STAGES for run in stage_runs(stage, engine, tiny_dir, folder / stage)]
-                shipped = recipes or engine.startswith("zero")
+                shipped = recipes or engine.startswith("zero")  # the families' runs: full precision, as the stages
                 done = accelerate_launch(cpu_config(engine, folder, mixed_precision=None if shipped else "no"), runs)
                 result.write_text(json.dumps({"returncode": done.returncode, "stderr": done.stderr[-8000:]}))
             saved = json.loads(result.read_text())
@@ -351,6 +360,35 @@ class TestZeRO2(ShardingEngineChecks):
 @pytest.mark.slow
 class TestZeRO3(ShardingEngineChecks):
     engine = "zero3"
+
+
+@pytest.mark.slow
+class TestDecoderFamiliesUnderFSDP2:
+    """FLUX.1, Qwen-Image and FLUX.2 [klein] twins (their stock pipelines) trained by a stage-3 trainer under
+    `fsdp.yaml`: one optimizer step per step, identical ranks, every frozen model sharded for inference (the family's
+    text encoders and VAE, the encoder captioning), and a checkpoint whose LoRA the stock pipeline loads."""
+
+    @pytest.mark.parametrize("run", FAMILY_RUNS)
+    def test_trains_one_model_and_saves_what_the_stock_pipeline_loads(self, run, launches, tiny_dir):
+        from diffusers import DiffusionPipeline
+
+        folder, launch = launches("fsdp2-families")
+        out = folder / run / "records"
+        records = run_records(out, launch)
+        assert [record["distributed_type"] for record in records] == ["DistributedType.FSDP"] * 2
+        assert [record["optimizer_steps"] for record in records] == [TRAINING_STEPS] * 2
+        final = assert_identical_trained_weights(out)
+        for record in records:
+            assert record["frozen_models"]["whole"] == []
+            assert {"vae", "text_encoder", "encoder"} <= set(record["frozen_models"]["sharded"])
+        stage, _, family = run.partition("-")
+        checkpoint = out / "run" / "checkpoint-3"
+        saved = saved_weights(stage, checkpoint, final)
+        pipe = DiffusionPipeline.from_pretrained(tiny_dir / "decoders" / family)
+        pipe.load_lora_weights(checkpoint, weight_name=LORA_WEIGHT_NAME, adapter_name="default")
+        reloaded = lora_parameters(pipe.transformer)
+        assert reloaded.keys() == final.keys()
+        assert all(torch.equal(reloaded[name], saved[name]) for name in final)
 
 
 class RealSizeRecipeChecks:

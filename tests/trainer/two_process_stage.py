@@ -5,7 +5,9 @@ and (process 0) the logged history.
 
 Usage: two_process_stage.py STAGE TINY_MODELS_DIR OUTPUT_DIR [ENGINE [RESUME_FROM]]
 
-STAGE: a stage of `uae-hf train`, or "pretrain-full" (pre-training of the whole DiT, not a LoRA). ENGINE: "fsdp2",
+STAGE: a stage of `uae-hf train`, or "pretrain-full" (pre-training of the whole DiT, not a LoRA), or a stage-3 stage on
+another decoder family's twin, "generation-<family>" / "generation_nft-<family>" (e.g. "generation-flux1": its stock
+pipeline, the encoder twin captioning). ENGINE: "fsdp2",
 "zero2" or "zero3" under `accelerate launch` with the matching config of examples/accelerate/ (the CPU host runs that
 engine: cpu_engines.py); "ddp" or none: DDP on the CPU (`use_cpu`). RESUME_FROM: a checkpoint folder of an earlier
 run of the same stage and engine to resume from. Flow-GRPO keeps an EMA (blended every step) as
@@ -23,11 +25,12 @@ if engine != "ddp":
     import cpu_engines  # noqa: F401  (before accelerate builds its state)
 
 import torch
+from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from tiny_trainer_configs import STAGES, tiny_config
-from transformers import TrainerCallback
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
 from uae_hf import load_uae_pipeline
 from uae_hf.sample_data import skimage_photos
@@ -36,7 +39,14 @@ from uae_hf.trainer.sharded_parameters import full_values, trained_parameters
 
 (stage, _, variant), tiny_dir, out = sys.argv[1].partition("-"), sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])
-pipe = load_uae_pipeline(f"{tiny_dir}/decoder", f"{tiny_dir}/encoder", f"{tiny_dir}/projector")
+family = variant if variant and variant != "full" else None
+if family:  # another family's stock pipeline, read in text mode; the encoder twin captions
+    pipe = DiffusionPipeline.from_pretrained(f"{tiny_dir}/decoders/{family}")
+    encoder, processor = (AutoModelForImageTextToText.from_pretrained(f"{tiny_dir}/encoder"),
+                          AutoProcessor.from_pretrained(f"{tiny_dir}/encoder"))
+else:
+    pipe = load_uae_pipeline(f"{tiny_dir}/decoder", f"{tiny_dir}/encoder", f"{tiny_dir}/projector")
+    encoder, processor = pipe.vlm, pipe.processor
 settings = dict(
     max_steps=3, learning_rate=5e-2 if stage in ("understanding", "generation") else 1e-3, save_strategy="steps",
     save_steps=2, decoder_num_inference_steps=3, ddp_backend="gloo", use_cpu=engine == "ddp",
@@ -68,8 +78,10 @@ if stage == "cold_start":
 if variant == "full":
     settings |= dict(pretrain_full_dit=True)
 trainer_class = STAGES[stage][1]
-trainer = trainer_class(model=pipe.vlm, decoder=pipe, args=tiny_config(stage, tiny_dir, f"{out}/run", **settings),
-                        train_dataset=skimage_photos(32), processing_class=pipe.processor, **extra)
+if family:  # the family's own default guidance and size
+    settings |= dict(decoder_guidance_scale=2.0, decoder_height=32, decoder_width=32)
+trainer = trainer_class(model=encoder, decoder=pipe, args=tiny_config(stage, tiny_dir, f"{out}/run", **settings),
+                        train_dataset=skimage_photos(32), processing_class=processor, **extra)
 
 
 class RecordLocal(TrainerCallback):

@@ -36,7 +36,8 @@ def shard_for_inference(model: torch.nn.Module, mesh=None, methods: tuple[str, .
     # (one group with the output head, which may be tied to them), and every sub-model's own layers outside its blocks
     # (the sub-models stay of their class: transformers finds what their forward records by class).
     if isinstance(model, PreTrainedModel):
-        _shard_each([[m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]], mesh)
+        embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+        _shard_each([_with_tied_modules(model, embeddings)], mesh)
         for sub_model in reversed([m for m in model.modules() if isinstance(m, PreTrainedModel)][1:]):
             _shard_each([[child] for child in sub_model.children()
                          if not isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict))], mesh)
@@ -46,6 +47,15 @@ def shard_for_inference(model: torch.nn.Module, mesh=None, methods: tuple[str, .
     model._get_fsdp_state()._lazy_init()
     for method in methods:
         register_fsdp_forward_method(model, method)
+
+
+def _with_tied_modules(model: torch.nn.Module, group: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """`group` and every other module of `model` that holds one of its weights (tied weights, e.g. T5's
+    `encoder.embed_tokens` and `shared`): FSDP2 must shard a weight in one unit with every module that holds it."""
+    held = {id(p) for module in group for p in module.parameters()}
+    tied = [module for module in model.modules() if all(module is not member for member in group)
+            and any(id(p) in held for p in module.parameters(recurse=False))]
+    return group + tied
 
 
 def _shard_each(groups: list[list[torch.nn.Module]], mesh) -> None:
