@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from trainer.tiny_trainer_configs import tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from uae_hf import DiffusionNFTTrainer, FlowGRPOTrainer
+from uae_hf import DiffusionNFTTrainer, FlowGRPOTrainer, UnifiedGRPOTrainer
 from uae_hf.cli import main
 from uae_hf.decoders import Flux2KleinFamily, decoder_family
 from uae_hf.sample_data import skimage_photos
@@ -203,6 +203,16 @@ def test_stage_3_trains_a_lora_the_stock_pipeline_loads(trainer_class, stage, ti
     ours = decoder_family(decoder).generate(CAPTIONS[:1], height=32, width=32, num_inference_steps=2,
                                             guidance_scale=1.0, generator=generators(1))
     assert np.abs(uint8(ours) - uint8(after)).max() <= 1
+
+
+def test_stage_2_reads_captions_with_the_policy_only_where_the_pipeline_holds_it(tiny_dir, frozen_encoder, tmp_path):
+    """The decoder's caption reader is its Qwen3 text encoder: a policy that is not it cannot be the one read."""
+    model, processor = frozen_encoder
+    args = tiny_config("understanding", tiny_dir, tmp_path / "run", decoder_text_encoder="policy")
+    with pytest.raises(ValueError, match=r"decoder's `text_encoder` must be that model: build the decoder with "
+                                         r"text_encoder=<the model"):
+        UnifiedGRPOTrainer(model=model, decoder=twin(tiny_dir), args=args, train_dataset=skimage_photos(32),
+                           processing_class=processor)
 
 
 def test_the_tiny_diffusion_nft_recipe_trains_through_the_cli(tiny_dir, tmp_path, monkeypatch):

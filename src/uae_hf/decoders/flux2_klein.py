@@ -37,6 +37,11 @@ class Flux2KleinFamily(DecoderFamily):
         """Whether the stock pipeline runs classifier-free guidance at `guidance_scale`."""
         return guidance_scale > 1 and not self.distilled
 
+    def caption_encoder(self, conditioning_mode=None) -> torch.nn.Module:
+        """The pipeline's Qwen3 text encoder: the encoder being trained when the pipeline was built with
+        `text_encoder=<that model>` (any model whose forward returns hidden states of the stacked width)."""
+        return self.pipe.text_encoder
+
     # -------------------------------------------------------------------------------------------------- captions
     def _chat_texts(self, captions: list[str]) -> list[str]:
         """Each caption as the stock pipeline hands it to the tokenizer: one user turn, thinking off."""
@@ -114,9 +119,6 @@ class Flux2KleinFamily(DecoderFamily):
         conditional = predict(conditioning["prompt_embeds"], conditioning["text_ids"])
         if not self.guided(guidance_scale):
             return conditional
-        if conditioning.get("negative_prompt_embeds") is None:
-            raise ValueError(f"classifier-free guidance at guidance_scale={guidance_scale} needs the negative prompt's "
-                             "conditioning: encode the captions with this family's encode_captions")
         with torch.no_grad() if detach_unconditional else contextlib.nullcontext():
             unconditional = predict(conditioning["negative_prompt_embeds"], conditioning["negative_text_ids"])
         return classifier_free_guidance(conditional, unconditional, guidance_scale, detach_unconditional)
