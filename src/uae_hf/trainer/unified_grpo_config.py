@@ -17,8 +17,8 @@ class UnifiedGRPOConfig(ReconstructionArguments, GRPOConfig):
     Parameters that control the decoder:
         decoder_text_encoder (`str`, defaults to `"frozen"`):
             Where the decoder reads captions with the model being trained (embeddings mode's LLM; a Qwen-Image or
-            FLUX.2 [klein] text encoder built as that model), whether it reads them with the frozen base weights (`"frozen"`: the
-            policy's adapters disabled while decoding) or with the current `"policy"`.
+            FLUX.2 [klein] text encoder built as that model), whether it reads them with the frozen base weights
+            (`"frozen"`: the policy's adapters disabled while decoding) or with the current `"policy"`.
 
     Example:
 
@@ -32,8 +32,8 @@ class UnifiedGRPOConfig(ReconstructionArguments, GRPOConfig):
     decoder_text_encoder: str = field(
         default="frozen",
         metadata={"help": "Where the decoder reads captions with the model being trained (embeddings mode's LLM, "
-                  "a Qwen-Image or FLUX.2 [klein] text encoder): with its frozen base weights ('frozen', adapters disabled) or with the "
-                  "current policy ('policy').", "choices": ["frozen", "policy"]},
+                  "a Qwen-Image or FLUX.2 [klein] text encoder): with its frozen base weights ('frozen', adapters "
+                  "disabled) or with the current policy ('policy').", "choices": ["frozen", "policy"]},
     )
 
     def __post_init__(self):
