@@ -22,7 +22,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import benchmark_cli  # a sibling module: benchmarks run as scripts
 
-from uae_hf.trainer.decoder_training_config import DIT_LORA_TARGETS  # noqa: E402
+from uae_hf.decoders.sd3 import SD3_LORA_TARGETS  # noqa: E402
 
 GPU_COUNTS = (1, 8, 64)
 FROZEN, TRAINED, COPY = 2, 16, 4  # bytes per parameter
@@ -49,7 +49,7 @@ def parameter_counts() -> dict[str, int]:
         counts["projector"] = hidden * 4 * hidden + 4 * hidden + 4 * hidden * joint + joint
         counts["encoder_lora"] = _count(get_peft_model(vlm, LoraConfig(r=32, lora_alpha=64, target_modules=LLM_LINEAR)),
                                         lora_only=True)
-        dit.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=DIT_LORA_TARGETS))
+        dit.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=list(SD3_LORA_TARGETS)))
         counts["dit_lora"] = _count(dit, lora_only=True)
     return counts
 
