@@ -233,6 +233,29 @@ def test_train_runs_the_pretrain_cold_start_and_diffusion_nft_recipes(recipe, sa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux1", "qwen_image"])
+def test_train_runs_stage_two_with_another_family_s_decoder_as_the_reward(family, tiny_dir, tmp_path):
+    """The tiny stage-2 recipe of each family, as shipped (the session's twins, our output folder): the encoder's
+    LoRA trains on that decoder's reconstruction reward and loads back with PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    recipe = Path(__file__).parents[1] / "examples" / "recipes" / f"understanding_{family}_tiny.yaml"
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--tiny_models_dir",
+                             str(tiny_dir), "--output_dir", str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_log_history_saved(out, steps=4)
+    rewards = [record["rewards/reconstruction/mean"] for record in json.loads((out / "trainer_state.json").read_text())[
+        "log_history"] if "rewards/reconstruction/mean" in record]
+    assert len(rewards) == 4 and all(0 < reward <= 1 for reward in rewards)
+    assert (out / "reconstructions" / "step-000001.png").exists()
+    encoder = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_dir / "encoder"), out)
+    assert any("lora_" in name for name, _ in encoder.named_parameters())
+
+
+@pytest.mark.slow
 def test_train_resumes_from_the_last_checkpoint(tmp_path):
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / "cold_start_tiny.yaml"
 
