@@ -274,6 +274,9 @@ def test_train_resumes_from_the_last_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("recipe, config_name", [("generation_sd3.5.yaml", "FlowGRPOConfig"),
+                                                 ("generation_flux1-dev.yaml", "FlowGRPOConfig"),
+                                                 ("generation_qwen_image.yaml", "FlowGRPOConfig"),
+                                                 ("generation_flux2_klein-base-4b.yaml", "FlowGRPOConfig"),
                                                  ("generation_nft_sd3.5.yaml", "DiffusionNFTConfig"),
                                                  ("pretrain_sd3.5.yaml", "DecoderPretrainingConfig"),
                                                  ("cold_start_sd3.5.yaml", "ColdStartConfig")])
