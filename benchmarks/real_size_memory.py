@@ -1,5 +1,8 @@
 """Per-GPU memory of the weights and training state of each stage at real size (Qwen2.5-VL-3B encoder, SD3.5-Large
-decoder, CLIP ViT-L/14 reward), for 1, 8 and 64 GPUs under DDP, ZeRO-2 and FSDP2 / ZeRO-3. COMPUTED, not measured:
+decoder, CLIP ViT-L/14 reward; and the other decoder families at their published sizes: FLUX.1-dev's 12B DiT with
+T5-XXL and CLIP-L, Qwen-Image's 20B DiT with its Qwen2.5-VL-7B text encoder; FLUX.2 [klein]'s transformer config is
+not published in a form this offline machine holds, so it is left out), for 1, 8 and 64 GPUs under DDP, ZeRO-2 and
+FSDP2 / ZeRO-3. COMPUTED, not measured:
 parameter counts come from the published architectures built on the meta device (gpu_real_size.py's configs) with the
 recipes' LoRAs attached; bytes follow the dtype rules (frozen weights bf16, 2 B; trained weights fp32 master + fp32
 gradient + AdamW's two moments, 16 B; an EMA or old-policy copy fp32, 4 B, whole on every GPU). Activations, the
@@ -14,17 +17,33 @@ stage 3, VAE, text encoders, projector) are a copy per GPU under DDP and DeepSpe
 """
 
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel
+from diffusers import AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel, QwenImageTransformer2DModel
+from diffusers import SD3Transformer2DModel
 from gpu_real_size import CLIP_G, CLIP_L, CLIP_VIT_L14, QWEN25_VL_3B_TEXT, QWEN25_VL_3B_VISION, SD3_VAE, SD35
 from peft import LoraConfig, get_peft_model
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import CLIPTextModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
 
 import benchmark_cli  # a sibling module: benchmarks run as scripts
 
+from uae_hf.decoders.flux import FLUX_LORA_TARGETS  # noqa: E402
+from uae_hf.decoders.qwen_image import QWEN_IMAGE_LORA_TARGETS  # noqa: E402
 from uae_hf.decoders.sd3 import SD3_LORA_TARGETS  # noqa: E402
 
+# the published configs (diffusers' and transformers' defaults for these classes are these checkpoints')
+FLUX1_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu")
+QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584)
+QWEN25_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+QWEN25_VL_7B_VISION = dict(QWEN25_VL_3B_VISION, out_hidden_size=3584)
+
 GPU_COUNTS = (1, 8, 64)
+ONE_GPU_GB = 80
 FROZEN, TRAINED, COPY = 2, 16, 4  # bytes per parameter
 LLM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -52,6 +71,43 @@ def parameter_counts() -> dict[str, int]:
         dit.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=list(SD3_LORA_TARGETS)))
         counts["dit_lora"] = _count(dit, lora_only=True)
     return counts
+
+
+def family_counts() -> dict[str, dict[str, int]]:
+    """FLUX.1-dev's and Qwen-Image's DiT (with the family's LoRA, r=32), text encoders and VAE, on the meta device."""
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(**FLUX1_DEV)
+        qwen = QwenImageTransformer2DModel(**QWEN_IMAGE)
+        qwen_text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT,
+                                                                        vision_config=QWEN25_VL_7B_VISION))
+        counts = {
+            "FLUX.1-dev": {"dit": _count(flux), "vae": _count(AutoencoderKL(**SD3_VAE)),  # FLUX's VAE: SD3's layout
+                           "text_encoders": _count(T5EncoderModel(T5Config(**T5_XXL)))
+                           + _count(CLIPTextModel(CLIPTextConfig(**CLIP_L)))},
+            "Qwen-Image": {"dit": _count(qwen), "vae": _count(AutoencoderKLQwenImage()),
+                           "text_encoders": _count(qwen_text)},
+        }
+        flux.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=list(FLUX_LORA_TARGETS)))
+        qwen.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=list(QWEN_IMAGE_LORA_TARGETS)))
+        counts["FLUX.1-dev"]["dit_lora"] = _count(flux, lora_only=True)
+        counts["Qwen-Image"]["dit_lora"] = _count(qwen, lora_only=True)
+    return counts
+
+
+def family_stages(c: dict[str, int], families: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Stage 3 (Flow-GRPO with an EMA) on each family's DiT, the Qwen2.5-VL-3B encoder frozen and captioning, and
+    stage 2 with each family as the frozen reward decoder (text mode: no projector)."""
+    rows = {}
+    for name, f in families.items():
+        decoder_side = f["vae"] + f["text_encoders"]
+        rows[f"generation on {name} (Flow-GRPO, DiT LoRA, EMA)"] = dict(
+            model_frozen=f["dit"], trained=f["dit_lora"], outside=c["encoder"] + decoder_side + c["reward_backbone"],
+            copies=f["dit_lora"], fsdp2_sharded_outside=c["encoder"] + decoder_side)
+        rows[f"understanding with {name} as reward (encoder LoRA)"] = dict(
+            model_frozen=c["encoder"], trained=c["encoder_lora"],
+            outside=f["dit"] + decoder_side + c["reward_backbone"], copies=0,
+            fsdp2_sharded_outside=f["dit"] + decoder_side)
+    return rows
 
 
 def stages(c: dict[str, int]) -> dict[str, dict[str, int]]:
@@ -96,20 +152,27 @@ def per_gpu_bytes(stage: dict[str, int], engine: str, gpus: int) -> float:
 
 
 def measure() -> dict:
-    counts = parameter_counts()
+    counts, families = parameter_counts(), family_counts()
     table = {name: {engine: {gpus: per_gpu_bytes(stage, engine, gpus) / 1e9 for gpus in GPU_COUNTS}
                     for engine in ("ddp", "zero2", "zero3", "fsdp2")}
-             for name, stage in stages(counts).items()}
-    return {"parameters": counts, "per_gpu_gb": table}
+             for name, stage in (stages(counts) | family_stages(counts, families)).items()}
+    # weights + state alone, before activations: what one 80 GB GPU cannot hold even so needs sharding
+    one_gpu = {name: row["ddp"][1] <= ONE_GPU_GB for name, row in table.items()}
+    return {"parameters": counts, "family_parameters": families, "per_gpu_gb": table, "fits_one_80gb_gpu": one_gpu}
 
 
 def report(figures: dict) -> None:
     print("parameters:", ", ".join(f"{name} {count / 1e6:,.1f}M" for name, count in figures["parameters"].items()))
     print("computed per-GPU GB of weights + training state (no activations):")
-    print(f"{'stage':<58}{'engine':<13}" + "".join(f"{f'{n} GPU':>9}" for n in GPU_COUNTS))
+    for family, counts in figures["family_parameters"].items():
+        print(f"{family}:", ", ".join(f"{name} {count / 1e6:,.1f}M" for name, count in counts.items()))
+    print(f"{'stage':<62}{'engine':<13}" + "".join(f"{f'{n} GPU':>9}" for n in GPU_COUNTS))
     for stage, engines in figures["per_gpu_gb"].items():
         for engine, row in engines.items():
-            print(f"{stage:<58}{engine:<13}" + "".join(f"{row[n]:>9.1f}" for n in GPU_COUNTS))
+            print(f"{stage:<62}{engine:<13}" + "".join(f"{row[n]:>9.1f}" for n in GPU_COUNTS))
+    print(f"weights + training state on one {ONE_GPU_GB} GB GPU (activations come on top):")
+    for stage, fits in figures["fits_one_80gb_gpu"].items():
+        print(f"  {stage:<60}{'fits' if fits else 'needs sharding (FSDP2 / ZeRO-3 over several GPUs)'}")
 
 
 if __name__ == "__main__":
