@@ -50,6 +50,27 @@ def test_round_trip_shows_the_caption_its_length_the_scores_and_the_settings(app
         app.round_trip(str(broken), **FAST)
 
 
+def test_round_trip_with_a_vlm_and_a_flux_decoder_is_the_paired_round_trip(tiny_dir, backbone_checkpoints, photos):
+    """`uae-hf app --pipeline <FluxPipeline> --encoder <VLM>` serves a `PairedRoundTrip`: the page's round trip is
+    its direct call's for the seed."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from uae_hf import PairedRoundTrip, load_saved_pipeline
+    from uae_hf.app import RoundTripApp
+
+    pair = PairedRoundTrip(AutoModelForImageTextToText.from_pretrained(tiny_dir / "encoder"),
+                           AutoProcessor.from_pretrained(tiny_dir / "encoder"),
+                           load_saved_pipeline(tiny_dir / "decoders" / "flux1"))
+    app = RoundTripApp(pair, "FLUX.1 twin", "clip", {"clip": backbone_checkpoints["clip"]}, height=32, width=32)
+    result = app.round_trip(photos[0], **FAST | {"guidance": 3.5})
+    alone = pair(image=[photos[0]], generator=[torch.Generator().manual_seed(0)], num_inference_steps=2,
+                 guidance_scale=3.5, max_new_tokens=8, do_sample=False, height=32, width=32)
+    assert result["caption"] == alone.captions[0]
+    assert np.array_equal(np.asarray(result["reconstruction"]), np.asarray(alone.images[0]))
+    assert result["settings"]["dtype"] == "float32" and set(result["scores"]) == {"clip", "overall"}
+
+
 def test_bench_tab_scores_uploaded_references_and_skips_an_unreadable_one(app, photos, tmp_path):
     from uae_hf.app import _bench_grid, _bench_summary, _bench_table
 

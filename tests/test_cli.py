@@ -321,7 +321,7 @@ def test_help_shows_the_defaults(capsys):
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for expected in ("dataset split (default: test)", "decoder sampling steps (default: 40)",
-                     "classifier-free guidance scale (default: 5.0)", "caption length limit (default: 512)",
+                     "guidance scale (default: its own; 5.0 for a UAE or SD3 pipeline", "caption length limit (default: 512)",
                      "images per pipeline call (default: 4)", "(default: float32)"):
         assert expected in text, expected
 
