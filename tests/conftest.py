@@ -94,30 +94,41 @@ def backbone_checkpoints(tiny_dir):
     return {name: str(tiny_dir / "backbones" / name) for name in ("clip", "dinov2", "dinov3", "longclip", "siglip")}
 
 
-# The longest xdist scopes (a module, or a class of one), longest first, as measured on 2 cores (2026-12-07): they are
-# handed out first, so that no long scope starts last and runs alone; the rest follow, those holding `slow` tests first.
-# pyproject's addopts keep this order (`--no-loadscope-reorder`: xdist would otherwise order scopes by test count).
-LONGEST_SCOPES = (
-    "trainer/test_multi_process.py::TestZeRO3",
-    "toy_world/test_demo.py",
-    "trainer/test_multi_process.py::TestRecipesUnderZeRO3",
-    "test_cli.py",
-    "trainer/test_multi_process.py::TestZeRO2",
-    "trainer/test_multi_process.py::TestRecipesUnderFSDP2",
-    "trainer/test_multi_process.py::TestFSDP2",
-    "trainer/test_multi_process.py::TestRecipesUnderZeRO2",
-    "trainer/test_multi_process.py::TestDDP",
-    "trainer/test_multi_process.py::TestDecoderFamiliesUnderFSDP2",
-    "trainer/test_multi_process.py",
-)
+# Modules whose tests each start several processes (2-process `accelerate launch`es): one xdist scope, so that one
+# worker runs their launches one at a time. With the engines' launches spread over both workers (4 busy processes on
+# 2 cores) the suite had done 22% of its tests after 16 minutes; it took 16-17 minutes in all before (2026-12-07).
+LAUNCHING_MODULES = ("trainer/test_multi_process.py",)
+# The longest xdist scopes, longest first, as measured on 2 cores (2026-12-07): they are handed out first, so that no
+# long scope starts last and runs alone; the rest follow, those holding `slow` tests first. pyproject's addopts keep
+# this order (`--no-loadscope-reorder`: xdist would otherwise order scopes by test count).
+LONGEST_SCOPES = ("trainer/test_multi_process.py", "toy_world/test_demo.py", "test_cli.py")
+
+
+def scope_of(nodeid: str) -> str:
+    """The xdist scope of a test: its class, or its module (a launching module whole)."""
+    module, _, rest = nodeid.partition("::")
+    if module.endswith(LAUNCHING_MODULES) or "::" not in rest:
+        return module
+    return f"{module}::{rest.split('::')[0]}"
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling, with `scope_of`'s scopes."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    return Scheduling(config, log)
 
 
 def pytest_collection_modifyitems(items):
     """The longest scopes first, then the scopes holding `slow` tests, then the rest."""
-    slow_scopes = {item.nodeid.rsplit("::", 1)[0] for item in items if item.get_closest_marker("slow")}
+    slow_scopes = {scope_of(item.nodeid) for item in items if item.get_closest_marker("slow")}
 
     def rank(item) -> int:
-        scope = item.nodeid.rsplit("::", 1)[0]
+        scope = scope_of(item.nodeid)
         return next((i for i, name in enumerate(LONGEST_SCOPES) if scope.endswith(name)),
                     len(LONGEST_SCOPES) + (scope not in slow_scopes))
 

@@ -18,7 +18,6 @@ import pytest
 import torch
 import yaml
 from datasets import concatenate_datasets
-from filelock import FileLock
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -48,8 +47,7 @@ UPDATE_TOLERANCE = {"understanding": 2e-3, "generation": 0.02, "generation_nft":
                     "cold_start": 2e-4}
 # The frozen decoder's rewards of the same captions under an engine and under DDP: ≤ 3.8e-6 apart, measured as above.
 FROZEN_DECODER_REWARD_TOLERANCE = 5e-5
-# a launch takes its own port and one per run it forks; each xdist worker its own range (they launch at once)
-PORTS = count(29610 + 300 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")))
+PORTS = count(29610)  # a launch takes its own port and one per run it forks
 
 
 def cpu_config(engine: str, folder: Path, mixed_precision: str | None = "no", **fsdp_config) -> Path:
@@ -127,49 +125,40 @@ def twin_flags(recipe: str, tiny_dir, photos: Path, output_dir: Path) -> list[st
             *[arg for name, value in REAL_SIZE_RECIPES[recipe].items() for arg in (f"--{name}", str(value))]]
 
 
-@pytest.fixture(scope="session")
-def shared_folder(tmp_path_factory, worker_id) -> Path:
-    """A folder that every xdist worker of this test run sees (each worker's own temporary folder is in it)."""
-    own = tmp_path_factory.getbasetemp()
-    return own if worker_id == "master" else own.parent
-
-
-@pytest.fixture(scope="session")
-def launches(tiny_dir, shared_folder):
-    """`launches(name)`: the folder and result of one launch, launched once per test run whichever xdist worker asks
-    first (the others wait for it, then read its files): "ddp", "fsdp2", "zero2" and "zero3" run every stage (and its
+@pytest.fixture(scope="module")
+def launches(tiny_dir, tmp_path_factory):
+    """`launches(name)`: the folder and result of one launch, launched once per module (one xdist worker runs the
+    whole module: conftest's `LAUNCHING_MODULES`): "ddp", "fsdp2", "zero2" and "zero3" run every stage (and its
     resumed run) in full precision (the DeepSpeed configs as shipped leave precision to the runs); "<engine>-recipes"
-    every real-size recipe under that engine's config as shipped (the recipes' bf16). Each test class below reads one
-    engine's launches, so the classes spread over the workers."""
+    every real-size recipe under that engine's config as shipped (the recipes' bf16); "fsdp2-families" the other
+    decoder families' runs."""
+    done = {}
 
     def launch(name: str) -> tuple[Path, subprocess.CompletedProcess]:
-        folder = shared_folder / f"launch-{name}"
-        with FileLock(str(shared_folder / f"launch-{name}.lock")):
-            result = folder / "launch.json"
-            if not result.exists():
-                folder.mkdir()
-                engine, recipes = name.removesuffix("-recipes"), name.endswith("-recipes")
-                if name == "fsdp2-families":
-                    engine, script = "fsdp2", str(HERE / "two_process_stage.py")
-                    runs = [[script, run, str(tiny_dir), str(folder / run / "records"), engine] for run in FAMILY_RUNS]
-                elif recipes:
-                    photos = folder / "photos"
-                    concatenate_datasets([skimage_photos(32)] * 12).save_to_disk(photos)
-                    runs = [[str(HERE / "recipe_first_step.py"), str(folder / recipe), "--config",
-                             str(RECIPES / f"{recipe}.yaml"), *twin_flags(recipe, tiny_dir, photos, folder / recipe / "run")]
-                            for recipe in REAL_SIZE_RECIPES]
-                else:
-                    runs = [run for stage in STAGES for run in stage_runs(stage, engine, tiny_dir, folder / stage)]
-                shipped = recipes or engine.startswith("zero")  # the families' runs: full precision, as the stages
-                done = accelerate_launch(cpu_config(engine, folder, mixed_precision=None if shipped else "no"), runs)
-                result.write_text(json.dumps({"returncode": done.returncode, "stderr": done.stderr[-8000:]}))
-            saved = json.loads(result.read_text())
-        return folder, subprocess.CompletedProcess(name, saved["returncode"], "", saved["stderr"])
+        if name in done:
+            return done[name]
+        folder = tmp_path_factory.mktemp(name)
+        engine, recipes = name.removesuffix("-recipes"), name.endswith("-recipes")
+        if name == "fsdp2-families":
+            engine, script = "fsdp2", str(HERE / "two_process_stage.py")
+            runs = [[script, run, str(tiny_dir), str(folder / run / "records"), engine] for run in FAMILY_RUNS]
+        elif recipes:
+            photos = folder / "photos"
+            concatenate_datasets([skimage_photos(32)] * 12).save_to_disk(photos)
+            runs = [[str(HERE / "recipe_first_step.py"), str(folder / recipe), "--config",
+                     str(RECIPES / f"{recipe}.yaml"), *twin_flags(recipe, tiny_dir, photos, folder / recipe / "run")]
+                    for recipe in REAL_SIZE_RECIPES]
+        else:
+            runs = [run for stage in STAGES for run in stage_runs(stage, engine, tiny_dir, folder / stage)]
+        shipped = recipes or engine.startswith("zero")  # the families' runs: full precision, as the stages
+        done[name] = folder, accelerate_launch(cpu_config(engine, folder, mixed_precision=None if shipped else "no"),
+                                               runs)
+        return done[name]
 
     return launch
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def runs(launches):
     """`runs(stage, engine)`: the output folder and records of that two-process run (its resumed run's records beside
     it, in `out.parent / "resumed"`)."""
@@ -250,7 +239,7 @@ def update_difference(out: Path, reference: Path) -> float:
 
 
 class EngineChecks:
-    """What every engine's launch must show; one subclass per engine (each its own xdist scope)."""
+    """What every engine's launch must show; one subclass per engine."""
 
     engine = ""
 
