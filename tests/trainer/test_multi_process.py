@@ -128,29 +128,29 @@ def twin_flags(recipe: str, tiny_dir, photos: Path, output_dir: Path) -> list[st
 @pytest.fixture(scope="module")
 def launches(tiny_dir, tmp_path_factory):
     """`launches(name)`: the folder and result of one launch, launched once per module (one xdist worker runs the
-    whole module: conftest's `LAUNCHING_MODULES`): "ddp", "fsdp2", "zero2" and "zero3" run every stage (and its
-    resumed run) in full precision (the DeepSpeed configs as shipped leave precision to the runs); "<engine>-recipes"
-    every real-size recipe under that engine's config as shipped (the recipes' bf16); "fsdp2-families" the other
-    decoder families' runs."""
+    whole module, one launch at a time: conftest's `LAUNCHING_MODULES`). Each engine's launch runs every stage (and
+    its resumed run) in full precision; "fsdp2" also the other decoder families' runs; "zero2" and "zero3" also every
+    real-size recipe, under their configs as shipped (which leave precision to the runs: the recipes' bf16);
+    "fsdp2-recipes" the real-size recipes under fsdp.yaml as shipped (bf16)."""
     done = {}
 
     def launch(name: str) -> tuple[Path, subprocess.CompletedProcess]:
         if name in done:
             return done[name]
         folder = tmp_path_factory.mktemp(name)
-        engine, recipes = name.removesuffix("-recipes"), name.endswith("-recipes")
-        if name == "fsdp2-families":
-            engine, script = "fsdp2", str(HERE / "two_process_stage.py")
-            runs = [[script, run, str(tiny_dir), str(folder / run / "records"), engine] for run in FAMILY_RUNS]
-        elif recipes:
+        engine = name.removesuffix("-recipes")
+        runs = [] if name == "fsdp2-recipes" else [
+            run for stage in STAGES for run in stage_runs(stage, engine, tiny_dir, folder / stage)]
+        if engine == "fsdp2" and not name.endswith("-recipes"):
+            runs += [[str(HERE / "two_process_stage.py"), run, str(tiny_dir), str(folder / run / "records"), engine]
+                     for run in FAMILY_RUNS]
+        shipped = name.endswith("-recipes") or engine.startswith("zero")
+        if shipped:
             photos = folder / "photos"
             concatenate_datasets([skimage_photos(32)] * 12).save_to_disk(photos)
-            runs = [[str(HERE / "recipe_first_step.py"), str(folder / recipe), "--config",
-                     str(RECIPES / f"{recipe}.yaml"), *twin_flags(recipe, tiny_dir, photos, folder / recipe / "run")]
-                    for recipe in REAL_SIZE_RECIPES]
-        else:
-            runs = [run for stage in STAGES for run in stage_runs(stage, engine, tiny_dir, folder / stage)]
-        shipped = recipes or engine.startswith("zero")  # the families' runs: full precision, as the stages
+            runs += [[str(HERE / "recipe_first_step.py"), str(folder / recipe), "--config",
+                      str(RECIPES / f"{recipe}.yaml"), *twin_flags(recipe, tiny_dir, photos, folder / recipe / "run")]
+                     for recipe in REAL_SIZE_RECIPES]
         done[name] = folder, accelerate_launch(cpu_config(engine, folder, mixed_precision=None if shipped else "no"),
                                                runs)
         return done[name]
@@ -361,7 +361,7 @@ class TestDecoderFamiliesUnderFSDP2:
     def test_trains_one_model_and_saves_what_the_stock_pipeline_loads(self, run, launches, tiny_dir):
         from diffusers import DiffusionPipeline
 
-        folder, launch = launches("fsdp2-families")
+        folder, launch = launches("fsdp2")
         out = folder / run / "records"
         records = run_records(out, launch)
         assert [record["distributed_type"] for record in records] == ["DistributedType.FSDP"] * 2
@@ -393,7 +393,7 @@ class RealSizeRecipeChecks:
         refused every recipe), and its first optimizer step comes after the recipe's number of micro-batches, once."""
         settings = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
         engine = self.engine
-        folder, launch = launches(f"{engine}-recipes")
+        folder, launch = launches("fsdp2-recipes" if engine == "fsdp2" else engine)
         out = folder / recipe
         accumulation = settings["gradient_accumulation_steps"]
         batch = REAL_SIZE_RECIPES[recipe].get("per_device_train_batch_size", settings["per_device_train_batch_size"])
