@@ -30,6 +30,8 @@ NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-inf
 TEMPLATE_VARIABLES = {
     "decoder_rl_lora.md": dict(
         model_name="tiny-decoder-lora", full_finetune=True, algorithm="DiffusionNFT", trainer="DiffusionNFTTrainer", base_model="org/decoder", hub_model_id="user/lora",
+        loading_note="The stock diffusers `FluxPipeline` (FLUX.1) reads it:", pipeline_class="FluxPipeline",
+        load_arguments='"org/decoder", torch_dtype=torch.bfloat16', call="image = pipe(prompt=...).images[0]",
         weight_name="pytorch_lora_weights.safetensors", settings={"sampler": "sde, 8 steps", "KL beta": "0.01"},
         metrics={"reward/mean": 0.25},
     ),

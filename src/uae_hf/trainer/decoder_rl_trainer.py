@@ -348,6 +348,19 @@ class DecoderRLTrainer(DecoderTrainer):
             "steps": f"{self.state.global_step}",
         }
 
+    def _card_loading(self, base: str | None) -> dict[str, str]:
+        """How the card loads the LoRA: into a UAE pipeline (round trips), or into the family's stock pipeline."""
+        if hasattr(self.decoder, "vlm"):
+            return {"loading_note": "A UAE pipeline reads it (image → caption → image):",
+                    "load_arguments": '"path/to/uae-pipeline", trust_remote_code=True',
+                    "pipeline_class": "UAEReconstructionPipeline",
+                    "call": "out = pipe(image=image, generator=torch.Generator().manual_seed(0))\nout.images[0]"}
+        pipeline_class = type(self.decoder).__name__
+        return {"loading_note": f"The stock diffusers `{pipeline_class}` ({self.decoder_family.name} family) reads it:",
+                "load_arguments": f'"{base or "path/to/base-pipeline"}", torch_dtype=torch.bfloat16',
+                "pipeline_class": pipeline_class,
+                "call": 'image = pipe(prompt="a caption", generator=torch.Generator().manual_seed(0)).images[0]'}
+
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
         """A diffusers-style LoRA card: base decoder, objective, tags, and loading with `UAEReconstructionPipeline`
         (SD3) or the family's stock pipeline."""
@@ -368,9 +381,7 @@ class DecoderRLTrainer(DecoderTrainer):
             full_finetune=args.decoder_full_finetune,
             algorithm=self.algorithm,
             trainer=type(self).__name__,
-            uae_pipeline=hasattr(self.decoder, "vlm"),
-            pipeline_class=type(self.decoder).__name__,
-            family=self.decoder_family.name,
+            **self._card_loading(base),
             settings=self.card_settings(),
             metrics={k: v for k, v in latest.items() if k.startswith(("reward", "reconstruction/"))},
         )
