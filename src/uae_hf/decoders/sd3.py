@@ -21,6 +21,8 @@ class SD3Family(DecoderFamily):
     name = "SD3"
     lora_target_modules = SD3_LORA_TARGETS
     conditioning_modes = CONDITIONING_MODES
+    default_num_inference_steps = 40  # `UAEReconstructionPipeline.generate`'s (the paper's)
+    default_guidance_scale = 5.0
 
     def __init__(self, pipe):
         if not hasattr(pipe, "encode_captions"):
