@@ -135,6 +135,10 @@ QWEN_VL_CHAT_TEMPLATE = (
 )
 
 ENCODER_HIDDEN_SIZE = 64
+# the decoder twins' VAE layout (SD3's, FLUX.1's and FLUX.2's VAEs take these; each sets its latent channels)
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+                norm_num_groups=4, sample_size=64)
 DECODER_JOINT_ATTENTION_DIM = 64
 
 
@@ -377,15 +381,8 @@ def build_tiny_decoder(
     ).eval()
     torch.manual_seed(SEED)
     vae = vae or AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
+        **TINY_VAE,
         latent_channels=16,
-        norm_num_groups=4,
-        sample_size=64,
         scaling_factor=1.5305,
         shift_factor=0.0609,
         use_quant_conv=False,
@@ -432,15 +429,8 @@ def build_tiny_flux_decoder(path: str | Path) -> None:
     ).eval()
     torch.manual_seed(SEED)
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
+        **TINY_VAE,
         latent_channels=16,
-        norm_num_groups=4,
-        sample_size=64,
         scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,
@@ -496,17 +486,7 @@ def build_tiny_flux2_klein_decoder(path: str | Path, is_distilled: bool = False)
         guidance_embeds=False,
     ).eval()
     torch.manual_seed(SEED)
-    vae = AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    ).eval()
+    vae = AutoencoderKLFlux2(**TINY_VAE, latent_channels=4).eval()
     vae.bn.running_mean.copy_(0.5 * torch.randn(vae.bn.num_features))  # so that de-normalising is not the identity
     vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
     scheduler = FlowMatchEulerDiscreteScheduler(

@@ -44,13 +44,6 @@ def flux(tiny_dir):
     return twin(tiny_dir)
 
 
-@pytest.fixture(scope="module")
-def frozen_encoder(tiny_dir):
-    """The encoder the stage-3 runs caption with (frozen by them: its own copy, not the session's)."""
-    return (Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir / "encoder"),
-            AutoProcessor.from_pretrained(tiny_dir / "encoder"))
-
-
 def test_our_sampler_draws_what_the_stock_pipeline_draws(flux):
     family = decoder_family(flux)
     assert isinstance(family, FluxFamily) and family.transformer.config.guidance_embeds

@@ -11,7 +11,6 @@ import torch
 from diffusers import Flux2KleinPipeline
 from safetensors.torch import load_file
 from trainer.tiny_trainer_configs import tiny_config
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from uae_hf import DiffusionNFTTrainer, FlowGRPOTrainer, UnifiedGRPOTrainer
 from uae_hf.cli import main
@@ -64,13 +63,6 @@ def conditioning(klein):
     """`CAPTIONS` encoded once for the module (captions and the negative prompt)."""
     with torch.no_grad():
         return decoder_family(klein).encode_captions(CAPTIONS)
-
-
-@pytest.fixture(scope="module")
-def frozen_encoder(tiny_dir):
-    """The encoder the stage-3 runs caption with (frozen by them: its own copy, not the session's)."""
-    return (AutoModelForImageTextToText.from_pretrained(tiny_dir / "encoder"),
-            AutoProcessor.from_pretrained(tiny_dir / "encoder"))
 
 
 @torch.no_grad()

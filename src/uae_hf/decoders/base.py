@@ -129,8 +129,11 @@ class DecoderFamily:
 
     def decode(self, latents: torch.Tensor, output_type: str = "np"):
         """Final spatial latents → images, as the stock pipeline decodes them (differentiable with
-        `output_type="pt"` when gradients are enabled)."""
-        raise NotImplementedError
+        `output_type="pt"` when gradients are enabled). Here: an `AutoencoderKL`'s scaling and shift (SD3, FLUX.1)."""
+        pipe = self.pipe
+        latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        images = pipe.vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(images, output_type=output_type)
 
     # ----------------------------------------------------------------------------------------------------- drawing
     @torch.no_grad()

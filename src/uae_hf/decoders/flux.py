@@ -101,9 +101,3 @@ class FluxFamily(DecoderFamily):
         """`guidance_scale` itself: FLUX.1 runs its DiT once per step at any scale (FLUX.1-dev's distilled guidance is
         an input, FLUX.1-schnell ignores it)."""
         return guidance_scale
-
-    def decode(self, latents, output_type="np"):
-        pipe = self.pipe
-        latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        images = pipe.vae.decode(latents, return_dict=False)[0]
-        return pipe.image_processor.postprocess(images, output_type=output_type)

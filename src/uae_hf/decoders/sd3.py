@@ -107,14 +107,8 @@ class SD3Family(DecoderFamily):
         unconditional, conditional = prediction.chunk(2)
         return classifier_free_guidance(conditional, unconditional, guidance_scale, detach_unconditional)
 
-    def decode(self, latents, output_type="np"):
-        pipe = self.pipe
-        latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        images = pipe.vae.decode(latents, return_dict=False)[0]
-        return pipe.image_processor.postprocess(images, output_type=output_type)
-
     @torch.no_grad()
     def generate(self, captions, **kwargs):
         """`UAEReconstructionPipeline.generate` (SD3's own denoising loop; its defaults: 40 steps, guidance 5.0)."""
-        kwargs.setdefault("output_type", "np")
-        return self.pipe.generate(captions, **{name: value for name, value in kwargs.items() if value is not None}).images
+        kwargs = {"output_type": "np"} | {name: value for name, value in kwargs.items() if value is not None}
+        return self.pipe.generate(captions, **kwargs).images
