@@ -18,6 +18,7 @@ from network_block import BLOCK_NETWORK
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 265 s alone; 507-554 s beside the engine launches on 2 cores, and once past 600 s
 def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp_path):
     top = tmp_path / "demo"
     script = BLOCK_NETWORK + (f"from uae_hf.cli import main; main(['demo', '--quick', '--seeds', '2', '--output-dir', "
