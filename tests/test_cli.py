@@ -222,11 +222,10 @@ def test_train_runs_the_tiny_generation_recipe_and_logs_grids_to_both_trackers(t
 @pytest.mark.parametrize("recipe, saved", [("pretrain_tiny.yaml", "projector/config.json"),
                                            ("generation_nft_tiny.yaml", "pytorch_lora_weights.safetensors"),
                                            ("cold_start_tiny.yaml", "encoder_adapter/adapter_config.json")])
-def test_train_runs_the_pretrain_cold_start_and_diffusion_nft_recipes(recipe, saved, tmp_path):
-    path = Path(__file__).parents[1] / "examples" / "recipes" / recipe
-    result = subprocess.run([sys.executable, "-m", "uae_hf.cli", "train", "--config", str(path), "--max_steps", "2"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_train_runs_the_pretrain_cold_start_and_diffusion_nft_recipes(recipe, saved, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe's relative output folder
+    main(["train", "--config", str(Path(__file__).parents[1] / "examples" / "recipes" / recipe), "--max_steps", "2",
+          "--tiny_models_dir", str(tiny_dir)])
     out = next((tmp_path / "outputs").glob("*-tiny"))
     assert (out / saved).exists() and (out / "README.md").exists()
     assert_log_history_saved(out, steps=2)
@@ -242,10 +241,7 @@ def test_train_runs_stage_two_with_another_family_s_decoder_as_the_reward(family
 
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / f"understanding_{family}_tiny.yaml"
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--tiny_models_dir",
-                             str(tiny_dir), "--output_dir", str(out)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    main(["train", "--config", str(recipe), "--tiny_models_dir", str(tiny_dir), "--output_dir", str(out)])
     assert_log_history_saved(out, steps=4)
     rewards = [record["rewards/reconstruction/mean"] for record in json.loads((out / "trainer_state.json").read_text())[
         "log_history"] if "rewards/reconstruction/mean" in record]
@@ -256,15 +252,14 @@ def test_train_runs_stage_two_with_another_family_s_decoder_as_the_reward(family
 
 
 @pytest.mark.slow
-def test_train_resumes_from_the_last_checkpoint(tmp_path):
+def test_train_resumes_from_the_last_checkpoint(tiny_dir, tmp_path, monkeypatch, capsys):
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / "cold_start_tiny.yaml"
+    monkeypatch.chdir(tmp_path)
 
-    def train(*flags):
-        result = subprocess.run([sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--logging_steps",
-                                 "1", "--save_strategy", "steps", "--save_steps", "1", *flags],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
+    def train(*flags) -> str:
+        main(["train", "--config", str(recipe), "--tiny_models_dir", str(tiny_dir), "--logging_steps", "1",
+              "--save_strategy", "steps", "--save_steps", "1", *flags])
+        return capsys.readouterr().out
 
     train("--max_steps", "2")
     resumed = train("--max_steps", "3", "--resume_from_checkpoint", "true")

@@ -1,9 +1,15 @@
-"""The decoder protocol's choice of family: by the pipeline's class, one line for any other pipeline."""
+"""The decoder protocol's choice of family: by the pipeline's class, one line for any other pipeline; every family's
+tiny stage-3 recipes through `uae-hf train`."""
+
+from pathlib import Path
 
 import pytest
-from diffusers import DDPMPipeline, DDPMScheduler, StableDiffusion3Pipeline, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, StableDiffusion3Pipeline, UNet2DModel
 
+from uae_hf.cli import main
 from uae_hf.decoders import SD3Family, decoder_family
+
+RECIPES = Path(__file__).parents[2] / "examples" / "recipes"
 
 
 def test_a_pipeline_of_an_unsupported_family_gets_one_line_naming_the_supported_ones():
@@ -43,3 +49,20 @@ def test_a_paired_round_trip_with_a_plain_sd3_decoder_is_the_uae_pipeline_s_text
     out = pair(image=photos[:2], generator=seeded_generators([3, 4]), output_type="np", **settings)
     assert out.captions == expected.captions and all(out.captions)
     assert (out.images == expected.images).all() and out.truncated == expected.truncated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["generation", "generation_nft"])
+@pytest.mark.parametrize("family, pipeline_class", [("flux1", "FluxPipeline"), ("qwen_image", "QwenImagePipeline"),
+                                                    ("flux2_klein", "Flux2KleinPipeline")])
+def test_each_family_s_tiny_stage_3_recipes_train_through_the_cli(family, pipeline_class, stage, tiny_dir, tmp_path):
+    """`uae-hf train --config examples/recipes/<stage>_<family>_tiny.yaml` (Flow-GRPO and DiffusionNFT) trains that
+    family's twin and saves a LoRA that its stock pipeline loads, with a card naming that pipeline."""
+    out = tmp_path / "out"
+    main(["train", "--config", str(RECIPES / f"{stage}_{family}_tiny.yaml"), "--tiny_models_dir", str(tiny_dir),
+          "--max_steps", "1", "--output_dir", str(out)])
+    assert pipeline_class in (out / "README.md").read_text()
+    stock = DiffusionPipeline.from_pretrained(tiny_dir / "decoders" / family)
+    assert type(stock).__name__ == pipeline_class
+    stock.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
+    assert stock.get_active_adapters() == ["default_0"]

@@ -1,10 +1,6 @@
 """FLUX.1 behind the decoder protocol, on its offline twin (FLUX.1-dev-like: the guidance embedding): our sampler
 against `FluxPipeline.__call__`, the SDE step's log-prob, bf16 sampling, both stage-3 objectives and the stage-2
-reward with the stock pipeline as the decoder, and the tiny recipe through `uae-hf train`."""
-
-import subprocess
-import sys
-from pathlib import Path
+reward with the stock pipeline as the decoder (its recipes through `uae-hf train`: test_decoder_families.py)."""
 
 import numpy as np
 import pytest
@@ -178,16 +174,3 @@ def test_stage_2_rewards_captions_with_the_stock_pipeline(tiny_dir, tmp_path):
     np.testing.assert_allclose(batch.rewards, scores.numpy(), rtol=0, atol=1e-5)
     trainer.create_model_card()
     assert "conditioning" in (tmp_path / "run" / "README.md").read_text()
-
-
-@pytest.mark.slow
-def test_the_tiny_flux1_recipe_runs_through_the_cli(tiny_dir, tmp_path):
-    recipe = Path(__file__).parents[2] / "examples" / "recipes" / "generation_flux1_tiny.yaml"
-    result = subprocess.run(
-        [sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--tiny_models_dir", str(tiny_dir),
-         "--max_steps", "1", "--output_dir", str(tmp_path / "out")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "out" / LORA_WEIGHT_NAME).exists()
-    assert "FluxPipeline" in (tmp_path / "out" / "README.md").read_text()

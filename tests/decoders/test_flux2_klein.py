@@ -1,9 +1,7 @@
 """FLUX.2 [klein] behind the decoder protocol, on its offline twin (base-like: not step-distilled, so classifier-free
 guidance; a step-distilled view of it for the one-pass path): our sampler against `Flux2KleinPipeline.__call__`, the
-SDE step's log-prob, bf16 sampling, both stage-3 objectives with the stock pipeline as the decoder, and the tiny
-recipe through `uae-hf train`."""
-
-from pathlib import Path
+SDE step's log-prob, bf16 sampling, both stage-3 objectives with the stock pipeline as the decoder (its recipes
+through `uae-hf train`: test_decoder_families.py)."""
 
 import numpy as np
 import pytest
@@ -13,7 +11,6 @@ from safetensors.torch import load_file
 from trainer.tiny_trainer_configs import tiny_config
 
 from uae_hf import DiffusionNFTTrainer, FlowGRPOTrainer, UnifiedGRPOTrainer
-from uae_hf.cli import main
 from uae_hf.decoders import Flux2KleinFamily, decoder_family
 from uae_hf.sample_data import skimage_photos
 from uae_hf.sampling.flow_sde import flow_step, sample_trajectory
@@ -205,15 +202,3 @@ def test_stage_2_reads_captions_with_the_policy_only_where_the_pipeline_holds_it
                                          r"text_encoder=<the model"):
         UnifiedGRPOTrainer(model=model, decoder=twin(tiny_dir), args=args, train_dataset=skimage_photos(32),
                            processing_class=processor)
-
-
-def test_the_tiny_diffusion_nft_recipe_trains_through_the_cli(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    recipe = Path(__file__).parents[2] / "examples" / "recipes" / "generation_nft_flux2_klein_tiny.yaml"
-    main(["train", "--config", str(recipe), "--tiny_models_dir", str(tiny_dir), "--max_steps", "1",
-          "--log_reconstructions_steps", "0"])
-    out = tmp_path / "outputs" / "generation-nft-flux2-klein-tiny"
-    assert (out / LORA_WEIGHT_NAME).exists() and "Flux2KleinPipeline" in (out / "README.md").read_text()
-    stock = twin(tiny_dir)
-    stock.load_lora_weights(out, weight_name=LORA_WEIGHT_NAME)  # the stock pipeline reads what the CLI saved
-    assert stock.get_active_adapters() == ["default_0"]

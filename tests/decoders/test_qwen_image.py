@@ -1,11 +1,8 @@
 """Qwen-Image behind the decoder protocol, on its offline twin: our sampler against `QwenImagePipeline.__call__` (true
 CFG with a negative prompt), the SDE step's log-prob, bf16 sampling, both stage-3 objectives with the stock pipeline as
 the decoder, the stage-2 reward with the decoder reading captions through the policy's own Qwen2.5-VL (one copy, its
-LoRA disabled), and the tiny recipe through `uae-hf train`."""
+LoRA disabled). Its recipes through `uae-hf train`: test_decoder_families.py."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -234,16 +231,3 @@ def test_one_copy_needs_the_pipeline_built_with_the_policy_or_a_lora(tiny_dir, t
         UnifiedGRPOTrainer(model=policy, decoder=twin(tiny_dir, text_encoder=policy),
                            args=stage_config("understanding", tiny_dir, tmp_path / "run"),
                            train_dataset=skimage_photos(32), processing_class=processor)
-
-
-@pytest.mark.slow
-def test_the_tiny_qwen_image_recipe_runs_through_the_cli(tiny_dir, tmp_path):
-    recipe = Path(__file__).parents[2] / "examples" / "recipes" / "generation_nft_qwen_image_tiny.yaml"
-    result = subprocess.run(
-        [sys.executable, "-m", "uae_hf.cli", "train", "--config", str(recipe), "--tiny_models_dir", str(tiny_dir),
-         "--max_steps", "1", "--output_dir", str(tmp_path / "out")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "out" / LORA_WEIGHT_NAME).exists()
-    assert "QwenImagePipeline" in (tmp_path / "out" / "README.md").read_text()

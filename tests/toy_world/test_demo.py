@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from uae_hf import load_saved_pipeline
+from uae_hf.cli import main
 
 from uae_hf.toy_world import toy_world_dataset
 from uae_hf.toy_world.demo import STAGE3, STAGE_RECORD, STAGES
@@ -19,7 +20,7 @@ from network_block import BLOCK_NETWORK
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # 265 s alone; 507-554 s beside the engine launches on 2 cores, and once past 600 s
-def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp_path):
+def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp_path, capsys):
     top = tmp_path / "demo"
     script = BLOCK_NETWORK + (f"from uae_hf.cli import main; main(['demo', '--quick', '--seeds', '2', '--output-dir', "
                               f"{str(top)!r}])")
@@ -55,7 +56,6 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     assert PIL.Image.open(top / "stage3_learning_speed.png").width > 100
 
     out = top / "seed-0"
-    script = BLOCK_NETWORK + f"from uae_hf.cli import main; main(['demo', '--quick', '--output-dir', {str(out)!r}])"
     results = runs[0]
     assert list(results["stages"]) == list(STAGES)
     for stage, scores in results["stages"].items():
@@ -128,11 +128,12 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert PIL.Image.open(tmp_path / "reconstruction.png").size == (32, 32) and result.stdout.strip()
 
-    # a second run in the same folder reloads every finished stage instead of training it again, says so, keeps their
-    # times and gives its own apart; the pipeline it saves again scores the same
+    # a second run in the same folder (here in this process) reloads every finished stage instead of training it
+    # again, says so, keeps their times and gives its own apart; the pipeline it saves again scores the same
     first = results["stages"]
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    capsys.readouterr()
+    main(["demo", "--quick", "--output-dir", str(out)])
+    printed = capsys.readouterr().out
     again = json.loads((out / "results.json").read_text())
     assert again["stages"] == first and again["pipeline"] == results["pipeline"]
     assert again["reloaded"] == ["models", *STAGES] and results["reloaded"] == []
@@ -140,23 +141,23 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     assert again["timings_s"]["total"] == pytest.approx(
         again["timings_s"]["run"] + sum(results["timings_s"][stage] for stage in ("build", *STAGES)))
     for stage in STAGES:
-        assert f"[{stage}] reloaded (trained in {results['timings_s'][stage]:.0f} s by an earlier run)" in result.stdout
-    assert timing_text(again).startswith("This run: ") and timing_text(again) in result.stdout  # the report's head
-    assert f"(this run: {again['timings_s']['run'] / 60:.1f} min)" in result.stdout
+        assert f"[{stage}] reloaded (trained in {results['timings_s'][stage]:.0f} s by an earlier run)" in printed
+    assert timing_text(again).startswith("This run: ") and timing_text(again) in printed  # the report's head
+    assert f"(this run: {again['timings_s']['run'] / 60:.1f} min)" in printed
 
     # other settings: refused in one line naming the difference, before anything is trained; --overwrite retrains
     # the stages they touch (here the Flow-GRPO runs of stage 3) and reloads the others
     records = {stage: (out / "stages" / stage / STAGE_RECORD).read_text() for stage in STAGES}
-    full = BLOCK_NETWORK + f"from uae_hf.cli import main; main(['demo', '--output-dir', {str(out)!r}])"
-    other_beta = script.replace("'--quick',", "'--quick', '--generation-beta', '0.01',")
-    for refused, difference in ((full, "quick True (now False)"), (other_beta, "generation_beta 0.0 (now 0.01)")):
-        result = subprocess.run([sys.executable, "-c", refused], capture_output=True, text=True, timeout=600)
-        assert result.returncode == 2 and difference in result.stderr and "--overwrite" in result.stderr, result.stderr[-3000:]
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for refused, difference in ((["demo", "--output-dir", str(out)], "quick True (now False)"),
+                                (["demo", "--quick", "--generation-beta", "0.01", "--output-dir", str(out)],
+                                 "generation_beta 0.0 (now 0.01)")):
+        with pytest.raises(SystemExit) as exit:
+            main(refused)
+        error = capsys.readouterr().err
+        assert exit.value.code == 2 and difference in error and "--overwrite" in error, error[-3000:]
+        assert len(error.strip().splitlines()) == 1, error
     assert records == {stage: (out / "stages" / stage / STAGE_RECORD).read_text() for stage in STAGES}
-    result = subprocess.run([sys.executable, "-c", other_beta.replace("'--quick',", "'--quick', '--overwrite',")],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    main(["demo", "--quick", "--overwrite", "--generation-beta", "0.01", "--output-dir", str(out)])
     retrained = [stage for stage in STAGES if (out / "stages" / stage / STAGE_RECORD).read_text() != records[stage]]
     assert retrained == ["generation", "generation_cfg_free"]
     record = json.loads((out / "stages" / "generation" / STAGE_RECORD).read_text())

@@ -104,11 +104,15 @@ FAMILY_RUNS = ["generation-flux1", "generation_nft-qwen_image", "generation-flux
 
 
 # each real-size recipe → what its twin run changes to be feasible on 2 CPU processes, besides the models, data and
-# sizes every run swaps (`twin_flags`): 24 and 48 micro-batches of a group of 24 reconstructions are 576 and 1152
-# rollouts per process and step, so stage 3's groups shrink to 2 (accumulation, and so the count, as the recipe's)
+# sizes every run swaps (`twin_flags`). Stage 3's recipes fix the images per optimizer step and say how to keep them
+# on N GPUs ("set gradient_accumulation_steps to 24 / N"): on 2 processes, half their accumulation, as a user would
+# set it. 12 and 24 micro-batches of a group of 24 reconstructions are still 288 and 576 rollouts per process and
+# step, so their groups shrink to 2 (the accumulation, and so the count of micro-batches, stays the recipe's).
 SMALL_GROUPS = {"per_device_train_batch_size": 2, "num_generations": 2}
-REAL_SIZE_RECIPES = {"understanding_qwen2.5-vl-3b_sd3.5": {}, "generation_sd3.5": SMALL_GROUPS,
-                     "generation_nft_sd3.5": SMALL_GROUPS, "pretrain_sd3.5": {}, "cold_start_sd3.5": {}}
+REAL_SIZE_RECIPES = {"understanding_qwen2.5-vl-3b_sd3.5": {},
+                     "generation_sd3.5": SMALL_GROUPS | {"gradient_accumulation_steps": 24 // 2},
+                     "generation_nft_sd3.5": SMALL_GROUPS | {"gradient_accumulation_steps": 48 // 2},
+                     "pretrain_sd3.5": {}, "cold_start_sd3.5": {}}
 
 
 def twin_flags(recipe: str, tiny_dir, photos: Path, output_dir: Path) -> list[str]:
@@ -390,12 +394,17 @@ class RealSizeRecipeChecks:
         """Each real-size recipe with its own settings (the twins in place of its models) through `uae-hf train`, under each
         shipped FSDP2 and DeepSpeed config as shipped: the engine takes its accumulation, batch size and bf16 from the
         recipe (DeepSpeed's "auto" values; before, both DeepSpeed configs fixed an accumulation of 1 and transformers
-        refused every recipe), and its first optimizer step comes after the recipe's number of micro-batches, once."""
+        refused every recipe), and its first optimizer step comes after the recipe's number of micro-batches (for 2
+        processes, as the recipe says), once."""
         settings = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
         engine = self.engine
         folder, launch = launches("fsdp2-recipes" if engine == "fsdp2" else engine)
         out = folder / recipe
         accumulation = settings["gradient_accumulation_steps"]
+        if "gradient_accumulation_steps" in REAL_SIZE_RECIPES[recipe]:  # the recipe's own rule for 2 GPUs
+            assert f"set gradient_accumulation_steps to {accumulation} / N" in (RECIPES / f"{recipe}.yaml").read_text()
+            accumulation = REAL_SIZE_RECIPES[recipe]["gradient_accumulation_steps"]
+            assert accumulation == settings["gradient_accumulation_steps"] // 2
         batch = REAL_SIZE_RECIPES[recipe].get("per_device_train_batch_size", settings["per_device_train_batch_size"])
         for record in run_records(out, launch):
             assert record["distributed_type"] == f"DistributedType.{ENGINES[engine][1]}"
