@@ -6,6 +6,9 @@ runs the code path a Hub checkpoint runs. Weights are random but seeded: buildin
 Layout written by [`build_tiny_models`]:
 
     OUT_DIR/encoder                Qwen2.5-VL-Instruct twin (model, tokenizer + chat template, processors)
+    OUT_DIR/encoders/qwen3_vl      Qwen3-VL-Instruct twin (interleaved M-RoPE, DeepStack vision features)
+    OUT_DIR/encoders/gemma3        Gemma 3 (-it) twin (SigLIP tower, pooled soft image tokens, token_type_ids,
+                                   sliding-window layers, a byte-fallback BPE tokenizer like Gemma's)
     OUT_DIR/decoder                StableDiffusion3Pipeline twin (MMDiT with qk-norm + dual attention, VAE,
                                    CLIP-L/G with projection, optional T5)
     OUT_DIR/projector              UAEProjector: encoder hidden size → decoder joint_attention_dim
@@ -16,6 +19,8 @@ Layout written by [`build_tiny_models`]:
     OUT_DIR/decoders/qwen_image    QwenImagePipeline twin (dual-stream DiT, 3-D causal VAE, exponential dynamic shift,
                                    Qwen2.5-VL-Instruct text encoder whose template prefix is Qwen's 34 tokens;
                                    text_encoder/ also holds its processor: an encoder twin)
+    OUT_DIR/janus                  JanusForConditionalGeneration twin (Janus-Pro-like: Llama text model, SigLIP-like
+                                   understanding tower, VQ model + generation head for image tokens) + JanusProcessor
     OUT_DIR/backbones/{clip,dinov2,dinov3,longclip,siglip}
 """
 
@@ -57,6 +62,15 @@ from transformers import (
     DINOv3ViTConfig,
     DINOv3ViTImageProcessor,
     DINOv3ViTModel,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    GemmaTokenizer,
+    JanusConfig,
+    JanusForConditionalGeneration,
+    JanusImageProcessor,
+    JanusProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -65,6 +79,10 @@ from transformers import (
     Qwen2VLVideoProcessor,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
     SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
@@ -293,6 +311,142 @@ def build_tiny_encoder(
         chat_template=QWEN_VL_CHAT_TEMPLATE,
     )
     processor.save_pretrained(path)
+
+
+# Qwen3-VL-Instruct's message format: no default system turn, `<|im_start|>ROLE\n...<|im_end|>` for the system, user and
+# assistant roles only (any other role, UAE's "generate" included, renders nothing), vision placeholders as Qwen2.5-VL's.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] in ('system', 'user', 'assistant') %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@_quietly()
+def build_tiny_qwen3_vl_encoder(path: str | Path) -> None:
+    """Qwen3-VL-Instruct twin: same classes as `Qwen/Qwen3-VL-4B-Instruct` (interleaved M-RoPE, a vision tower with
+    learned position embeddings and DeepStack features merged into the first text layers, 16-pixel patches merged
+    2x2, tied embeddings), its generation config's sampling (top-k 20, top-p 0.8) and message format, with the
+    Qwen2.5-VL twin's offline BPE vocabulary and the paper's captioning pixel bounds."""
+    tokenizer = build_qwen_tokenizer()
+    tokenizer.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=ENCODER_HIDDEN_SIZE, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 2, 2],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=ENCODER_HIDDEN_SIZE,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(SEED)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.generation_config.update(bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+                                   eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], do_sample=True, top_k=20,
+                                   top_p=0.8, temperature=0.7)
+    model.save_pretrained(path)
+    image_processor = Qwen2VLImageProcessor(size={"shortest_edge": 3136, "longest_edge": 65536}, patch_size=16,
+                                            merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                            image_std=[0.5] * 3)
+    Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(),
+                     chat_template=QWEN3_VL_CHAT_TEMPLATE).save_pretrained(path)
+
+
+# Gemma 3's special tokens (ids 0-4 as in its vocabulary), turn markers and image tokens (`extra_special_tokens`, which
+# Gemma3Processor reads as `boi_token`, `eoi_token` and `image_token`)
+GEMMA_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+GEMMA_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+# Gemma 3's message format: BOS, a system turn folded into the first user turn, user/assistant turns that must
+# alternate (any other role is refused), "model" for the assistant, text trimmed, `<start_of_image>` per image.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set turns = messages[1:] %}"
+    "{% set prefix = (messages[0]['content'] if messages[0]['content'] is string "
+    "else messages[0]['content'][0]['text']) + '\n\n' %}"
+    "{% else %}{% set turns = messages %}{% set prefix = '' %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if loop.first %}{{ prefix }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<start_of_image>{% elif item['type'] == 'text' %}{{ item['text'] | trim }}"
+    "{% endif %}{% endfor %}{% endif %}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def build_gemma_tokenizer(num_merges: int = 300) -> GemmaTokenizer:
+    """Gemma's tokenizer layout (BPE on text whose spaces are "▁", byte fallback `<0x00>`-`<0xFF>`, BOS added) with the
+    byte-level merges learned from the corpus, written in "▁" form."""
+    byte_level_vocab, byte_level_merges = _train_bpe(num_merges=num_merges)
+
+    def plain(token: str) -> str:
+        return token.replace("Ġ", "▁")  # the corpus is ASCII: its byte-level symbols are its characters, but a space
+
+    tokens = [*GEMMA_SPECIAL_TOKENS, *GEMMA_IMAGE_TOKENS.values(), *(f"<0x{byte:02X}>" for byte in range(256)),
+              "▁", *(chr(code) for code in range(33, 127)),
+              *(plain(token) for token in byte_level_vocab if len(token) > 1)]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    merges = [(plain(left), plain(right)) for left, right in byte_level_merges]
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, extra_special_tokens=GEMMA_IMAGE_TOKENS)
+    tokenizer.add_special_tokens({"additional_special_tokens": GEMMA_SPECIAL_TOKENS[5:]})
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    return tokenizer
+
+
+@_quietly()
+def build_tiny_gemma3_encoder(path: str | Path) -> None:
+    """Gemma 3 twin: same classes as `google/gemma-3-4b-it` (a SigLIP vision tower without its pooling head, image
+    features average-pooled to a fixed count of soft tokens, bidirectional attention over each image's tokens through
+    `token_type_ids`, sliding-window and global layers, q/k-norm, tied embeddings), its generation config (top-k 64,
+    top-p 0.95, stops at `<end_of_turn>`) and message format. 32 x 32 images, 16 tokens each."""
+    tokenizer = build_gemma_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token)
+           for token in (*GEMMA_SPECIAL_TOKENS, *GEMMA_IMAGE_TOKENS.values())}
+    image_size, tokens_per_image = 32, 16
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=ENCODER_HIDDEN_SIZE, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         query_pre_attn_scalar=16, sliding_window=32, layer_types=["sliding_attention", "full_attention"],
+                         max_position_embeddings=4096, pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"],
+                         bos_token_id=ids["<bos>"], tie_word_embeddings=True,
+                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                          "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                             "rope_theta": 1000000.0}}),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=4, vision_use_head=False),
+        mm_tokens_per_image=tokens_per_image, boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"], tie_word_embeddings=True,
+    )
+    torch.manual_seed(SEED)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    # Gemma 3 initialises the image-to-text projection at zero: images would not reach a random twin's captions
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.1)
+    model.generation_config.update(bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"],
+                                   eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]], do_sample=True, top_k=64,
+                                   top_p=0.95)
+    model.save_pretrained(path)
+    image_processor = Gemma3ImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
+                                           image_std=[0.5] * 3, resample=2)
+    Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
+                    image_seq_length=tokens_per_image).save_pretrained(path)
 
 
 def _clip_tokenizer(model_max_length: int) -> CLIPTokenizer:
@@ -538,6 +692,70 @@ def build_tiny_qwen_image_decoder(path: str | Path) -> None:
                       transformer=transformer).save_pretrained(path)
 
 
+# DeepSeek's special tokens as Janus-Pro's tokenizer names them, and its image tokens (`extra_special_tokens`, which
+# JanusProcessor reads as `image_token`, `boi_token`, `eoi_token`)
+JANUS_BOS, JANUS_EOS, JANUS_PAD = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<\uff5c\u2581pad\u2581\uff5c>"
+JANUS_IMAGE_TOKENS = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"}
+# Janus-Pro's message format: "<|User|>: {text}\n<image_placeholder>\n\n<|Assistant|>:" (contents in order, text trimmed)
+JANUS_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<|User|>: {% elif message['role'] == 'assistant' %}<|Assistant|>: "
+    "{% else %}{{ message['role'] | capitalize }}: {% endif %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{% if not loop.first %}\n{% endif %}<image_placeholder>"
+    "{% if not loop.last %}\n{% endif %}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] | trim }}{% endif %}"
+    "{% endfor %}"
+    "{% if message['role'] == 'user' %}\n\n{% else %}" + JANUS_EOS + "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+
+
+@_quietly()
+def build_tiny_janus(path: str | Path) -> None:
+    """Janus-Pro twin: `JanusForConditionalGeneration` + `JanusProcessor` as `deepseek-community/Janus-Pro-1B` ships
+    them (its default system prompt for understanding, images normalised to [-1, 1], the generation config's CFG
+    weight 5, temperature 1 and begin-of-image token), with a byte-level BPE tokenizer learned offline that prepends
+    BOS as DeepSeek's does. Understanding reads 64 x 64 images as 8 x 8 patches; generation draws 8 x 8 tokens from a
+    64-code VQ model, decoded 4x up to 32 x 32 pixels."""
+    vocab, merges = _train_bpe(num_merges=300)
+    roles = ["<|User|>", "<|Assistant|>"]
+    for token in (JANUS_BOS, JANUS_EOS, JANUS_PAD, *roles, *JANUS_IMAGE_TOKENS.values()):
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, bos_token=JANUS_BOS, eos_token=JANUS_EOS, pad_token=JANUS_PAD,
+                               unk_token=None, add_bos_token=True, extra_special_tokens=JANUS_IMAGE_TOKENS)
+    tokenizer.add_special_tokens({"additional_special_tokens": roles})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (JANUS_BOS, JANUS_EOS, JANUS_PAD)}
+    image_size, patch_size = 64, 8
+    config = JanusConfig(
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, bos_token_id=ids[JANUS_BOS], eos_token_id=ids[JANUS_EOS],
+                         pad_token_id=ids[JANUS_PAD], tie_word_embeddings=False),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                           image_size=image_size, patch_size=patch_size, projection_dim=32, depth=2,
+                           num_image_tokens=(image_size // patch_size) ** 2),
+        # GroupNorm with 32 groups: every VQ channel count a multiple of 32
+        vq_config=dict(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
+                       channel_multiplier=[1, 1, 1], num_res_blocks=1, projection_dim=32, image_token_embed_dim=32),
+        image_token_id=tokenizer.convert_tokens_to_ids(JANUS_IMAGE_TOKENS["image_token"]),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(SEED)
+    model = JanusForConditionalGeneration(config).eval()
+    generation = model.generation_config
+    generation._from_model_config = False  # else the custom generation_kwargs are dropped on loading
+    generation.update(temperature=1.0, guidance_scale=5.0, pad_token_id=ids[JANUS_PAD], bos_token_id=ids[JANUS_BOS],
+                      eos_token_id=ids[JANUS_EOS])
+    generation.generation_kwargs = {"boi_token_id": tokenizer.convert_tokens_to_ids(JANUS_IMAGE_TOKENS["boi_token"])}
+    model.save_pretrained(path)
+    image_processor = JanusImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
+                                          image_std=[0.5] * 3)
+    JanusProcessor(image_processor, tokenizer, chat_template=JANUS_CHAT_TEMPLATE, use_default_system_prompt=True,
+                   num_image_tokens=config.vision_config.num_image_tokens).save_pretrained(path)
+
+
 @_quietly()
 def build_tiny_projector(
     path: str | Path, encoder_hidden_size: int = ENCODER_HIDDEN_SIZE, joint_attention_dim: int = DECODER_JOINT_ATTENTION_DIM
@@ -625,10 +843,13 @@ def build_tiny_models(out_dir: str | Path, with_t5: bool = True) -> Path:
     """Write every twin under `out_dir` (see the module docstring for the layout) and return it."""
     out_dir = Path(out_dir)
     build_tiny_encoder(out_dir / "encoder")
+    build_tiny_qwen3_vl_encoder(out_dir / "encoders" / "qwen3_vl")
+    build_tiny_gemma3_encoder(out_dir / "encoders" / "gemma3")
     build_tiny_decoder(out_dir / "decoder", with_t5=with_t5)
     build_tiny_projector(out_dir / "projector")
     build_tiny_flux_decoder(out_dir / "decoders" / "flux1")
     build_tiny_flux2_klein_decoder(out_dir / "decoders" / "flux2_klein")
     build_tiny_qwen_image_decoder(out_dir / "decoders" / "qwen_image")
+    build_tiny_janus(out_dir / "janus")
     build_tiny_backbones(out_dir / "backbones")
     return out_dir
