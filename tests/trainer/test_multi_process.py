@@ -97,10 +97,9 @@ def stage_runs(stage: str, engine: str, tiny_dir, folder: Path) -> list[list[str
             [script, stage, str(tiny_dir), str(folder / "resumed"), engine, str(run / "run" / "checkpoint-2")]]
 
 
-# the other decoder families' twins, each trained under FSDP2 with one stage-3 objective (both objectives covered;
-# what is family-specific under FSDP2 is the sharding of its DiT and its frozen text encoders and VAE, which either
-# objective exercises; the trainers' distributed code is the family-independent one the SD3 runs test)
-FAMILY_RUNS = ["generation-flux1", "generation_nft-qwen_image", "generation-flux2_klein"]
+# the other decoder families' twins, each trained with both stage-3 objectives under DDP and FSDP2
+FAMILY_RUNS = [f"{stage}-{family}" for family in ("flux1", "qwen_image", "flux2_klein")
+               for stage in ("generation", "generation_nft")]
 
 
 # each real-size recipe → what its twin run changes to be feasible on 2 CPU processes, besides the models, data and
@@ -133,7 +132,7 @@ def twin_flags(recipe: str, tiny_dir, photos: Path, output_dir: Path) -> list[st
 def launches(tiny_dir, tmp_path_factory):
     """`launches(name)`: the folder and result of one launch, launched once per module (one xdist worker runs the
     whole module, one launch at a time: conftest's `LAUNCHING_MODULES`). Each engine's launch runs every stage (and
-    its resumed run) in full precision; "fsdp2" also the other decoder families' runs; "zero2" and "zero3" also every
+    its resumed run) in full precision; "ddp" and "fsdp2" also the other decoder families' runs; "zero2" and "zero3" also every
     real-size recipe, under their configs as shipped (which leave precision to the runs: the recipes' bf16);
     "fsdp2-recipes" the real-size recipes under fsdp.yaml as shipped (bf16)."""
     done = {}
@@ -145,7 +144,7 @@ def launches(tiny_dir, tmp_path_factory):
         engine = name.removesuffix("-recipes")
         runs = [] if name == "fsdp2-recipes" else [
             run for stage in STAGES for run in stage_runs(stage, engine, tiny_dir, folder / stage)]
-        if engine == "fsdp2" and not name.endswith("-recipes"):
+        if engine in ("ddp", "fsdp2") and not name.endswith("-recipes"):
             runs += [[str(HERE / "two_process_stage.py"), run, str(tiny_dir), str(folder / run / "records"), engine]
                      for run in FAMILY_RUNS]
         shipped = name.endswith("-recipes") or engine.startswith("zero")
@@ -356,24 +355,27 @@ class TestZeRO3(ShardingEngineChecks):
 
 
 @pytest.mark.slow
-class TestDecoderFamiliesUnderFSDP2:
-    """FLUX.1, Qwen-Image and FLUX.2 [klein] twins (their stock pipelines) trained by a stage-3 trainer under
-    `fsdp.yaml`: one optimizer step per step, identical ranks, every frozen model sharded for inference (the family's
-    text encoders and VAE, the encoder captioning), and a checkpoint whose LoRA the stock pipeline loads."""
+class TestDecoderFamilies:
+    """FLUX.1, Qwen-Image and FLUX.2 [klein] twins (their stock pipelines) trained by both stage-3 trainers under
+    `multi_gpu.yaml` (DDP) and `fsdp.yaml`: one optimizer step per step, identical ranks, under FSDP2 every frozen model
+    sharded for inference (the family's text encoders and VAE, the encoder captioning), and a checkpoint whose LoRA the
+    stock pipeline loads."""
 
     @pytest.mark.parametrize("run", FAMILY_RUNS)
-    def test_trains_one_model_and_saves_what_the_stock_pipeline_loads(self, run, launches, tiny_dir):
+    @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+    def test_trains_one_model_and_saves_what_the_stock_pipeline_loads(self, engine, run, launches, tiny_dir):
         from diffusers import DiffusionPipeline
 
-        folder, launch = launches("fsdp2")
+        folder, launch = launches(engine)
         out = folder / run / "records"
         records = run_records(out, launch)
-        assert [record["distributed_type"] for record in records] == ["DistributedType.FSDP"] * 2
+        assert [record["distributed_type"] for record in records] == [f"DistributedType.{ENGINES[engine][1]}"] * 2
         assert [record["optimizer_steps"] for record in records] == [TRAINING_STEPS] * 2
         final = assert_identical_trained_weights(out)
-        for record in records:
-            assert record["frozen_models"]["whole"] == []
-            assert {"vae", "text_encoder", "encoder"} <= set(record["frozen_models"]["sharded"])
+        if engine == "fsdp2":
+            for record in records:
+                assert record["frozen_models"]["whole"] == []
+                assert {"vae", "text_encoder", "encoder"} <= set(record["frozen_models"]["sharded"])
         stage, _, family = run.partition("-")
         checkpoint = out / "run" / "checkpoint-3"
         saved = saved_weights(stage, checkpoint, final)
