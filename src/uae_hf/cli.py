@@ -424,7 +424,7 @@ def _pipeline_settings(args, source: PipelineSource) -> dict:
     }
     if args.encoder:  # only then: earlier runs' settings have no such key
         settings["encoder"], settings["encoder_fingerprint"] = _local_fingerprint(args.encoder)
-    return settings
+    return {"system": args.system, **settings}
 
 
 def _load_pipeline(args, source: PipelineSource):
@@ -670,21 +670,71 @@ def _cmd_app(args) -> None:
     build_app(app, defaults).queue().launch(server_name=args.host, server_port=args.port, show_error=True)
 
 
+# `uae_hf.round_trip.ROUND_TRIP_SYSTEMS` (whose module loads torch); a test keeps them equal
+BENCH_SYSTEMS = ("uae", "pair", "janus")
+# what a system's round trip takes besides the references: the flags that name its models
+SYSTEM_FLAGS = {"uae": ("--pipeline", "--encoder-adapter", "--trust-remote-code"),
+                "pair": ("--pipeline", "--encoder", "--encoder-adapter", "--trust-remote-code"), "janus": ("--model",)}
+
+
+def _given_flags(args, flags) -> list[str]:
+    return [flag for flag in flags if getattr(args, flag[2:].replace("-", "_"))]
+
+
+def _check_compare(args) -> None:
+    """`--compare`: no other source, and runs that compare (`check_comparable`), before anything is written."""
+    from .metrics.bench_comparison import ComparisonError, check_comparable
+
+    given = _given_flags(args, ("--images-dir", "--dataset", "--pipeline", "--model", "--reconstructions",
+                                "--encoder", "--system"))
+    if given:
+        raise CommandLineError(f"--compare reads finished runs: drop {' and '.join(given)}")
+    _check_output_folder("--output-dir", args.output_dir)
+    try:
+        check_comparable(args.compare)
+    except ComparisonError as error:
+        raise CommandLineError(f"--compare: {error}") from None
+
+
+def _check_system(args) -> None:
+    """`--system` (default: pair with `--encoder`, else uae) and the flags it takes."""
+    args.system = args.system or ("pair" if args.encoder else "uae")
+    others = _given_flags(args, sorted({flag for flags in SYSTEM_FLAGS.values() for flag in flags}
+                                       - set(SYSTEM_FLAGS[args.system])))
+    if args.system == "uae" and args.encoder:
+        raise CommandLineError("--encoder pairs a chat VLM with a text-to-image --pipeline: that is --system pair")
+    if others:
+        raise CommandLineError(f"--system {args.system} takes {' and '.join(SYSTEM_FLAGS[args.system])}, not "
+                               f"{' and '.join(others)}")
+    if args.system == "janus":
+        fixed = _given_flags(args, ("--height", "--width", "--conditioning-mode"))
+        if fixed:
+            raise CommandLineError(f"--system janus draws at its checkpoint's own size, from the caption as text: "
+                                   f"drop {' and '.join(fixed)}")
+        if args.model:
+            _check_model_folder(f"--model {args.model}", args.model, "config.json", "a model folder")
+
+
 def _check_bench(args) -> None:
-    """Every bench argument that needs no model: the sources, the backbones, the pipeline, the pairing of
-    `--reconstructions` with `--images-dir`."""
+    """Every bench argument that needs no model: the sources, the backbones, the system and its models, the pairing
+    of `--reconstructions` with `--images-dir`; with `--compare`, the runs."""
     from .metrics.round_trip_bench import no_pair_message, pairing_summary, references_from_folder
 
+    if args.compare:
+        _check_compare(args)
+        return
+    _check_system(args)
     if bool(args.images_dir) == bool(args.dataset):
         raise CommandLineError("pass exactly one of --images-dir or --dataset")
     if args.images_dir and Path(args.images_dir).is_file():
         raise CommandLineError(f"--images-dir {args.images_dir} is a file, not a folder: pass the folder that holds "
                                "the reference images")
-    if not args.pipeline and not args.reconstructions:
-        raise CommandLineError("neither --pipeline (round trip) nor --reconstructions (score only) was given: pass "
+    round_trip = "--model" if args.system == "janus" else "--pipeline"
+    if not (args.pipeline or args.model) and not args.reconstructions:
+        raise CommandLineError(f"neither {round_trip} (round trip) nor --reconstructions (score only) was given: pass "
                                "one of them (not both)")
-    if args.pipeline and args.reconstructions:
-        raise CommandLineError("both --pipeline and --reconstructions were given: pass one of them (not both)")
+    if (args.pipeline or args.model) and args.reconstructions:
+        raise CommandLineError(f"both {round_trip} and --reconstructions were given: pass one of them (not both)")
     if args.reconstructions and not Path(args.reconstructions).is_dir():
         state = "is a file, not a folder" if Path(args.reconstructions).exists() else "does not exist"
         raise CommandLineError(f"--reconstructions {args.reconstructions} {state}")
@@ -717,6 +767,31 @@ def _check_bench(args) -> None:
     args.pipeline_source = _pipeline_source(args) if args.pipeline else None
 
 
+def _janus_settings(args) -> dict:
+    """What identifies the `--system janus` round trip `_load_janus` will make (for `bench`)."""
+    device = _device(args)
+    dtype = _torch_dtype(args, device)
+    model, fingerprint = _local_fingerprint(args.model)
+    return {"system": "janus", "model": model, "model_fingerprint": fingerprint,
+            "dtype": str(dtype).removeprefix("torch.") if dtype else "as stored", "device": device}
+
+
+def _janus_kwargs(args) -> dict:
+    """The round trip's settings for `--system janus`: caption sampling as for every system; image sampling the
+    checkpoint's own (Janus-Pro: CFG 5, temperature 1) unless `--guidance-scale` says otherwise."""
+    kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "do_sample": args.temperature > 0}
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
+    return kwargs
+
+
+def _load_janus(args):
+    from .janus_round_trip import JanusRoundTrip
+
+    device = _device(args)
+    return JanusRoundTrip.from_pretrained(args.model, torch_dtype=_torch_dtype(args, device)).to(device)
+
+
 def _cmd_bench(args) -> None:
     from .metrics.round_trip_bench import (
         ResumeError,
@@ -727,6 +802,13 @@ def _cmd_bench(args) -> None:
     )
     from .rewards.similarity import BackboneUnavailableError
 
+    if args.compare:
+        from .metrics.bench_comparison import compare_runs
+
+        compare_runs(args.compare, args.output_dir)
+        print(Path(args.output_dir, "comparison.md").read_text())
+        print(f"wrote comparison.md, comparison.json and comparison_grid.png to {args.output_dir}")
+        return
     references = args.references
     if references is None:
         try:
@@ -736,13 +818,14 @@ def _cmd_bench(args) -> None:
         references = references[: args.limit] if args.limit else references
     pipeline, pipeline_settings, call_kwargs = None, None, {}
     try:
-        if args.pipeline:
-            pipeline_settings = _pipeline_settings(args, args.pipeline_source)
-            call_kwargs = _generate_kwargs(args)
+        if args.pipeline or args.model:
+            janus = args.system == "janus"
+            pipeline_settings = _janus_settings(args) if janus else _pipeline_settings(args, args.pipeline_source)
+            call_kwargs = _janus_kwargs(args) if janus else _generate_kwargs(args)
             # a folder that cannot be resumed is refused before the pipeline loads (run_bench checks again)
             settings = bench_settings(references, pipeline_settings, seed=args.seed, **call_kwargs)
             prepare_round_trip_dir(args.output_dir, settings, overwrite=args.overwrite)
-            pipeline = _load_pipeline(args, args.pipeline_source)
+            pipeline = _load_janus(args) if janus else _load_pipeline(args, args.pipeline_source)
         report = run_bench(
             references, args.output_dir, pipeline=pipeline, reconstructions_dir=args.reconstructions,
             config_name=args.backbones, checkpoints=args.checkpoints, device=_device(args), dtype=args.backbone_dtype,
@@ -798,7 +881,17 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--dataset", help="a datasets id or local folder with an image column")
     bench.add_argument("--split", default="test", help="dataset split")
     bench.add_argument("--image-column", default="image", help="dataset image column")
+    bench.add_argument("--system", choices=BENCH_SYSTEMS, default=None,
+                       help="the round-trip system: uae (a UAE --pipeline), pair (--encoder, a chat VLM, captions; a "
+                       "text-to-image --pipeline draws), janus (one Janus / Janus-Pro --model does both) (default: pair "
+                       "with --encoder, else uae)")
     bench.add_argument("--pipeline", help="pipeline folder or Hub repo to round-trip with")
+    bench.add_argument("--model", default=None,
+                       help="with --system janus: the JanusForConditionalGeneration checkpoint (folder or Hub id, e.g. "
+                       "deepseek-community/Janus-Pro-7B)")
+    bench.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
+                       help="compare finished bench runs (same references, backbones and protocol): write "
+                       "comparison.md, comparison.json and comparison_grid.png to --output-dir")
     bench.add_argument("--reconstructions", help="score this folder of reconstructions instead (names match the "
                        "references, optionally with a recon_ prefix)")
     bench.add_argument("--output-dir", required=True, help="where reconstructions and reports go; a rerun with the "

@@ -718,7 +718,8 @@ def build_tiny_janus(path: str | Path) -> None:
     them (its default system prompt for understanding, images normalised to [-1, 1], the generation config's CFG
     weight 5, temperature 1 and begin-of-image token), with a byte-level BPE tokenizer learned offline that prepends
     BOS as DeepSeek's does. Understanding reads 64 x 64 images as 8 x 8 patches; generation draws 8 x 8 tokens from a
-    64-code VQ model, decoded 4x up to 32 x 32 pixels."""
+    64-code VQ model (one residual block per decoder level, none in its unused encoder), decoded 4x up to 32 x 32
+    pixels."""
     vocab, merges = _train_bpe(num_merges=300)
     roles = ["<|User|>", "<|Assistant|>"]
     for token in (JANUS_BOS, JANUS_EOS, JANUS_PAD, *roles, *JANUS_IMAGE_TOKENS.values()):
@@ -738,7 +739,7 @@ def build_tiny_janus(path: str | Path) -> None:
                            num_image_tokens=(image_size // patch_size) ** 2),
         # GroupNorm with 32 groups: every VQ channel count a multiple of 32
         vq_config=dict(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
-                       channel_multiplier=[1, 1, 1], num_res_blocks=1, projection_dim=32, image_token_embed_dim=32),
+                       channel_multiplier=[1, 1, 1], num_res_blocks=0, projection_dim=32, image_token_embed_dim=32),
         image_token_id=tokenizer.convert_tokens_to_ids(JANUS_IMAGE_TOKENS["image_token"]),
         tie_word_embeddings=False,
     )

@@ -1,13 +1,16 @@
-"""The Unified-Bench runner: round-trip a set of images through a pipeline, then score, report and draw.
+"""The Unified-Bench runner: round-trip a set of images through a round-trip system (`uae_hf.round_trip`), then score,
+report and draw.
 
 Output folder:
 
     reconstructions/<name>.png   one per reference image (see "Names" below)
     captions.jsonl               {"image", "source", "caption", "reconstruction"} per image, appended as each finishes
-    settings.json                what made reconstructions/ and captions.jsonl: references, pipeline, seed, sampling
-                                 settings, package versions (see `run_bench`); a rerun is checked against it
+    settings.json                what made reconstructions/ and captions.jsonl: references, the system and its
+                                 checkpoints, seed, sampling settings, package versions (see `run_bench`); a rerun is
+                                 checked against it
     scores.json                  per-image rows, per-backbone mean/min/max/std, overall, unified_bench, skipped files,
-                                 `settings` (every setting of the run, scoring included) and `reused`; with
+                                 `system` (name and checkpoints), `settings` (every setting of the run, scoring
+                                 included) and `reused`; with
                                  protocol="official" also Score_i2i.py's own fields (see `official_fields`)
     scores.md                    the same as a Markdown table
     grid.png                     original | reconstruction pairs with their names, scores and captions
@@ -26,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,10 @@ RECONSTRUCTION_PREFIX = "recon_"
 SETTINGS_FILE = "settings.json"
 # The settings a reconstruction depends on: a rerun that differs in one of them cannot reuse the earlier ones.
 RESUME_KEYS = ("references", "round_trip")
+DATASET_ORIGIN = "dataset {dataset}, split {split}, column {column}"
+# Each system's checkpoints, by the round-trip settings key that records them (`uae_hf.round_trip.system_of`).
+SYSTEM_CHECKPOINTS = {"uae": {"pipeline": "pipeline"}, "pair": {"encoder": "encoder", "decoder": "pipeline"},
+                      "janus": {"model": "model"}}
 VERSIONED_PACKAGES = ("uae-hf", "torch", "transformers", "diffusers", "peft", "evaluate", "pillow")
 
 
@@ -139,8 +147,15 @@ def references_from_dataset(dataset: str, split: str = "test", image_column: str
         raise ValueError(f"dataset {dataset!r} has no column {image_column!r}; columns: {rows.column_names}")
     width = len(str(len(rows)))
     where = Path(dataset).resolve() if Path(dataset).exists() else dataset
-    origin = f"dataset {where}, split {split}, column {image_column}"
+    origin = DATASET_ORIGIN.format(dataset=where, split=split, column=image_column)
     return [ReferenceImage(f"{index:0{width}d}", row[image_column], origin) for index, row in enumerate(rows)]
+
+
+def references_from_origin(origin: str) -> list[ReferenceImage] | None:
+    """The references of a dataset `origin` as `references_from_dataset` wrote it (`None` for a folder's: its
+    references are files, named in each score row's `source`)."""
+    match = re.fullmatch(DATASET_ORIGIN.format(dataset="(.+)", split="(.+)", column="(.+)"), origin)
+    return None if match is None else references_from_dataset(match[1], match[2], match[3])
 
 
 def _read_captions(path: Path) -> dict[str, dict]:
@@ -186,9 +201,29 @@ def _differences(before: dict, now: dict) -> list[str]:
             if before.get(key, _NOT_SET) != now.get(key, _NOT_SET)]
 
 
+def round_trip_system(round_trip: dict | None) -> str | None:
+    """The system a run's `round_trip` settings name; runs from before systems were named record none: theirs is
+    "pair" when they record an `encoder`, else "uae". `None` for a run that scored a folder."""
+    if round_trip is None:
+        return None
+    return round_trip.get("system") or ("pair" if round_trip.get("encoder") else "uae")
+
+
+def system_report(round_trip: dict | None) -> dict | None:
+    """`{"name", "checkpoints"}` of the system a run's `round_trip` settings name (`None`: a folder was scored)."""
+    name = round_trip_system(round_trip)
+    if name is None:
+        return None
+    keys = SYSTEM_CHECKPOINTS.get(name, {"pipeline": "pipeline"})
+    return {"name": name, "checkpoints": {label: round_trip.get(key) for label, key in keys.items()}}
+
+
 def _resume_settings(settings: dict) -> dict:
-    """The settings a reconstruction depends on, in one flat dict: `references` and the `round_trip` settings."""
-    return {"references": settings.get("references"), **(settings.get("round_trip") or {})}
+    """The settings a reconstruction depends on, in one flat dict: `references` and the `round_trip` settings (with
+    the system named, for runs from before systems were)."""
+    round_trip = settings.get("round_trip")
+    named = {} if round_trip is None else {"system": round_trip_system(round_trip)}
+    return {"references": settings.get("references"), **(round_trip or {}), **named}
 
 
 class ResumeError(ValueError):
@@ -433,11 +468,19 @@ def score_pairs(pairs, metric, captions: dict[str, dict] | None = None, rgb=None
     results = metric.compute(predictions=reconstructions, references=originals, return_per_image=True)
     rows = []
     for (ref, reconstruction_path), per_image in zip(scored, results.pop("per_image")):
-        row = {"image": ref.name, "file": ref.file_name, "reconstruction": str(reconstruction_path), **per_image}
+        source = str(ref.source) if isinstance(ref.source, (str, Path)) else ref.origin
+        row = {"image": ref.name, "file": ref.file_name, "source": source,
+               "reconstruction": str(reconstruction_path), **per_image}
         if captions and ref.name in captions:
             row["caption"] = captions[ref.name]["caption"]
         rows.append(row)
     return results, rows, skipped, (originals, reconstructions)
+
+
+def system_label(system: dict) -> str:
+    """`janus (model: deepseek-community/Janus-Pro-7B)`: a system and its checkpoints on one line."""
+    checkpoints = ", ".join(f"{label}: {value}" for label, value in system["checkpoints"].items() if value)
+    return f"{system['name']} ({checkpoints})" if checkpoints else system["name"]
 
 
 def write_report(output_dir: str | Path, results: dict, rows: list[dict], skipped: list[dict], backbones, images,
@@ -455,8 +498,10 @@ def write_report(output_dir: str | Path, results: dict, rows: list[dict], skippe
         stats[name] = {"mean": mean, "min": min(values), "max": max(values), "std": std}
     for row in rows:  # the image's own overall: the mean over backbones, as the benchmark's overall is
         row["overall"] = sum(row[name] for name in backbones) / len(backbones)
+    system = system_report((settings or {}).get("round_trip"))
     report = {
         "num_images": len(rows),
+        "system": system,
         "backbones": stats,
         "overall": results["overall"],
         "unified_bench": results["unified_bench"],
@@ -476,6 +521,8 @@ def write_report(output_dir: str | Path, results: dict, rows: list[dict], skippe
                   f"**Unified-Bench: {results['unified_bench']:.2f}** over {len(rows)} images ({protocol} protocol)"]
     else:
         lines = [f"**Unified-Bench: no pair scored** ({protocol} protocol)"]
+    if system is not None:
+        lines += ["", f"System: {system_label(system)}"]
     if skipped:
         lines += ["", f"Skipped {len(skipped)}: " + ", ".join(item["image"] for item in skipped)]
     (output_dir / "scores.md").write_text("\n".join(lines) + "\n")
@@ -533,7 +580,8 @@ def run_bench(
     Args:
         references: the originals (see `references_from_folder`, `references_from_dataset`).
         output_dir: where everything is written.
-        pipeline: a `UAEReconstructionPipeline`-like callable; `None` with `reconstructions_dir` scores only.
+        pipeline: a round-trip system (`uae_hf.round_trip.RoundTripSystem`: a `UAEReconstructionPipeline`,
+            `PairedRoundTrip` or `JanusRoundTrip`); `None` with `reconstructions_dir` scores only.
         reconstructions_dir: reconstructions named like the references (optionally `recon_`-prefixed). Images in it
             that pair with no reference are reported in `skipped`; if none pairs, `ValueError` before the backbones
             load (the official protocol writes its report instead, see `protocol`).
@@ -546,9 +594,10 @@ def run_bench(
             every reconstruction file name counts once, one without a reference or unreadable is a failed pair, and
             none scored is a report with an empty `summary`, not an error); after a round trip, each reference is
             paired with its own reconstruction.
-        pipeline_settings (`dict`, *optional*): what identifies the pipeline (source, revision, adapter, dtype,
-            device); recorded with the seed and `call_kwargs` as the round trip's settings, which a rerun into the
-            same `output_dir` must share to reuse its reconstructions. Defaults to the pipeline's class and dtype.
+        pipeline_settings (`dict`, *optional*): what identifies the pipeline (`system`, checkpoints, revision,
+            adapter, dtype, device); recorded with the seed and `call_kwargs` as the round trip's settings, which a
+            rerun into the same `output_dir` must share to reuse its reconstructions. Defaults to the system's name
+            and checkpoints (`uae_hf.round_trip.system_of`) and its dtype.
         overwrite (`bool`, defaults to `False`): delete the reconstructions of an earlier run in `output_dir` and start
             over; without it, a rerun with other round-trip settings raises `ResumeError`.
         **call_kwargs: passed to the pipeline (steps, guidance, caption sampling, ...).
@@ -566,7 +615,10 @@ def run_bench(
     scoring = {"config_name": config_name, "checkpoints": checkpoints or {}, "protocol": protocol, "device": device,
                "dtype": dtype, "batch_size": batch_size}
     if pipeline is not None and pipeline_settings is None:
-        pipeline_settings = {"pipeline": getattr(pipeline, "name_or_path", None) or type(pipeline).__name__}
+        from ..round_trip import system_of
+
+        system, system_checkpoints = system_of(pipeline)
+        pipeline_settings = {"system": system, **system_checkpoints}
         if hasattr(pipeline, "dtype"):
             pipeline_settings["dtype"] = str(pipeline.dtype)
     settings = bench_settings(references, pipeline_settings, reconstructions_dir, seed, scoring, **call_kwargs)

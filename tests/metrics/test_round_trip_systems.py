@@ -1,0 +1,157 @@
+"""Unified-Bench for any unified model: the Janus system round-trips seeded per image, `uae-hf bench --system`
+records, resumes and refuses stale reuse per system, and `--compare` puts runs of several systems in one table and
+one grid, refusing runs that do not compare."""
+
+import json
+import re
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from uae_hf import JanusRoundTrip
+from uae_hf.cli import BENCH_SYSTEMS, main
+from uae_hf.round_trip import ROUND_TRIP_SYSTEMS, round_trip
+
+CAPTION = dict(max_new_tokens=6)
+
+
+@pytest.fixture(scope="session")
+def janus(tiny_dir):
+    return JanusRoundTrip.from_pretrained(tiny_dir / "janus")
+
+
+@pytest.fixture(scope="session")
+def references(photos, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("references")
+    for name, photo in zip(("astronaut", "coffee", "chelsea"), photos):
+        photo.save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bench(references, backbone_checkpoints):
+    """`uae-hf bench` on the reference photos, scored with the CLIP twin; returns the command's start."""
+
+    def command(out, *args, backbones="clip"):
+        checkpoints = [arg for name in backbones.split("+") for arg in
+                       ("--checkpoint", f"{name}={backbone_checkpoints[name]}")]
+        return ["bench", "--images-dir", str(references), "--output-dir", str(out), "--backbones", backbones,
+                *checkpoints, "--max-new-tokens", "6", "--num-inference-steps", "2", *args]
+
+    return command
+
+
+def _arrays(images):
+    return [np.asarray(image) for image in images]
+
+
+def test_janus_round_trip_is_seeded_per_image_whatever_the_batch(janus, photos):
+    """Image i's caption and image depend on its generator alone: the batch of three, the loop two at a time and
+    each image alone give the same captions and pixels; another seed gives another image."""
+    batch = janus(image=photos, generator=[torch.Generator().manual_seed(5 + i) for i in range(3)], **CAPTION)
+    assert len(set(batch.captions)) == 3 and all(batch.captions)
+    assert [image.size for image in batch.images] == [(32, 32)] * 3  # the twin's 8 x 8 tokens, decoded 4x
+    looped = list(round_trip(janus, photos, batch_size=2, seed=5, **CAPTION))
+    assert [item.caption for item in looped] == batch.captions
+    alone = janus(image=photos[1:2], generator=[torch.Generator().manual_seed(6)], **CAPTION)
+    assert alone.captions == batch.captions[1:2]
+    for got, want in zip(_arrays([item.reconstruction for item in looped]) + _arrays(alone.images),
+                         _arrays(batch.images) + _arrays(batch.images[1:2])):
+        np.testing.assert_array_equal(got, want)
+    other = janus.generate(batch.captions[:1], generator=[torch.Generator().manual_seed(99)])
+    assert not np.array_equal(_arrays(other.images)[0], _arrays(batch.images)[0])
+    with pytest.raises(ValueError, match="always runs classifier-free guidance"):
+        janus.generate(batch.captions[:1], guidance_scale=1.0)
+
+
+def test_janus_loads_and_round_trips_in_bfloat16(tiny_dir, photos):
+    janus = JanusRoundTrip.from_pretrained(tiny_dir / "janus", torch_dtype=torch.bfloat16)
+    assert janus.dtype == torch.bfloat16
+    assert {parameter.dtype for parameter in janus.model.parameters()} == {torch.bfloat16}
+    out = janus(image=photos[:2], generator=[torch.Generator().manual_seed(i) for i in range(2)], **CAPTION)
+    assert all(out.captions) and [image.size for image in out.images] == [(32, 32)] * 2
+    assert all(np.asarray(image).std() > 0 for image in out.images)
+
+
+def test_bench_systems_are_the_round_trip_systems():
+    assert BENCH_SYSTEMS == ROUND_TRIP_SYSTEMS
+
+
+def test_bench_janus_records_its_system_resumes_and_refuses_stale_reuse(bench, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "janus"
+    command = bench(out, "--system", "janus", "--model", str(tiny_dir / "janus"))
+    main(command)
+    scores = json.loads((out / "scores.json").read_text())
+    model = str((tiny_dir / "janus").resolve())
+    assert scores["system"] == {"name": "janus", "checkpoints": {"model": model}}
+    assert scores["num_images"] == 3 and len(list((out / "reconstructions").iterdir())) == 3
+    round_trip_settings = json.loads((out / "settings.json").read_text())["round_trip"]
+    assert {key: round_trip_settings[key] for key in ("system", "model", "max_new_tokens", "seed")} == {
+        "system": "janus", "model": model, "max_new_tokens": 6, "seed": 0}
+    assert "guidance_scale" not in round_trip_settings  # the checkpoint's own
+    assert f"System: janus (model: {model})" in (out / "scores.md").read_text()
+    capsys.readouterr()
+
+    main(command)
+    assert "reused 3 reconstruction(s)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--guidance-scale", "3"])
+    assert info.value.code == 2
+    assert "made with other settings: guidance_scale: (not set) → 3.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--system janus takes --model, not --pipeline"):
+        main([*command, "--pipeline", str(tiny_dir / "decoder")])
+    with pytest.raises(SystemExit, match="drop --height"):
+        main([*command, "--height", "64"])
+
+
+def test_compare_puts_janus_pair_and_uae_runs_in_one_table_and_grid(bench, pipe, tiny_dir, tmp_path, capsys):
+    """The done-when of issue 39: a janus run, a pair run (a chat VLM + a text-to-image pipeline) and a uae run on the
+    same photos, compared; runs that do not compare are refused before anything is written."""
+    pipe.save_pretrained(tmp_path / "pipeline")
+    runs = {"janus": tmp_path / "janus", "pair": tmp_path / "pair", "uae": tmp_path / "uae"}
+    main(bench(runs["janus"], "--system", "janus", "--model", str(tiny_dir / "janus")))
+    main(bench(runs["pair"], "--system", "pair", "--pipeline", str(tiny_dir / "decoder"), "--encoder",
+               str(tiny_dir / "encoder")))
+    main(bench(runs["uae"], "--pipeline", str(tmp_path / "pipeline")))
+    assert json.loads((runs["pair"] / "scores.json").read_text())["system"] == {"name": "pair", "checkpoints": {
+        "encoder": str((tiny_dir / "encoder").resolve()), "decoder": str((tiny_dir / "decoder").resolve())}}
+    capsys.readouterr()
+
+    out = tmp_path / "comparison"
+    main(["bench", "--compare", *map(str, runs.values()), "--output-dir", str(out)])
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert [row["system"] for row in comparison["runs"]] == ["janus", "pair", "uae"]
+    for row, run in zip(comparison["runs"], runs.values()):
+        scores = json.loads((run / "scores.json").read_text())
+        assert row["backbones"] == {"clip": scores["backbones"]["clip"]["mean"]}
+        assert row["overall"] == scores["overall"] and row["num_images"] == 3
+        words = [len(item["caption"].split()) for item in scores["per_image"]]
+        assert row["mean_caption_words"] == pytest.approx(sum(words) / 3)
+    assert comparison["backbones"]["backbones"] == ["clip"] and comparison["protocol"] == "default"
+    table = (out / "comparison.md").read_text()
+    assert table.count("\n| janus (model: ") == 1 and table.count("\n| pair (encoder: ") == 1
+    assert "| Unified-Bench | images | caption words |" in table and table in capsys.readouterr().out
+    grid = PIL.Image.open(out / "comparison_grid.png")
+    assert grid.height > 3.5 * grid.width / 3  # 4 rows (originals + 3 systems) of 3 columns
+
+    refused = tmp_path / "refused"
+    other = tmp_path / "other-backbones"
+    main(bench(other, "--system", "janus", "--model", str(tiny_dir / "janus"), backbones="clip+dinov2"))
+    fewer = tmp_path / "fewer-references"
+    main([*bench(fewer, "--system", "janus", "--model", str(tiny_dir / "janus")), "--limit", "2"])
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    capsys.readouterr()
+    for run, message in ((other, r"differ in their backbones: \{\"backbones\": \[\"clip\"\]"),
+                         (fewer, r"differ in their scored references: 3 image\(s\) \(astronaut, chelsea, coffee\) vs "
+                                 r"2 image\(s\) \(astronaut, chelsea\)"),
+                         (unfinished, "is not a finished bench run \\(it has no scores.json\\)")):
+        with pytest.raises(SystemExit) as info:
+            main(["bench", "--compare", str(runs["janus"]), str(run), "--output-dir", str(refused)])
+        assert info.value.code == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and str(run) in error
+        assert re.search(message, error), error
+    assert not refused.exists()
