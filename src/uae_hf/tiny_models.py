@@ -366,6 +366,7 @@ def build_tiny_qwen3_vl_encoder(path: str | Path) -> None:
                      chat_template=QWEN3_VL_CHAT_TEMPLATE).save_pretrained(path)
 
 
+GEMMA3_HIDDEN_SIZE = 48  # its own, unlike the other encoder twins' 64 (Gemma 3 4B: 2560, Qwen2.5-VL-3B: 2048)
 # Gemma 3's special tokens (ids 0-4 as in its vocabulary), turn markers and image tokens (`extra_special_tokens`, which
 # Gemma3Processor reads as `boi_token`, `eoi_token` and `image_token`)
 GEMMA_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
@@ -422,7 +423,9 @@ def build_tiny_gemma3_encoder(path: str | Path) -> None:
            for token in (*GEMMA_SPECIAL_TOKENS, *GEMMA_IMAGE_TOKENS.values())}
     image_size, tokens_per_image = 32, 16
     config = Gemma3Config(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=ENCODER_HIDDEN_SIZE, intermediate_size=128,
+        # a UAE projector for it is sized from its hidden size (not the tiny projector's 64); heads x head size differ
+        # from the hidden size, as in Gemma 3
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=GEMMA3_HIDDEN_SIZE, intermediate_size=96,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          query_pre_attn_scalar=16, sliding_window=32, layer_types=["sliding_attention", "full_attention"],
                          max_position_embeddings=4096, pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"],

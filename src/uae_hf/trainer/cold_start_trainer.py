@@ -7,6 +7,7 @@ configurable: the projector, an LLM LoRA, a DiT LoRA. Captions of different leng
 attention).
 """
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,16 @@ def pil_to_pixels(images, height: int, width: int) -> torch.Tensor:
     """`(N, 3, H, W)` float tensors in [0, 1], resized to `height`×`width`."""
     arrays = [np.asarray(image.resize((width, height)), dtype=np.float32) / 255.0 for image in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def language_model_linear_layers(vlm) -> str:
+    """A PEFT `target_modules` regex for every linear layer of a VLM's language model (the paper's LLM LoRA), named as
+    the model names them (Qwen2.5-VL, Qwen3-VL, Gemma 3: the attention and MLP projections under
+    `model.language_model`); the vision tower and the output head are left out."""
+    decoder = vlm.get_decoder()
+    prefix = next(name for name, module in vlm.named_modules() if module is decoder)
+    names = sorted({name.rpartition(".")[2] for name, module in decoder.named_modules() if isinstance(module, nn.Linear)})
+    return rf"{re.escape(prefix)}\..*\.({'|'.join(names)})"
 
 
 class ColdStartModel(nn.Module):
@@ -101,7 +112,7 @@ class ColdStartTrainer(DecoderTrainer):
         train_dataset, eval_dataset: datasets with an `image` column (and optionally `caption_column`).
         processing_class: the encoder's processor (default: the decoder's `processor`).
         peft_config (`peft.LoraConfig`, *optional*): the LLM LoRA when `llm_lora` trains (default: r=`llm_lora_r`,
-            alpha=`llm_lora_alpha`, all linear layers of the language model).
+            alpha=`llm_lora_alpha`, all linear layers of the language model, whichever VLM it is).
         callbacks, optimizers: as in `Trainer`.
 
     Example:
@@ -132,7 +143,7 @@ class ColdStartTrainer(DecoderTrainer):
                 torch.manual_seed(args.seed)
                 decoder.vlm.add_adapter(peft_config or LoraConfig(
                     r=args.llm_lora_r, lora_alpha=args.llm_lora_alpha, init_lora_weights="gaussian",
-                    target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                    target_modules=language_model_linear_layers(decoder.vlm),
                 ))
         if "dit_lora" in parts:
             self.add_dit_lora(decoder.transformer)

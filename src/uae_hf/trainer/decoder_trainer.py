@@ -16,11 +16,12 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FSDPModule
-from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer
+from transformers import Trainer
 
 from ..decoders import decoder_family
 from ..hub import MODEL_CARDS, model_source
 from ..images import load_image
+from ..pipelines.uae_reconstruction.loading import load_encoder
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline, caption_images
 from ..seeding import seeded_generators, stream_seed
 from .checkpointing import AtomicCheckpoints
@@ -116,9 +117,9 @@ class DecoderTrainer(AtomicCheckpoints, ReconstructionGrids, Trainer):
         self.decoder = self.decoder_family.pipe
         self.decoder.set_progress_bar_config(disable=True)
         if isinstance(model, str):
-            processing_class = processing_class or AutoProcessor.from_pretrained(model)
             with whole_model_loading():  # frozen: no engine prepares it
-                model = AutoModelForImageTextToText.from_pretrained(model)
+                model, processor = load_encoder(model)
+            processing_class = processing_class or processor
         self.encoder = model if model is not None else getattr(self.decoder, "vlm", None)
         self.caption_processor = processing_class or getattr(self.decoder, "processor", None)
         for component in [*self.decoder.components.values(), self.encoder]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import torch
 import yaml
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoProcessor
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..cli import CommandLineError, check_training_counts
@@ -74,6 +74,16 @@ def tiny_decoder_folder(twins: Path, decoder: str) -> Path | None:
     return twins / "decoders" / decoder.removeprefix(f"{TINY}-").replace("-", "_")
 
 
+def tiny_encoder_folder(twins: Path, model: str) -> Path | None:
+    """`tiny`: the Qwen2.5-VL twin; `tiny-<family>` (`tiny-qwen3-vl`, `tiny-gemma3`): that encoder's twin under
+    `twins/encoders/`; else `None`."""
+    if model == TINY:
+        return twins / "encoder"
+    if not model.startswith(f"{TINY}-"):
+        return None
+    return twins / "encoders" / model.removeprefix(f"{TINY}-").replace("-", "_")
+
+
 def _train_dataset(script_args: UnifiedScriptArguments) -> datasets.Dataset:
     if script_args.dataset_name == "skimage":
         return skimage_photos(script_args.image_size or 128)
@@ -127,10 +137,11 @@ def train(script_args: UnifiedScriptArguments, training_args, model_args: ModelC
     """Build encoder, decoder and data from the arguments, train the stage, then save as TRL's scripts do: the
     trained parts, the trainer state (`trainer_state.json` with the log history) and the model card."""
     from ..pipelines import load_saved_pipeline, load_uae_pipeline
+    from ..pipelines.uae_reconstruction import load_encoder
 
-    uses_twins = model_args.model_name_or_path == TINY or script_args.decoder.split("-")[0] == TINY
+    uses_twins = TINY in (model_args.model_name_or_path.split("-")[0], script_args.decoder.split("-")[0])
     twins = _twins(script_args) if uses_twins else None
-    encoder = str(twins / "encoder") if model_args.model_name_or_path == TINY else model_args.model_name_or_path
+    encoder = str(tiny_encoder_folder(twins, model_args.model_name_or_path) or model_args.model_name_or_path)
     dtype = model_dtype(model_args.dtype)  # `dtype` loads every model: encoder, decoder, projector
     understanding = script_args.stage == "understanding"
     # every model loads whole, also under DeepSpeed ZeRO-3: the engine partitions the trained one when it prepares it
@@ -153,7 +164,7 @@ def train(script_args: UnifiedScriptArguments, training_args, model_args: ModelC
         if vlm is not None and shares_encoder:
             model = vlm
         else:
-            model = AutoModelForImageTextToText.from_pretrained(encoder, dtype=dtype or "auto")
+            model, _ = load_encoder(encoder, dtype or "auto")
     if uses_twins and training_args.backbone_checkpoints is None:
         training_args.backbone_checkpoints = {name: str(twins / "backbones" / name) for name in BACKBONES
                                               if (twins / "backbones" / name).exists()}

@@ -18,7 +18,7 @@ from trl import GRPOTrainer
 
 from ..decoders import decoder_family
 from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of, make_adapter_config_portable, model_source
-from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import adapters_disabled, caption_messages
+from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import adapters_disabled, caption_messages, check_encoder
 from .checkpointing import AtomicCheckpoints
 from .decoder_reward import ReconstructionGrids, build_reconstruction_reward, check_image_column
 from .frozen_sharding import decoder_models, shard_frozen_models
@@ -90,7 +90,8 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
     """GRPO on the encoder of a unified auto-encoder, with the decoder's reconstruction fidelity as the reward.
 
     Args:
-        model (`str` or `PreTrainedModel`): the encoder VLM being trained (a Hub id, a folder or a loaded model).
+        model (`str` or `PreTrainedModel`): the encoder VLM being trained (a Hub id, a folder or a loaded model): any chat
+            image-text-to-text model with a chat template (Qwen2.5-VL, Qwen3-VL, Gemma 3, ...).
         decoder (`DiffusionPipeline`): the frozen decoder, a `UAEReconstructionPipeline` or a pipeline of a
             supported family (`uae_hf.decoders`). The model it reads captions with (embeddings mode's `vlm`; the
             `text_encoder` of a family whose text encoder is the encoder's checkpoint, as Qwen-Image's Qwen2.5-VL)
@@ -151,6 +152,7 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        check_encoder(self._policy_base_model(), self.processing_class, "model")
         self._check_decoder_text_path()
         self._setup_generation_backend()
         policy = self._policy_base_model()

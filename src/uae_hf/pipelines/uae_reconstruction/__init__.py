@@ -1,7 +1,13 @@
 from .attention_processor import MaskedJointAttnProcessor, masked_attention
-from .captioning import CAPTION_INSTRUCTION, caption_images
-from .conditioning import NEGATIVE_PROMPT, GenerateConditioning, clip_pooled_embeds, encode_generate_prompts
-from .loading import load_saved_pipeline, load_uae_pipeline
+from .captioning import CAPTION_INSTRUCTION, caption_images, check_encoder
+from .conditioning import (
+    NEGATIVE_PROMPT,
+    GenerateConditioning,
+    caption_role,
+    clip_pooled_embeds,
+    encode_generate_prompts,
+)
+from .loading import load_encoder, load_saved_pipeline, load_uae_pipeline
 from .pipeline_output import UAEReconstructionPipelineOutput
 from .pipeline_uae_reconstruction import UAEReconstructionPipeline
 

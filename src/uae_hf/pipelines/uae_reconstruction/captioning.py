@@ -32,6 +32,25 @@ def caption_messages(instruction: str = CAPTION_INSTRUCTION) -> list[dict]:
     return [{"role": "user", "content": [{"type": "text", "text": instruction}, {"type": "image"}]}]
 
 
+ENCODER_REQUIREMENT = (
+    "an encoder is a chat vision-language model: one that AutoModelForImageTextToText loads (e.g. Qwen2.5-VL, Qwen3-VL, "
+    "Gemma 3), with a processor (AutoProcessor) that has an image processor and a chat template"
+)
+
+
+def check_encoder(vlm, processor, name: str = "the encoder") -> None:
+    """Refuse, in one line, a model and processor that cannot caption images (text-only, or without a chat template)."""
+    if getattr(vlm.config, "vision_config", None) is None:
+        problem = f"{type(vlm).__name__} is a text-only model (its config has no vision_config)"
+    elif getattr(processor, "image_processor", None) is None:
+        problem = f"its processor ({type(processor).__name__}) has no image processor"
+    elif not getattr(processor, "chat_template", None):
+        problem = f"its processor ({type(processor).__name__}) has no chat template"
+    else:
+        return
+    raise ValueError(f"{name} cannot caption images: {problem}; {ENCODER_REQUIREMENT}")
+
+
 # transformers' sampling warpers, in the order `generate` applies them (after every other logits processor)
 _WARPERS = (  # (generation config field, whether a value is in use, the warper for it on a device)
     ("temperature", lambda value: value != 1.0, lambda value, device: TemperatureLogitsWarper(value)),
@@ -114,7 +133,8 @@ def caption_images(
     and whatever else shares the batch.
 
     Args:
-        vlm: an image-text-to-text model (e.g. `Qwen2_5_VLForConditionalGeneration`, PEFT-wrapped or not).
+        vlm: a chat image-text-to-text model (e.g. Qwen2.5-VL, Qwen3-VL, Gemma 3; PEFT-wrapped or not); every input
+            its processor returns (`image_grid_thw`, `token_type_ids`, ...) is passed to its `generate`.
         processor: its processor (tokenizer + image processor + chat template).
         images (`list[PIL.Image.Image]`): the images; any mode, converted to RGB.
         instruction (`str`): the user turn's text; defaults to the released UAE captioning instruction.
@@ -127,12 +147,14 @@ def caption_images(
     Returns:
         `list[str]`: one caption per image, special tokens removed and whitespace stripped.
     """
+    check_encoder(vlm, processor)
     prompt = processor.apply_chat_template(caption_messages(instruction), add_generation_prompt=True, tokenize=False)
     images = [to_rgb(image, f"image[{index}]") for index, image in enumerate(images)]
     try:
-        inputs = processor(
-            text=[prompt] * len(images), images=images, padding=True, padding_side="left", return_tensors="pt"
-        )
+        # one list of images per prompt (a flat list is one prompt's images to some processors, Gemma 3's); the
+        # template wrote the special tokens (BOS included where the model has one)
+        inputs = processor(text=[prompt] * len(images), images=[[image] for image in images], padding=True,
+                           padding_side="left", return_tensors="pt", add_special_tokens=False)
     except ValueError as error:  # e.g. Qwen2-VL refuses aspect ratios above 200: name the image
         for index, image in enumerate(images):
             try:
@@ -151,8 +173,11 @@ def caption_images(
         # do_sample with them: transformers warns of sampling flags on a greedy config
         config.update(do_sample=True, temperature=temperature, **({"top_p": top_p} if top_p is not None else {}))
         processors = [*processors, PerItemSampling(config, _generators_per_image(generator, len(images)), vlm.device)]
-    # our sampler decides each token and greedy decoding takes it: the warpers are the sampler's, not generate's
-    config.update(do_sample=False, **{name: None for name, _, _ in _WARPERS})
+    # our sampler decides each token and greedy decoding takes it: the warpers are the sampler's, not generate's. They
+    # are set to transformers' own defaults, not None: `generate` would fill None from the checkpoint's (Qwen3-VL's
+    # top_k 20, ...) and warn that greedy decoding ignores them
+    defaults = GenerationConfig._get_default_generation_params()
+    config.update(do_sample=False, **{name: defaults.get(name) for name, _, _ in _WARPERS})
     output_ids = vlm.generate(**inputs, generation_config=config, logits_processor=processors, **other_kwargs)
     new_tokens = output_ids[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]

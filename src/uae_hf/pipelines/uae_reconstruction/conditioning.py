@@ -30,16 +30,27 @@ class GenerateConditioning:
         return positions[None, :] < self.lengths[:, None]
 
 
+def _render(tokenizer, role: str, caption: str) -> str:
+    return tokenizer.apply_chat_template([{"role": role, "content": [{"type": "text", "text": caption}]}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def caption_role(tokenizer) -> str:
+    """The chat role captions are read in: UAE's `"generate"` where the chat template renders a message of that role
+    (Qwen2.5-VL's renders any role, as the released model reads them), else `"user"` (templates that refuse unknown
+    roles, as Gemma 3's, or drop them, as Qwen3-VL's, which would leave the caption out)."""
+    probe = "uae caption role probe"
+    try:
+        return GENERATE_ROLE if probe in _render(tokenizer, GENERATE_ROLE, probe) else "user"
+    except Exception:  # the template refused the role (jinja's TemplateError: "roles must alternate", ...)
+        return "user"
+
+
 def generate_prompt_ids(tokenizer, captions: list[str]) -> list[list[int]]:
-    """Token ids of each caption wrapped as a `"generate"`-role chat message with the assistant header appended."""
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": GENERATE_ROLE, "content": [{"type": "text", "text": caption}]}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for caption in captions
-    ]
+    """Token ids of each caption wrapped as a chat message in [`caption_role`] (`"generate"` for Qwen2.5-VL) with the
+    assistant header appended."""
+    role = caption_role(tokenizer)
+    texts = [_render(tokenizer, role, caption) for caption in captions]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -66,7 +77,9 @@ def encode_generate_prompts(
     negative_prompt: str = NEGATIVE_PROMPT,
     with_adapters: bool = True,
 ) -> GenerateConditioning:
-    """Captions → LLM last hidden state of every token → projector: the decoder's `prompt_embeds` (UAE-native).
+    """Captions → LLM last hidden state of every token → projector: the decoder's `prompt_embeds` (UAE-native). The
+    captions are read in the `"generate"` role, or the user role where the chat template has no such role
+    ([`caption_role`]).
 
     As in the released model, each caption is right-padded together with the negative prompt to their common length
     (pad token `<|endoftext|>`), the LLM sees an attention mask and mask-derived position ids, and every position

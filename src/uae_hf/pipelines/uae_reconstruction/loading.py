@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 from safetensors import safe_open
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from ...models.projector import UAEProjector
 from .attention_processor import MaskedJointAttnProcessor
+from .captioning import ENCODER_REQUIREMENT, check_encoder
 from .pipeline_uae_reconstruction import UAEReconstructionPipeline
 
 _SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -57,6 +58,22 @@ def _local_folder(path_or_repo: str | Path, download=None, **download_kwargs) ->
     return Path(download(str(path_or_repo), **download_kwargs))
 
 
+def load_encoder(name_or_path: str | Path, dtype=None):
+    """A chat VLM (`AutoModelForImageTextToText`, in eval mode) and its processor, from a folder or Hub id; a model
+    that cannot caption images (text-only, no chat template) is refused in one line. `dtype` as `from_pretrained`'s."""
+    try:
+        vlm = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).eval()
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        model_type = AutoConfig.from_pretrained(name_or_path).model_type
+        raise ValueError(f"{name_or_path} cannot caption images: AutoModelForImageTextToText does not load its model "
+                         f"type {model_type!r} (a text-only model); {ENCODER_REQUIREMENT}") from None
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    check_encoder(vlm, processor, str(name_or_path))
+    return vlm, processor
+
+
 def load_uae_pipeline(
     decoder: str,
     encoder: str,
@@ -69,7 +86,8 @@ def load_uae_pipeline(
 
     Args:
         decoder (`str`): an SD3/SD3.5 pipeline folder or Hub id (e.g. `"stabilityai/stable-diffusion-3.5-large"`).
-        encoder (`str`): a chat VLM folder or Hub id (e.g. `"Qwen/Qwen2.5-VL-3B-Instruct"`).
+        encoder (`str`): a chat VLM folder or Hub id (e.g. `"Qwen/Qwen2.5-VL-3B-Instruct"`, `"Qwen/Qwen3-VL-4B-Instruct"`,
+            `"google/gemma-3-4b-it"`).
         projector (`str`, *optional*): a [`UAEProjector`] folder; required when `conditioning_mode="embeddings"`.
         conditioning_mode (`str`, defaults to `"embeddings"`): `"embeddings"` or `"text"`.
         torch_dtype (`torch.dtype`, *optional*): dtype of every model (`torch.bfloat16` on GPU); by default each
@@ -85,8 +103,7 @@ def load_uae_pipeline(
     skip_t5 = {} if load_t5 else {"text_encoder_3": None, "tokenizer_3": None}
     decoder = _local_folder(decoder, StableDiffusion3Pipeline.download, **skip_t5)  # T5's files only when loaded
     sd3 = StableDiffusion3Pipeline.from_pretrained(decoder, dtype=component_dtypes(decoder, torch_dtype), **skip_t5)
-    vlm = AutoModelForImageTextToText.from_pretrained(encoder, dtype=torch_dtype).eval()
-    processor = AutoProcessor.from_pretrained(encoder)
+    vlm, processor = load_encoder(encoder, torch_dtype)
     projector_model = None
     if projector:
         projector = _local_folder(projector)

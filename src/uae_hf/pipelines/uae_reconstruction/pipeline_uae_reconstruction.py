@@ -38,7 +38,13 @@ if __package__ and __package__.split(".")[0] == "diffusers_modules":
 
 # (some names are imported only for code that still imports them from this module)
 from .attention_processor import MaskedJointAttnProcessor, masked_attention  # noqa: E402
-from .captioning import CAPTION_INSTRUCTION, _derived_generators, caption_images, caption_messages  # noqa: E402
+from .captioning import (  # noqa: E402
+    CAPTION_INSTRUCTION,
+    _derived_generators,
+    caption_images,
+    caption_messages,
+    check_encoder,
+)
 from .conditioning import (  # noqa: E402
     NEGATIVE_PROMPT,
     GenerateConditioning,
@@ -143,6 +149,8 @@ class UAEReconstructionPipeline(StableDiffusion3Pipeline):
         )
         self.register_modules(vlm=vlm, processor=processor, projector=projector)
         self._check_conditioning_mode(conditioning_mode)
+        if vlm is not None and processor is not None:
+            check_encoder(vlm, processor, f"vlm ({type(vlm).__name__})")
         self.register_to_config(
             conditioning_mode=conditioning_mode, conditioning_with_encoder_adapters=conditioning_with_encoder_adapters
         )
