@@ -1,8 +1,9 @@
 """Per-GPU memory of the weights and training state of each stage at real size (Qwen2.5-VL-3B encoder, SD3.5-Large
 decoder, CLIP ViT-L/14 reward; and the other decoder families at their published sizes: FLUX.1-dev's 12B DiT with
 T5-XXL and CLIP-L, Qwen-Image's 20B DiT with its Qwen2.5-VL-7B text encoder; FLUX.2 [klein]'s transformer config is
-not published in a form this offline machine holds, so it is left out), for 1, 8 and 64 GPUs under DDP, ZeRO-2 and
-FSDP2 / ZeRO-3. COMPUTED, not measured:
+not published in a form this offline machine holds, so it is left out; and stage 2 on the other encoder families,
+Qwen3-VL-4B-Instruct and Gemma 3 4B-it), for 1, 8 and 64 GPUs under DDP, ZeRO-2 and FSDP2 / ZeRO-3. COMPUTED, not
+measured:
 parameter counts come from the published architectures built on the meta device (gpu_real_size.py's configs) with the
 recipes' LoRAs attached; bytes follow the dtype rules (frozen weights bf16, 2 B; trained weights fp32 master + fp32
 gradient + AdamW's two moments, 16 B; an EMA or old-policy copy fp32, 4 B, whole on every GPU). Activations, the
@@ -23,6 +24,7 @@ from gpu_real_size import CLIP_G, CLIP_L, CLIP_VIT_L14, QWEN25_VL_3B_TEXT, QWEN2
 from peft import LoraConfig, get_peft_model
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers import CLIPTextModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import benchmark_cli  # a sibling module: benchmarks run as scripts
 
@@ -41,6 +43,24 @@ QWEN25_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=
                          num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
 QWEN25_VL_7B_VISION = dict(QWEN25_VL_3B_VISION, out_hidden_size=3584)
+
+# the other encoder families' published configs (Qwen/Qwen3-VL-4B-Instruct, google/gemma-3-4b-it)
+QWEN3_VL_4B = dict(
+    text_config=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                      "mrope_interleaved": True}),
+    vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2560, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[5, 11, 17]),
+    tie_word_embeddings=True)
+GEMMA3_4B = dict(
+    text_config=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                     sliding_window=1024),
+    vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                       image_size=896, patch_size=14, vision_use_head=False),
+    mm_tokens_per_image=256)
 
 GPU_COUNTS = (1, 8, 64)
 ONE_GPU_GB = 80
@@ -92,6 +112,29 @@ def family_counts() -> dict[str, dict[str, int]]:
         counts["FLUX.1-dev"]["dit_lora"] = _count(flux, lora_only=True)
         counts["Qwen-Image"]["dit_lora"] = _count(qwen, lora_only=True)
     return counts
+
+
+def encoder_counts() -> dict[str, dict[str, int]]:
+    """Qwen3-VL-4B's and Gemma 3 4B's parameters and their LLM LoRA (r=32, all linear layers of the language model),
+    on the meta device."""
+    counts = {}
+    with torch.device("meta"):
+        for name, model in (("Qwen3-VL-4B", Qwen3VLForConditionalGeneration(Qwen3VLConfig(**QWEN3_VL_4B))),
+                            ("Gemma 3 4B", Gemma3ForConditionalGeneration(Gemma3Config(**GEMMA3_4B)))):
+            counts[name] = {"encoder": _count(model)}
+            lora = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules=LLM_LINEAR))
+            counts[name]["encoder_lora"] = _count(lora, lora_only=True)
+    return counts
+
+
+def encoder_stages(c: dict[str, int], encoders: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Stage 2 on each other encoder family, rewarded by the released UAE decoder (SD3.5-Large and its projector,
+    reading captions with its own frozen Qwen2.5-VL-3B: a second LLM beside the trained one)."""
+    text_side = c["vae"] + c["clip_text_encoders"]
+    decoder = c["dit"] + c["projector"] + c["encoder"] + text_side
+    return {f"understanding with a {name} encoder (encoder LoRA)": dict(
+        model_frozen=e["encoder"], trained=e["encoder_lora"], outside=decoder + c["reward_backbone"], copies=0,
+        fsdp2_sharded_outside=decoder) for name, e in encoders.items()}
 
 
 def family_stages(c: dict[str, int], families: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -152,13 +195,15 @@ def per_gpu_bytes(stage: dict[str, int], engine: str, gpus: int) -> float:
 
 
 def measure() -> dict:
-    counts, families = parameter_counts(), family_counts()
+    counts, families, encoders = parameter_counts(), family_counts(), encoder_counts()
+    rows = stages(counts) | family_stages(counts, families) | encoder_stages(counts, encoders)
     table = {name: {engine: {gpus: per_gpu_bytes(stage, engine, gpus) / 1e9 for gpus in GPU_COUNTS}
                     for engine in ("ddp", "zero2", "zero3", "fsdp2")}
-             for name, stage in (stages(counts) | family_stages(counts, families)).items()}
+             for name, stage in rows.items()}
     # weights + state alone, before activations: what one 80 GB GPU cannot hold even so needs sharding
     one_gpu = {name: row["ddp"][1] <= ONE_GPU_GB for name, row in table.items()}
-    return {"parameters": counts, "family_parameters": families, "per_gpu_gb": table, "fits_one_80gb_gpu": one_gpu}
+    return {"parameters": counts, "family_parameters": families | encoders, "per_gpu_gb": table,
+            "fits_one_80gb_gpu": one_gpu}
 
 
 def report(figures: dict) -> None:

@@ -274,7 +274,9 @@ def test_train_resumes_from_the_last_checkpoint(tiny_dir, tmp_path, monkeypatch,
                                                  ("generation_flux2_klein-base-4b.yaml", "FlowGRPOConfig"),
                                                  ("generation_nft_sd3.5.yaml", "DiffusionNFTConfig"),
                                                  ("pretrain_sd3.5.yaml", "DecoderPretrainingConfig"),
-                                                 ("cold_start_sd3.5.yaml", "ColdStartConfig")])
+                                                 ("cold_start_sd3.5.yaml", "ColdStartConfig"),
+                                                 ("understanding_qwen3-vl-4b_sd3.5.yaml", "UnifiedGRPOConfig"),
+                                                 ("understanding_gemma3-4b_sd3.5.yaml", "UnifiedGRPOConfig")])
 def test_other_real_size_recipes_parse(recipe, config_name):
     """Each recipe's `stage:` picks its trainer's own config, which accepts every key of the recipe."""
     from trl import ModelConfig, TrlParser
