@@ -703,6 +703,9 @@ def _check_system(args) -> None:
                                        - set(SYSTEM_FLAGS[args.system])))
     if args.system == "uae" and args.encoder:
         raise CommandLineError("--encoder pairs a chat VLM with a text-to-image --pipeline: that is --system pair")
+    if args.system == "pair" and args.pipeline and not args.encoder:
+        raise CommandLineError("--system pair captions with --encoder (a chat VLM folder or Hub id, e.g. "
+                               "Qwen/Qwen2.5-VL-3B-Instruct): pass it")
     if others:
         raise CommandLineError(f"--system {args.system} takes {' and '.join(SYSTEM_FLAGS[args.system])}, not "
                                f"{' and '.join(others)}")

@@ -104,6 +104,21 @@ def test_bench_janus_records_its_system_resumes_and_refuses_stale_reuse(bench, t
         main([*command, "--pipeline", str(tiny_dir / "decoder")])
     with pytest.raises(SystemExit, match="drop --height"):
         main([*command, "--height", "64"])
+    with pytest.raises(SystemExit, match="--system pair captions with --encoder"):
+        main(bench(out, "--system", "pair", "--pipeline", str(tiny_dir / "decoder")))
+
+
+def test_a_run_from_before_systems_were_named_resumes_as_uae(pipe, references, backbone_checkpoints, tmp_path):
+    """settings.json of earlier runs has no `system`: a UAE pipeline's (no encoder) is the uae system's."""
+    from uae_hf.metrics.round_trip_bench import references_from_folder, run_bench
+
+    kwargs = dict(pipeline=pipe, config_name="clip", checkpoints={"clip": backbone_checkpoints["clip"]}, batch_size=3,
+                  num_inference_steps=2, max_new_tokens=6)
+    earlier = {"pipeline": pipe.name_or_path, "dtype": str(pipe.dtype)}  # as run_bench recorded it before
+    run_bench(references_from_folder(references), tmp_path / "bench", pipeline_settings=earlier, **kwargs)
+    again = run_bench(references_from_folder(references), tmp_path / "bench", **kwargs)
+    assert again["reused"] == 3 and again["settings"]["round_trip"]["system"] == "uae"
+    assert again["system"] == {"name": "uae", "checkpoints": {"pipeline": str(pipe.name_or_path)}}
 
 
 def test_compare_puts_janus_pair_and_uae_runs_in_one_table_and_grid(bench, pipe, tiny_dir, tmp_path, capsys):
