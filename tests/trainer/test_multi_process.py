@@ -100,6 +100,10 @@ def stage_runs(stage: str, engine: str, tiny_dir, folder: Path) -> list[list[str
 # the other decoder families' twins, each trained with both stage-3 objectives under DDP and FSDP2
 FAMILY_RUNS = [f"{stage}-{family}" for family in ("flux1", "qwen_image", "flux2_klein")
                for stage in ("generation", "generation_nft")]
+# the other encoder families' twins, each trained in stage 2 (its LoRA) under DDP and FSDP2: what is family-specific is
+# the encoder's own inputs (Qwen3-VL's grid and DeepStack, Gemma 3's token type ids) and, under FSDP2, the sharding of
+# its blocks (its `_no_split_modules`); no resumed run (the trainer's resumption is the family-independent one)
+ENCODER_RUNS = ["understanding-enc:qwen3_vl", "understanding-enc:gemma3"]
 
 
 # each real-size recipe → what its twin run changes to be feasible on 2 CPU processes, besides the models, data and
@@ -132,9 +136,9 @@ def twin_flags(recipe: str, tiny_dir, photos: Path, output_dir: Path) -> list[st
 def launches(tiny_dir, tmp_path_factory):
     """`launches(name)`: the folder and result of one launch, launched once per module (one xdist worker runs the
     whole module, one launch at a time: conftest's `LAUNCHING_MODULES`). Each engine's launch runs every stage (and
-    its resumed run) in full precision; "ddp" and "fsdp2" also the other decoder families' runs; "zero2" and "zero3" also every
-    real-size recipe, under their configs as shipped (which leave precision to the runs: the recipes' bf16);
-    "fsdp2-recipes" the real-size recipes under fsdp.yaml as shipped (bf16)."""
+    its resumed run) in full precision; "ddp" and "fsdp2" also the other decoder and encoder families' runs; "zero2"
+    and "zero3" also every real-size recipe, under their configs as shipped (which leave precision to the runs: the
+    recipes' bf16); "fsdp2-recipes" the real-size recipes under fsdp.yaml as shipped (bf16)."""
     done = {}
 
     def launch(name: str) -> tuple[Path, subprocess.CompletedProcess]:
@@ -146,7 +150,7 @@ def launches(tiny_dir, tmp_path_factory):
             run for stage in STAGES for run in stage_runs(stage, engine, tiny_dir, folder / stage)]
         if engine in ("ddp", "fsdp2") and not name.endswith("-recipes"):
             runs += [[str(HERE / "two_process_stage.py"), run, str(tiny_dir), str(folder / run / "records"), engine]
-                     for run in FAMILY_RUNS]
+                     for run in [*FAMILY_RUNS, *ENCODER_RUNS]]
         shipped = name.endswith("-recipes") or engine.startswith("zero")
         if shipped:
             photos = folder / "photos"
@@ -384,6 +388,31 @@ class TestDecoderFamilies:
         reloaded = lora_parameters(pipe.transformer)
         assert reloaded.keys() == final.keys()
         assert all(torch.equal(reloaded[name], saved[name]) for name in final)
+
+
+@pytest.mark.slow
+class TestEncoderFamiliesUnderDDPAndFSDP2:
+    """Qwen3-VL and Gemma 3 twins trained by stage 2 (their LoRA, the UAE twin's decoder as reward) under
+    `multi_gpu.yaml` and `fsdp.yaml`: one optimizer step per step, identical ranks, trained, and a checkpoint whose
+    adapter PEFT loads on the family's own base model."""
+
+    @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+    @pytest.mark.parametrize("run", ENCODER_RUNS)
+    def test_trains_one_model_and_saves_an_adapter_peft_loads(self, run, engine, launches, tiny_dir):
+        from transformers import AutoModelForImageTextToText
+
+        folder, launch = launches(engine)
+        out = folder / run / "records"
+        records = run_records(out, launch)
+        assert [record["distributed_type"] for record in records] == [f"DistributedType.{ENGINES[engine][1]}"] * 2
+        assert [record["optimizer_steps"] for record in records] == [TRAINING_STEPS] * 2
+        final = assert_identical_trained_weights(out)
+        if engine == "fsdp2":  # the encoder shards at its own blocks; the frozen decoder (its LLM too) for inference
+            assert all(record["frozen_models"]["whole"] == [] for record in records)
+        base = AutoModelForImageTextToText.from_pretrained(tiny_dir / "encoders" / run.partition(":")[2])
+        reloaded = lora_parameters(PeftModel.from_pretrained(base, out / "run" / "checkpoint-3"))
+        assert reloaded.keys() == final.keys()
+        assert all(torch.equal(reloaded[name], final[name]) for name in final)
 
 
 class RealSizeRecipeChecks:

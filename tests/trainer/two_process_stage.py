@@ -7,7 +7,8 @@ Usage: two_process_stage.py STAGE TINY_MODELS_DIR OUTPUT_DIR [ENGINE [RESUME_FRO
 
 STAGE: a stage of `uae-hf train`, or "pretrain-full" (pre-training of the whole DiT, not a LoRA), or a stage-3 stage on
 another decoder family's twin, "generation-<family>" / "generation_nft-<family>" (e.g. "generation-flux1": its stock
-pipeline, the encoder twin captioning). ENGINE: "fsdp2",
+pipeline, the encoder twin captioning), or stage 2 on another encoder family's twin, "understanding-enc:<family>"
+(e.g. "understanding-enc:gemma3": its LoRA trains, the UAE twin's decoder scores). ENGINE: "fsdp2",
 "zero2" or "zero3" under `accelerate launch` with the matching config of examples/accelerate/ (the CPU host runs that
 engine: cpu_engines.py); "ddp" or none: DDP on the CPU (`use_cpu`). RESUME_FROM: a checkpoint folder of an earlier
 run of the same stage and engine to resume from. Flow-GRPO keeps an EMA (blended every step) as
@@ -33,13 +34,15 @@ from tiny_trainer_configs import STAGES, tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
 from uae_hf import load_uae_pipeline
+from uae_hf.pipelines.uae_reconstruction import load_encoder
 from uae_hf.sample_data import skimage_photos
 from uae_hf.trainer.frozen_sharding import decoder_models
 from uae_hf.trainer.sharded_parameters import full_values, trained_parameters
 
 (stage, _, variant), tiny_dir, out = sys.argv[1].partition("-"), sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])
-family = variant if variant and variant != "full" else None
+encoder_family = variant.removeprefix("enc:") if variant.startswith("enc:") else None
+family = variant if variant and variant != "full" and not encoder_family else None
 if family:  # another family's stock pipeline, read in text mode; the encoder twin captions
     pipe = DiffusionPipeline.from_pretrained(f"{tiny_dir}/decoders/{family}")
     encoder, processor = (AutoModelForImageTextToText.from_pretrained(f"{tiny_dir}/encoder"),
@@ -47,6 +50,8 @@ if family:  # another family's stock pipeline, read in text mode; the encoder tw
 else:
     pipe = load_uae_pipeline(f"{tiny_dir}/decoder", f"{tiny_dir}/encoder", f"{tiny_dir}/projector")
     encoder, processor = pipe.vlm, pipe.processor
+if encoder_family:  # stage 2 trains another encoder family's twin; the UAE twin's decoder (its own LLM) scores it
+    encoder, processor = load_encoder(f"{tiny_dir}/encoders/{encoder_family}")
 settings = dict(
     max_steps=3, learning_rate=5e-2 if stage in ("understanding", "generation") else 1e-3, save_strategy="steps",
     save_steps=2, decoder_num_inference_steps=3, ddp_backend="gloo", use_cpu=engine == "ddp",

@@ -31,6 +31,7 @@ from .decoder_trainer import (
     save_diffusers_model,
     submodule_weights,
 )
+from .frozen_sharding import block_classes
 
 
 def pil_to_pixels(images, height: int, width: int) -> torch.Tensor:
@@ -72,7 +73,7 @@ class ColdStartModel(nn.Module):
     def _no_split_modules(self) -> list[str]:
         """The LLM's and the DiT's blocks: the layers FSDP shards one by one (accelerate's auto-wrap policy reads
         this)."""
-        return sorted({*self.vlm._no_split_modules, *self.transformer._no_split_modules})
+        return sorted({*block_classes(self.vlm), *self.transformer._no_split_modules})
 
     def reconstruct(self, captions: list[str], generator: torch.Generator) -> torch.Tensor:
         """Captions → images in [0, 1], differentiable w.r.t. every trainable part."""

@@ -14,6 +14,14 @@ from transformers import PreTrainedModel
 FROZEN_DECODER_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "vlm", "projector")
 
 
+def block_classes(model: torch.nn.Module) -> list[str]:
+    """The classes of `model._no_split_modules` that occur in it: the blocks FSDP shards one by one. A VLM gathers its
+    sub-models' lists, which may name a layer its config leaves out (Gemma 3's SigLIP tower has no pooling head, yet
+    `SiglipMultiheadAttentionPoolingHead` is listed), and accelerate refuses an auto-wrap class the model lacks."""
+    present = {type(module).__name__ for module in model.modules()}
+    return sorted(name for name in getattr(model, "_no_split_modules", None) or [] if name in present)
+
+
 def decoder_models(decoder) -> dict[str, torch.nn.Module | None]:
     """A UAE pipeline's models that the trainers run frozen, by name (those the stage trains are skipped where they
     are met)."""
@@ -27,7 +35,7 @@ def shard_for_inference(model: torch.nn.Module, mesh=None, methods: tuple[str, .
         return
     if any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"shard_for_inference shards frozen models only; {type(model).__name__} has trainable weights")
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = set(block_classes(model))
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, reshard_after_forward=True)

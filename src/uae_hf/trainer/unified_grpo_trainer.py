@@ -21,7 +21,7 @@ from ..hub import LOCAL_CHECKPOINT, MODEL_CARDS, hub_id_of, make_adapter_config_
 from ..pipelines.uae_reconstruction.pipeline_uae_reconstruction import adapters_disabled, caption_messages, check_encoder
 from .checkpointing import AtomicCheckpoints
 from .decoder_reward import ReconstructionGrids, build_reconstruction_reward, check_image_column
-from .frozen_sharding import decoder_models, shard_frozen_models
+from .frozen_sharding import block_classes, decoder_models, shard_frozen_models
 from .health import HealthWarnings
 from .model_card import card_tags, latest_metrics
 from .sharded_parameters import full_values, trained_parameters, whole_model_loading
@@ -153,6 +153,8 @@ class UnifiedGRPOTrainer(AtomicCheckpoints, ReconstructionGrids, GRPOTrainer):
             optimizers=optimizers,
         )
         check_encoder(self._policy_base_model(), self.processing_class, "model")
+        # FSDP's auto-wrap policy reads `_no_split_modules`: only the blocks the encoder has (see `block_classes`)
+        self._policy_base_model()._no_split_modules = block_classes(self._policy_base_model())
         self._check_decoder_text_path()
         self._setup_generation_backend()
         policy = self._policy_base_model()
