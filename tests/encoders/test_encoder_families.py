@@ -94,7 +94,8 @@ def test_grpo_trains_the_encoder_s_lora_which_peft_and_the_pipeline_load(family_
     policy = get_peft_model(AutoModelForImageTextToText.from_pretrained(family_dir),
                             LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian"))
     before = caption_images(policy.eval(), processor, sized_photos, **GREEDY)
-    args = tiny_config("understanding", tiny_dir, tmp_path / "run", beta=0.04, learning_rate=5e-2)
+    args = tiny_config("understanding", tiny_dir, tmp_path / "run", beta=0.04, learning_rate=5e-2, decoder_height=32,
+                       decoder_width=32)
     trainer = UnifiedGRPOTrainer(model=policy, decoder=pipe, args=args, train_dataset=skimage_photos(64),
                                  processing_class=processor)
     reference = {name: p.detach().clone() for name, p in policy.named_parameters() if ".ref." in name}
@@ -129,7 +130,7 @@ def test_a_uae_pipeline_around_the_llm_pretrains_cold_starts_and_round_trips(fam
     hidden = pipe.vlm.config.get_text_config().hidden_size
     assert pipe.projector.config.in_features == hidden and pipe.config.conditioning_mode == "embeddings"
     data = skimage_photos(64).select(range(4))
-    settings = dict(max_steps=2, learning_rate=1e-2, decoder_num_inference_steps=2)
+    settings = dict(max_steps=2, learning_rate=1e-2, decoder_num_inference_steps=2, decoder_height=32, decoder_width=32)
     pretraining = DecoderPretrainingTrainer(decoder=pipe, train_dataset=data,
                                             args=tiny_config("pretrain", tiny_dir, tmp_path / "pretrain", **settings))
     projector = pipe.projector.projector[0].weight.detach().clone()
@@ -152,10 +153,10 @@ def test_a_uae_pipeline_around_the_llm_pretrains_cold_starts_and_round_trips(fam
     rebuilt.set_progress_bar_config(disable=True)
     rebuilt.load_lora_weights(tmp_path / "pretrain", weight_name=LORA_WEIGHT_NAME)
     rebuilt.load_encoder_adapter(str(tmp_path / "cold_start" / "encoder_adapter"))
-    kwargs = dict(height=64, width=64, num_inference_steps=2, max_new_tokens=8, output_type="np")
+    kwargs = dict(height=32, width=32, num_inference_steps=2, max_new_tokens=8, output_type="np")
     expected = pipe(image=photos[:2], generator=generators([1, 2]), **kwargs)
     got = rebuilt(image=photos[:2], generator=generators([1, 2]), **kwargs)
-    assert got.captions == expected.captions and got.images.shape == (2, 64, 64, 3)
+    assert got.captions == expected.captions and got.images.shape == (2, 32, 32, 3)
     assert (got.images == expected.images).all()
 
 
@@ -176,7 +177,7 @@ def test_bfloat16_encoder_captions_and_conditions(family_dir, encoder, sized_pho
                                        ["a cat", "a dog on the grass"])
     assert half.prompt_embeds.dtype == torch.bfloat16 and torch.equal(half.lengths, full.lengths)
     error = (half.prompt_embeds.float() - full.prompt_embeds).norm() / full.prompt_embeds.norm()
-    assert error < 0.05, float(error)
+    assert error < 0.05, float(error)  # 0.0087 (Qwen3-VL), 0.014 (Gemma 3) under AVX-512, AVX2 and default kernels
 
 
 @pytest.mark.parametrize("recipe_family", FAMILIES)
