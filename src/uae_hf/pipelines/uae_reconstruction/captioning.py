@@ -149,12 +149,14 @@ def caption_images(
     """
     check_encoder(vlm, processor)
     prompt = processor.apply_chat_template(caption_messages(instruction), add_generation_prompt=True, tokenize=False)
+    bos = processor.tokenizer.bos_token
+    starts_with_bos = bos is not None and prompt.startswith(bos)
     images = [to_rgb(image, f"image[{index}]") for index, image in enumerate(images)]
     try:
-        # one list of images per prompt (a flat list is one prompt's images to some processors, Gemma 3's); the
-        # template wrote the special tokens (BOS included where the model has one)
+        # one list of images per prompt (a flat list is one prompt's images to some processors, Gemma 3's); no second
+        # BOS where the template writes one (Gemma 3's), as transformers' own `apply_chat_template(tokenize=True)` rules
         inputs = processor(text=[prompt] * len(images), images=[[image] for image in images], padding=True,
-                           padding_side="left", return_tensors="pt", add_special_tokens=False)
+                           padding_side="left", return_tensors="pt", add_special_tokens=not starts_with_bos)
     except ValueError as error:  # e.g. Qwen2-VL refuses aspect ratios above 200: name the image
         for index, image in enumerate(images):
             try:
