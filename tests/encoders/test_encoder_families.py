@@ -14,6 +14,7 @@ from trainer.tiny_trainer_configs import tiny_config
 from transformers import AutoModelForImageTextToText
 
 from uae_hf import (
+    CAPTION_INSTRUCTION,
     ColdStartTrainer,
     DecoderPretrainingTrainer,
     UAEProjector,
@@ -71,6 +72,19 @@ def test_seeded_captions_do_not_depend_on_the_batch(encoder, sized_photos):
     # the image reaches the model through the processor's own inputs (Gemma 3's token_type_ids, Qwen3-VL's grid)
     same_seed = caption_images(vlm, processor, sized_photos[:2], max_new_tokens=12, generator=generators([3, 3]))
     assert same_seed[0] != same_seed[1]
+
+
+def test_greedy_captions_are_what_the_chat_template_path_gives(encoder, sized_photos):
+    """`caption_images` feeds the model what transformers' own `apply_chat_template(tokenize=True)` gives it: one BOS
+    for Gemma 3 (its template writes it), its token_type_ids, Qwen3-VL's grid."""
+    vlm, processor = encoder
+    messages = [{"role": "user", "content": [{"type": "text", "text": CAPTION_INSTRUCTION},
+                                             {"type": "image", "image": sized_photos[0]}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    ids = vlm.generate(**inputs, do_sample=False, max_new_tokens=8, no_repeat_ngram_size=1)
+    expected = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    assert caption_images(vlm, processor, sized_photos[:1], **GREEDY) == [expected]
 
 
 @pytest.mark.parametrize("folder, role", [("encoder", "generate"), ("encoders/qwen3_vl", "user"),
