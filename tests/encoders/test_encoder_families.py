@@ -24,7 +24,7 @@ from uae_hf import (
     encode_generate_prompts,
     load_uae_pipeline,
 )
-from uae_hf.cli import main
+from uae_hf.cli import CommandLineError, main
 from uae_hf.pipelines.uae_reconstruction import caption_role, load_encoder
 from uae_hf.pipelines.uae_reconstruction.conditioning import generate_prompt_ids
 from uae_hf.sample_data import skimage_photos
@@ -221,6 +221,10 @@ def test_what_cannot_caption_is_refused_in_one_line(tiny_dir, pipe, photos):
     text_only = tiny_dir / "decoders" / "flux2_klein" / "text_encoder"  # FLUX.2 [klein]'s Qwen3
     refused("AutoModelForImageTextToText does not load its model type 'qwen3' \\(a text-only model\\)",
             load_encoder, text_only)
+    with pytest.raises(CommandLineError, match="cannot caption images: .*text-only model") as info:  # exit status 2
+        main(["train", "--config", str(RECIPES / "understanding_qwen3_vl_tiny.yaml"), "--tiny_models_dir", str(tiny_dir),
+              "--model_name_or_path", str(text_only)])
+    assert "\n" not in str(info.value)
     vlm, processor = load_encoder(tiny_dir / "encoders" / "qwen3_vl")
     refused("Qwen3ForCausalLM is a text-only model", caption_images, Qwen3ForCausalLM.from_pretrained(text_only),
             processor, photos[:1])

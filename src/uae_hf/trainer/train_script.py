@@ -13,6 +13,7 @@ from transformers import AutoProcessor
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..cli import CommandLineError, check_training_counts
+from ..pipelines.uae_reconstruction.captioning import NotAnEncoderError
 from ..pipelines.uae_reconstruction.hub_access import push_access_problem
 from ..rewards.similarity import BACKBONES, BackboneUnavailableError
 from ..sample_data import skimage_photos
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None):
         _check_hub_access(training_args.hub_token)
     try:
         return train(script_args, training_args, model_args)
+    except NotAnEncoderError as error:  # a text-only model_name_or_path, or one without a chat template
+        raise CommandLineError(str(error)) from error
     except BackboneUnavailableError as error:
         raise CommandLineError(
             f"cannot load the {error.backbone} backbone ({error.checkpoint}): {error.reason}. Point it at a local "

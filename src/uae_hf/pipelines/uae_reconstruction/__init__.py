@@ -1,5 +1,5 @@
 from .attention_processor import MaskedJointAttnProcessor, masked_attention
-from .captioning import CAPTION_INSTRUCTION, caption_images, check_encoder
+from .captioning import CAPTION_INSTRUCTION, NotAnEncoderError, caption_images, check_encoder
 from .conditioning import (
     NEGATIVE_PROMPT,
     GenerateConditioning,

@@ -38,6 +38,10 @@ ENCODER_REQUIREMENT = (
 )
 
 
+class NotAnEncoderError(ValueError):
+    """A model (or processor) that cannot caption images was given as the encoder."""
+
+
 def check_encoder(vlm, processor, name: str = "the encoder") -> None:
     """Refuse, in one line, a model and processor that cannot caption images (text-only, or without a chat template)."""
     if getattr(vlm.config, "vision_config", None) is None:
@@ -48,7 +52,7 @@ def check_encoder(vlm, processor, name: str = "the encoder") -> None:
         problem = f"its processor ({type(processor).__name__}) has no chat template"
     else:
         return
-    raise ValueError(f"{name} cannot caption images: {problem}; {ENCODER_REQUIREMENT}")
+    raise NotAnEncoderError(f"{name} cannot caption images: {problem}; {ENCODER_REQUIREMENT}")
 
 
 # transformers' sampling warpers, in the order `generate` applies them (after every other logits processor)

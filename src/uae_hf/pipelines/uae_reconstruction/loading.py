@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from ...models.projector import UAEProjector
 from .attention_processor import MaskedJointAttnProcessor
-from .captioning import ENCODER_REQUIREMENT, check_encoder
+from .captioning import ENCODER_REQUIREMENT, NotAnEncoderError, check_encoder
 from .pipeline_uae_reconstruction import UAEReconstructionPipeline
 
 _SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -67,8 +67,8 @@ def load_encoder(name_or_path: str | Path, dtype=None):
         if "Unrecognized configuration class" not in str(error):
             raise
         model_type = AutoConfig.from_pretrained(name_or_path).model_type
-        raise ValueError(f"{name_or_path} cannot caption images: AutoModelForImageTextToText does not load its model "
-                         f"type {model_type!r} (a text-only model); {ENCODER_REQUIREMENT}") from None
+        raise NotAnEncoderError(f"{name_or_path} cannot caption images: AutoModelForImageTextToText does not load its "
+                                f"model type {model_type!r} (a text-only model); {ENCODER_REQUIREMENT}") from None
     processor = AutoProcessor.from_pretrained(name_or_path)
     check_encoder(vlm, processor, str(name_or_path))
     return vlm, processor
