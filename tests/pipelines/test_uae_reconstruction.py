@@ -454,7 +454,7 @@ open(out_path + ".json", "w").write(json.dumps(out.captions))
 
 def test_a_seeded_round_trip_is_the_same_in_any_process(pipe, photos, tmp_path):
     """Captions are sampled with generators derived from the ones given (not the global RNG): the same seeded call
-    gives the same captions and images here and in fresh processes with other global seeds."""
+    gives the same captions and images here and in a fresh process with another global seed."""
     folder = tmp_path / "saved"
     pipe.save_pretrained(folder)
     photos_path = tmp_path / "photos.npy"
@@ -462,13 +462,12 @@ def test_a_seeded_round_trip_is_the_same_in_any_process(pipe, photos, tmp_path):
     torch.manual_seed(123)
     here = pipe(image=photos[:2], generator=generators(2, 10), max_new_tokens=8, num_inference_steps=3,
                 output_type="np")
-    for global_seed in (0, 1):
-        out_path = tmp_path / f"process-{global_seed}"
-        result = subprocess.run([sys.executable, "-c", SEEDED_ROUND_TRIP_SCRIPT, str(folder), str(photos_path),
-                                 str(global_seed), str(out_path)], capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert json.loads(Path(f"{out_path}.json").read_text()) == here.captions
-        np.testing.assert_allclose(np.load(f"{out_path}.npy"), here.images, rtol=0, atol=ACROSS_PROCESSES)
+    out_path = tmp_path / "process"
+    result = subprocess.run([sys.executable, "-c", SEEDED_ROUND_TRIP_SCRIPT, str(folder), str(photos_path), "0",
+                             str(out_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(Path(f"{out_path}.json").read_text()) == here.captions
+    np.testing.assert_allclose(np.load(f"{out_path}.npy"), here.images, rtol=0, atol=ACROSS_PROCESSES)
     # and the noise is still what the same generators give `generate` (captions do not consume them)
     again = pipe.generate(here.captions, generator=generators(2, 10), num_inference_steps=3, output_type="np")
     np.testing.assert_array_equal(again.images, here.images)

@@ -121,14 +121,14 @@ REAL_SIZE_RECIPES = {"understanding_qwen2.5-vl-3b_sd3.5": {},
 def twin_flags(recipe: str, tiny_dir, photos: Path, output_dir: Path) -> list[str]:
     """What turns a real-size recipe into a run of the twins that stops after its first optimizer step: the twins for
     the models (for pre-training, the twins' plain SD3 pipeline in place of SD3.5-Large, with the recipe's new
-    projector), 96 photos of 32 px, 32 px reconstructions of 3 sampler steps, captions of at most 8 tokens, nothing
+    projector), 96 photos of 32 px, 32 px reconstructions of 2 sampler steps, captions of at most 8 tokens, nothing
     saved but the final parts. Everything else is the recipe's: accumulation, per-device batch, LoRA ranks and
     targets, trained parts, schedules, EMA, activation checkpointing, bf16 weights and bf16 training."""
     decoder = str(tiny_dir / "decoder") if recipe.startswith("pretrain") else "tiny"
     return ["--model_name_or_path", "tiny", "--decoder", decoder, "--tiny_models_dir", str(tiny_dir),
             "--dataset_name", str(photos), "--output_dir", str(output_dir), "--max_steps", "1", "--save_strategy",
             "no", "--report_to", "none", "--logging_steps", "1", "--decoder_height", "32", "--decoder_width", "32",
-            "--decoder_num_inference_steps", "3", "--max_completion_length", "8",
+            "--decoder_num_inference_steps", "2", "--max_completion_length", "8",
             *[arg for name, value in REAL_SIZE_RECIPES[recipe].items() for arg in (f"--{name}", str(value))]]
 
 
