@@ -19,7 +19,7 @@ from network_block import BLOCK_NETWORK
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # 265 s alone; 507-554 s beside the engine launches on 2 cores, and once past 600 s
+@pytest.mark.timeout(1200)  # 89 s alone; 374 s beside the engine launches on 2 cores (2026-12-07)
 def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp_path, capsys):
     top = tmp_path / "demo"
     script = BLOCK_NETWORK + (f"from uae_hf.cli import main; main(['demo', '--quick', '--seeds', '2', '--output-dir', "
@@ -146,7 +146,7 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     assert f"(this run: {again['timings_s']['run'] / 60:.1f} min)" in printed
 
     # other settings: refused in one line naming the difference, before anything is trained; --overwrite retrains
-    # the stages they touch (here the Flow-GRPO runs of stage 3) and reloads the others
+    # the stages they touch (here the DiffusionNFT run of stage 3, the one the final pipeline keeps) and reloads the others
     records = {stage: (out / "stages" / stage / STAGE_RECORD).read_text() for stage in STAGES}
     for refused, difference in ((["demo", "--output-dir", str(out)], "quick True (now False)"),
                                 (["demo", "--quick", "--generation-beta", "0.01", "--output-dir", str(out)],
@@ -157,8 +157,8 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
         assert exit.value.code == 2 and difference in error and "--overwrite" in error, error[-3000:]
         assert len(error.strip().splitlines()) == 1, error
     assert records == {stage: (out / "stages" / stage / STAGE_RECORD).read_text() for stage in STAGES}
-    main(["demo", "--quick", "--overwrite", "--generation-beta", "0.01", "--output-dir", str(out)])
+    main(["demo", "--quick", "--overwrite", "--generation-nft-beta", "0.5", "--output-dir", str(out)])
     retrained = [stage for stage in STAGES if (out / "stages" / stage / STAGE_RECORD).read_text() != records[stage]]
-    assert retrained == ["generation", "generation_cfg_free"]
-    record = json.loads((out / "stages" / "generation" / STAGE_RECORD).read_text())
-    assert record["settings"]["generation_beta"] == 0.01 and record["settings"]["versions"]["torch"]
+    assert retrained == ["generation_nft"]
+    record = json.loads((out / "stages" / "generation_nft" / STAGE_RECORD).read_text())
+    assert record["settings"]["generation_nft_beta"] == 0.5 and record["settings"]["versions"]["torch"]

@@ -8,9 +8,12 @@ two guards. `PartialState._prepare_backend` reports a process that `accelerate l
 accepts a recipe's `bf16: true` as on a bf16 GPU (it asks for `use_cpu` otherwise, which would turn the engine into
 CPU DDP), so a recipe trains in the precision it names. DeepSpeed runs on its CPU accelerator (`DS_ACCELERATOR=cpu`).
 Everything after that, accelerate's preparation and mixed precision, FSDP2's `fully_shard`, DeepSpeed's engine, bf16
-mode and ZeRO stages, is the engines' own code.
+mode and ZeRO stages, is the engines' own code. One thing is skipped: DeepSpeed's CPU accelerator compiles a
+shared-memory all-reduce at its first process group (45 s of C++ compilation per fresh cache or DeepSpeed install) that
+only its tensor-parallel inference uses; training's collectives are gloo's either way.
 """
 
+import importlib
 import os
 
 import transformers.training_args
@@ -33,4 +36,7 @@ def _gloo_as_accelerator_backend(self, cpu=False, sagemaker_dp=False, backend=No
 
 
 PartialState._prepare_backend = _gloo_as_accelerator_backend
+if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    # the module itself: `deepspeed.comm.torch` as an attribute is the torch package (deepspeed.comm imports it)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 transformers.training_args.is_torch_bf16_gpu_available = lambda *args, **kwargs: True

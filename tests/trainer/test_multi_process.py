@@ -50,6 +50,20 @@ FROZEN_DECODER_REWARD_TOLERANCE = 5e-5
 PORTS = count(29610)  # a launch takes its own port and one per run it forks
 
 
+# where a worker's own report of its death starts: a Python exception, a fatal signal (PYTHONFAULTHANDLER prints its
+# stacks), or a C++ exception that ended the process (gloo's transport errors arrive this way, as SIGABRT)
+FAILURE_MARKERS = ("Traceback (most recent call last)", "Fatal Python error", "terminate called", "what():")
+
+
+def launch_failure(stderr: str, limit: int = 6000) -> str:
+    """What a failed launch's stderr says about the failure: its first worker report (the launcher's own
+    traceback and summary come after it and would push it out of a plain tail), then the tail."""
+    starts = [index for index in (stderr.find(marker) for marker in FAILURE_MARKERS) if index >= 0]
+    if not starts or min(starts) >= len(stderr) - limit:
+        return stderr[-limit:]
+    return f"{stderr[min(starts):min(starts) + limit // 2]}\n[...]\n{stderr[-limit // 2:]}"
+
+
 def cpu_config(engine: str, folder: Path, mixed_precision: str | None = "no", **fsdp_config) -> Path:
     """The shipped config of `engine` for 2 CPU processes: 2 processes, `mixed_precision` (the twins train in fp32
     here; `None`: as shipped), DDP with `use_cpu` (accelerate's own CPU DDP), `fsdp_config` over the shipped one;
@@ -85,7 +99,7 @@ def accelerate_launch(config: Path, runs: list[list[str]]) -> subprocess.Complet
 def run_records(folder: Path, launch: subprocess.CompletedProcess) -> list[dict]:
     """Both processes' records of the run that wrote into `folder`, or the failure of its launch."""
     if not all((folder / f"rank{rank}.json").is_file() for rank in (0, 1)):
-        pytest.fail(f"no records in {folder} (launch status {launch.returncode}):\n{launch.stderr[-4000:]}")
+        pytest.fail(f"no records in {folder} (launch status {launch.returncode}):\n{launch_failure(launch.stderr)}")
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
@@ -542,7 +556,7 @@ def test_slurm_example_runs_the_multi_node_config(tiny_dir, tmp_path):
          *recipe_flags(tiny_dir, output_dir), "--dtype", "bfloat16", "--save_strategy", "steps", "--save_steps", "2"],
         capture_output=True, text=True, timeout=600, env=env, cwd=HERE.parents[1],
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, launch_failure(result.stderr)
     # both machines' processes checkpointed, and FSDP trained (its optimizer file; DDP's would be optimizer.pt)
     checkpoint = {path.name for path in (output_dir / "checkpoint-2").iterdir()}
     assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.bin", "resume_state.safetensors"} <= checkpoint
@@ -560,7 +574,7 @@ def test_sharded_frozen_models_compute_what_they_compute_whole(tiny_dir, tmp_pat
          str(HERE / "sharded_inference.py"), str(tiny_dir), str(tmp_path)],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, launch_failure(result.stderr)
     records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for record in records:
         assert all(record["sharded"].values()) and len(record["sharded"]) == 6  # DiT, VAE, 2 CLIPs, VLM, projector
