@@ -67,8 +67,10 @@ def test_demo_config_rejects_budgets_that_cannot_run():
 
     with pytest.raises(ValueError, match="pretrain_steps"):
         ToyDemoConfig(pretrain_steps=0)
-    with pytest.raises(ValueError, match="at least 64"):
-        ToyDemoConfig.quick_run(train_rows=10)
+    with pytest.raises(ValueError, match="train_rows >= group_size"):
+        ToyDemoConfig.quick_run(train_rows=10)  # 4 images of 4 draws per step
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        ToyDemoConfig(group_size=1)
     with pytest.raises(ValueError, match="sft_level_weights"):
         ToyDemoConfig(sft_level_weights=(1.0, 0.0))
     assert ToyDemoConfig.quick_run(seed=3).seed == 3 and ToyDemoConfig.quick_run().pretrain_steps == 10

@@ -1,8 +1,8 @@
 """Every stage on two CPU processes (gloo) under `accelerate launch` with each accelerate config we ship: DDP
 (`multi_gpu.yaml`), FSDP2 (`fsdp.yaml`), DeepSpeed ZeRO-2 and ZeRO-3. Weights stay identical across processes, each
 training step is one optimizer step, rewards are gathered, logged metrics are means over all processes, checkpoints
-hold every process's part (under FSDP2, what trains), the saved artefacts load without the engine, resumed runs end
-bit-identical, and the sharding engines train what DDP trains. Every real-size recipe takes its first optimizer step,
+hold every process's part (under FSDP2, what trains), the saved artefacts load without the engine, runs resumed under
+FSDP2 and ZeRO-3 end bit-identical, and the sharding engines train what DDP trains. Every real-size recipe takes its first optimizer step,
 with its own accumulation, under the FSDP2 and DeepSpeed configs as shipped, through `uae-hf train`. Each launch runs
 several trainings in fresh processes of their own (forked_runs.py: imports are most of a launch's time)."""
 
@@ -103,12 +103,20 @@ def run_records(folder: Path, launch: subprocess.CompletedProcess) -> list[dict]
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
+# the engines whose launch also resumes every stage: the sharding ones, whose checkpoints are not a single process's
+# (FSDP2: the trained state only; ZeRO-3: DeepSpeed's partitions of parameters and optimizer). DDP's checkpoint is a
+# single process's (tests/trainer/test_resume.py) with each process's RNG state, which these resumes restore too; ZeRO-2's
+# is ZeRO-3's without the parameter partitions.
+RESUMING_ENGINES = ("fsdp2", "zero3")
+
+
 def stage_runs(stage: str, engine: str, tiny_dir, folder: Path) -> list[list[str]]:
-    """two_process_stage.py's run of `stage` under `engine` (records in `folder/records`), then the same run resumed
-    from its checkpoint 2 (records in `folder/resumed`)."""
+    """two_process_stage.py's run of `stage` under `engine` (records in `folder/records`), then, for a resuming
+    engine, the same run resumed from its checkpoint 2 (records in `folder/resumed`)."""
     script, run = str(HERE / "two_process_stage.py"), folder / "records"
     return [[script, stage, str(tiny_dir), str(run), engine],
-            [script, stage, str(tiny_dir), str(folder / "resumed"), engine, str(run / "run" / "checkpoint-2")]]
+            *([[script, stage, str(tiny_dir), str(folder / "resumed"), engine, str(run / "run" / "checkpoint-2")]]
+              if engine in RESUMING_ENGINES else [])]
 
 
 # the other decoder families' twins, each trained with both stage-3 objectives under DDP and FSDP2
@@ -121,14 +129,16 @@ ENCODER_RUNS = ["understanding-enc:qwen3_vl", "understanding-enc:gemma3"]
 
 
 # each real-size recipe → what its twin run changes to be feasible on 2 CPU processes, besides the models, data and
-# sizes every run swaps (`twin_flags`). Stage 3's recipes fix the images per optimizer step and say how to keep them
-# on N GPUs ("set gradient_accumulation_steps to 24 / N"): on 2 processes, half their accumulation, as a user would
-# set it. 12 and 24 micro-batches of a group of 24 reconstructions are still 288 and 576 rollouts per process and
-# step, so their groups shrink to 2 (the accumulation, and so the count of micro-batches, stays the recipe's).
+# sizes every run swaps (`twin_flags`). Stage 3's recipes are written for one GPU and say how to keep the images per
+# optimizer step on N ("set gradient_accumulation_steps to 24 / N"): here as a user of the shipped configs (8 GPUs)
+# sets it, 3 and 6 (more than 1, as DeepSpeed once refused; 2 processes' 12 and 24 took 100 s more of the engine
+# launches for the same check). Their groups of 24 reconstructions shrink to 2: 3 and 6 micro-batches of 24 would still
+# be 72 and 144 rollouts per process and step on a CPU (the accumulation, and so the count of micro-batches, stays).
+SHIPPED_GPUS = yaml.safe_load((SHIPPED / "fsdp.yaml").read_text())["num_processes"]
 SMALL_GROUPS = {"per_device_train_batch_size": 2, "num_generations": 2}
 REAL_SIZE_RECIPES = {"understanding_qwen2.5-vl-3b_sd3.5": {},
-                     "generation_sd3.5": SMALL_GROUPS | {"gradient_accumulation_steps": 24 // 2},
-                     "generation_nft_sd3.5": SMALL_GROUPS | {"gradient_accumulation_steps": 48 // 2},
+                     "generation_sd3.5": SMALL_GROUPS | {"gradient_accumulation_steps": 24 // SHIPPED_GPUS},
+                     "generation_nft_sd3.5": SMALL_GROUPS | {"gradient_accumulation_steps": 48 // SHIPPED_GPUS},
                      "pretrain_sd3.5": {}, "cold_start_sd3.5": {}}
 
 
@@ -149,8 +159,8 @@ def twin_flags(recipe: str, tiny_dir, photos: Path, output_dir: Path) -> list[st
 @pytest.fixture(scope="module")
 def launches(tiny_dir, tmp_path_factory):
     """`launches(name)`: the folder and result of one launch, launched once per module (one xdist worker runs the
-    whole module, one launch at a time: conftest's `LAUNCHING_MODULES`). Each engine's launch runs every stage (and
-    its resumed run) in full precision; "ddp" and "fsdp2" also the other decoder and encoder families' runs; "zero2"
+    whole module, one launch at a time: conftest's `LAUNCHING_MODULES`). Each engine's launch runs every stage (and,
+    under `RESUMING_ENGINES`, its resumed run) in full precision; "ddp" and "fsdp2" also the other decoder and encoder families' runs; "zero2"
     and "zero3" also every real-size recipe, under their configs as shipped (which leave precision to the runs: the
     recipes' bf16); "fsdp2-recipes" the real-size recipes under fsdp.yaml as shipped (bf16)."""
     done = {}
@@ -259,8 +269,8 @@ def update_difference(out: Path, reference: Path) -> float:
     return float((delta - delta_ref).norm() / delta_ref.norm())
 
 
-class EngineChecks:
-    """What every engine's launch must show; one subclass per engine."""
+class ResumeChecks:
+    """What a resuming engine's launch must show besides (`RESUMING_ENGINES`)."""
 
     engine = ""
 
@@ -283,7 +293,7 @@ class EngineChecks:
 
 
 @pytest.mark.slow
-class TestDDP(EngineChecks):
+class TestDDP:
     """`multi_gpu.yaml`: accelerate's CPU DDP, the reference of the sharding engines."""
 
     engine = "ddp"
@@ -317,8 +327,10 @@ class TestDDP(EngineChecks):
                 assert logged[name] == pytest.approx(np.mean(values), abs=1e-6)
 
 
-class ShardingEngineChecks(EngineChecks):
-    """What a sharding engine's launch must show besides: it trains what DDP trains."""
+class ShardingEngineChecks:
+    """What a sharding engine's launch must show besides: it trains what DDP trains; one subclass per engine."""
+
+    engine = ""
 
     @pytest.mark.outcome  # its bounds on the difference from DDP are rounding that kernels move
     @pytest.mark.parametrize("stage", STAGES)
@@ -358,7 +370,7 @@ class ShardingEngineChecks(EngineChecks):
 
 
 @pytest.mark.slow
-class TestFSDP2(ShardingEngineChecks):
+class TestFSDP2(ShardingEngineChecks, ResumeChecks):
     engine = "fsdp2"
 
 
@@ -368,7 +380,7 @@ class TestZeRO2(ShardingEngineChecks):
 
 
 @pytest.mark.slow
-class TestZeRO3(ShardingEngineChecks):
+class TestZeRO3(ShardingEngineChecks, ResumeChecks):
     engine = "zero3"
 
 
@@ -439,17 +451,17 @@ class RealSizeRecipeChecks:
         """Each real-size recipe with its own settings (the twins in place of its models) through `uae-hf train`, under each
         shipped FSDP2 and DeepSpeed config as shipped: the engine takes its accumulation, batch size and bf16 from the
         recipe (DeepSpeed's "auto" values; before, both DeepSpeed configs fixed an accumulation of 1 and transformers
-        refused every recipe), and its first optimizer step comes after the recipe's number of micro-batches (for 2
-        processes, as the recipe says), once."""
+        refused every recipe), and its first optimizer step comes after the recipe's number of micro-batches (stage 3:
+        for the shipped configs' 8 GPUs, as the recipe says), once."""
         settings = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
         engine = self.engine
         folder, launch = launches("fsdp2-recipes" if engine == "fsdp2" else engine)
         out = folder / recipe
         accumulation = settings["gradient_accumulation_steps"]
-        if "gradient_accumulation_steps" in REAL_SIZE_RECIPES[recipe]:  # the recipe's own rule for 2 GPUs
+        if "gradient_accumulation_steps" in REAL_SIZE_RECIPES[recipe]:  # the recipe's own rule for the shipped GPUs
             assert f"set gradient_accumulation_steps to {accumulation} / N" in (RECIPES / f"{recipe}.yaml").read_text()
             accumulation = REAL_SIZE_RECIPES[recipe]["gradient_accumulation_steps"]
-            assert accumulation == settings["gradient_accumulation_steps"] // 2
+            assert accumulation == settings["gradient_accumulation_steps"] // SHIPPED_GPUS > 1
         batch = REAL_SIZE_RECIPES[recipe].get("per_device_train_batch_size", settings["per_device_train_batch_size"])
         for record in run_records(out, launch):
             assert record["distributed_type"] == f"DistributedType.{ENGINES[engine][1]}"

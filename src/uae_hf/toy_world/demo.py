@@ -74,10 +74,12 @@ STAGE_FIELDS = {
     "sft": ("sft_steps", "sft_level_weights", "batch_size"),
     "pretrain": ("pretrain_steps", "batch_size"),
     "cold_start": ("cold_start_steps",),
-    "understanding": ("understanding_steps", "understanding_beta"),
-    "generation": ("generation_steps", "generation_beta", "stage3_learning_rate", "validation_rows"),
-    "generation_cfg_free": ("generation_steps", "generation_beta", "stage3_learning_rate", "validation_rows"),
-    "generation_nft": ("generation_nft_steps", "generation_nft_beta", "stage3_learning_rate", "validation_rows"),
+    "understanding": ("understanding_steps", "understanding_beta", "group_size"),
+    "generation": ("generation_steps", "generation_beta", "stage3_learning_rate", "validation_rows", "group_size"),
+    "generation_cfg_free": ("generation_steps", "generation_beta", "stage3_learning_rate", "validation_rows",
+                            "group_size"),
+    "generation_nft": ("generation_nft_steps", "generation_nft_beta", "stage3_learning_rate", "validation_rows",
+                       "group_size"),
 }
 SHARED_FIELDS = ("seed", "quick", "train_rows", "eval_rows", "num_inference_steps", "guidance_scale",
                  "max_caption_tokens")
@@ -109,12 +111,15 @@ class ToyDemoConfig:
     )
     pretrain_steps: int = field(default=3000, metadata={"help": "Decoder pre-training steps."})
     cold_start_steps: int = field(default=20, metadata={"help": "Cold-start steps (batch 8)."})
-    understanding_steps: int = field(default=80, metadata={"help": "Stage 2 GRPO steps (8 images x 8 captions)."})
+    group_size: int = field(
+        default=8, metadata={"help": "Stages 2 and 3: images per step, and captions (stage 2) or draws (stage 3) per image."}
+    )
+    understanding_steps: int = field(default=80, metadata={"help": "Stage 2 GRPO steps (group_size images x captions)."})
     understanding_beta: float = field(
         default=0.1, metadata={"help": "Stage 2 KL weight, to the encoder as SFT left it (0: no KL)."}
     )
-    generation_steps: int = field(default=60, metadata={"help": "Stage 3 Flow-GRPO steps (8 images x 8 draws)."})
-    generation_nft_steps: int = field(default=60, metadata={"help": "Stage 3 DiffusionNFT steps (8 images x 8 draws)."})
+    generation_steps: int = field(default=60, metadata={"help": "Stage 3 Flow-GRPO steps (group_size images x draws)."})
+    generation_nft_steps: int = field(default=60, metadata={"help": "Stage 3 DiffusionNFT steps (group_size images x draws)."})
     stage3_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of every stage-3 run."})
     generation_beta: float = field(default=0.0, metadata={"help": "Stage 3 Flow-GRPO KL weight (0: no KL)."})
     generation_nft_beta: float = field(
@@ -136,7 +141,7 @@ class ToyDemoConfig:
     def quick_run(cls, **overrides) -> "ToyDemoConfig":
         """The same path with tiny budgets, to check the plumbing (its scores mean nothing): for CI and a first look."""
         budgets = dict(train_rows=128, eval_rows=8, validation_rows=4, backbone_steps=15, vae_steps=10, vision_steps=10, batch_size=8,
-                       sft_steps=5, pretrain_steps=10, cold_start_steps=1, understanding_steps=2, generation_steps=2,
+                       sft_steps=5, pretrain_steps=10, cold_start_steps=1, understanding_steps=2, generation_steps=2, group_size=4,
                        generation_nft_steps=2, num_inference_steps=4, quick=True, output_dir="outputs/demo-quick")
         return cls(**(budgets | overrides))
 
@@ -145,8 +150,10 @@ class ToyDemoConfig:
                      if f.name.endswith(("_steps", "_rows")) and getattr(self, f.name) < 1}
         if too_small:
             raise ValueError(f"every step and row count must be at least 1, got {too_small}")
-        if self.train_rows < 64:
-            raise ValueError(f"train_rows={self.train_rows}: the RL stages draw 8 images per step, pass at least 64")
+        if self.group_size < 2 or self.train_rows < self.group_size ** 2:
+            raise ValueError(f"group_size={self.group_size}, train_rows={self.train_rows}: the RL stages compare at least 2 "
+                             f"draws per image and draw group_size images per step; pass group_size >= 2 and train_rows "
+                             f">= group_size ** 2")
         if self.stage3_learning_rate <= 0 or self.generation_beta < 0 or self.generation_nft_beta <= 0:
             raise ValueError(f"stage3_learning_rate={self.stage3_learning_rate}, generation_beta={self.generation_beta}, "
                              f"generation_nft_beta={self.generation_nft_beta}: pass a positive learning rate and "
@@ -430,9 +437,10 @@ class ToyWorldDemo:
         trainer = UnifiedGRPOTrainer(
             policy, self.pipeline, train_dataset=self.train.select_columns(["image"]),
             processing_class=self.pipeline.processor,
-            args=self._args("understanding", max_steps=config.understanding_steps, per_device_train_batch_size=64,
-                            num_generations=8, learning_rate=1e-3, temperature=1.0, beta=config.understanding_beta,
-                            decoder_text_encoder="frozen", reward_batch_size=64,
+            args=self._args("understanding", max_steps=config.understanding_steps,
+                            per_device_train_batch_size=config.group_size ** 2, num_generations=config.group_size,
+                            learning_rate=1e-3, temperature=1.0, beta=config.understanding_beta,
+                            decoder_text_encoder="frozen", reward_batch_size=config.group_size ** 2,
                             log_reconstructions_steps=max(1, config.understanding_steps // 4)),
         )
         _train(trainer)
@@ -478,7 +486,8 @@ class ToyWorldDemo:
         trainer = TRAINERS[STAGE3_TRAINER[stage]][1](
             self.pipeline.vlm, self.pipeline, train_dataset=self.train.select_columns(["image"]),
             eval_dataset=self.validation, processing_class=self.pipeline.processor,
-            args=self._args(stage, max_steps=steps, per_device_train_batch_size=64, num_generations=8,
+            args=self._args(stage, max_steps=steps, per_device_train_batch_size=self.config.group_size ** 2,
+                            num_generations=self.config.group_size,
                             learning_rate=self.config.stage3_learning_rate, decoder_lora_r=16, decoder_lora_alpha=32,
                             eval_strategy="steps", eval_steps=max(1, steps // 6), per_device_eval_batch_size=64,
                             log_reconstructions_steps=max(1, steps // 4), ema_decay=None, **settings),
