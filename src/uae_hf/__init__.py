@@ -32,6 +32,8 @@ _SUBMODULE_OF = {
     "encode_generate_prompts": "pipelines.uae_reconstruction",
     "load_saved_pipeline": "pipelines.uae_reconstruction",
     "load_uae_pipeline": "pipelines.uae_reconstruction",
+    "load_encoder": "pipelines.uae_reconstruction",
+    "NotAnEncoderError": "pipelines.uae_reconstruction",
     "ReconstructionReward": "rewards.reconstruction",
     "PairedRoundTrip": "paired_round_trip",
     "JanusRoundTrip": "janus_round_trip",
@@ -107,6 +109,8 @@ __all__ = [
     "encode_generate_prompts",
     "load_saved_pipeline",
     "load_uae_pipeline",
+    "load_encoder",
+    "NotAnEncoderError",
     "pipeline_model_card",
 ]
 

@@ -864,7 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("tiny-models", help="write the offline tiny twins of every model")
-    tiny.add_argument("output_dir", help="folder to write encoder/, decoder/, projector/, backbones/ into")
+    tiny.add_argument("output_dir", help="folder to write encoder/, encoders/{qwen3_vl,gemma3}/, decoder/, "
+                      "decoders/{flux1,flux2_klein,qwen_image}/, projector/, janus/ and backbones/ into")
     tiny.add_argument("--no-t5", action="store_true", help="build the decoder without its optional T5 encoder")
     _add_verbose_argument(tiny)
     tiny.set_defaults(func=_cmd_tiny_models, check=_check_tiny_models)
