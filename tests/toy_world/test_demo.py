@@ -145,8 +145,8 @@ def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp
     assert timing_text(again).startswith("This run: ") and timing_text(again) in printed  # the report's head
     assert f"(this run: {again['timings_s']['run'] / 60:.1f} min)" in printed
 
-    # other settings: refused in one line naming the difference, before anything is trained; --overwrite retrains
-    # the stages they touch (here the DiffusionNFT run of stage 3, the one the final pipeline keeps) and reloads the others
+    # other settings: refused in one line naming the difference, before anything is trained; --overwrite retrains the
+    # stages they touch (here the DiffusionNFT run of stage 3, the one the final pipeline keeps) and reloads the others
     records = {stage: (out / "stages" / stage / STAGE_RECORD).read_text() for stage in STAGES}
     for refused, difference in ((["demo", "--output-dir", str(out)], "quick True (now False)"),
                                 (["demo", "--quick", "--generation-beta", "0.01", "--output-dir", str(out)],

@@ -16,7 +16,7 @@ import sys
 import traceback
 
 import deepspeed  # noqa: F401  (the libraries every run imports, once)
-import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (each DeepSpeed engine's start: 1.8 s, torch's compiler)
+import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (1.8 s of each DeepSpeed engine's start)
 import diffusers  # noqa: F401
 import peft  # noqa: F401
 import torch  # noqa: F401

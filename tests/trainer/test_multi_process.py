@@ -2,9 +2,10 @@
 (`multi_gpu.yaml`), FSDP2 (`fsdp.yaml`), DeepSpeed ZeRO-2 and ZeRO-3. Weights stay identical across processes, each
 training step is one optimizer step, rewards are gathered, logged metrics are means over all processes, checkpoints
 hold every process's part (under FSDP2, what trains), the saved artefacts load without the engine, runs resumed under
-FSDP2 and ZeRO-3 end bit-identical, and the sharding engines train what DDP trains. Every real-size recipe takes its first optimizer step,
-with its own accumulation, under the FSDP2 and DeepSpeed configs as shipped, through `uae-hf train`. Each launch runs
-several trainings in fresh processes of their own (forked_runs.py: imports are most of a launch's time)."""
+FSDP2 and ZeRO-3 end bit-identical, and the sharding engines train what DDP trains. Every real-size recipe takes its
+first optimizer step, with its own accumulation, under the FSDP2 and DeepSpeed configs as shipped, through
+`uae-hf train`. Each launch runs several trainings in fresh processes of their own (forked_runs.py: imports are most of
+a launch's time)."""
 
 import json
 import os
@@ -105,8 +106,8 @@ def run_records(folder: Path, launch: subprocess.CompletedProcess) -> list[dict]
 
 # the engines whose launch also resumes every stage: the sharding ones, whose checkpoints are not a single process's
 # (FSDP2: the trained state only; ZeRO-3: DeepSpeed's partitions of parameters and optimizer). DDP's checkpoint is a
-# single process's (tests/trainer/test_resume.py) with each process's RNG state, which these resumes restore too; ZeRO-2's
-# is ZeRO-3's without the parameter partitions.
+# single process's (tests/trainer/test_resume.py) with each process's RNG state, which these resumes restore too;
+# ZeRO-2's is ZeRO-3's without the parameter partitions.
 RESUMING_ENGINES = ("fsdp2", "zero3")
 
 
@@ -160,9 +161,10 @@ def twin_flags(recipe: str, tiny_dir, photos: Path, output_dir: Path) -> list[st
 def launches(tiny_dir, tmp_path_factory):
     """`launches(name)`: the folder and result of one launch, launched once per module (one xdist worker runs the
     whole module, one launch at a time: conftest's `LAUNCHING_MODULES`). Each engine's launch runs every stage (and,
-    under `RESUMING_ENGINES`, its resumed run) in full precision; "ddp" and "fsdp2" also the other decoder and encoder families' runs; "zero2"
-    and "zero3" also every real-size recipe, under their configs as shipped (which leave precision to the runs: the
-    recipes' bf16); "fsdp2-recipes" the real-size recipes under fsdp.yaml as shipped (bf16)."""
+    under `RESUMING_ENGINES`, its resumed run) in full precision; "ddp" and "fsdp2" also the other decoder and encoder
+    families' runs; "zero2" and "zero3" also every real-size recipe, under their configs as shipped (which leave
+    precision to the runs: the recipes' bf16); "fsdp2-recipes" the real-size recipes under fsdp.yaml as shipped
+    (bf16)."""
     done = {}
 
     def launch(name: str) -> tuple[Path, subprocess.CompletedProcess]:

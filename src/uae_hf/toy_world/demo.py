@@ -112,14 +112,14 @@ class ToyDemoConfig:
     pretrain_steps: int = field(default=3000, metadata={"help": "Decoder pre-training steps."})
     cold_start_steps: int = field(default=20, metadata={"help": "Cold-start steps (batch 8)."})
     group_size: int = field(
-        default=8, metadata={"help": "Stages 2 and 3: images per step, and captions (stage 2) or draws (stage 3) per image."}
+        default=8, metadata={"help": "Stages 2 and 3: images per step, and captions (2) or draws (3) per image."}
     )
-    understanding_steps: int = field(default=80, metadata={"help": "Stage 2 GRPO steps (group_size images x captions)."})
+    understanding_steps: int = field(default=80, metadata={"help": "Stage 2 GRPO steps (group_size² captions)."})
     understanding_beta: float = field(
         default=0.1, metadata={"help": "Stage 2 KL weight, to the encoder as SFT left it (0: no KL)."}
     )
-    generation_steps: int = field(default=60, metadata={"help": "Stage 3 Flow-GRPO steps (group_size images x draws)."})
-    generation_nft_steps: int = field(default=60, metadata={"help": "Stage 3 DiffusionNFT steps (group_size images x draws)."})
+    generation_steps: int = field(default=60, metadata={"help": "Stage 3 Flow-GRPO steps (group_size² draws)."})
+    generation_nft_steps: int = field(default=60, metadata={"help": "Stage 3 DiffusionNFT steps (group_size² draws)."})
     stage3_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of every stage-3 run."})
     generation_beta: float = field(default=0.0, metadata={"help": "Stage 3 Flow-GRPO KL weight (0: no KL)."})
     generation_nft_beta: float = field(
@@ -140,9 +140,10 @@ class ToyDemoConfig:
     @classmethod
     def quick_run(cls, **overrides) -> "ToyDemoConfig":
         """The same path with tiny budgets, to check the plumbing (its scores mean nothing): for CI and a first look."""
-        budgets = dict(train_rows=128, eval_rows=8, validation_rows=4, backbone_steps=15, vae_steps=10, vision_steps=10, batch_size=8,
-                       sft_steps=5, pretrain_steps=10, cold_start_steps=1, understanding_steps=2, generation_steps=2, group_size=4,
-                       generation_nft_steps=2, num_inference_steps=4, quick=True, output_dir="outputs/demo-quick")
+        budgets = dict(train_rows=128, eval_rows=8, validation_rows=4, backbone_steps=15, vae_steps=10, vision_steps=10,
+                       batch_size=8, sft_steps=5, pretrain_steps=10, cold_start_steps=1, understanding_steps=2,
+                       generation_steps=2, generation_nft_steps=2, group_size=4, num_inference_steps=4, quick=True,
+                       output_dir="outputs/demo-quick")
         return cls(**(budgets | overrides))
 
     def __post_init__(self):
@@ -151,9 +152,9 @@ class ToyDemoConfig:
         if too_small:
             raise ValueError(f"every step and row count must be at least 1, got {too_small}")
         if self.group_size < 2 or self.train_rows < self.group_size ** 2:
-            raise ValueError(f"group_size={self.group_size}, train_rows={self.train_rows}: the RL stages compare at least 2 "
-                             f"draws per image and draw group_size images per step; pass group_size >= 2 and train_rows "
-                             f">= group_size ** 2")
+            raise ValueError(f"group_size={self.group_size}, train_rows={self.train_rows}: the RL stages compare at "
+                             "least 2 draws per image and draw group_size images per step; pass group_size >= 2 and "
+                             "train_rows >= group_size ** 2")
         if self.stage3_learning_rate <= 0 or self.generation_beta < 0 or self.generation_nft_beta <= 0:
             raise ValueError(f"stage3_learning_rate={self.stage3_learning_rate}, generation_beta={self.generation_beta}, "
                              f"generation_nft_beta={self.generation_nft_beta}: pass a positive learning rate and "
