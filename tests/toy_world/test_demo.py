@@ -19,7 +19,7 @@ from network_block import BLOCK_NETWORK
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # 89 s alone; 374 s beside the engine launches on 2 cores (2026-12-07)
+@pytest.mark.timeout(1200)  # 77 s alone; 301 s beside the engine launches on 2 cores (2026-12-07)
 def test_quick_demo_runs_every_stage_for_two_seeds_and_writes_every_artefact(tmp_path, capsys):
     top = tmp_path / "demo"
     script = BLOCK_NETWORK + (f"from uae_hf.cli import main; main(['demo', '--quick', '--seeds', '2', '--output-dir', "

@@ -38,5 +38,8 @@ def _gloo_as_accelerator_backend(self, cpu=False, sagemaker_dp=False, backend=No
 PartialState._prepare_backend = _gloo_as_accelerator_backend
 if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
     # the module itself: `deepspeed.comm.torch` as an attribute is the torch package (deepspeed.comm imports it)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed_comm = importlib.import_module("deepspeed.comm.torch")
+    if not hasattr(deepspeed_comm, "build_shm_op"):  # a renamed builder would otherwise be silently compiled again
+        raise ImportError("deepspeed.comm.torch has no build_shm_op any more: update cpu_engines.py")
+    deepspeed_comm.build_shm_op = lambda: None
 transformers.training_args.is_torch_bf16_gpu_available = lambda *args, **kwargs: True

@@ -146,12 +146,17 @@ class ToyDemoConfig:
                        output_dir="outputs/demo-quick")
         return cls(**(budgets | overrides))
 
+    @property
+    def rollouts_per_step(self) -> int:
+        """Captions (stage 2) or draws (stage 3) per RL step: `group_size` images, `group_size` each."""
+        return self.group_size ** 2
+
     def __post_init__(self):
         too_small = {f.name: getattr(self, f.name) for f in fields(self)
                      if f.name.endswith(("_steps", "_rows")) and getattr(self, f.name) < 1}
         if too_small:
             raise ValueError(f"every step and row count must be at least 1, got {too_small}")
-        if self.group_size < 2 or self.train_rows < self.group_size ** 2:
+        if self.group_size < 2 or self.train_rows < self.rollouts_per_step:
             raise ValueError(f"group_size={self.group_size}, train_rows={self.train_rows}: the RL stages compare at "
                              "least 2 draws per image and draw group_size images per step; pass group_size >= 2 and "
                              "train_rows >= group_size ** 2")
@@ -439,9 +444,9 @@ class ToyWorldDemo:
             policy, self.pipeline, train_dataset=self.train.select_columns(["image"]),
             processing_class=self.pipeline.processor,
             args=self._args("understanding", max_steps=config.understanding_steps,
-                            per_device_train_batch_size=config.group_size ** 2, num_generations=config.group_size,
+                            per_device_train_batch_size=config.rollouts_per_step, num_generations=config.group_size,
                             learning_rate=1e-3, temperature=1.0, beta=config.understanding_beta,
-                            decoder_text_encoder="frozen", reward_batch_size=config.group_size ** 2,
+                            decoder_text_encoder="frozen", reward_batch_size=config.rollouts_per_step,
                             log_reconstructions_steps=max(1, config.understanding_steps // 4)),
         )
         _train(trainer)
@@ -487,7 +492,7 @@ class ToyWorldDemo:
         trainer = TRAINERS[STAGE3_TRAINER[stage]][1](
             self.pipeline.vlm, self.pipeline, train_dataset=self.train.select_columns(["image"]),
             eval_dataset=self.validation, processing_class=self.pipeline.processor,
-            args=self._args(stage, max_steps=steps, per_device_train_batch_size=self.config.group_size ** 2,
+            args=self._args(stage, max_steps=steps, per_device_train_batch_size=self.config.rollouts_per_step,
                             num_generations=self.config.group_size,
                             learning_rate=self.config.stage3_learning_rate, decoder_lora_r=16, decoder_lora_alpha=32,
                             eval_strategy="steps", eval_steps=max(1, steps // 6), per_device_eval_batch_size=64,
