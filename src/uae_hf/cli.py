@@ -262,7 +262,8 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, steps: int, token
     parser.add_argument("--encoder", default=None, metavar="VLM",
                         help="with a text-to-image --pipeline (StableDiffusion3Pipeline, FluxPipeline, "
                         "Flux2KleinPipeline, QwenImagePipeline): the chat VLM (folder or Hub id) that captions; the "
-                        "decoder then draws from the captions in text mode")
+                        "decoder then draws from the captions in text mode. With bench --system emu3: Emu3's Chat "
+                        "checkpoint (e.g. BAAI/Emu3-Chat-hf)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the pipeline folder's own code (by default a UAE pipeline is rebuilt from uae_hf's "
                         "classes and no code from the folder or repo runs)")
@@ -671,10 +672,13 @@ def _cmd_app(args) -> None:
 
 
 # `uae_hf.round_trip.ROUND_TRIP_SYSTEMS` (whose module loads torch); a test keeps them equal
-BENCH_SYSTEMS = ("uae", "pair", "janus")
+BENCH_SYSTEMS = ("uae", "pair", "janus", "emu3")
 # what a system's round trip takes besides the references: the flags that name its models
 SYSTEM_FLAGS = {"uae": ("--pipeline", "--encoder-adapter", "--trust-remote-code"),
-                "pair": ("--pipeline", "--encoder", "--encoder-adapter", "--trust-remote-code"), "janus": ("--model",)}
+                "pair": ("--pipeline", "--encoder", "--encoder-adapter", "--trust-remote-code"), "janus": ("--model",),
+                "emu3": ("--encoder", "--model")}
+# the systems that draw image tokens with a --model (a transformers checkpoint), not a diffusers --pipeline
+TOKEN_SYSTEMS = ("janus", "emu3")
 
 
 def _given_flags(args, flags) -> list[str]:
@@ -714,8 +718,28 @@ def _check_system(args) -> None:
         if fixed:
             raise CommandLineError(f"--system janus draws at its checkpoint's own size, from the caption as text: "
                                    f"drop {' and '.join(fixed)}")
-        if args.model:
-            _check_model_folder(f"--model {args.model}", args.model, "config.json", "a model folder")
+    if args.system == "emu3":
+        _check_emu3(args)
+    if args.system in TOKEN_SYSTEMS and args.model:
+        _check_model_folder(f"--model {args.model}", args.model, "config.json", "a model folder")
+
+
+def _check_emu3(args) -> None:
+    """`--system emu3`: the Chat checkpoint (`--encoder`) with the Gen one (`--model`), at a size Emu3 draws."""
+    if args.conditioning_mode:
+        raise CommandLineError("--system emu3 draws from the caption as text: drop --conditioning-mode")
+    if bool(args.encoder) != bool(args.model):
+        given, missing = ("--encoder", "--model") if args.encoder else ("--model", "--encoder")
+        raise CommandLineError(f"--system emu3 captions with --encoder (Emu3's Chat checkpoint, e.g. "
+                               f"BAAI/Emu3-Chat-hf) and draws with --model (its Gen checkpoint, e.g. BAAI/Emu3-Gen-hf): "
+                               f"{given} was given, pass {missing} too")
+    if bool(args.height) != bool(args.width):
+        raise CommandLineError("--system emu3 takes --height and --width together (default: Emu3-Gen's 720 x 720)")
+    if args.height and (args.height % 8 or args.width % 8):
+        raise CommandLineError(f"--height {args.height} --width {args.width}: Emu3 draws 8 x 8 pixels per image "
+                               "token; pass multiples of 8")
+    if args.encoder:
+        _check_model_folder(f"--encoder {args.encoder}", args.encoder, "config.json", "a model folder")
 
 
 def _check_bench(args) -> None:
@@ -732,7 +756,7 @@ def _check_bench(args) -> None:
     if args.images_dir and Path(args.images_dir).is_file():
         raise CommandLineError(f"--images-dir {args.images_dir} is a file, not a folder: pass the folder that holds "
                                "the reference images")
-    round_trip = "--model" if args.system == "janus" else "--pipeline"
+    round_trip = "--model" if args.system in TOKEN_SYSTEMS else "--pipeline"
     if not (args.pipeline or args.model) and not args.reconstructions:
         raise CommandLineError(f"neither {round_trip} (round trip) nor --reconstructions (score only) was given: pass "
                                "one of them (not both)")
@@ -741,7 +765,7 @@ def _check_bench(args) -> None:
     if args.reconstructions and not Path(args.reconstructions).is_dir():
         state = "is a file, not a folder" if Path(args.reconstructions).exists() else "does not exist"
         raise CommandLineError(f"--reconstructions {args.reconstructions} {state}")
-    if args.encoder and not args.pipeline:
+    if args.encoder and not args.pipeline and args.system != "emu3":
         raise CommandLineError("--encoder is for a text-to-image --pipeline (SD3, FLUX.1, ...): drop it, or pass the "
                                "--pipeline")
     _check_output_folder("--output-dir", args.output_dir)
@@ -770,29 +794,40 @@ def _check_bench(args) -> None:
     args.pipeline_source = _pipeline_source(args) if args.pipeline else None
 
 
-def _janus_settings(args) -> dict:
-    """What identifies the `--system janus` round trip `_load_janus` will make (for `bench`)."""
+def _token_system_settings(args) -> dict:
+    """What identifies the `--system janus` / `emu3` round trip `_load_token_system` will make (for `bench`)."""
     device = _device(args)
     dtype = _torch_dtype(args, device)
+    encoder = {}
+    if args.system == "emu3":
+        encoder["encoder"], encoder["encoder_fingerprint"] = _local_fingerprint(args.encoder)
     model, fingerprint = _local_fingerprint(args.model)
-    return {"system": "janus", "model": model, "model_fingerprint": fingerprint,
+    return {"system": args.system, **encoder, "model": model, "model_fingerprint": fingerprint,
             "dtype": str(dtype).removeprefix("torch.") if dtype else "as stored", "device": device}
 
 
-def _janus_kwargs(args) -> dict:
-    """The round trip's settings for `--system janus`: caption sampling as for every system; image sampling the
-    checkpoint's own (Janus-Pro: CFG 5, temperature 1) unless `--guidance-scale` says otherwise."""
+def _token_system_kwargs(args) -> dict:
+    """The round trip's settings for `--system janus` / `emu3`: caption sampling as for every system; image sampling
+    the checkpoint's own (Janus-Pro: CFG 5, temperature 1; Emu3-Gen: CFG 3, top-k 2048, 720 x 720) unless
+    `--guidance-scale` (or, for Emu3, `--height` and `--width`) say otherwise."""
     kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "do_sample": args.temperature > 0}
     if args.guidance_scale is not None:
         kwargs["guidance_scale"] = args.guidance_scale
+    if args.height:
+        kwargs.update(height=args.height, width=args.width)
     return kwargs
 
 
-def _load_janus(args):
+def _load_token_system(args):
+    device = _device(args)
+    dtype = _torch_dtype(args, device)
+    if args.system == "emu3":
+        from .emu3_round_trip import Emu3RoundTrip
+
+        return Emu3RoundTrip.from_pretrained(args.encoder, args.model, torch_dtype=dtype).to(device)
     from .janus_round_trip import JanusRoundTrip
 
-    device = _device(args)
-    return JanusRoundTrip.from_pretrained(args.model, torch_dtype=_torch_dtype(args, device)).to(device)
+    return JanusRoundTrip.from_pretrained(args.model, torch_dtype=dtype).to(device)
 
 
 def _cmd_bench(args) -> None:
@@ -822,13 +857,14 @@ def _cmd_bench(args) -> None:
     pipeline, pipeline_settings, call_kwargs = None, None, {}
     try:
         if args.pipeline or args.model:
-            janus = args.system == "janus"
-            pipeline_settings = _janus_settings(args) if janus else _pipeline_settings(args, args.pipeline_source)
-            call_kwargs = _janus_kwargs(args) if janus else _generate_kwargs(args)
+            tokens = args.system in TOKEN_SYSTEMS
+            pipeline_settings = _token_system_settings(args) if tokens else _pipeline_settings(args,
+                                                                                                 args.pipeline_source)
+            call_kwargs = _token_system_kwargs(args) if tokens else _generate_kwargs(args)
             # a folder that cannot be resumed is refused before the pipeline loads (run_bench checks again)
             settings = bench_settings(references, pipeline_settings, seed=args.seed, **call_kwargs)
             prepare_round_trip_dir(args.output_dir, settings, overwrite=args.overwrite)
-            pipeline = _load_janus(args) if janus else _load_pipeline(args, args.pipeline_source)
+            pipeline = _load_token_system(args) if tokens else _load_pipeline(args, args.pipeline_source)
         report = run_bench(
             references, args.output_dir, pipeline=pipeline, reconstructions_dir=args.reconstructions,
             config_name=args.backbones, checkpoints=args.checkpoints, device=_device(args), dtype=args.backbone_dtype,
@@ -865,7 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("tiny-models", help="write the offline tiny twins of every model")
     tiny.add_argument("output_dir", help="folder to write encoder/, encoders/{qwen3_vl,gemma3}/, decoder/, "
-                      "decoders/{flux1,flux2_klein,qwen_image}/, projector/, janus/ and backbones/ into")
+                      "decoders/{flux1,flux2_klein,qwen_image}/, projector/, janus/, emu3/{chat,gen}/ and backbones/ "
+                      "into")
     tiny.add_argument("--no-t5", action="store_true", help="build the decoder without its optional T5 encoder")
     _add_verbose_argument(tiny)
     tiny.set_defaults(func=_cmd_tiny_models, check=_check_tiny_models)
@@ -887,12 +924,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image-column", default="image", help="dataset image column")
     bench.add_argument("--system", choices=BENCH_SYSTEMS, default=None,
                        help="the round-trip system: uae (a UAE --pipeline), pair (--encoder, a chat VLM, captions; a "
-                       "text-to-image --pipeline draws), janus (one Janus / Janus-Pro --model does both) (default: pair "
+                       "text-to-image --pipeline draws), janus (one Janus / Janus-Pro --model does both), emu3 "
+                       "(Emu3's Chat checkpoint, --encoder, captions; its Gen checkpoint, --model, draws) (default: pair "
                        "with --encoder, else uae)")
     bench.add_argument("--pipeline", help="pipeline folder or Hub repo to round-trip with")
     bench.add_argument("--model", default=None,
                        help="with --system janus: the JanusForConditionalGeneration checkpoint (folder or Hub id, e.g. "
-                       "deepseek-community/Janus-Pro-7B)")
+                       "deepseek-community/Janus-Pro-7B); with --system emu3: the Gen checkpoint (BAAI/Emu3-Gen-hf)")
     bench.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
                        help="compare finished bench runs (same references, backbones and protocol): write "
                        "comparison.md, comparison.json and comparison_grid.png to --output-dir")

@@ -93,3 +93,13 @@ def decoded_images(arrays) -> list[PIL.Image.Image | None]:
         else None
         for array in arrays
     ]
+
+
+def images_as(images: list[PIL.Image.Image], output_type: str):
+    """8-bit RGB images as `output_type`: `"pil"`, `"np"` (B, H, W, 3 in [0, 1]) or `"pt"` (B, 3, H, W in [0, 1])."""
+    if output_type == "pil":
+        return images
+    if output_type not in ("np", "pt"):
+        raise ValueError(f"output_type={output_type!r}: pass 'pil', 'np' or 'pt'")
+    array = np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images])
+    return array if output_type == "np" else torch.from_numpy(array).permute(0, 3, 1, 2)

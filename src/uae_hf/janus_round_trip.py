@@ -4,12 +4,12 @@ tokens generated with classifier-free guidance, decoded by its VQ model)."""
 
 import copy
 
-import numpy as np
 import PIL.Image
 import torch
 from transformers import GenerationMixin
 from transformers.generation import ClassifierFreeGuidanceLogitsProcessor
 
+from .images import images_as
 from .pipelines.uae_reconstruction.captioning import (
     _WARPERS,
     CAPTION_INSTRUCTION,
@@ -150,16 +150,9 @@ class JanusRoundTrip:
         tokens = self.model.generate(**inputs.to(self.model.device), generation_mode="image", generation_config=config,
                                      logits_processor=processors)
         pixels = self.model.decode_image_tokens(tokens)  # (B, H, W, 3), normalised as the image processor's inputs
-        # uint8 (3, H, W) per image: the processor's own un-normalisation
-        decoded = torch.stack(self.processor.postprocess(list(pixels.float()))["pixel_values"])
-        if output_type == "pil":
-            images = [PIL.Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in decoded]
-        elif output_type == "pt":
-            images = decoded.float() / 255
-        elif output_type == "np":
-            images = decoded.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32) / 255
-        else:
-            raise ValueError(f"output_type={output_type!r}: pass 'pil', 'np' or 'pt'")
+        decoded = self.processor.postprocess(list(pixels.float()))["pixel_values"]  # its own un-normalisation: uint8
+        images = images_as([PIL.Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in decoded],
+                           output_type)
         return UAEReconstructionPipelineOutput(images=images, captions=captions, truncated=None)
 
     @torch.no_grad()

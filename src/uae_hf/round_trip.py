@@ -17,8 +17,9 @@ from .seeding import seeded_generators
 
 # The round-trip systems `uae-hf bench --system` names: a UAE pipeline (`UAEReconstructionPipeline`), a chat VLM paired
 # with a text-to-image decoder (`PairedRoundTrip`, or a text-mode UAE pipeline over SD3), one Janus / Janus-Pro
-# checkpoint for both directions (`JanusRoundTrip`).
-ROUND_TRIP_SYSTEMS = ("uae", "pair", "janus")
+# checkpoint for both directions (`JanusRoundTrip`), Emu3's Chat checkpoint captioning and its Gen checkpoint drawing
+# (`Emu3RoundTrip`).
+ROUND_TRIP_SYSTEMS = ("uae", "pair", "janus", "emu3")
 
 
 class RoundTripSystem(Protocol):
@@ -27,7 +28,8 @@ class RoundTripSystem(Protocol):
     `caption` draws image `i`'s caption with `generator[i]`, `generate` draws image `i` from caption `i` with
     `generator[i]`, and `__call__` chains the two, captioning with generators derived from the given ones (which it
     does not advance: see `captioning._derived_generators`), so that an image's round trip depends on its generator
-    alone, not on the batch. `UAEReconstructionPipeline`, `PairedRoundTrip` and `JanusRoundTrip` are such systems.
+    alone, not on the batch. `UAEReconstructionPipeline`, `PairedRoundTrip`, `JanusRoundTrip` and `Emu3RoundTrip` are
+    such systems.
     """
 
     def caption(self, image, *, generator=None, **caption_settings) -> list[str]: ...
@@ -41,13 +43,16 @@ class RoundTripSystem(Protocol):
 
 def system_of(pipeline) -> tuple[str, dict[str, str]]:
     """The `ROUND_TRIP_SYSTEMS` name of a round-trip system and its checkpoints, as bench settings record them:
-    `{"pipeline": ...}` (uae), `{"pipeline": decoder, "encoder": VLM}` (pair), `{"model": ...}` (janus); a
-    system of another kind is named by its class."""
+    `{"pipeline": ...}` (uae), `{"pipeline": decoder, "encoder": VLM}` (pair), `{"model": ...}` (janus),
+    `{"encoder": Chat, "model": Gen}` (emu3); a system of another kind is named by its class."""
+    from .emu3_round_trip import Emu3RoundTrip
     from .janus_round_trip import JanusRoundTrip
     from .paired_round_trip import PairedRoundTrip
 
     if isinstance(pipeline, JanusRoundTrip):
         return "janus", {"model": pipeline.name_or_path}
+    if isinstance(pipeline, Emu3RoundTrip):
+        return "emu3", {"encoder": pipeline.vlm.name_or_path, "model": pipeline.model.name_or_path}
     if isinstance(pipeline, PairedRoundTrip):
         return "pair", {"pipeline": pipeline.decoder.name_or_path, "encoder": pipeline.vlm.name_or_path}
     name = getattr(pipeline, "name_or_path", None) or type(pipeline).__name__
@@ -85,8 +90,9 @@ def round_trip(
     """Round-trip `images` through `pipeline`, `batch_size` per call; yields one `RoundTrip` per image, in order.
 
     Args:
-        pipeline (`RoundTripSystem`): a `UAEReconstructionPipeline`, `PairedRoundTrip`, `JanusRoundTrip` (or a
-            callable like them, with `set_progress_bar_config`); its own progress bars are turned off.
+        pipeline (`RoundTripSystem`): a `UAEReconstructionPipeline`, `PairedRoundTrip`, `JanusRoundTrip`,
+            `Emu3RoundTrip` (or a callable like them, with `set_progress_bar_config`); its own progress bars are
+            turned off.
         images (`Sequence`): the images; with `load`, what `load` reads them from (files, dataset rows, ...).
         batch_size (`int`, defaults to 8): images per pipeline call.
         seed (`int`, defaults to 0): image `i` uses `torch.Generator().manual_seed(seed + indices[i])`.

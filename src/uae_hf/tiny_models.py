@@ -21,6 +21,9 @@ Layout written by [`build_tiny_models`]:
                                    text_encoder/ also holds its processor: an encoder twin)
     OUT_DIR/janus                  JanusForConditionalGeneration twin (Janus-Pro-like: Llama text model, SigLIP-like
                                    understanding tower, VQ model + generation head for image tokens) + JanusProcessor
+    OUT_DIR/emu3/{chat,gen}        Emu3ForConditionalGeneration twins (Emu3-Chat-hf / Emu3-Gen-hf-like: one Llama-like
+                                   LM over text and VQ image tokens, the same tokenizer, processor and VQ model; the
+                                   chat twin captions through a chat template, the gen twin draws image tokens)
     OUT_DIR/backbones/{clip,dinov2,dinov3,longclip,siglip}
 """
 
@@ -67,6 +70,11 @@ from transformers import (
     Gemma3ImageProcessor,
     Gemma3Processor,
     GemmaTokenizer,
+    Emu3Config,
+    Emu3ForConditionalGeneration,
+    Emu3ImageProcessor,
+    Emu3Processor,
+    GPT2Tokenizer,
     JanusConfig,
     JanusForConditionalGeneration,
     JanusImageProcessor,
@@ -760,6 +768,67 @@ def build_tiny_janus(path: str | Path) -> None:
                    num_image_tokens=config.vision_config.num_image_tokens).save_pretrained(path)
 
 
+# Emu3's special tokens as BAAI's converted tokenizer names them (tiktoken's extra tokens; the processor reads the image
+# ones from `extra_special_tokens`), and the VQ codes' BPE names, which `Emu3ImageVocabularyMapping` parses
+EMU3_BOS, EMU3_EOS, EMU3_PAD, EMU3_EOL = "<|extra_203|>", "<|extra_204|>", "<|endoftext|>", "<|extra_200|>"
+EMU3_IMAGE_TOKENS = {"image_token": "<image>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
+                     "image_wrapper_token": "<|image token|>", "eof_token": "<|extra_201|>"}
+# Emu3-Chat's message format: "USER: <image>{text} ASSISTANT:" (a system turn's text with no role; images first)
+EMU3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'] | upper }}: {% endif %}"
+    "{% for content in message['content'] if content['type'] == 'image' %}<image>{% endfor %}"
+    "{% for content in message['content'] if content['type'] == 'text' %}{{ content['text'] }} {% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _emu3_tokenizer(codebook_size: int) -> GPT2Tokenizer:
+    vocab, merges = _train_bpe(num_merges=300)
+    for token in (EMU3_PAD, EMU3_BOS, EMU3_EOS, EMU3_EOL, *EMU3_IMAGE_TOKENS.values()):
+        vocab[token] = len(vocab)
+    for code in range(codebook_size):
+        vocab[f"<|visual token {code:06d}|>"] = len(vocab)
+    special = [EMU3_EOL, *(f"<|visual token {code:06d}|>" for code in range(codebook_size))]
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, bos_token=EMU3_BOS, eos_token=EMU3_EOS, pad_token=EMU3_PAD,
+                              unk_token=None, add_prefix_space=False, extra_special_tokens=EMU3_IMAGE_TOKENS)
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    return tokenizer
+
+
+@_quietly()
+def build_tiny_emu3(path: str | Path) -> None:
+    """Emu3 twins, as `BAAI/Emu3-Chat-hf` and `BAAI/Emu3-Gen-hf` ship them: two `Emu3ForConditionalGeneration`
+    checkpoints (seeded differently) with one byte-level BPE tokenizer learned offline (BAAI's special tokens, a
+    64-code visual vocabulary), one `Emu3Processor` and one VQ model shape. The VQ model downsamples 8x as Emu3's does
+    (the processor's fixed ratio), with one residual block per level and no temporal downsampling (Emu3's is 4, for
+    video); understanding reads images of 32 x 32 to 64 x 64 pixels (4 x 4 to 8 x 8 codes). `path/chat` has Emu3-Chat's
+    chat template; `path/gen` draws at whatever size its caller asks (Emu3-Gen's processor default is 720 x 720)."""
+    codebook_size = 64
+    tokenizer = _emu3_tokenizer(codebook_size)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (EMU3_BOS, EMU3_EOS, EMU3_PAD)}
+    config = Emu3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=ids[EMU3_BOS], eos_token_id=ids[EMU3_EOS], pad_token_id=ids[EMU3_PAD]),
+        # GroupNorm with 32 groups: every VQ channel count a multiple of 32
+        vq_config=dict(codebook_size=codebook_size, embed_dim=4, latent_channels=4, base_channels=32,
+                       channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[],
+                       temporal_downsample_factor=1, hidden_size=32),
+        vocabulary_map=tokenizer.get_vocab(),
+        tie_word_embeddings=False,
+    )
+    image_processor = Emu3ImageProcessor(min_pixels=32 * 32, max_pixels=64 * 64, spatial_factor=8)
+    for seed, name, template in ((SEED, "chat", EMU3_CHAT_TEMPLATE), (SEED + 1, "gen", None)):
+        torch.manual_seed(seed)
+        model = Emu3ForConditionalGeneration(config).eval()
+        model.generation_config.update(pad_token_id=ids[EMU3_PAD], bos_token_id=ids[EMU3_BOS],
+                                       eos_token_id=ids[EMU3_EOS])
+        model.save_pretrained(Path(path, name))
+        Emu3Processor(image_processor, tokenizer, chat_template=template).save_pretrained(Path(path, name))
+
+
 @_quietly()
 def build_tiny_projector(
     path: str | Path, encoder_hidden_size: int = ENCODER_HIDDEN_SIZE, joint_attention_dim: int = DECODER_JOINT_ATTENTION_DIM
@@ -855,5 +924,6 @@ def build_tiny_models(out_dir: str | Path, with_t5: bool = True) -> Path:
     build_tiny_flux2_klein_decoder(out_dir / "decoders" / "flux2_klein")
     build_tiny_qwen_image_decoder(out_dir / "decoders" / "qwen_image")
     build_tiny_janus(out_dir / "janus")
+    build_tiny_emu3(out_dir / "emu3")
     build_tiny_backbones(out_dir / "backbones")
     return out_dir

@@ -49,7 +49,7 @@ RESUME_KEYS = ("references", "round_trip")
 DATASET_ORIGIN = "dataset {dataset}, split {split}, column {column}"
 # Each system's checkpoints, by the round-trip settings key that records them (`uae_hf.round_trip.system_of`).
 SYSTEM_CHECKPOINTS = {"uae": {"pipeline": "pipeline"}, "pair": {"encoder": "encoder", "decoder": "pipeline"},
-                      "janus": {"model": "model"}}
+                      "janus": {"model": "model"}, "emu3": {"encoder": "encoder", "decoder": "model"}}
 VERSIONED_PACKAGES = ("uae-hf", "torch", "transformers", "diffusers", "peft", "evaluate", "pillow")
 
 
@@ -581,7 +581,7 @@ def run_bench(
         references: the originals (see `references_from_folder`, `references_from_dataset`).
         output_dir: where everything is written.
         pipeline: a round-trip system (`uae_hf.round_trip.RoundTripSystem`: a `UAEReconstructionPipeline`,
-            `PairedRoundTrip` or `JanusRoundTrip`); `None` with `reconstructions_dir` scores only.
+            `PairedRoundTrip`, `JanusRoundTrip` or `Emu3RoundTrip`); `None` with `reconstructions_dir` scores only.
         reconstructions_dir: reconstructions named like the references (optionally `recon_`-prefixed). Images in it
             that pair with no reference are reported in `skipped`; if none pairs, `ValueError` before the backbones
             load (the official protocol writes its report instead, see `protocol`).

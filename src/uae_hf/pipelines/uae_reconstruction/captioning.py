@@ -44,7 +44,7 @@ class NotAnEncoderError(ValueError):
 
 def check_encoder(vlm, processor, name: str = "the encoder") -> None:
     """Refuse, in one line, a model and processor that cannot caption images (text-only, or without a chat template)."""
-    if getattr(vlm.config, "vision_config", None) is None:
+    if all(getattr(vlm.config, name, None) is None for name in ("vision_config", "vq_config")):  # Emu3: a VQ model
         problem = f"{type(vlm).__name__} is a text-only model (its config has no vision_config)"
     elif getattr(processor, "image_processor", None) is None:
         problem = f"its processor ({type(processor).__name__}) has no image processor"
