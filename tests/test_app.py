@@ -101,6 +101,44 @@ def test_bench_tab_scores_uploaded_references_and_skips_an_unreadable_one(app, p
         app.bench([], None, "default", **FAST, output_dir=tmp_path / "none")
 
 
+def test_bench_tab_round_trips_with_a_picked_system_as_uae_hf_bench_does(pipe, tiny_dir, backbone_checkpoints,
+                                                                          photos, tmp_path, capsys):
+    """`uae-hf app --bench-janus MODEL --bench-emu3 CHAT GEN`: the bench tab picks the app's pipeline, Janus or Emu3;
+    a picked system's scores are those of `uae-hf bench --system NAME` on the same files and settings."""
+    from uae_hf.cli import _app_round_trips, _check_app, build_parser, main
+
+    pipe.save_pretrained(tmp_path / "pipeline")
+    backbones = ["--backbones", "clip", "--checkpoint", f"clip={backbone_checkpoints['clip']}"]
+    janus, chat, gen = (str(tiny_dir / name) for name in ("janus", "emu3/chat", "emu3/gen"))
+    args = build_parser().parse_args(["app", "--pipeline", str(tmp_path / "pipeline"), *backbones, "--bench-janus",
+                                      janus, "--bench-emu3", chat, gen, "--height", "32", "--width", "32"])
+    _check_app(args)
+    app = _app_round_trips(args)
+    labels = list(app.systems)
+    assert labels == [f"uae (pipeline: {tmp_path / 'pipeline'})", f"janus (model: {Path(janus).resolve()})",
+                      f"emu3 (encoder: {Path(chat).resolve()}, decoder: {Path(gen).resolve()})"]
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    for index, photo in enumerate(photos[:2]):
+        photo.save(uploads / f"photo{index}.png")
+    files = sorted(map(str, uploads.iterdir()))
+    settings = {"steps": 2, "guidance": 4.0, "temperature": 0.7, "max_tokens": 6, "seed": 3}
+    for label, name, flags in ((labels[1], "janus", ["--model", janus]),
+                               (labels[2], "emu3", ["--encoder", chat, "--model", gen, "--height", "32", "--width",
+                                                    "32"])):
+        report = app.bench(files, None, "default", **settings, output_dir=tmp_path / "app" / name, system=label)
+        assert report["system"]["name"] == name and report["num_images"] == 2
+        main(["bench", "--system", name, *flags, "--images-dir", str(uploads), *backbones, "--guidance-scale", "4",
+              "--temperature", "0.7", "--max-new-tokens", "6", "--seed", "3", "--output-dir", str(tmp_path / name)])
+        cli = json.loads((tmp_path / name / "scores.json").read_text())
+        assert [row["caption"] for row in report["per_image"]] == [row["caption"] for row in cli["per_image"]]
+        assert {key: report[key] for key in ("overall", "unified_bench")} == pytest.approx(
+            {key: cli[key] for key in ("overall", "unified_bench")}, abs=1e-6)
+        assert report["system"] == cli["system"]
+    with pytest.raises(ValueError, match="no round-trip system 'flux' in this app: pick one of uae \\(pipeline"):
+        app.bench(files, None, "default", **settings, output_dir=tmp_path / "none", system="flux")
+
+
 def test_app_help_and_a_bad_backbone_are_one_line_errors(capsys):
     from uae_hf.cli import CommandLineError, main
 
@@ -109,6 +147,20 @@ def test_app_help_and_a_bad_backbone_are_one_line_errors(capsys):
     assert "--write-space" in capsys.readouterr().out
     with pytest.raises(CommandLineError, match="--write-space needs --pipeline"):
         main(["app", "--write-space", "space"])
+
+
+def test_app_bench_systems_are_checked_before_anything_loads(tiny_dir, tmp_path):
+    from uae_hf.cli import CommandLineError, main
+
+    emu3 = ["--bench-emu3", str(tiny_dir / "emu3" / "chat"), str(tiny_dir / "emu3" / "gen")]
+    for argv, message in (([*emu3, "--height", "60", "--width", "64"], "must be multiples of 8"),
+                          ([*emu3, "--height", "64"], "pass both or neither"),
+                          (["--bench-janus", str(tmp_path / "missing")], "--bench-janus .*: no such folder"),
+                          (["--pipeline", "org/uae", "--write-space", str(tmp_path / "space"), *emu3],
+                           "is a local folder, which a Space does not hold: pass its Hub id")):
+        with pytest.raises(CommandLineError, match=message):
+            main(["app", *argv])
+    assert not (tmp_path / "space").exists()
 
 
 def test_written_space_holds_what_it_runs_and_installs_its_requirements(tiny_dir, tmp_path):
@@ -182,7 +234,7 @@ def _wait_for_server(url: str, process: subprocess.Popen, timeout: float = 300) 
 @pytest.mark.slow
 def test_app_on_the_twins_answers_gradio_clients(photos, tmp_path):
     """`uae-hf app` with no pipeline: the tiny twins, scored with the paper's four backbones' twins; its API as a
-    Space's users call it (gradio_client)."""
+    Space's users call it (gradio_client), the bench tab with the Emu3 twins picked."""
     from gradio_client import Client, handle_file
 
     port = _free_port()
@@ -199,12 +251,17 @@ def test_app_on_the_twins_answers_gradio_clients(photos, tmp_path):
                                                             api_name="/run_round_trip")
         with pytest.raises(Exception, match="Upload an image"):
             client.predict(None, 2, 5.0, 0.7, 8, 0, api_name="/run_round_trip")
+        summary, _, _, scores_file = client.predict([handle_file(str(photo))], None, "emu3 (tiny twins)", "default", 2,
+                                                    3.0, 0.7, 8, 0, api_name="/run_bench")
     finally:
         server.terminate()
         server.wait(timeout=60)
     assert note.startswith("Caption: ") and settings["pipeline"].startswith("tiny twins")
     assert [row[0] for row in scores["data"]] == ["clip", "dinov2", "dinov3", "longclip", "overall"]
     assert settings["num_inference_steps"] == 2 and settings["seed"] == 0 and isinstance(caption, str)
+    bench = json.loads(Path(scores_file).read_text())
+    assert bench["system"]["name"] == "emu3" and summary.startswith("**Unified-Bench: ")
+    assert PIL.Image.open(bench["per_image"][0]["reconstruction"]).size == (64, 64)
 
 
 @pytest.fixture()

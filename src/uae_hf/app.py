@@ -2,8 +2,9 @@
 
 Tab "Round trip": an uploaded image (or a bundled sample photo), read as `uae-hf reconstruct` reads files
 (`load_image`), beside its reconstruction, the caption between them (its length in tokens, whether the length limit
-cut it), the per-backbone scores and every setting used. Tab "Unified-Bench": uploaded references round-tripped (or
-uploaded reconstructions paired with them by name) and scored as `uae-hf bench` scores them, with its table and grid.
+cut it), the per-backbone scores and every setting used. Tab "Unified-Bench": uploaded references round-tripped by the
+app's pipeline or another round-trip system picked there (`BenchSystem`: Janus, Emu3), or uploaded reconstructions
+paired with them by name, and scored as `uae-hf bench` scores them, with its table and grid.
 Every score in the app is a cosine similarity ×100, as the paper's tables and Unified-Bench's overall number.
 """
 
@@ -12,6 +13,8 @@ import importlib.resources
 import json
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import PIL.Image
@@ -36,22 +39,50 @@ def sample_photo_files(folder: str | Path) -> list[Path]:
     return paths
 
 
+@dataclass
+class BenchSystem:
+    """A round-trip system the bench tab can pick besides the app's pipeline, loaded when first picked, then kept.
+
+    Args:
+        label (`str`): its name in the picker.
+        load (`Callable`): returns the system (`uae_hf.round_trip.RoundTripSystem`, e.g. `JanusRoundTrip`), on its
+            device.
+        settings (`dict`): what identifies it in `settings.json` and the report (`system` and its checkpoints, as
+            `uae-hf bench` records them).
+        call_kwargs (`dict`): passed to each of its calls besides the tab's caption and guidance settings (e.g.
+            Emu3's `height` and `width`).
+        takes_steps (`bool`, defaults to `False`): whether it takes `num_inference_steps` (a diffusion decoder).
+    """
+
+    label: str
+    load: Callable[[], object]
+    settings: dict
+    call_kwargs: dict = field(default_factory=dict)
+    takes_steps: bool = False
+
+
 class RoundTripApp:
     """What the app runs: a UAE pipeline and the Unified-Bench metric, with the settings each run records.
 
     Args:
-        pipeline: a `UAEReconstructionPipeline` (on its device, in its dtype).
+        pipeline: a `UAEReconstructionPipeline` (on its device, in its dtype), or a `PairedRoundTrip`.
         source (`str`): how the settings name the pipeline (a folder or Hub id, or "tiny twins").
         config_name (`str`, defaults to `"default"`), checkpoints (`dict`, *optional*), device (`str`), backbone_dtype
             (`str`): the scoring backbones, as `evaluate.load("unified_bench", ...)` takes them; loaded here, so a
             backbone that cannot load fails before the app starts.
         batch_size (`int`, defaults to 4): images per pipeline call and per backbone pass in the bench tab.
+        bench_systems (`Sequence[BenchSystem]`, *optional*): other systems the bench tab can pick (the app's pipeline
+            is its first choice, `self.systems`).
         **call_kwargs: passed to every pipeline call (`height`, `width`, `conditioning_mode`).
     """
 
     def __init__(self, pipeline, source: str, config_name: str = "default", checkpoints: dict[str, str] | None = None,
-                 device: str = "cpu", backbone_dtype: str = "float32", batch_size: int = 4, **call_kwargs):
+                 device: str = "cpu", backbone_dtype: str = "float32", batch_size: int = 4,
+                 bench_systems: Sequence[BenchSystem] = (), **call_kwargs):
         import evaluate
+
+        from .metrics.round_trip_bench import system_label, system_report
+        from .round_trip import system_of
 
         self.pipeline, self.source = pipeline, source
         self.scoring = {"config_name": config_name, "checkpoints": checkpoints or {}, "device": device,
@@ -60,12 +91,19 @@ class RoundTripApp:
                                     device=device, dtype=backbone_dtype)
         self.batch_size, self.fixed_call_kwargs = batch_size, call_kwargs
         pipeline.set_progress_bar_config(disable=True)
+        name, named = system_of(pipeline)
+        own = {"system": name, **named, "pipeline": source}  # the pipeline as the app names it
+        own_system = BenchSystem(system_label(system_report(own)), lambda: pipeline, own, call_kwargs, True)
+        self.systems = {system.label: system for system in (own_system, *bench_systems)}
+        if len(self.systems) <= len(bench_systems):
+            raise ValueError("two bench systems share a label: give each its own")
+        self._loaded = {own_system.label: pipeline}
 
     def call_kwargs(self, steps: int, guidance: float, temperature: float, max_tokens: int) -> dict:
         if int(steps) < 1 or int(max_tokens) < 1:
             raise ValueError("steps and max tokens must be at least 1")
         return {"num_inference_steps": int(steps), "guidance_scale": float(guidance), "max_new_tokens": int(max_tokens),
-                "temperature": float(temperature), "do_sample": float(temperature) > 0, **self.fixed_call_kwargs}
+                "temperature": float(temperature), "do_sample": float(temperature) > 0}
 
     def settings(self, seed: int, **call_kwargs) -> dict:
         return {"pipeline": self.source, "seed": int(seed), **call_kwargs, "device": str(self.pipeline.device),
@@ -81,7 +119,7 @@ class RoundTripApp:
 
         from .pipelines.uae_reconstruction.captioning import _derived_generators
 
-        kwargs = self.call_kwargs(steps, guidance, temperature, max_tokens)
+        kwargs = {**self.call_kwargs(steps, guidance, temperature, max_tokens), **self.fixed_call_kwargs}
         original = _read_upload(image)
         generator = torch.Generator().manual_seed(int(seed))
         # the pipeline's call in its two steps, to count what the encoder draws: the caption, then the decoder
@@ -107,11 +145,16 @@ class RoundTripApp:
         }
 
     def bench(self, reference_files: list[str], reconstruction_files: list[str] | None, protocol: str, steps: int,
-              guidance: float, temperature: float, max_tokens: int, seed: int, output_dir: str | Path) -> dict:
+              guidance: float, temperature: float, max_tokens: int, seed: int, output_dir: str | Path,
+              system: str | None = None) -> dict:
         """Unified-Bench on uploaded files (`run_bench`'s `scores.json`, written with `grid.png` to `output_dir`):
-        the references are round-tripped, or paired by name with `reconstruction_files` when given."""
+        the references are round-tripped by `system` (a label of `self.systems`; default: the app's pipeline), or
+        paired by name with `reconstruction_files` when given."""
         from .metrics.round_trip_bench import references_from_folder, run_bench
 
+        picked = self.systems.get(system or next(iter(self.systems)))
+        if picked is None:
+            raise ValueError(f"no round-trip system {system!r} in this app: pick one of {', '.join(self.systems)}")
         if not reference_files:
             raise ValueError("upload the reference images first")
         output_dir = Path(output_dir)
@@ -124,9 +167,13 @@ class RoundTripApp:
             return run_bench(references, output_dir / "report",
                              reconstructions_dir=_copy_files(reconstruction_files, output_dir / "reconstructions"),
                              protocol=protocol, **scoring)
-        kwargs = self.call_kwargs(steps, guidance, temperature, max_tokens)
-        return run_bench(references, output_dir / "report", pipeline=self.pipeline, seed=int(seed), protocol=protocol,
-                         pipeline_settings={"pipeline": self.source}, **scoring, **kwargs)
+        kwargs = {**self.call_kwargs(steps, guidance, temperature, max_tokens), **picked.call_kwargs}
+        if not picked.takes_steps:
+            del kwargs["num_inference_steps"]
+        if picked.label not in self._loaded:
+            self._loaded[picked.label] = picked.load()
+        return run_bench(references, output_dir / "report", pipeline=self._loaded[picked.label], seed=int(seed),
+                         protocol=protocol, pipeline_settings=picked.settings, **scoring, **kwargs)
 
 
 def _read_upload(image) -> PIL.Image.Image:
@@ -259,12 +306,12 @@ def build_app(app: RoundTripApp, defaults: dict | None = None, examples_dir: str
         return (result["reconstruction"], result["caption"], _caption_note(result), _scores_table(result["scores"]),
                 result["settings"])
 
-    def run_bench(references, reconstructions, protocol, steps, guidance, temperature, max_tokens, seed,
+    def run_bench(references, reconstructions, system, protocol, steps, guidance, temperature, max_tokens, seed,
                   progress=gr.Progress(track_tqdm=True)):
         output_dir = tempfile.mkdtemp(prefix="uae-app-bench-")
         try:
             report = app.bench(references, reconstructions, protocol, steps, guidance, temperature, max_tokens, seed,
-                               output_dir)
+                               output_dir, system)
         except ValueError as error:
             raise gr.Error(str(error), print_exception=False) from error
         report_dir = Path(output_dir, "report")
@@ -297,6 +344,9 @@ def build_app(app: RoundTripApp, defaults: dict | None = None, examples_dir: str
                 reconstructions = gr.File(file_count="multiple", file_types=["image"], elem_id="reconstructions",
                                           label="Reconstructions to score instead of a round trip (optional; "
                                           "named like the references, optionally recon_-prefixed)")
+            system = gr.Dropdown(list(app.systems), value=next(iter(app.systems)), label="Round-trip system",
+                                 info="what round-trips the references (decoder steps apply to diffusion decoders)",
+                                 interactive=len(app.systems) > 1, elem_id="bench-system")
             protocol = gr.Radio(["default", "official"], value="default", label="Protocol",
                                 info="official: as Unified-Bench's Score_i2i.py")
             bench_settings = controls()
@@ -307,7 +357,7 @@ def build_app(app: RoundTripApp, defaults: dict | None = None, examples_dir: str
             grid = gr.Image(type="filepath", label="Originals | reconstructions", interactive=False,
                             elem_id="bench-grid")
             scores_file = gr.File(label="scores.json", elem_id="bench-scores")
-            bench_button.click(run_bench, [references, reconstructions, protocol, *bench_settings],
+            bench_button.click(run_bench, [references, reconstructions, system, protocol, *bench_settings],
                                [summary, table, grid, scores_file])
     return blocks
 

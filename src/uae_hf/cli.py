@@ -611,6 +611,7 @@ def _app_round_trips(args):
 
     checkpoints = args.checkpoints
     device = _device(args)
+    bench_systems = []
     if args.pipeline:
         source = args.pipeline
         pipeline = _load_pipeline(args, args.pipeline_source)
@@ -627,14 +628,43 @@ def _app_round_trips(args):
             pipeline.load_encoder_adapter(args.encoder_adapter)
         used = backbones_of(args.backbones)  # each scored with its twin, unless --checkpoint says otherwise
         checkpoints = {path.name: str(path) for path in (tiny / "backbones").iterdir() if path.name in used} | checkpoints
+        # the bench tab's other systems: the Janus and Emu3 twins (Emu3's at 64 x 64, its default 720 x 720 being
+        # 8193 tokens), unless other checkpoints are named
+        if not args.bench_janus:
+            bench_systems.append(_app_bench_system(args, "janus", str(tiny / "janus"), "janus (tiny twin)"))
+        if not args.bench_emu3:
+            twins = [str(tiny / "emu3" / name) for name in ("chat", "gen")]
+            bench_systems.append(_app_bench_system(args, "emu3", twins, "emu3 (tiny twins)",
+                                                   {"height": 64, "width": 64}))
+    bench_systems += [_app_bench_system(args, name, getattr(args, f"bench_{name}")) for name in TOKEN_SYSTEMS
+                      if getattr(args, f"bench_{name}")]
     fixed = {key: value for key, value in _generate_kwargs(args).items()
              if key in ("height", "width", "conditioning_mode")}
     try:
         return RoundTripApp(pipeline, source, args.backbones, checkpoints, device, args.backbone_dtype,
-                            args.batch_size, **fixed)
+                            args.batch_size, bench_systems, **fixed)
     except BackboneUnavailableError as error:
         raise CommandLineError(f"cannot load the {error.backbone} backbone ({error.checkpoint}): {error.reason}. "
                                f"Point it at a local copy with --checkpoint {error.backbone}=PATH") from error
+
+
+def _app_bench_system(args, name: str, checkpoints, label: str | None = None, call_kwargs: dict | None = None):
+    """The app's `--bench-janus MODEL` / `--bench-emu3 CHAT GEN` system (`checkpoints`), as `uae-hf bench --system
+    NAME` would make it (loaded when first picked; Emu3 at the app's --height and --width when given)."""
+    from .app import BenchSystem
+    from .metrics.round_trip_bench import system_label, system_report
+
+    system_args = argparse.Namespace(**{**vars(args), "system": name})
+    if name == "emu3":
+        system_args.encoder, system_args.model = checkpoints
+    else:
+        system_args.model = checkpoints
+    settings = _token_system_settings(system_args)
+    if call_kwargs is None:
+        call_kwargs = {key: value for key, value in _token_system_kwargs(system_args).items()
+                       if name == "emu3" and key in ("height", "width")}
+    return BenchSystem(label or system_label(system_report(settings)), lambda: _load_token_system(system_args),
+                       settings, call_kwargs)
 
 
 def _check_app(args) -> None:
@@ -649,6 +679,19 @@ def _check_app(args) -> None:
     elif args.encoder:
         raise CommandLineError("--encoder is for a text-to-image --pipeline; without --pipeline the app runs the tiny "
                                "twins, which have their own encoder")
+    if args.bench_emu3 and (args.height is None) != (args.width is None):
+        raise CommandLineError("--bench-emu3 draws at --height and --width together, or at Emu3-Gen's 720 x 720: "
+                               "pass both or neither")
+    if args.bench_emu3 and args.height and (args.height % 8 or args.width % 8):
+        raise CommandLineError(f"--bench-emu3 draws 8 x 8 pixels per image token: --height {args.height} --width "
+                               f"{args.width} must be multiples of 8")
+    for flag, folders in (("--bench-janus", [args.bench_janus] if args.bench_janus else []),
+                          ("--bench-emu3", args.bench_emu3 or [])):
+        for folder in folders:
+            if args.write_space and Path(folder).exists():
+                raise CommandLineError(f"{flag} {folder} is a local folder, which a Space does not hold: pass its Hub "
+                                       "id")
+            _check_model_folder(f"{flag} {folder}", folder, "config.json", "a model folder")
 
 
 def _cmd_app(args) -> None:
@@ -731,8 +774,8 @@ def _check_emu3(args) -> None:
     if bool(args.encoder) != bool(args.model):
         given, missing = ("--encoder", "--model") if args.encoder else ("--model", "--encoder")
         raise CommandLineError(f"--system emu3 captions with --encoder (Emu3's Chat checkpoint, e.g. "
-                               f"BAAI/Emu3-Chat-hf) and draws with --model (its Gen checkpoint, e.g. BAAI/Emu3-Gen-hf): "
-                               f"{given} was given, pass {missing} too")
+                               f"BAAI/Emu3-Chat-hf) and draws with --model (its Gen checkpoint, e.g. "
+                               f"BAAI/Emu3-Gen-hf): {given} was given, pass {missing} too")
     if bool(args.height) != bool(args.width):
         raise CommandLineError("--system emu3 takes --height and --width together (default: Emu3-Gen's 720 x 720)")
     if args.height and (args.height % 8 or args.width % 8):
@@ -925,8 +968,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--system", choices=BENCH_SYSTEMS, default=None,
                        help="the round-trip system: uae (a UAE --pipeline), pair (--encoder, a chat VLM, captions; a "
                        "text-to-image --pipeline draws), janus (one Janus / Janus-Pro --model does both), emu3 "
-                       "(Emu3's Chat checkpoint, --encoder, captions; its Gen checkpoint, --model, draws) (default: pair "
-                       "with --encoder, else uae)")
+                       "(Emu3's Chat checkpoint, --encoder, captions; its Gen checkpoint, --model, draws) (default: "
+                       "pair with --encoder, else uae)")
     bench.add_argument("--pipeline", help="pipeline folder or Hub repo to round-trip with")
     bench.add_argument("--model", default=None,
                        help="with --system janus: the JanusForConditionalGeneration checkpoint (folder or Hub id, e.g. "
@@ -969,6 +1012,13 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--checkpoint", action="append", default=[], metavar="BACKBONE=PATH",
                      help="replace a backbone's checkpoint, e.g. a local copy (repeatable)")
     app.add_argument("--backbone-dtype", choices=DTYPES[1:], default="float32", help="dtype of the scoring backbones")
+    app.add_argument("--bench-janus", default=None, metavar="MODEL",
+                     help="a Janus / Janus-Pro checkpoint the Unified-Bench tab can also round-trip with (as uae-hf "
+                     "bench --system janus; loaded when first picked; with the tiny twins: the Janus twin)")
+    app.add_argument("--bench-emu3", nargs=2, default=None, metavar=("CHAT", "GEN"),
+                     help="Emu3's Chat and Gen checkpoints, which the Unified-Bench tab can also round-trip with (as "
+                     "uae-hf bench --system emu3, at --height and --width when given; with the tiny twins: the Emu3 "
+                     "twins at 64 x 64)")
     _add_generation_arguments(app, steps=28, tokens=128)
     app.add_argument("--host", default=None, help="address to listen on (default: GRADIO_SERVER_NAME, else 127.0.0.1; "
                      "0.0.0.0 for every interface)")
