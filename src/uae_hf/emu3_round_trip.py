@@ -39,9 +39,11 @@ class _ImageTokenLayout:
     `width` visual tokens each closed by an end-of-line token, then end-of-frame, end-of-image and end-of-sequence (and
     padding after them). Emu3 does not learn this layout exactly, so generation is held to it."""
 
-    def __init__(self, tokenizer, visual_tokens: list[int], height: int, width: int):
+    def __init__(self, tokenizer, visual_tokens: list[int], height: int, width: int, device="cpu"):
         self.wrapper = tokenizer.image_wrapper_token_id
-        self.visual_tokens, self.height, self.row = visual_tokens, height, width + 1
+        # a tensor on the scores' device: Emu3's 32,768 visual tokens are allowed at nearly every step
+        self.visual_tokens = torch.tensor(visual_tokens, device=device)
+        self.height, self.row = height, width + 1
         self.end_of_line = [tokenizer.convert_tokens_to_ids("<|extra_200|>")]
         self.ends = [[getattr(tokenizer, name)] for name in _IMAGE_ENDS] + [[tokenizer.pad_token_id]]
 
@@ -50,7 +52,7 @@ class _ImageTokenLayout:
         """The image's tokens, its three closing tokens included: what `decode_image_tokens` reads."""
         return self.row * self.height + len(_IMAGE_ENDS)
 
-    def __call__(self, batch_id: int, input_ids: torch.Tensor) -> list[int]:
+    def __call__(self, batch_id: int, input_ids: torch.Tensor) -> list[int] | torch.Tensor:
         offset = input_ids.shape[0] - int(torch.nonzero(input_ids == self.wrapper)[0, 0])  # 1 for the first token
         if offset <= self.row * self.height:
             return self.end_of_line if offset % self.row == 0 else self.visual_tokens
@@ -166,7 +168,7 @@ class Emu3RoundTrip:
         rows, columns = inputs.pop("image_sizes")[0]
         negative = self.model_processor(text=[negative_prompt] * len(captions), return_tensors="pt")
         layout = _ImageTokenLayout(self.model_processor.tokenizer, self.model.vocabulary_mapping.image_tokens, rows,
-                                   columns)
+                                   columns, self.model.device)
         config.update(do_sample=True, top_k=config.top_k or EMU3_TOP_K)
         sampling = PerItemSampling(config, generators, self.model.device)  # after generate's guidance and layout
         defaults = GenerationConfig._get_default_generation_params()

@@ -100,7 +100,7 @@ def test_emu3_round_trip_is_seeded_per_image_whatever_the_batch(emu3, photos):
     drawn = []
     for _ in range(layout.num_tokens + 1):
         allowed = layout(0, torch.cat([prompt, torch.tensor(drawn, dtype=torch.long)]))
-        drawn.append(allowed[0])
+        drawn.append(int(allowed[0]))
     names = tokenizer.convert_ids_to_tokens(drawn)
     assert names[:7] == ["<|visual token 000000|>"] * 6 + ["<|extra_200|>"] and names.count("<|extra_200|>") == 4
     assert names[-4:] == ["<|extra_201|>", "<|image end|>", "<|extra_204|>", "<|endoftext|>"]
