@@ -97,7 +97,7 @@ class RoundTripApp:
         self.systems = {system.label: system for system in (own_system, *bench_systems)}
         if len(self.systems) <= len(bench_systems):
             raise ValueError("two bench systems share a label: give each its own")
-        self._loaded = {own_system.label: pipeline}
+        self._loaded = {}  # label → system, once picked
 
     def call_kwargs(self, steps: int, guidance: float, temperature: float, max_tokens: int) -> dict:
         if int(steps) < 1 or int(max_tokens) < 1:
