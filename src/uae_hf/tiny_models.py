@@ -802,8 +802,8 @@ def build_tiny_emu3(path: str | Path) -> None:
     """Emu3 twins, as `BAAI/Emu3-Chat-hf` and `BAAI/Emu3-Gen-hf` ship them: two `Emu3ForConditionalGeneration`
     checkpoints (seeded differently) with one byte-level BPE tokenizer learned offline (BAAI's special tokens, a
     64-code visual vocabulary), one `Emu3Processor` and one VQ model shape. The VQ model downsamples 8x as Emu3's does
-    (the processor's fixed ratio), with one residual block per level and no temporal downsampling (Emu3's is 4, for
-    video); understanding reads images of 32 x 32 to 64 x 64 pixels (4 x 4 to 8 x 8 codes). `path/chat` has Emu3-Chat's
+    (the processor's fixed ratio), with the fewest residual blocks it allows and no temporal downsampling (Emu3's is
+    4, for video); understanding reads images of 32 x 32 to 64 x 64 pixels (4 x 4 to 8 x 8 codes). `path/chat` has Emu3-Chat's
     chat template; `path/gen` draws at whatever size its caller asks (Emu3-Gen's processor default is 720 x 720)."""
     codebook_size = 64
     tokenizer = _emu3_tokenizer(codebook_size)
@@ -814,7 +814,7 @@ def build_tiny_emu3(path: str | Path) -> None:
                          bos_token_id=ids[EMU3_BOS], eos_token_id=ids[EMU3_EOS], pad_token_id=ids[EMU3_PAD]),
         # GroupNorm with 32 groups: every VQ channel count a multiple of 32
         vq_config=dict(codebook_size=codebook_size, embed_dim=4, latent_channels=4, base_channels=32,
-                       channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[],
+                       channel_multiplier=[1, 1, 1, 1], num_res_blocks=0, attn_resolutions=[],
                        temporal_downsample_factor=1, hidden_size=32),
         vocabulary_map=tokenizer.get_vocab(),
         tie_word_embeddings=False,
