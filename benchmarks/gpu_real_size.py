@@ -108,6 +108,8 @@ def build(decoder: str, reduced: bool, twins, device, dtype) -> UAEReconstructio
     with torch.device(device):
         text = _sized(QWEN25_VL_3B_TEXT, reduced) | {"bos_token_id": tiny_encoder.text_config.bos_token_id,
                                                      "eos_token_id": tiny_encoder.text_config.eos_token_id}
+        if reduced:  # the twin tokenizer's vocabulary: logits over Qwen's 151,936 were most of a reduced run on CPU
+            text["vocab_size"] = tiny_encoder.text_config.vocab_size
         vlm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
             text_config=text, vision_config=_sized(QWEN25_VL_3B_VISION, reduced),
             image_token_id=tiny_encoder.image_token_id, video_token_id=tiny_encoder.video_token_id,
