@@ -3,7 +3,10 @@
 a launched process (no accelerate, engine or process-group state yet), one after the other, each with a rendezvous of
 its own on port `MASTER_PORT + 1 + its index`, hosted by its process 0.
 
-Usage: forked_runs.py SCRIPT [ARGS...] [--next SCRIPT [ARGS...]] ...
+Usage: forked_runs.py [NAME=VALUE ...] SCRIPT [ARGS...] [--next [NAME=VALUE ...] SCRIPT [ARGS...]] ...
+
+`NAME=VALUE` before a script sets an environment variable for that run alone (e.g. `FSDP_STATE_DICT_TYPE=...`, which
+accelerate's FSDP plugin reads from the environment the launcher wrote its config into).
 
 A run that fails is named on stderr and the others still run; the launch then exits with status 1. A run still going
 after 400 s prints its stacks and fails (a process whose peer failed would wait for it for 30 minutes).
@@ -39,6 +42,9 @@ for index, argv in enumerate(runs):
         faulthandler.dump_traceback_later(400, exit=True)
         os.environ |= {"MASTER_PORT": str(int(os.environ["MASTER_PORT"]) + 1 + index),
                        "TORCHELASTIC_USE_AGENT_STORE": "False"}  # the launcher's store served the launch itself
+        while "=" in argv[0] and not os.path.exists(argv[0]):  # this run's own environment
+            name, _, value = argv.pop(0).partition("=")
+            os.environ[name] = value
         sys.argv = argv
         status = 0
         try:

@@ -1,5 +1,5 @@
 """A UAE pipeline's frozen models sharded for inference on several processes (run by
-tests/trainer/test_multi_process.py under `torch.distributed.run`, CPU, gloo) compute what they compute whole: each
+tests/trainer/test_multi_process.py as a run of the DDP launch, CPU, gloo) compute what they compute whole: each
 process captions its own photo with the encoder (seeded sampling, with a different length limit per process, so that one
 process's generation ends before the other's) and redraws it from that caption in both conditioning modes (the
 LLM's hidden states through the projector; SD3's CLIP text encoders), whole and then sharded.
@@ -8,6 +8,7 @@ Usage: sharded_inference.py TINY_MODELS_DIR OUTPUT_DIR
 """
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -42,6 +43,7 @@ models = {name: model for name, model in decoder_models(pipe).items() if model i
 for name, model in models.items():
     shard_for_inference(model.requires_grad_(False), methods=("encode", "decode") if name == "vae" else ())
 sharded = round_trip(synced_gpus=True)  # a sharded model gathers its weights with every process at each token
+os.makedirs(out, exist_ok=True)
 with open(f"{out}/rank{rank}.json", "w") as file:
     json.dump({
         "captions": [whole["caption"], sharded["caption"]],

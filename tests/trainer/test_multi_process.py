@@ -157,14 +157,19 @@ def twin_flags(recipe: str, tiny_dir, photos: Path, output_dir: Path) -> list[st
             *[arg for name, value in REAL_SIZE_RECIPES[recipe].items() for arg in (f"--{name}", str(value))]]
 
 
+# what `fsdp.yaml` ships is FULL_STATE_DICT; a run of the fsdp2 launch checkpoints with the other kind accelerate has
+SHARDED = "SHARDED_STATE_DICT"
+
+
 @pytest.fixture(scope="module")
 def launches(tiny_dir, tmp_path_factory):
     """`launches(name)`: the folder and result of one launch, launched once per module (one xdist worker runs the
     whole module, one launch at a time: conftest's `LAUNCHING_MODULES`). Each engine's launch runs every stage (and,
     under `RESUMING_ENGINES`, its resumed run) in full precision; "ddp" and "fsdp2" also the other decoder and encoder
-    families' runs; "zero2" and "zero3" also every real-size recipe, under their configs as shipped (which leave
-    precision to the runs: the recipes' bf16); "fsdp2-recipes" the real-size recipes under fsdp.yaml as shipped
-    (bf16)."""
+    families' runs, "ddp" also sharded_inference.py, "fsdp2" also the whole DiT's pre-training checkpointed with
+    `SHARDED_STATE_DICT` and resumed; "zero2" and "zero3" also every real-size recipe, under their configs as shipped
+    (which leave precision to the runs: the recipes' bf16); "fsdp2-recipes" the real-size recipes under fsdp.yaml as
+    shipped (bf16)."""
     done = {}
 
     def launch(name: str) -> tuple[Path, subprocess.CompletedProcess]:
@@ -177,6 +182,11 @@ def launches(tiny_dir, tmp_path_factory):
         if engine in ("ddp", "fsdp2") and not name.endswith("-recipes"):
             runs += [[str(HERE / "two_process_stage.py"), run, str(tiny_dir), str(folder / run / "records"), engine]
                      for run in [*FAMILY_RUNS, *ENCODER_RUNS]]
+        if name == "ddp":  # the frozen models sharded for inference (no engine: its own gloo group)
+            runs += [[str(HERE / "sharded_inference.py"), str(tiny_dir), str(folder / "sharded_inference")]]
+        if name == "fsdp2":  # the whole DiT, checkpointed as each process's shards (accelerate's own format)
+            runs += [[f"FSDP_STATE_DICT_TYPE={SHARDED}", *run]
+                     for run in stage_runs("pretrain-full", engine, tiny_dir, folder / "sharded_state_dict")]
         shipped = name.endswith("-recipes") or engine.startswith("zero")
         if shipped:
             photos = folder / "photos"
@@ -506,15 +516,15 @@ class TestRecipesUnderZeRO3(RealSizeRecipeChecks):
 
 
 @pytest.mark.slow
-def test_fsdp2_checkpoints_a_wholly_trained_model_sharded_when_asked(tiny_dir, tmp_path):
+def test_fsdp2_checkpoints_a_wholly_trained_model_sharded_when_asked(launches):
     """The whole DiT pre-trained under FSDP2 with `fsdp_state_dict_type: SHARDED_STATE_DICT`: each checkpoint holds the
     model as each process's shards (accelerate's own format; no whole copy, in the resume state or as saved parts),
     and the run resumed from checkpoint 2 ends bit-identical."""
-    launch = accelerate_launch(cpu_config("fsdp2", tmp_path, fsdp_state_dict_type="SHARDED_STATE_DICT"),
-                               stage_runs("pretrain-full", "fsdp2", tiny_dir, tmp_path))
-    out = tmp_path / "records"
-    run_records(out, launch)
-    assert [record["optimizer_steps"] for record in run_records(tmp_path / "resumed", launch)] == [1, 1]
+    folder, launch = launches("fsdp2")
+    out = folder / "sharded_state_dict" / "records"
+    assert {record["state_dict_type"] for record in run_records(out, launch)} == {SHARDED}
+    resumed = run_records(out.parent / "resumed", launch)
+    assert [record["optimizer_steps"] for record in resumed] == [1, 1]
     final = assert_identical_trained_weights(out)
     resumed_final = assert_identical_trained_weights(out.parent / "resumed")
     assert any(name.startswith("transformer.transformer_blocks") and "lora" not in name for name in final)
@@ -580,16 +590,11 @@ def test_slurm_example_runs_the_multi_node_config(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sharded_frozen_models_compute_what_they_compute_whole(tiny_dir, tmp_path):
+def test_sharded_frozen_models_compute_what_they_compute_whole(launches):
     """Every frozen model of a UAE pipeline sharded on 2 processes (each holding half of it) captions and redraws
     as it does whole; one process's captioning ends before the other's (synced generation)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(PORTS)),
-         str(HERE / "sharded_inference.py"), str(tiny_dir), str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    assert result.returncode == 0, launch_failure(result.stderr)
-    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    folder, launch = launches("ddp")
+    records = run_records(folder / "sharded_inference", launch)
     for record in records:
         assert all(record["sharded"].values()) and len(record["sharded"]) == 6  # DiT, VAE, 2 CLIPs, VLM, projector
         assert all(share == pytest.approx(0.5, abs=0.01) for share in record["local_share"].values())

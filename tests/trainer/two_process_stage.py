@@ -154,5 +154,8 @@ with open(f"{out}/rank{rank}.json", "w") as file:
     json.dump({"local": record.steps, "log_history": trainer.state.log_history,
                "world_size": trainer.accelerator.num_processes, "optimizer_steps": optimizer_steps.steps,
                "frozen_models": frozen_models(),
-               "distributed_type": str(trainer.accelerator.distributed_type)}, file)
+               "distributed_type": str(trainer.accelerator.distributed_type),
+               # FSDP's checkpoint format (e.g. set for one run of a launch: forked_runs.py's NAME=VALUE)
+               "state_dict_type": getattr(getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None),
+                                                  "state_dict_type", None), "name", None)}, file)
 trainer.accelerator.end_training()  # tears the process group down before exit (gloo's threads can abort at exit)
