@@ -9,16 +9,9 @@ import torch
 from transformers import GenerationConfig
 
 from .images import images_as
-from .pipelines.uae_reconstruction.captioning import (
-    _WARPERS,
-    CAPTION_INSTRUCTION,
-    PerItemSampling,
-    _derived_generators,
-    _generators_per_image,
-    caption_images,
-)
+from .pipelines.uae_reconstruction.captioning import _WARPERS, PerItemSampling, _generators_per_image
 from .pipelines.uae_reconstruction.pipeline_output import UAEReconstructionPipelineOutput
-from .pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline
+from .token_round_trip import TokenRoundTrip
 
 # Emu3-Gen's published sampling (BAAI's Emu3 README, "Use Transformers to run Emu3-Gen"), used where the Gen
 # checkpoint's generation_config.json does not set its own: CFG weight 3 against its negative prompt, top-k 2048 over
@@ -59,7 +52,7 @@ class _ImageTokenLayout:
         return self.ends[min(offset - self.row * self.height - 1, len(self.ends) - 1)]
 
 
-class Emu3RoundTrip:
+class Emu3RoundTrip(TokenRoundTrip):
     """Image → caption (Emu3-Chat) → image (Emu3-Gen), called like `UAEReconstructionPipeline` and seeded the same
     way: image `i`'s caption is drawn with a generator derived from its generator, its image tokens with that
     generator itself, one per image, so a seeded round trip is the same whatever the batch.
@@ -86,9 +79,18 @@ class Emu3RoundTrip:
     ```
     """
 
+    _model_names = ("vlm", "model")
+
     def __init__(self, vlm, processor, model, model_processor):
         self.vlm, self.processor = vlm, processor
         self.model, self.model_processor = model, model_processor
+
+    def _captioner(self):
+        return self.vlm
+
+    def check_image_settings(self, height: int | None = None, width: int | None = None, **_) -> None:
+        """A size Emu3 cannot draw fails before captioning."""
+        self._image_grid(height, width)
 
     @classmethod
     def from_pretrained(cls, chat_name_or_path, gen_name_or_path, torch_dtype: torch.dtype | None = None,
@@ -101,29 +103,6 @@ class Emu3RoundTrip:
                       for name in (chat_name_or_path, gen_name_or_path))
         return cls(vlm, AutoProcessor.from_pretrained(chat_name_or_path), model,
                    AutoProcessor.from_pretrained(gen_name_or_path))
-
-    def to(self, *args, **kwargs) -> "Emu3RoundTrip":
-        self.vlm.to(*args, **kwargs)
-        self.model.to(*args, **kwargs)
-        return self
-
-    def set_progress_bar_config(self, **kwargs) -> None:
-        """Nothing to configure: Emu3's generation draws no progress bar."""
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    def caption(self, image, instruction: str = CAPTION_INSTRUCTION, max_new_tokens: int = 512, do_sample: bool = True,
-                temperature: float = 0.7, top_p: float | None = None, **generate_kwargs) -> list[str]:
-        """Caption one image or a list of them in one batch with the Chat checkpoint (see `caption_images`)."""
-        images = UAEReconstructionPipeline._as_image_list(image)  # RGB, with the pipeline's named errors
-        return caption_images(self.vlm, self.processor, images, instruction, max_new_tokens, do_sample, temperature,
-                              top_p, **generate_kwargs)
 
     def _image_grid(self, height: int | None, width: int | None) -> dict:
         """The processor's size arguments for `height` x `width` pixels (both or neither; multiples of its 8)."""
@@ -183,20 +162,3 @@ class Emu3RoundTrip:
         images = self.model_processor.postprocess(list(pixels.float()))["pixel_values"]  # its own un-normalisation
         return UAEReconstructionPipelineOutput(images=images_as(images, output_type), captions=captions,
                                                truncated=None)
-
-    @torch.no_grad()
-    def __call__(self, image=None, captions: list[str] | None = None, instruction: str = CAPTION_INSTRUCTION,
-                 max_new_tokens: int = 512, do_sample: bool = True, temperature: float = 0.7,
-                 top_p: float | None = None, generator=None, height: int | None = None, width: int | None = None,
-                 guidance_scale: float | None = None, output_type: str = "pil") -> UAEReconstructionPipelineOutput:
-        """Caption each image with Emu3-Chat (unless `captions` are given), then draw one image per caption with
-        Emu3-Gen. `instruction`, `max_new_tokens`, `do_sample`, `temperature`, `top_p`: caption sampling (the UAE
-        protocol's by default); `height`, `width`, `guidance_scale`: image sampling (see `generate`)."""
-        if image is None and captions is None:
-            raise ValueError("pass `image` (to caption and reconstruct) or `captions` (to skip captioning)")
-        self._image_grid(height, width)  # a size Emu3 cannot draw fails before captioning
-        if captions is None:
-            captions = self.caption(image, instruction, max_new_tokens, do_sample, temperature, top_p,
-                                    generator=_derived_generators(generator))
-        return self.generate(captions, generator=generator, height=height, width=width, guidance_scale=guidance_scale,
-                             output_type=output_type)

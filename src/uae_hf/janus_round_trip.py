@@ -10,16 +10,9 @@ from transformers import GenerationMixin
 from transformers.generation import ClassifierFreeGuidanceLogitsProcessor
 
 from .images import images_as
-from .pipelines.uae_reconstruction.captioning import (
-    _WARPERS,
-    CAPTION_INSTRUCTION,
-    PerItemSampling,
-    _derived_generators,
-    _generators_per_image,
-    caption_images,
-)
+from .pipelines.uae_reconstruction.captioning import _WARPERS, PerItemSampling, _generators_per_image
 from .pipelines.uae_reconstruction.pipeline_output import UAEReconstructionPipelineOutput
-from .pipelines.uae_reconstruction.pipeline_uae_reconstruction import UAEReconstructionPipeline
+from .token_round_trip import TokenRoundTrip
 
 # Janus-Pro's published image sampling, used where the checkpoint's generation_config.json does not set its own: CFG
 # weight 5 and temperature 1, plain multinomial sampling over the VQ codebook (DeepSeek's generation_inference.py:
@@ -51,7 +44,7 @@ class _JanusTextGeneration:
         return GenerationMixin.generate(self.model, **kwargs)
 
 
-class JanusRoundTrip:
+class JanusRoundTrip(TokenRoundTrip):
     """Image → caption → image with one Janus / Janus-Pro checkpoint for both directions, called like
     `UAEReconstructionPipeline` and seeded the same way: image `i`'s caption is drawn with a generator derived from
     its generator, its image tokens with that generator itself, one per image, so a seeded round trip is the same
@@ -80,6 +73,9 @@ class JanusRoundTrip:
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
 
+    def _captioner(self):
+        return _JanusTextGeneration(self.model)  # its text mode, with our per-image sampler kept
+
     @classmethod
     def from_pretrained(cls, model_name_or_path, torch_dtype: torch.dtype | None = None, **kwargs) -> "JanusRoundTrip":
         """The checkpoint (a folder or Hub id) and its processor, in `torch_dtype` (default: as stored)."""
@@ -92,29 +88,6 @@ class JanusRoundTrip:
     @property
     def name_or_path(self) -> str:
         return self.model.name_or_path
-
-    def to(self, *args, **kwargs) -> "JanusRoundTrip":
-        self.model.to(*args, **kwargs)
-        return self
-
-    def set_progress_bar_config(self, **kwargs) -> None:
-        """Nothing to configure: Janus's generation draws no progress bar."""
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    def caption(self, image, instruction: str = CAPTION_INSTRUCTION, max_new_tokens: int = 512, do_sample: bool = True,
-                temperature: float = 0.7, top_p: float | None = None, **generate_kwargs) -> list[str]:
-        """Caption one image or a list of them in one batch (see `caption_images`), through Janus's chat template
-        (and its default system prompt, as its processor is configured)."""
-        images = UAEReconstructionPipeline._as_image_list(image)  # RGB, with the pipeline's named errors
-        return caption_images(_JanusTextGeneration(self.model), self.processor, images, instruction, max_new_tokens,
-                              do_sample, temperature, top_p, **generate_kwargs)
 
     @torch.no_grad()
     def generate(self, captions: str | list[str], generator=None, guidance_scale: float | None = None,
@@ -154,19 +127,3 @@ class JanusRoundTrip:
         images = images_as([PIL.Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in decoded],
                            output_type)
         return UAEReconstructionPipelineOutput(images=images, captions=captions, truncated=None)
-
-    @torch.no_grad()
-    def __call__(self, image=None, captions: list[str] | None = None, instruction: str = CAPTION_INSTRUCTION,
-                 max_new_tokens: int = 512, do_sample: bool = True, temperature: float = 0.7,
-                 top_p: float | None = None, generator=None, guidance_scale: float | None = None,
-                 image_temperature: float | None = None, output_type: str = "pil") -> UAEReconstructionPipelineOutput:
-        """Caption each image (unless `captions` are given), then draw one image per caption. `instruction`,
-        `max_new_tokens`, `do_sample`, `temperature`, `top_p`: caption sampling (the UAE protocol's by default);
-        `guidance_scale`, `image_temperature`: image sampling (see `generate`)."""
-        if image is None and captions is None:
-            raise ValueError("pass `image` (to caption and reconstruct) or `captions` (to skip captioning)")
-        if captions is None:
-            captions = self.caption(image, instruction, max_new_tokens, do_sample, temperature, top_p,
-                                    generator=_derived_generators(generator))
-        return self.generate(captions, generator=generator, guidance_scale=guidance_scale,
-                             image_temperature=image_temperature, output_type=output_type)
