@@ -679,12 +679,8 @@ def _check_app(args) -> None:
     elif args.encoder:
         raise CommandLineError("--encoder is for a text-to-image --pipeline; without --pipeline the app runs the tiny "
                                "twins, which have their own encoder")
-    if args.bench_emu3 and (args.height is None) != (args.width is None):
-        raise CommandLineError("--bench-emu3 draws at --height and --width together, or at Emu3-Gen's 720 x 720: "
-                               "pass both or neither")
-    if args.bench_emu3 and args.height and (args.height % 8 or args.width % 8):
-        raise CommandLineError(f"--bench-emu3 draws 8 x 8 pixels per image token: --height {args.height} --width "
-                               f"{args.width} must be multiples of 8")
+    if args.bench_emu3:
+        _check_emu3_size(args, "--bench-emu3")
     for flag, folders in (("--bench-janus", [args.bench_janus] if args.bench_janus else []),
                           ("--bench-emu3", args.bench_emu3 or [])):
         for folder in folders:
@@ -767,6 +763,16 @@ def _check_system(args) -> None:
         _check_model_folder(f"--model {args.model}", args.model, "config.json", "a model folder")
 
 
+def _check_emu3_size(args, who: str) -> None:
+    """`--height`/`--width` for the Emu3 system `who` names: both or neither, multiples of Emu3's 8 pixels a token."""
+    if bool(args.height) != bool(args.width):
+        raise CommandLineError(f"{who} draws at --height and --width together, or at Emu3-Gen's 720 x 720: pass both "
+                               "or neither")
+    if args.height and (args.height % 8 or args.width % 8):
+        raise CommandLineError(f"{who} draws 8 x 8 pixels per image token: --height {args.height} --width "
+                               f"{args.width} must be multiples of 8")
+
+
 def _check_emu3(args) -> None:
     """`--system emu3`: the Chat checkpoint (`--encoder`) with the Gen one (`--model`), at a size Emu3 draws."""
     if args.conditioning_mode:
@@ -776,11 +782,7 @@ def _check_emu3(args) -> None:
         raise CommandLineError(f"--system emu3 captions with --encoder (Emu3's Chat checkpoint, e.g. "
                                f"BAAI/Emu3-Chat-hf) and draws with --model (its Gen checkpoint, e.g. "
                                f"BAAI/Emu3-Gen-hf): {given} was given, pass {missing} too")
-    if bool(args.height) != bool(args.width):
-        raise CommandLineError("--system emu3 takes --height and --width together (default: Emu3-Gen's 720 x 720)")
-    if args.height and (args.height % 8 or args.width % 8):
-        raise CommandLineError(f"--height {args.height} --width {args.width}: Emu3 draws 8 x 8 pixels per image "
-                               "token; pass multiples of 8")
+    _check_emu3_size(args, "--system emu3")
     if args.encoder:
         _check_model_folder(f"--encoder {args.encoder}", args.encoder, "config.json", "a model folder")
 

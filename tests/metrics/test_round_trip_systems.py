@@ -186,7 +186,7 @@ def test_bench_emu3_records_its_two_checkpoints_resumes_and_refuses_stale_reuse(
     assert "made with other settings: width: 32 → 48" in capsys.readouterr().err
     for flags, message in ((["--model", gen], "--model was given, pass --encoder too"),
                            (["--encoder", chat, "--model", gen, "--height", "30", "--width", "32"],
-                            "pass multiples of 8"),
+                            "must be multiples of 8"),
                            (["--encoder", chat, "--model", gen, "--pipeline", str(tiny_dir / "decoder")],
                             "--system emu3 takes --encoder and --model, not --pipeline")):
         with pytest.raises(SystemExit) as info:
