@@ -3,7 +3,6 @@ checkpoints split the two directions: Emu3-Chat captions (text generation throug
 (VQ image tokens generated row by row with classifier-free guidance against a negative prompt, decoded by its VQ
 model)."""
 
-import copy
 
 import torch
 from transformers import GenerationConfig
@@ -80,6 +79,8 @@ class Emu3RoundTrip(TokenRoundTrip):
     """
 
     _model_names = ("vlm", "model")
+    guidance = ("Emu3's image generation runs classifier-free guidance against its negative prompt", "Emu3-Gen's",
+                EMU3_GUIDANCE_SCALE)
 
     def __init__(self, vlm, processor, model, model_processor):
         self.vlm, self.processor = vlm, processor
@@ -132,14 +133,7 @@ class Emu3RoundTrip(TokenRoundTrip):
             negative_prompt (`str`), prompt_suffix (`str`): default to Emu3-Gen's published ones.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (B, H, W, 3 in [0, 1]) or `"pt"` (B, 3, H, W).
         """
-        captions = [captions] if isinstance(captions, str) else list(captions)
-        if not captions:
-            raise ValueError("`captions` is empty: pass at least one caption")
-        config = copy.deepcopy(self.model.generation_config)
-        scale = guidance_scale if guidance_scale is not None else (config.guidance_scale or EMU3_GUIDANCE_SCALE)
-        if scale <= 1:
-            raise ValueError(f"guidance_scale={scale}: Emu3's image generation runs classifier-free guidance against "
-                             f"its negative prompt; pass a weight above 1 (Emu3-Gen's is {EMU3_GUIDANCE_SCALE:g})")
+        captions, config, scale = self._image_request(captions, guidance_scale)
         generators = _generators_per_image(generator, len(captions))
         inputs = self.model_processor(text=[caption + prompt_suffix for caption in captions],
                                       return_for_image_generation=True, padding=True, padding_side="left",

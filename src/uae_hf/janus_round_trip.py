@@ -70,6 +70,8 @@ class JanusRoundTrip(TokenRoundTrip):
     ```
     """
 
+    guidance = ("Janus's image generation always runs classifier-free guidance", "Janus-Pro's", JANUS_GUIDANCE_SCALE)
+
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
 
@@ -102,14 +104,7 @@ class JanusRoundTrip(TokenRoundTrip):
             image_temperature (`float`, *optional*): defaults to the checkpoint's, else Janus-Pro's 1.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (B, H, W, 3 in [0, 1]) or `"pt"` (B, 3, H, W).
         """
-        captions = [captions] if isinstance(captions, str) else list(captions)
-        if not captions:
-            raise ValueError("`captions` is empty: pass at least one caption")
-        config = copy.deepcopy(self.model.generation_config)
-        scale = guidance_scale if guidance_scale is not None else (config.guidance_scale or JANUS_GUIDANCE_SCALE)
-        if scale <= 1:
-            raise ValueError(f"guidance_scale={scale}: Janus's image generation always runs classifier-free guidance; "
-                             f"pass a weight above 1 (Janus-Pro's is {JANUS_GUIDANCE_SCALE:g})")
+        captions, config, scale = self._image_request(captions, guidance_scale)
         generators = _generators_per_image(generator, len(captions))
         prompts = [self.processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
                                                       add_generation_prompt=True) for text in captions]

@@ -2,6 +2,8 @@
 `Emu3RoundTrip`) share: captioning through `caption_images`, the chaining of captions and images in `__call__`, and
 moving their transformers models."""
 
+import copy
+
 import torch
 
 from .pipelines.uae_reconstruction.captioning import CAPTION_INSTRUCTION, _derived_generators, caption_images
@@ -13,9 +15,24 @@ class TokenRoundTrip:
     """Image → caption → image with transformers models, called like `UAEReconstructionPipeline` and seeded the same
     way: image `i`'s caption is drawn with a generator derived from its generator, its image with that generator
     itself. A subclass sets `processor` (the captioner's), `model` (the one that draws), `_model_names` (every model
-    it holds) and `generate`; `_captioner` and `check_image_settings` where it differs."""
+    it holds), `guidance` and `generate`; `_captioner` and `check_image_settings` where it differs."""
 
     _model_names: tuple[str, ...] = ("model",)
+    # why the image half needs a CFG weight above 1, whose published weight is the default, and that weight
+    guidance: tuple[str, str, float]
+
+    def _image_request(self, captions, guidance_scale: float | None) -> tuple[list[str], object, float]:
+        """`generate`'s captions as a list, a copy of the drawing model's generation config and the CFG weight (the
+        one given, else the checkpoint's, else the published one), refused in one line unless above 1."""
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        if not captions:
+            raise ValueError("`captions` is empty: pass at least one caption")
+        config = copy.deepcopy(self.model.generation_config)
+        why, published, default = self.guidance
+        scale = guidance_scale if guidance_scale is not None else (config.guidance_scale or default)
+        if scale <= 1:
+            raise ValueError(f"guidance_scale={scale}: {why}; pass a weight above 1 ({published} is {default:g})")
+        return captions, config, scale
 
     def _captioner(self):
         """The model `caption_images` generates captions with."""

@@ -110,6 +110,45 @@ def test_emu3_round_trip_is_seeded_per_image_whatever_the_batch(emu3, photos):
         emu3(image=photos[:1], height=30, width=32)
 
 
+def test_emu3_draws_what_transformers_documented_emu3_gen_call_draws(tiny_dir):
+    """Pinned to the stock model: with top-k 1, Emu3RoundTrip's image half gives the images of transformers' own
+    documented Emu3-Gen call (its prompt suffix and negative prompt, CFG 3, a prefix constraint written as its docs
+    write it, greedy decoding, `decode_image_tokens`, the processor's postprocess), token for token."""
+    from uae_hf.emu3_round_trip import EMU3_NEGATIVE_PROMPT, EMU3_PROMPT_SUFFIX
+
+    emu3 = Emu3RoundTrip.from_pretrained(tiny_dir / "emu3" / "chat", tiny_dir / "emu3" / "gen")
+    emu3.model.generation_config.top_k = 1
+    captions = ["a red cat on a mat", "two dogs"]
+    ours = emu3.generate(captions, generator=[torch.Generator().manual_seed(i) for i in range(2)], **EMU3_SIZE)
+
+    model, processor = emu3.model, emu3.model_processor
+    tokenizer = processor.tokenizer
+    inputs = processor(text=[caption + EMU3_PROMPT_SUFFIX for caption in captions], return_for_image_generation=True,
+                       ratio="48:32", image_area=48 * 32, padding=True, padding_side="left", return_tensors="pt")
+    negative = processor(text=[EMU3_NEGATIVE_PROMPT] * 2, return_tensors="pt")
+    height, width = inputs.pop("image_sizes")[0]
+    visual = model.vocabulary_mapping.image_tokens
+
+    def allowed(batch_id, input_ids):
+        offset = input_ids.shape[0] - torch.nonzero(input_ids == tokenizer.image_wrapper_token_id)[0][0]
+        if offset % (width + 1) == 0:
+            return [tokenizer.convert_tokens_to_ids("<|extra_200|>")]
+        ends = [tokenizer.eof_token_id, tokenizer.eoi_token_id, tokenizer.eos_token_id]
+        if offset > (width + 1) * height:
+            return [ends[offset - (width + 1) * height - 1] if offset <= (width + 1) * height + 3
+                    else tokenizer.pad_token_id]
+        return visual
+
+    out = model.generate(**inputs, prefix_allowed_tokens_fn=allowed, negative_prompt_ids=negative.input_ids,
+                         negative_prompt_attention_mask=negative.attention_mask, guidance_scale=3.0, do_sample=False,
+                         max_new_tokens=(width + 1) * height + 3)
+    pixels = model.decode_image_tokens(image_tokens=out[:, inputs.input_ids.shape[1]:], height=height, width=width)
+    stock = processor.postprocess(list(pixels.float()), return_tensors="PIL.Image.Image")["pixel_values"]
+    assert [image.size for image in stock] == [(48, 32)] * 2
+    for got, want in zip(_arrays(ours.images), _arrays(stock)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_emu3_loads_and_round_trips_in_bfloat16(tiny_dir, photos):
     emu3 = Emu3RoundTrip.from_pretrained(tiny_dir / "emu3" / "chat", tiny_dir / "emu3" / "gen",
                                          torch_dtype=torch.bfloat16)
